@@ -1,0 +1,1 @@
+"""Command line of wsi-damm: thin click commands over the library."""

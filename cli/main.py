@@ -1,0 +1,131 @@
+"""`wsi-damm` command group. Parsing only; the work is in `wsi_damm`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from wsi_damm import __version__
+from wsi_damm.errors import InputError
+
+
+class _Group(click.Group):
+    """Turns InputError into one line on stderr and exit code 2; warnings into one line each."""
+
+    def invoke(self, ctx: click.Context):
+        warnings.showwarning = lambda msg, *a, **k: click.echo(f"wsi-damm: warning: {msg}", err=True)
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            click.echo(f"wsi-damm: error: {exc.one_line()}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("wsi-damm: interrupted; rerun the same command with --resume to continue", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="wsi-damm")
+def cli() -> None:
+    """Predict whole-slide nanoparticle maps from CD31 + DAPI with DAMM-Diffusion."""
+
+
+def _planes(values: tuple[str, ...]) -> dict[str, int]:
+    planes = {}
+    for v in values:
+        axis, _, idx = v.partition("=")
+        if not axis or not idx.lstrip("-").isdigit():
+            raise InputError("--plane", f"{v!r} is not AXIS=INDEX", "e.g. --plane Z=0")
+        planes[axis.strip().upper()] = int(idx)
+    return planes
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--slides", default=2, type=click.IntRange(1), help="Number of slides.")
+@click.option("--size", default=4096, type=click.IntRange(256), help="Slide height and width in pixels.")
+@click.option("--mpp", default=0.5, type=click.FloatRange(0.05, 10), help="µm per pixel.")
+@click.option("--seed", default=0, type=int)
+@click.option("--divergence", default=0.3, type=click.FloatRange(0, 1), help="Share of tissue where DAPI misleads.")
+@click.option("--workers", default=2, type=click.IntRange(1), help="Rendering threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergence: float, workers: int, quiet: bool) -> None:
+    """Write synthetic tumour slides (pyramidal OME-TIFF: CD31, DAPI, NP) with ground truth."""
+    from wsi_damm.synth import SynthConfig, write_slides
+
+    results = write_slides(out_dir, slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence), workers, not quiet)
+    for r in results:
+        click.echo(f"{r['slide']}  (truth: {r['clean'].name}, {r['divergence'].name}; preview: {r['preview'].name})")
+
+
+@cli.command()
+@click.argument("slides", nargs=-1)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Patch store to create (.zarr).")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV: slide_id,vessels,nuclei,target (cells path or path#channel).")
+@click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI,target=NP (name, index or R/G/B).")
+@click.option("--patch-size", default=256, type=int)
+@click.option("--overlap", default=64, type=int, help="Pixels shared by neighbouring patches.")
+@click.option("--level", type=int, help="Pyramid level to tile (default 0).")
+@click.option("--mpp", type=float, help="Tile at this µm/px instead of a level.")
+@click.option("--min-tissue", default=0.05, type=float, help="Keep patches with at least this tissue fraction.")
+@click.option("--store-dtype", default="uint8", type=click.Choice(["uint8", "uint16"]))
+@click.option("--shard-patches", default=64, type=int, help="Patches per zarr shard (one file).")
+@click.option("--plane", multiple=True, help="Pick a plane of a Z/T axis, e.g. Z=0.")
+@click.option("--scheduler", default="threads", help="threads | processes | sync | a dask.distributed address.")
+@click.option("--workers", type=click.IntRange(1), help="Dask workers (default: all cores).")
+@click.option("--max-slide-gb", default=256.0, type=float, help="Refuse slides declaring more pixel data than this.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches,
+         plane, scheduler, workers, max_slide_gb, resume, overwrite, quiet) -> None:
+    """Cut slides into tissue-only, overlapping, normalised patches in a zarr patch store."""
+    from wsi_damm.slides import parse_channel_map, specs_from_manifest, specs_from_paths
+    from wsi_damm.tile import TileConfig, run_tile
+
+    if bool(slides) == bool(manifest):
+        raise InputError(None, "give slide files or --manifest (exactly one of them)")
+    max_bytes = int(max_slide_gb * 2**30)
+    planes = _planes(plane)
+    if manifest:
+        if channels:
+            raise InputError("--channels", "cannot be combined with --manifest (the manifest names the channels)")
+        specs = specs_from_manifest(manifest, planes=planes, max_bytes=max_bytes)
+    else:
+        specs = specs_from_paths(list(slides), parse_channel_map(channels), planes=planes, max_bytes=max_bytes)
+    cfg = TileConfig(patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches)
+    store = run_tile(specs, out, cfg, scheduler, workers, resume, overwrite, not quiet)
+    s = store.summary()
+    click.echo(f"{out}: {s['patches']} patches of {s['patch_size']} px ({', '.join(s['roles'])}) from {len(s['patches_per_slide'])} slide(s), {s['disk_mb']} MB")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(path: Path, as_json: bool) -> None:
+    """Describe a patch store."""
+    from wsi_damm.store import PatchStore
+
+    summary = PatchStore.open(path, require_complete=False).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m`
+    cli(prog_name="wsi-damm")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Slide readers behind one interface; see `Slide`."""
+
+from .base import Level, Slide
+from .open import open_file
+from .roles import ROLES, ChannelRef, RoleSlide, SlideSpec, parse_channel_map, specs_from_manifest, specs_from_paths
+
+__all__ = [
+    "ROLES",
+    "ChannelRef",
+    "Level",
+    "RoleSlide",
+    "Slide",
+    "SlideSpec",
+    "open_file",
+    "parse_channel_map",
+    "specs_from_manifest",
+    "specs_from_paths",
+]

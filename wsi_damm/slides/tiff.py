@@ -1,0 +1,252 @@
+"""TIFF family reader (OME-TIFF, QPTIFF, SVS, ImageJ, plain stacks) through tifffile's zarr view.
+
+Every TIFF goes through tifffile, never OpenSlide: OpenSlide reads multi-channel 16-bit TIFFs as
+channel 0 shifted to 8 bits. Pixels are read tile by tile via `aszarr`, never a level at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+
+from ..errors import InputError
+from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_CHUNK_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
+
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt tags are reported by our own errors
+
+CHANNEL_AXES = "CSIQ"
+SPATIAL_AXES = "YX"
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+class TiffSlide(Slide):
+    def __init__(
+        self,
+        path: str | Path,
+        planes: dict[str, int] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> None:
+        self.path = str(path)
+        planes = {k.upper(): v for k, v in (planes or {}).items()}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._tif = tifffile.TiffFile(self.path)
+                series_list = list(self._tif.series)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(self.path, f"not a readable TIFF: {type(exc).__name__}: {exc}") from exc
+        try:
+            self._setup(series_list, planes, max_bytes, max_chunk_bytes)
+        except Exception:
+            self._tif.close()
+            raise
+
+    def _setup(self, series_list: list, planes: dict[str, int], max_bytes: int, max_chunk_bytes: int) -> None:
+        if not series_list:
+            raise InputError(self.path, "TIFF holds no image series (empty or corrupted IFDs)")
+        series = series_list[0]
+        axes = series.axes.upper()
+        shape = tuple(int(s) for s in series.shape)
+        check_declared_size(self.path, shape, series.dtype, max_bytes)
+        if "Y" not in axes or "X" not in axes:
+            raise InputError(self.path, f"image axes {axes!r} have no Y and X")
+        channel_axes = [a for a in axes if a in CHANNEL_AXES and shape[axes.index(a)] > 1]
+        if len(channel_axes) > 1:
+            raise InputError(
+                self.path, f"several channel-like axes {channel_axes} in {axes} {shape}", "export one channel axis"
+            )
+        self._channel_axis = channel_axes[0] if channel_axes else None
+        self._index_fixed: dict[str, int] = {}
+        for a, n in zip(axes, shape):
+            if a in SPATIAL_AXES or a == self._channel_axis:
+                continue
+            if n > 1 and a not in planes:
+                raise InputError(
+                    self.path,
+                    f"has a {a} axis of size {n} (axes {axes}, shape {shape})",
+                    f"choose one plane with --plane {a}=<0..{n - 1}>",
+                )
+            k = planes.get(a, 0)
+            if not 0 <= k < n:
+                raise InputError(self.path, f"plane {a}={k} outside 0..{n - 1}")
+            self._index_fixed[a] = k
+        self._axes = axes
+        n_channels = shape[axes.index(self._channel_axis)] if self._channel_axis else 1
+        if n_channels > MAX_CHANNELS:
+            raise InputError(self.path, f"declares {n_channels} channels, more than {MAX_CHANNELS} (corrupt header?)")
+        _check_chunk_size(self.path, series, max_chunk_bytes)
+
+        level_series = list(series.levels)
+        if len(level_series) == 1 and self._tif.is_ome:
+            level_series += _pyramid_from_extra_series(series, series_list[1:])
+        self._arrays = []
+        self.levels = []
+        width0 = shape[axes.index("X")]
+        for i, lev in enumerate(level_series):
+            store = series.aszarr(level=i) if i < len(series.levels) else lev.aszarr()
+            arr = zarr.open_array(store, mode="r", zarr_format=2)
+            lshape = tuple(int(s) for s in lev.shape)
+            if len(lshape) != len(shape):
+                break
+            h, w = lshape[axes.index("Y")], lshape[axes.index("X")]
+            self._arrays.append(arr)
+            self.levels.append(Level((n_channels, h, w), width0 / w))
+        self.dtype = np.dtype(series.dtype).newbyteorder("=")
+        self.channel_names = _channel_names(self._tif, series, n_channels, self._channel_axis)
+        self.mpp = _mpp(self._tif, series)
+
+    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        index = []
+        for a in self._axes:
+            if a == "Y":
+                index.append(slice(y, y + h))
+            elif a == "X":
+                index.append(slice(x, x + w))
+            elif a == self._channel_axis:
+                index.append(slice(None))
+            else:
+                index.append(self._index_fixed.get(a, 0))
+        out = np.asarray(self._arrays[level][tuple(index)])
+        kept = [a for a in self._axes if a in SPATIAL_AXES or a == self._channel_axis]
+        if self._channel_axis is None:
+            out = out[None]
+            kept = ["C"] + kept
+        out = np.transpose(out, [kept.index(self._channel_axis or "C"), kept.index("Y"), kept.index("X")])
+        return np.ascontiguousarray(out, dtype=self.dtype)
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _check_chunk_size(path: str, series, max_chunk_bytes: int) -> None:
+    page = series.keyframe
+    rows = page.tilelength or page.rowsperstrip or page.imagelength
+    cols = page.tilewidth or page.imagewidth
+    samples = page.samplesperpixel if page.planarconfig == 1 else 1
+    nbytes = int(min(rows, page.imagelength)) * int(cols) * int(samples) * np.dtype(series.dtype).itemsize
+    if nbytes > max_chunk_bytes:
+        raise InputError(
+            path,
+            f"stores pixels in blocks of {nbytes / 2**20:.0f} MiB (untiled), too large to read patch by patch",
+            "convert to a tiled pyramidal OME-TIFF (e.g. bfconvert -tilex 512 -tiley 512 -pyramid-resolutions 6)",
+        )
+
+
+def _pyramid_from_extra_series(base, others: list) -> list:
+    """Older OME writers store each pyramid level as its own series: take those that halve."""
+    levels = []
+    prev = base
+    for s in others:
+        if s.axes != base.axes or s.dtype != base.dtype:
+            break
+        y, x = base.axes.index("Y"), base.axes.index("X")
+        same_other = all(s.shape[i] == base.shape[i] for i in range(len(base.shape)) if i not in (y, x))
+        ratio = prev.shape[x] / s.shape[x]
+        if not same_other or not (1.5 < ratio < 4.5) or abs(prev.shape[y] / s.shape[y] - ratio) > 0.1 * ratio:
+            break
+        levels.append(s)
+        prev = s
+    return levels
+
+
+def _xml(text: str) -> ET.Element | None:
+    try:
+        return ET.fromstring(re.sub(r"^\s*<\?xml[^>]*\?>", "", text))
+    except ET.ParseError:
+        return None
+
+
+def _strip_ns(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _ome_pixels(tif: tifffile.TiffFile) -> ET.Element | None:
+    root = _xml(tif.ome_metadata or "")
+    if root is None:
+        return None
+    images = [el for el in root if _strip_ns(el.tag) == "Image"]
+    if not images:  # we read the first series, which is the first OME Image
+        return None
+    return next((el for el in images[0] if _strip_ns(el.tag) == "Pixels"), None)
+
+
+def _channel_names(tif: tifffile.TiffFile, series, n: int, channel_axis: str | None) -> list[str]:
+    names: list[str | None] = [None] * n
+    if tif.is_ome:
+        pixels = _ome_pixels(tif)
+        if pixels is not None:
+            chans = [el.get("Name") for el in pixels if _strip_ns(el.tag) == "Channel"]
+            if len(chans) == n:
+                names = chans
+    elif tif.is_qpi:
+        for i, page in enumerate(series.pages[:n]):
+            root = _xml(getattr(page, "description", "") or "")
+            el = root.find("Name") if root is not None else None
+            if el is not None and el.text:
+                names[i] = el.text.strip()
+    elif tif.is_imagej:
+        labels = (tif.imagej_metadata or {}).get("Labels")
+        if isinstance(labels, (list, tuple)) and len(labels) == n:
+            names = list(labels)
+    if channel_axis == "S" and n in (3, 4) and series.keyframe.photometric in (2, 6):  # RGB, YCbCr
+        names = list("RGBA"[:n])
+    out = [str(nm).strip() if nm else f"C{i}" for i, nm in enumerate(names)]
+    if len(set(x.lower() for x in out)) != len(out):  # duplicate names are unusable as keys
+        out = [f"{nm}_{i}" for i, nm in enumerate(out)]
+    return out
+
+
+def _plausible(mpp: float | None) -> float | None:
+    return mpp if mpp is not None and 0.01 <= mpp <= 100 else None
+
+
+def _mpp(tif: tifffile.TiffFile, series) -> float | None:
+    if tif.is_ome:
+        pixels = _ome_pixels(tif)
+        if pixels is not None and pixels.get("PhysicalSizeX"):
+            unit = pixels.get("PhysicalSizeXUnit", "µm")
+            if unit in _UNIT_TO_UM:
+                return _plausible(float(pixels.get("PhysicalSizeX")) * _UNIT_TO_UM[unit])
+            return None
+    page = series.keyframe
+    desc = tif.pages[0].description or ""
+    if tif.is_qpi:
+        m = re.search(r"<PixelSizeMicrons>([0-9.eE+-]+)<", desc)
+        if m:
+            return _plausible(float(m.group(1)))
+    if tif.is_svs:
+        m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", desc)
+        if m:
+            return _plausible(float(m.group(1)))
+    if tif.is_imagej:
+        meta = tif.imagej_metadata or {}
+        if meta.get("unit") in ("micron", "um", "µm") and "XResolution" in page.tags:
+            num, den = page.tags["XResolution"].value
+            return _plausible(den / num) if num else None
+    tags = page.tags
+    if "XResolution" in tags and "ResolutionUnit" in tags:
+        num, den = tags["XResolution"].value
+        unit = int(tags["ResolutionUnit"].value)
+        if num and den:
+            per_unit = num / den
+            if unit == 3:
+                return _plausible(1e4 / per_unit)
+            if unit == 2:
+                return _plausible(25400 / per_unit)
+    return None

@@ -1,0 +1,159 @@
+"""The patch store (zarr v3) of DESIGN.md §3, and a torch Dataset over it.
+
+Layout: `images` (N, C, P, P) one chunk per patch, S patches per shard; `coords` (N, 3)
+[slide, y, x]; `tissue` (N,); `shard_done` (n_shards,) — one flag per shard, set after the shard's
+pixels are written, so a killed run resumes at the first unfinished shard.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from .errors import InputError
+
+FORMAT = "wsi-damm-patch-store"
+FORMAT_VERSION = 1
+
+
+def _codec(dtype: np.dtype) -> BloscCodec:
+    shuffle = BloscShuffle.bitshuffle if np.dtype(dtype).itemsize > 1 else BloscShuffle.shuffle
+    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)
+
+
+def create_patch_store(
+    path: str | Path,
+    coords: np.ndarray,
+    tissue: np.ndarray,
+    n_channels: int,
+    patch: int,
+    dtype: np.dtype,
+    shard_patches: int,
+    attrs: dict,
+) -> zarr.Group:
+    """Create every array up front (writers then only fill whole shards) and the metadata."""
+    n = len(coords)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    s = max(1, min(shard_patches, n))
+    root.create_array(
+        "images", shape=(n, n_channels, patch, patch), dtype=dtype, chunks=(1, n_channels, patch, patch),
+        shards=(s, n_channels, patch, patch), compressors=_codec(dtype), fill_value=0,
+        dimension_names=("patch", "c", "y", "x"),
+    )
+    root.create_array("coords", shape=(n, 3), dtype=np.int64, chunks=(max(n, 1), 3), fill_value=0)[:] = coords
+    root.create_array("tissue", shape=(n,), dtype=np.float32, chunks=(max(n, 1),), fill_value=0)[:] = tissue
+    root.create_array("shard_done", shape=(math.ceil(n / s),), dtype=np.uint8, chunks=(1,), fill_value=0)
+    root.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "shard_patches": s, "complete": False, **attrs})
+    return root
+
+
+@dataclass
+class PatchStore:
+    """Read side of a patch store: metadata plus lazy arrays."""
+
+    path: Path
+    root: zarr.Group
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r", require_complete: bool = True) -> "PatchStore":
+        path = Path(path)
+        if not path.exists():
+            raise InputError(path, "no such patch store")
+        try:
+            root = zarr.open_group(str(path), mode=mode)
+            attrs = dict(root.attrs)
+        except Exception as exc:
+            raise InputError(path, f"not a zarr patch store: {exc}") from exc
+        if attrs.get("format") != FORMAT:
+            raise InputError(path, "is a zarr group but not a wsi-damm patch store")
+        version = int(attrs.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise InputError(
+                path, f"was written by a newer wsi-damm (store format {version}, this version reads ≤ {FORMAT_VERSION})",
+                "upgrade wsi-damm",
+            )
+        if require_complete and not attrs.get("complete"):
+            raise InputError(path, "is incomplete (tiling was interrupted)", "rerun wsi-damm tile with --resume")
+        return cls(path, root)
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.root.attrs)
+
+    @property
+    def images(self) -> zarr.Array:
+        return self.root["images"]
+
+    @property
+    def coords(self) -> np.ndarray:
+        return np.asarray(self.root["coords"][:])
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.attrs["roles"])
+
+    @property
+    def slides(self) -> list[dict]:
+        return list(self.attrs["slides"])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        s = int(self.attrs["shard_patches"])
+        return shard * s, min((shard + 1) * s, len(self))
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def summary(self) -> dict:
+        coords = self.coords
+        attrs = self.attrs
+        per_slide = np.bincount(coords[:, 0], minlength=len(attrs["slides"])) if len(coords) else []
+        return {
+            "path": str(self.path),
+            "patches": len(self),
+            "patches_per_slide": {s["slide_id"]: int(n) for s, n in zip(attrs["slides"], per_slide)},
+            "roles": attrs["roles"],
+            "patch_size": attrs["patch_size"],
+            "stride": attrs["stride"],
+            "overlap": attrs["overlap"],
+            "level": attrs["level"],
+            "mpp": attrs["mpp"],
+            "dtype": str(self.images.dtype),
+            "shard_patches": attrs["shard_patches"],
+            "complete": attrs["complete"],
+            "disk_mb": round(self.disk_bytes() / 2**20, 2),
+        }
+
+
+class PatchDataset:
+    """torch Dataset: item i → {role: float tensor (1, P, P) in [-1, 1], 'index': i}.
+
+    `in_memory=True` decodes the whole store once (use when it fits); otherwise each item
+    decodes one chunk, which is one patch.
+    """
+
+    def __init__(self, store: PatchStore | str | Path, indices: np.ndarray | None = None, in_memory: bool = False):
+        self.store = store if isinstance(store, PatchStore) else PatchStore.open(store)
+        self.roles = self.store.roles
+        self.indices = np.arange(len(self.store)) if indices is None else np.asarray(indices)
+        self._top = float(np.iinfo(self.store.images.dtype).max)
+        self._cache = np.asarray(self.store.images[:])[self.indices] if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        raw = self._cache[i] if self._cache is not None else np.asarray(self.store.images[int(self.indices[i])])
+        x = torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / self._top).sub_(1.0)
+        item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
+        item["index"] = int(self.indices[i])
+        return item

@@ -1,0 +1,329 @@
+"""Synthetic tumour sections with known ground truth (DESIGN.md §6).
+
+Physics, kept simple but causal: a branching vessel network with varying calibre and leakiness
+(CD31 on the endothelium); nuclei whose density varies by region (DAPI); nanoparticles (NP) that
+leak from vessels and spread by a distance that shrinks where cells are dense, then pass through
+the optics (PSF) and the camera (Poisson + read noise). In `divergence` regions the DAPI channel
+shows an unrelated density — a misaligned or artefact-stained nuclei channel — while the NP still
+follows the true density, so trusting nuclei there is penalised.
+
+Smooth fields live on a coarse grid; everything sharp (vessels, nuclei, noise) is rendered tile by
+tile with a margin, from per-tile seeded generators, so any slide size streams in bounded memory
+and the result does not depend on the tile size used.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from scipy import ndimage, signal, special
+from tqdm.auto import tqdm
+
+from .ome import build_pyramid, fast_codec, write_ome_tiff
+
+CHANNELS = ("CD31", "DAPI", "NP")
+TILE = 1024
+MARGIN = 64
+NUCLEUS_CELL = 64
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    size: int = 4096
+    mpp: float = 0.5
+    seed: int = 0
+    divergence: float = 0.3  # fraction of tissue where DAPI is uninformative
+    # physics, in µm unless said otherwise
+    vessel_spacing: float = 260.0  # one vessel tree root per spacing² of tissue
+    vessel_step: float = 12.0
+    vessel_radius: tuple[float, float] = (3.0, 7.5)
+    branch_probability: float = 0.07
+    penetration_dense: float = 8.0  # NP spread length where nuclei are dense
+    penetration_sparse: float = 60.0  # … where they are sparse
+    nucleus_radius: float = 4.0
+    nuclei_per_cell_dense: float = 12.0  # per 32×32 µm
+    psf_sigma: float = 0.8
+
+
+@dataclass
+class Layout:
+    """Everything global about one slide: coarse smooth fields and the vessel segments."""
+
+    c: int  # coarse factor: full-res px per coarse px
+    tissue: np.ndarray
+    density: np.ndarray  # true cell density in [0, 1]
+    density_seen: np.ndarray  # what the DAPI channel shows
+    divergent: np.ndarray  # 1 where DAPI is uninformative
+    np_field: np.ndarray  # extravasated NP, coarse
+    p0: np.ndarray  # (n, 2) segment start, full-res px (y, x)
+    p1: np.ndarray
+    radius: np.ndarray  # px
+    leak: np.ndarray
+    bright: np.ndarray
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Gaussian noise with correlation length `scale` (coarse px), marginally ~N(0, 1)."""
+    gy, gx = math.ceil(shape[0] / scale) + 4, math.ceil(shape[1] / scale) + 4
+    base = rng.standard_normal((gy, gx))
+    yy = (np.arange(shape[0]) + 0.5) / scale + 1.5
+    xx = (np.arange(shape[1]) + 0.5) / scale + 1.5
+    field = ndimage.map_coordinates(base, np.meshgrid(yy, xx, indexing="ij"), order=3)
+    return (field - field.mean()) / (field.std() + 1e-9)
+
+
+def _grow_vessels(rng: np.random.Generator, cfg: SynthConfig, tissue: np.ndarray, c: int):
+    """Vectorised random-walk growth of vessel trees from roots inside the tissue."""
+    px = 1.0 / cfg.mpp
+    area_um2 = tissue.sum() * (c * cfg.mpp) ** 2
+    n_roots = max(2, int(round(area_um2 / cfg.vessel_spacing**2)))
+    ys, xs = np.nonzero(tissue > 0.7)
+    pick = rng.integers(0, len(ys), n_roots)
+    pos = np.stack([ys[pick], xs[pick]], 1).astype(np.float64) * c + c / 2
+    ang = rng.uniform(0, 2 * np.pi, n_roots)
+    rad = rng.uniform(*cfg.vessel_radius, n_roots) * px
+    leak = rng.beta(0.7, 0.9, n_roots)
+    step = cfg.vessel_step * px
+    segs: list[tuple] = []
+    h, w = tissue.shape
+    for _ in range(160):
+        if len(pos) == 0:
+            break
+        ang = ang + rng.normal(0, 0.22, len(ang))
+        new = pos + step * np.stack([np.sin(ang), np.cos(ang)], 1)
+        cy = np.clip((new[:, 0] / c).astype(int), 0, h - 1)
+        cx = np.clip((new[:, 1] / c).astype(int), 0, w - 1)
+        inside = (tissue[cy, cx] > 0.5) & (new[:, 0] >= 0) & (new[:, 1] >= 0) & (new[:, 0] < h * c) & (new[:, 1] < w * c)
+        segs.append((pos[inside], new[inside], rad[inside], leak[inside]))
+        keep = inside & (rad > 1.5 * px)
+        pos, ang, rad, leak = new[keep], ang[keep], rad[keep], leak[keep]
+        branch = rng.random(len(pos)) < cfg.branch_probability
+        if branch.any() and len(pos) < 50_000:
+            turn = rng.uniform(0.45, 0.8, branch.sum()) * rng.choice([-1, 1], branch.sum())
+            pos = np.concatenate([pos, pos[branch]])
+            ang = np.concatenate([ang, ang[branch] + turn])
+            child_leak = np.clip(leak[branch] + rng.normal(0, 0.25, branch.sum()), 0, 1)
+            rad = np.concatenate([rad, rad[branch] * 0.75])
+            rad[np.nonzero(branch)[0]] *= 0.85
+            leak = np.concatenate([leak, child_leak])
+    p0 = np.concatenate([s[0] for s in segs]) if segs else np.zeros((0, 2))
+    p1 = np.concatenate([s[1] for s in segs]) if segs else np.zeros((0, 2))
+    radius = np.concatenate([s[2] for s in segs]) if segs else np.zeros(0)
+    leaks = np.concatenate([s[3] for s in segs]) if segs else np.zeros(0)
+    return p0, p1, radius, leaks
+
+
+def _segment_points(p0: np.ndarray, p1: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points every `spacing` px along each segment, and the segment index of each point."""
+    length = np.linalg.norm(p1 - p0, axis=1)
+    n = np.maximum(2, np.ceil(length / spacing).astype(int) + 1)
+    idx = np.repeat(np.arange(len(p0)), n)
+    start = np.repeat(np.cumsum(n) - n, n)
+    t = (np.arange(len(idx)) - start) / np.repeat(n - 1, n)
+    pts = p0[idx] + (p1[idx] - p0[idx]) * t[:, None]
+    return pts, idx
+
+
+def make_layout(cfg: SynthConfig, index: int) -> Layout:
+    rng = np.random.default_rng([cfg.seed, index, 0])
+    c = max(4, 2 ** math.ceil(math.log2(max(1.0, cfg.size / 4096))))
+    hc = wc = math.ceil(cfg.size / c)
+    um = c * cfg.mpp  # µm per coarse px
+    yy, xx = np.meshgrid((np.arange(hc) + 0.5) / hc - 0.5, (np.arange(wc) + 0.5) / wc - 0.5, indexing="ij")
+    r = np.sqrt((yy / 0.43) ** 2 + (xx / 0.46) ** 2) + 0.18 * _smooth_noise(rng, (hc, wc), 300 / um)
+    tissue = special.expit((1 - r) / 0.02).astype(np.float32)
+    density = special.ndtr(2.5 * _smooth_noise(rng, (hc, wc), 180 / um)).astype(np.float32)
+    other = special.ndtr(2.5 * _smooth_noise(rng, (hc, wc), 180 / um)).astype(np.float32)
+    zdiv = _smooth_noise(rng, (hc, wc), 350 / um)
+    in_tissue = tissue > 0.5
+    if cfg.divergence > 0 and in_tissue.any():
+        thr = np.quantile(zdiv[in_tissue], 1 - min(cfg.divergence, 1.0))
+        divergent = (zdiv >= thr).astype(np.float32)
+    else:
+        divergent = np.zeros_like(tissue)
+    density_seen = np.where(divergent > 0, other, density).astype(np.float32)
+
+    p0, p1, radius, leak = _grow_vessels(rng, cfg, tissue, c)
+    bright = rng.uniform(0.6, 1.0, len(p0))
+
+    # NP: line sources on leaky vessels, spread by a length that shrinks with true cell density.
+    src = np.zeros((hc, wc), np.float64)
+    if len(p0):
+        pts, idx = _segment_points(p0 / c, p1 / c, 0.5)
+        iy = np.clip(pts[:, 0].astype(int), 0, hc - 1)
+        ix = np.clip(pts[:, 1].astype(int), 0, wc - 1)
+        np.add.at(src, (iy, ix), leak[idx] ** 2 * radius[idx] * cfg.mpp * 0.5)
+    lengths = np.geomspace(cfg.penetration_dense, cfg.penetration_sparse, 4)
+    spread = np.stack([ndimage.gaussian_filter(src, lam / um) for lam in lengths])
+    pos = (1 - density) * (len(lengths) - 1)
+    lo = np.clip(np.floor(pos).astype(int), 0, len(lengths) - 2)
+    frac = pos - lo
+    field = np.take_along_axis(spread, lo[None], 0)[0] * (1 - frac) + np.take_along_axis(spread, lo[None] + 1, 0)[0] * frac
+    scale = np.quantile(field[in_tissue], 0.995) if in_tissue.any() else 1.0
+    np_field = (field / max(scale, 1e-12) * tissue).astype(np.float32)
+    return Layout(c, tissue, density, density_seen, divergent, np_field, p0, p1, radius, leak, bright)
+
+
+def _sample(field: np.ndarray, c: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Bilinear read of a coarse field at full-res pixel centres of a window."""
+    ys = (np.arange(y0, y0 + h) + 0.5) / c - 0.5
+    xs = (np.arange(x0, x0 + w) + 0.5) / c - 0.5
+    # separable: interpolate rows, then columns
+    rows = ndimage.map_coordinates(field, np.meshgrid(ys, np.arange(field.shape[1]), indexing="ij"), order=1, mode="nearest")
+    return ndimage.map_coordinates(rows, np.meshgrid(np.arange(h), xs, indexing="ij"), order=1, mode="nearest")
+
+
+def _nucleus_kernel(radius_px: float) -> np.ndarray:
+    r = int(math.ceil(radius_px + 3))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return special.expit((radius_px - np.hypot(yy, xx)) / 0.8)
+
+
+def render_window(cfg: SynthConfig, lay: Layout, index: int, y0: int, x0: int, h: int, w: int) -> dict[str, np.ndarray]:
+    """Expected signals (before noise) of a window; exact for pixels ≥ MARGIN from its edges."""
+    px = 1.0 / cfg.mpp
+    label = np.zeros((h, w), np.int32)
+    pad = MARGIN + 16 * px
+    near = (
+        (np.minimum(lay.p0[:, 0], lay.p1[:, 0]) < y0 + h + pad) & (np.maximum(lay.p0[:, 0], lay.p1[:, 0]) > y0 - pad)
+        & (np.minimum(lay.p0[:, 1], lay.p1[:, 1]) < x0 + w + pad) & (np.maximum(lay.p0[:, 1], lay.p1[:, 1]) > x0 - pad)
+    )
+    seg = np.nonzero(near)[0]
+    if len(seg):
+        pts, idx = _segment_points(lay.p0[seg], lay.p1[seg], 0.5)
+        iy = np.floor(pts[:, 0]).astype(int) - y0
+        ix = np.floor(pts[:, 1]).astype(int) - x0
+        ok = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+        label[iy[ok], ix[ok]] = seg[idx[ok]] + 1
+    if label.any():
+        dist, (ny, nx) = ndimage.distance_transform_edt(label == 0, return_indices=True)
+        nearest = label[ny, nx] - 1
+        r = lay.radius[nearest]
+        bright = lay.bright[nearest]
+    else:
+        dist = np.full((h, w), 1e6)
+        r = np.zeros((h, w))
+        bright = np.zeros((h, w))
+    wall_w = 1.0 * px
+    wall = bright * np.exp(-0.5 * ((dist - r) / wall_w) ** 2)
+    lumen = (dist < r).astype(np.float32)
+
+    tissue = _sample(lay.tissue, lay.c, y0, x0, h, w)
+    seen = _sample(lay.density_seen, lay.c, y0, x0, h, w)
+    npf = _sample(lay.np_field, lay.c, y0, x0, h, w)
+    divergent = _sample(lay.divergent, lay.c, y0, x0, h, w)
+
+    # nuclei from per-cell generators keyed on global cell position
+    g = NUCLEUS_CELL
+    impulses = np.zeros((h, w), np.float64)
+    rad_px = cfg.nucleus_radius * px
+    for cy in range(y0 // g, (y0 + h - 1) // g + 1):
+        for cx in range(x0 // g, (x0 + w - 1) // g + 1):
+            rng = np.random.default_rng([cfg.seed, index, cy, cx, 1])
+            yc = min(max(cy * g + g // 2 - y0, 0), h - 1)
+            xc = min(max(cx * g + g // 2 - x0, 0), w - 1)
+            lam = tissue[yc, xc] * (0.6 + (cfg.nuclei_per_cell_dense - 0.6) * seen[yc, xc])
+            n = rng.poisson(lam)
+            if n == 0:
+                continue
+            py = cy * g + rng.uniform(0, g, n) - y0
+            pxs = cx * g + rng.uniform(0, g, n) - x0
+            amp = rng.uniform(0.6, 1.1, n)
+            iy, ix = py.astype(int), pxs.astype(int)
+            ok = (py >= 0) & (py < h) & (pxs >= 0) & (pxs < w)
+            iy, ix, amp = iy[ok], ix[ok], amp[ok]
+            free = dist[iy, ix] > r[iy, ix] + rad_px * 0.8
+            np.add.at(impulses, (iy[free], ix[free]), amp[free])
+    nuclei = 1 - np.exp(-1.4 * signal.fftconvolve(impulses, _nucleus_kernel(rad_px), mode="same").clip(0))
+
+    np_total = npf * (1 - 0.5 * lumen) + 0.35 * lumen * (lay.leak[nearest] if label.any() else 0)
+    np_total = ndimage.gaussian_filter(np_total, cfg.psf_sigma * px)
+    return {
+        "CD31": 150 + 220 * tissue + 2600 * wall + 300 * lumen,
+        "DAPI": 120 + 180 * tissue + 5200 * nuclei,
+        "NP": 100 + 60 * tissue + 2800 * np_total,
+        "divergent": divergent,
+    }
+
+
+def _camera(rng: np.random.Generator, expected: np.ndarray, gain: float = 2.0, read_noise: float = 12.0) -> np.ndarray:
+    counts = rng.poisson(np.maximum(expected, 0) / gain) * gain + rng.normal(0, read_noise, expected.shape)
+    return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+
+
+def _render_tile(cfg: SynthConfig, lay: Layout, index: int, ty: int, tx: int, root: zarr.Group) -> None:
+    size = cfg.size
+    y0, x0 = max(ty - MARGIN, 0), max(tx - MARGIN, 0)
+    y1, x1 = min(ty + TILE + MARGIN, size), min(tx + TILE + MARGIN, size)
+    sig = render_window(cfg, lay, index, y0, x0, y1 - y0, x1 - x0)
+    crop = (slice(ty - y0, ty - y0 + min(TILE, size - ty)), slice(tx - x0, tx - x0 + min(TILE, size - tx)))
+    rng = np.random.default_rng([cfg.seed, index, ty, tx, 2])
+    out = np.stack([_camera(rng, sig[name][crop]) for name in CHANNELS])
+    th, tw = out.shape[1:]
+    root["slide/0"][:, ty : ty + th, tx : tx + tw] = out
+    root["clean/0"][0, ty : ty + th, tx : tx + tw] = sig["NP"][crop].astype(np.float32)
+    root["divergence/0"][0, ty : ty + th, tx : tx + tw] = (sig["divergent"][crop] > 0.5).astype(np.uint8)
+
+
+def preview_png(levels: list[zarr.Array], path: Path) -> None:
+    """RGB composite of the smallest level: CD31 red, NP green, DAPI blue; robust contrast."""
+    import imagecodecs
+
+    small = np.asarray(levels[-1][:]).astype(np.float32)
+    rgb = np.zeros(small.shape[1:] + (3,), np.float32)
+    for ch, colour in zip(range(3), (0, 2, 1)):
+        lo, hi = np.percentile(small[ch], [1, 99.7])
+        rgb[..., colour] = np.clip((small[ch] - lo) / max(hi - lo, 1), 0, 1)
+    path.write_bytes(imagecodecs.png_encode(np.rint(rgb * 255).astype(np.uint8)))
+
+
+def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers: int = 2, progress: bool = True) -> dict[str, Path]:
+    """Render one slide into pyramidal OME-TIFFs (slide + truth) and a PNG preview."""
+    out_dir = Path(out_dir)
+    truth = out_dir / "truth"
+    truth.mkdir(parents=True, exist_ok=True)
+    lay = make_layout(cfg, index)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    try:
+        root = zarr.open_group(scratch / "work.zarr", mode="w")
+        size = cfg.size
+        chunk = (1, min(256, size), min(256, size))
+        for key, c, dtype in (("slide", 3, np.uint16), ("clean", 1, np.float32), ("divergence", 1, np.uint8)):
+            root.create_array(f"{key}/0", shape=(c, size, size), dtype=dtype, chunks=chunk, compressors=fast_codec(dtype), fill_value=0)
+        tiles = [(ty, tx) for ty in range(0, size, TILE) for tx in range(0, size, TILE)]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            jobs = pool.map(lambda t: _render_tile(cfg, lay, index, t[0], t[1], root), tiles)
+            for _ in tqdm(jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=not progress, leave=False):
+                pass
+        paths = {
+            "slide": out_dir / f"{name}.ome.tif",
+            "clean": truth / f"{name}.np_clean.ome.tif",
+            "divergence": truth / f"{name}.divergence.ome.tif",
+            "preview": out_dir / f"{name}.preview.png",
+        }
+        names = {"slide": list(CHANNELS), "clean": ["NP_clean"], "divergence": ["divergent"]}
+        for key in ("slide", "clean", "divergence"):
+            levels = build_pyramid(root, key)
+            write_ome_tiff(paths[key], levels, names[key], cfg.mpp)
+            if key == "slide":
+                preview_png(levels, paths["preview"])
+        return paths
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 2, progress: bool = True, prefix: str = "synth") -> list[dict[str, Path]]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=not progress or n_slides < 2):
+        results.append(write_slide(out_dir, f"{prefix}_{i:03d}", i, cfg, workers, progress))
+    (out_dir / "truth" / "synth_config.json").write_text(__import__("json").dumps(asdict(cfg), indent=2))
+    return results

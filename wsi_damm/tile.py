@@ -1,0 +1,288 @@
+"""`wsi-damm tile`: slides → tissue patches in a zarr patch store, written shard by shard with dask.
+
+The coordinator plans every slide (level, mask, normalisation, grid) and creates the store under a
+temporary name; dask tasks each own a run of whole shards (zarr loses data when two writers share
+a shard), read the union region of their patches once, and mark each shard done. The store is
+moved into place only when every shard is done, so a killed run never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import dask
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import InputError
+from .slides import SlideSpec
+from .store import PatchStore, create_patch_store
+from .tiling import (
+    LevelChoice,
+    choose_level,
+    grid_positions,
+    low_resolution,
+    normalise,
+    percentile_stats,
+    read_scaled,
+    tissue_fractions,
+    tissue_mask,
+)
+
+TASK_BYTES = 96 * 2**20  # raw bytes one task reads at once: bounds memory per worker
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    patch_size: int = 256
+    overlap: int = 64
+    level: int | None = None
+    mpp: float | None = None
+    min_tissue: float = 0.05
+    store_dtype: str = "uint8"
+    shard_patches: int = 64
+    percentiles: tuple[float, float] = (0.5, 99.8)
+    mask_max_side: int = 2048
+
+    @property
+    def stride(self) -> int:
+        return self.patch_size - self.overlap
+
+    def validate(self) -> None:
+        if self.patch_size <= 0:
+            raise InputError("--patch-size", f"must be positive, got {self.patch_size}")
+        if not 0 <= self.overlap < self.patch_size:
+            raise InputError("--overlap", f"must be in [0, patch size {self.patch_size}), got {self.overlap}")
+        if self.store_dtype not in ("uint8", "uint16"):
+            raise InputError("--store-dtype", f"must be uint8 or uint16, got {self.store_dtype}")
+        if self.shard_patches <= 0:
+            raise InputError("--shard-patches", f"must be positive, got {self.shard_patches}")
+        if not 0 <= self.min_tissue <= 1:
+            raise InputError("--min-tissue", f"must be a fraction in [0, 1], got {self.min_tissue}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise InputError("--percentiles", f"need 0 ≤ low < high ≤ 100, got {lo}, {hi}")
+
+
+@dataclass
+class SlidePlan:
+    spec: SlideSpec
+    choice: LevelChoice
+    lo: list[float]
+    hi: list[float]
+    ys: np.ndarray  # patch origins on the tiled grid
+    xs: np.ndarray
+    tissue: np.ndarray  # fraction per kept patch
+    tissue_pixels: float = field(default=0.0)
+
+    def table_entry(self) -> dict:
+        return {
+            "slide_id": self.spec.slide_id,
+            "channels": self.spec.describe(),
+            "planes": dict(self.spec.planes),
+            "level": self.choice.level,
+            "factor": self.choice.factor,
+            "downsample": self.choice.downsample,
+            "mpp": self.choice.mpp,
+            "shape": list(self.choice.shape),
+            "normalisation": {"low": self.lo, "high": self.hi},
+            "patches": int(len(self.ys)),
+            "tissue_fraction": self.tissue_pixels,
+        }
+
+
+def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
+    """Everything decided at low resolution: level, tissue, normalisation range, kept patches."""
+    with spec.open() as slide:
+        choice = choose_level(slide, cfg.level, cfg.mpp)
+        h, w = choice.shape
+        if h < cfg.patch_size or w < cfg.patch_size:
+            raise InputError(
+                slide.path, f"is {h}×{w} px at the tiled level, smaller than one {cfg.patch_size}-px patch",
+                "use a smaller --patch-size or a finer --level",
+            )
+        low, low_ds = low_resolution(slide, cfg.mask_max_side)
+        if not np.isfinite(low).all():
+            raise InputError(slide.path, "holds NaN or infinite values", "fix or mask them before tiling")
+        um_per_px = slide.mpp * low_ds if slide.mpp else None
+        mask = tissue_mask(low, um_per_px)
+        lo, hi = percentile_stats(low, mask, *cfg.percentiles)
+    ys = grid_positions(h, cfg.patch_size, cfg.stride)
+    xs = grid_positions(w, cfg.patch_size, cfg.stride)
+    frac = tissue_fractions(mask, low_ds / choice.downsample, ys, xs, cfg.patch_size)
+    keep_y, keep_x = np.nonzero(frac >= cfg.min_tissue) if mask.any() else (np.zeros(0, int), np.zeros(0, int))
+    if not mask.any():
+        warnings.warn(f"{spec.slide_id}: no tissue found; the slide contributes no patches", stacklevel=2)
+    return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()))
+
+
+@lru_cache(maxsize=8)
+def _open_cached(spec: SlideSpec):
+    return spec.open()
+
+
+def write_shards(store_path: str, shards: tuple[int, ...], plans: tuple[tuple[SlideSpec, LevelChoice, tuple, tuple], ...]) -> int:
+    """Fill whole shards: read the union region of their patches per slide once, cut, normalise."""
+    root = zarr.open_group(store_path, mode="r+")
+    images, done = root["images"], root["shard_done"]
+    s = int(root.attrs["shard_patches"])
+    n, _, p, _ = images.shape
+    dtype = images.dtype
+    a, b = shards[0] * s, min((shards[-1] + 1) * s, n)
+    coords = np.asarray(root["coords"][a:b])
+    out = np.empty((b - a,) + images.shape[1:], dtype=dtype)
+    for slide_index in np.unique(coords[:, 0]):
+        spec, choice, lo, hi = plans[slide_index]
+        sel = np.nonzero(coords[:, 0] == slide_index)[0]
+        ys, xs = coords[sel, 1], coords[sel, 2]
+        slide = _open_cached(spec)
+        y0, x0 = int(ys.min()), int(xs.min())
+        region = read_scaled(slide, choice, y0, x0, int(ys.max()) + p - y0, int(xs.max()) + p - x0)
+        region = normalise(region, list(lo), list(hi), dtype)
+        for k, y, x in zip(sel, ys - y0, xs - x0):
+            out[k] = region[:, y : y + p, x : x + p]
+    for shard in shards:
+        lo_i, hi_i = shard * s - a, min((shard + 1) * s, n) - a
+        images[a + lo_i : a + hi_i] = out[lo_i:hi_i]
+        done[shard] = 1
+    return len(shards)
+
+
+def _group_shards(todo: list[int], coords: np.ndarray, s: int, patch: int, row_bytes: float) -> list[tuple[int, ...]]:
+    """Runs of consecutive unfinished shards whose union region stays under TASK_BYTES."""
+    groups: list[list[int]] = []
+    for shard in todo:
+        if groups and groups[-1][-1] == shard - 1:
+            a, b = groups[-1][0] * s, min((shard + 1) * s, len(coords))
+            c = coords[a:b]
+            same_slide = c[0, 0] == c[-1, 0]
+            height = c[:, 1].max() - c[:, 1].min() + patch
+            if same_slide and height * row_bytes <= TASK_BYTES:
+                groups[-1].append(shard)
+                continue
+        groups.append([shard])
+    return [tuple(g) for g in groups]
+
+
+class _ShardProgress(dask.callbacks.Callback):
+    """tqdm bar in shards for dask's local schedulers."""
+
+    def __init__(self, bar: tqdm) -> None:
+        super().__init__()
+        self.bar = bar
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        name = key[0] if isinstance(key, tuple) else key
+        if str(name).startswith("write_shards"):
+            self.bar.update(int(result))
+
+
+def _config_fingerprint(cfg: TileConfig, specs: list[SlideSpec]) -> str:
+    return json.dumps({"config": asdict(cfg), "slides": [s.describe() for s in specs]}, sort_keys=True, default=str)
+
+
+def run_tile(
+    specs: list[SlideSpec],
+    out: str | Path,
+    cfg: TileConfig,
+    scheduler: str = "threads",
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PatchStore:
+    cfg.validate()
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists", "pass --overwrite to replace it")
+    if partial.exists() and not resume:
+        if not overwrite:
+            raise InputError(partial, "an interrupted run left this behind", "pass --resume to continue it or --overwrite to restart")
+        shutil.rmtree(partial)
+    fingerprint = _config_fingerprint(cfg, specs)
+    created = False
+    try:
+        plans = [plan_slide(spec, cfg) for spec in specs]
+        if partial.exists():
+            root = zarr.open_group(str(partial), mode="r+")
+            if root.attrs.get("fingerprint") != fingerprint:
+                raise InputError(partial, "was started with other slides or options", "rerun with the same arguments, or --overwrite")
+        else:
+            root = _create(partial, plans, cfg, fingerprint)
+            created = True
+        n_patches = root["images"].shape[0]
+        if n_patches == 0:
+            raise InputError(specs[0].paths[0] if len(specs) == 1 else "slides", "no tissue patches found", "check the channels or lower --min-tissue")
+        s = int(root.attrs["shard_patches"])
+        done = np.asarray(root["shard_done"][:])
+        todo = [int(i) for i in np.nonzero(done == 0)[0]]
+        coords = np.asarray(root["coords"][:])
+        row_bytes = max(p.choice.shape[1] for p in plans) * len(specs[0].channels) * 4
+        groups = _group_shards(todo, coords, s, cfg.patch_size, row_bytes)
+        frozen = tuple((p.spec, p.choice, tuple(p.lo), tuple(p.hi)) for p in plans)
+        tasks = [dask.delayed(write_shards, pure=False)(str(partial), g, frozen) for g in groups]
+        with tqdm(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=not progress) as bar:
+            _compute(tasks, scheduler, workers, bar)
+        if not np.asarray(root["shard_done"][:]).all():
+            raise RuntimeError(f"{partial}: some shards were not written")
+        root.attrs["complete"] = True
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except InputError:
+        if created or not resume:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        _open_cached.cache_clear()
+    return PatchStore.open(out)
+
+
+def _create(path: Path, plans: list[SlidePlan], cfg: TileConfig, fingerprint: str) -> zarr.Group:
+    coords = np.concatenate(
+        [np.stack([np.full(len(p.ys), i), p.ys, p.xs], 1) for i, p in enumerate(plans)] or [np.zeros((0, 3))]
+    ).astype(np.int64)
+    tissue = np.concatenate([p.tissue for p in plans]).astype(np.float32)
+    roles = plans[0].spec.roles
+    for p in plans[1:]:
+        if p.spec.roles != roles:
+            raise InputError(p.spec.paths[0], f"has roles {p.spec.roles}, unlike {roles} of the first slide", "all slides of a store need the same roles")
+    attrs = {
+        "roles": roles,
+        "patch_size": cfg.patch_size,
+        "stride": cfg.stride,
+        "overlap": cfg.overlap,
+        "level": plans[0].choice.level,
+        "mpp": plans[0].choice.mpp,
+        "percentiles": list(cfg.percentiles),
+        "min_tissue": cfg.min_tissue,
+        "slides": [p.table_entry() for p in plans],
+        "fingerprint": fingerprint,
+        "wsi_damm_version": __version__,
+    }
+    return create_patch_store(path, coords, tissue, len(roles), cfg.patch_size, np.dtype(cfg.store_dtype), cfg.shard_patches, attrs)
+
+
+def _compute(tasks: list, scheduler: str, workers: int | None, bar: tqdm) -> None:
+    if not tasks:
+        return
+    if scheduler in ("threads", "processes", "sync", "synchronous"):
+        with _ShardProgress(bar):
+            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
+        return
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError as exc:
+        raise InputError("--scheduler", f"{scheduler!r} looks like a cluster address but dask.distributed is not installed", "pip install distributed") from exc
+    with Client(scheduler) as client:
+        futures = client.compute(tasks)
+        for fut in as_completed(futures):
+            bar.update(int(fut.result()))

@@ -1,0 +1,176 @@
+"""Pure functions of tiling: level choice, scaled reads, tissue mask, patch grid, normalisation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+from scipy import ndimage
+from skimage import filters, morphology
+
+from .errors import InputError
+from .slides.base import Slide
+
+MPP_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Read `level` and shrink by `factor` (1 = native pixels) to get the tiled grid."""
+
+    level: int
+    factor: float
+    mpp: float | None
+    shape: tuple[int, int]  # (H, W) of the tiled grid
+    downsample: float  # of the tiled grid relative to level 0
+
+
+def choose_level(slide: Slide, level: int | None = None, mpp: float | None = None) -> LevelChoice:
+    """Explicit level, or the level matching `mpp` within 5 %, else a finer level shrunk to it."""
+    if level is not None and mpp is not None:
+        raise InputError("--level/--mpp", "give either --level or --mpp, not both")
+    if mpp is None:
+        lev = level or 0
+        if not 0 <= lev < len(slide.levels):
+            raise InputError(slide.path, f"has no level {lev}; levels are 0..{len(slide.levels) - 1}")
+        ds = slide.levels[lev].downsample
+        lmpp = slide.mpp * ds if slide.mpp else None
+        return LevelChoice(lev, 1.0, lmpp, slide.levels[lev].shape[1:], ds)
+    if not slide.mpp:
+        raise InputError(slide.path, "has no µm/px in its metadata, so --mpp cannot be honoured", "use --level instead")
+    if mpp < slide.mpp * (1 - MPP_TOLERANCE):
+        raise InputError(slide.path, f"finest resolution is {slide.mpp:.4g} µm/px; --mpp {mpp} would need upsampling")
+    best = None
+    for i, lev in enumerate(slide.levels):
+        lmpp = slide.mpp * lev.downsample
+        if abs(lmpp - mpp) <= MPP_TOLERANCE * mpp:
+            return LevelChoice(i, 1.0, lmpp, lev.shape[1:], lev.downsample)
+        if lmpp < mpp:
+            best = i
+    assert best is not None
+    lev = slide.levels[best]
+    factor = mpp / (slide.mpp * lev.downsample)
+    shape = (int(lev.shape[1] / factor), int(lev.shape[2] / factor))
+    return LevelChoice(best, factor, mpp, shape, lev.downsample * factor)
+
+
+def read_scaled(slide: Slide, choice: LevelChoice, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """(C, h, w) region of the tiled grid; each output pixel depends only on its position."""
+    f = choice.factor
+    if f == 1.0:
+        return slide.read_region(choice.level, y, x, h, w)
+    _, sh, sw = slide.levels[choice.level].shape
+    k = round(f)
+    if abs(f - k) < 1e-9:  # integer factor: exact block mean, like a pyramid level
+        src = slide.read_region(choice.level, y * k, x * k, h * k, w * k).astype(np.float32)
+        out = src.reshape(src.shape[0], h, k, w, k).mean(axis=(2, 4))
+    else:  # anti-aliased resampling at pixel centres
+        sigma = max((f - 1) / 2, 0.0)
+        m = int(math.ceil(3 * sigma)) + 2
+        y0, x0 = max(int(math.floor(y * f)) - m, 0), max(int(math.floor(x * f)) - m, 0)
+        y1, x1 = min(int(math.ceil((y + h) * f)) + m, sh), min(int(math.ceil((x + w) * f)) + m, sw)
+        src = slide.read_region(choice.level, y0, x0, y1 - y0, x1 - x0).astype(np.float32)
+        if sigma > 0:
+            src = ndimage.gaussian_filter(src, (0, sigma, sigma), mode="nearest")
+        ys = (np.arange(y, y + h) + 0.5) * f - 0.5 - y0
+        xs = (np.arange(x, x + w) + 0.5) * f - 0.5 - x0
+        grid = np.meshgrid(ys, xs, indexing="ij")
+        out = np.stack([ndimage.map_coordinates(ch, grid, order=1, mode="nearest") for ch in src])
+    if np.issubdtype(slide.dtype, np.integer):
+        return np.rint(out).astype(slide.dtype)
+    return out.astype(slide.dtype)
+
+
+def low_resolution(slide: Slide, max_side: int = 2048) -> tuple[np.ndarray, float]:
+    """A small (C, h, w) float32 view of the whole slide and its downsample from level 0.
+
+    Takes the coarsest level no smaller than needed; when the pyramid has no small level the
+    chosen level is block-averaged through dask, so memory stays bounded by its chunks.
+    """
+    idx = 0
+    for i, lev in enumerate(slide.levels):
+        if max(lev.shape[1:]) >= max_side / 2:
+            idx = i
+    lev = slide.levels[idx]
+    k = max(1, math.ceil(max(lev.shape[1:]) / max_side))
+    if k == 1:
+        arr = slide.read_region(idx, 0, 0, lev.shape[1], lev.shape[2]).astype(np.float32)
+    else:
+        lazy = slide.level_array(idx, chunk=k * max(1, 2048 // k))
+        h, w = (lev.shape[1] // k) * k, (lev.shape[2] // k) * k
+        lazy = lazy[:, :h, :w].astype(np.float32)
+        arr = da.coarsen(np.mean, lazy, {1: k, 2: k}, trim_excess=True).compute(scheduler="threads")
+    return arr, lev.downsample * k
+
+
+def tissue_mask(low: np.ndarray, um_per_px: float | None) -> np.ndarray:
+    """Bright-on-dark tissue: Otsu on the smoothed max of robustly scaled channels, then clean-up.
+
+    Morphology is sized in µm (assumes 0.5 µm/px at level 0 when the slide does not say).
+    """
+    um = um_per_px or 8.0
+    scaled = []
+    for ch in low:
+        lo, hi = np.percentile(ch, [1, 99.5])
+        scaled.append((ch - lo) / (hi - lo) if hi > lo else np.zeros_like(ch))
+    signal = ndimage.gaussian_filter(np.max(scaled, axis=0), sigma=max(10.0 / um, 0.5))
+    if float(signal.max() - signal.min()) < 1e-6:
+        return np.zeros(signal.shape, bool)
+    mask = signal > filters.threshold_otsu(signal)
+    radius = max(1, int(round(15.0 / um)))
+    mask = morphology.closing(mask, morphology.disk(radius))
+    min_area = max(1, int((60.0 / um) ** 2))
+    mask = morphology.remove_small_objects(mask, max_size=min_area)
+    mask = morphology.remove_small_holes(mask, max_size=int((150.0 / um) ** 2))
+    return mask
+
+
+def grid_positions(length: int, patch: int, stride: int) -> np.ndarray:
+    """0, stride, 2·stride, … with the last patch flush with the border."""
+    if length < patch:
+        return np.zeros(0, np.int64)
+    pos = np.arange(0, length - patch + 1, stride, dtype=np.int64)
+    if pos[-1] != length - patch:
+        pos = np.append(pos, length - patch)
+    return pos
+
+
+def tissue_fractions(mask: np.ndarray, scale: float, ys: np.ndarray, xs: np.ndarray, patch: int) -> np.ndarray:
+    """Share of mask pixels under each patch (grid ys × xs), mask pixels = `scale` grid pixels."""
+    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = mask.shape
+
+    def bounds(p: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        a = np.clip(np.floor(p / scale).astype(int), 0, n - 1)
+        b = np.clip(np.ceil((p + patch) / scale).astype(int), a + 1, n)
+        return a, b
+
+    y0, y1 = bounds(ys, h)
+    x0, x1 = bounds(xs, w)
+    Y0, X0 = np.meshgrid(y0, x0, indexing="ij")
+    Y1, X1 = np.meshgrid(y1, x1, indexing="ij")
+    total = integral[Y1, X1] - integral[Y0, X1] - integral[Y1, X0] + integral[Y0, X0]
+    return (total / ((Y1 - Y0) * (X1 - X0))).astype(np.float32)
+
+
+def percentile_stats(low: np.ndarray, mask: np.ndarray, lower: float, upper: float) -> tuple[list[float], list[float]]:
+    """Per-channel robust range over tissue (whole image when there is none)."""
+    lo, hi = [], []
+    for ch in low:
+        values = ch[mask] if mask.any() else ch.ravel()
+        a, b = np.percentile(values, [lower, upper])
+        lo.append(float(a))
+        hi.append(float(b) if b > a else float(a) + 1.0)
+    return lo, hi
+
+
+def normalise(block: np.ndarray, lo: list[float], hi: list[float], dtype: np.dtype) -> np.ndarray:
+    """(C, …) raw values → [0, 1] by the slide's range → integer store dtype (rounded)."""
+    top = np.iinfo(dtype).max
+    lo_a = np.asarray(lo, np.float32).reshape((-1,) + (1,) * (block.ndim - 1))
+    scale = (top / (np.asarray(hi, np.float32) - np.asarray(lo, np.float32))).reshape(lo_a.shape)
+    out = (block.astype(np.float32) - lo_a) * scale
+    np.clip(out, 0, top, out=out)
+    return np.rint(out).astype(dtype)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
 from .errors import InputError
 
@@ -21,9 +21,11 @@ FORMAT = "wsi-damm-patch-store"
 FORMAT_VERSION = 1
 
 
-def _codec(dtype: np.dtype) -> BloscCodec:
-    shuffle = BloscShuffle.bitshuffle if np.dtype(dtype).itemsize > 1 else BloscShuffle.shuffle
-    return BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)
+def _codec(dtype: np.dtype) -> BloscCodec | ZstdCodec:
+    """zstd-1: half the raw size at ~1 GB/s; bit-shuffled first for 16-bit data, where it pays."""
+    if np.dtype(dtype).itemsize > 1:
+        return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle)
+    return ZstdCodec(level=1)
 
 
 def create_patch_store(

@@ -14,6 +14,7 @@ and the result does not depend on the tile size used.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -325,5 +326,5 @@ def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 
     results = []
     for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=not progress or n_slides < 2):
         results.append(write_slide(out_dir, f"{prefix}_{i:03d}", i, cfg, workers, progress))
-    (out_dir / "truth" / "synth_config.json").write_text(__import__("json").dumps(asdict(cfg), indent=2))
+    (out_dir / "truth" / "synth_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return results

@@ -1,8 +1,8 @@
 """`wsi-damm tile`: slides → tissue patches in a zarr patch store, written shard by shard with dask.
 
 The coordinator plans every slide (level, mask, normalisation, grid) and creates the store under a
-temporary name; dask tasks each own a run of whole shards (zarr loses data when two writers share
-a shard), read the union region of their patches once, and mark each shard done. The store is
+temporary name; each dask task owns one whole shard (zarr loses data when two writers share a
+shard), reads each patch row's band once, and marks the shard done. The store is
 moved into place only when every shard is done, so a killed run never looks complete.
 """
 
@@ -35,9 +35,6 @@ from .tiling import (
     tissue_fractions,
     tissue_mask,
 )
-
-TASK_BYTES = 96 * 2**20  # raw bytes one task reads at once: bounds memory per worker
-
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -128,47 +125,27 @@ def _open_cached(spec: SlideSpec):
     return spec.open()
 
 
-def write_shards(store_path: str, shards: tuple[int, ...], plans: tuple[tuple[SlideSpec, LevelChoice, tuple, tuple], ...]) -> int:
-    """Fill whole shards: read the union region of their patches per slide once, cut, normalise."""
+def write_shard(store_path: str, shard: int, plans: tuple[tuple[SlideSpec, LevelChoice, tuple, tuple], ...]) -> int:
+    """Fill one whole shard: per patch row, read the row's band once, normalise, cut patches."""
     root = zarr.open_group(store_path, mode="r+")
-    images, done = root["images"], root["shard_done"]
+    images = root["images"]
     s = int(root.attrs["shard_patches"])
     n, _, p, _ = images.shape
-    dtype = images.dtype
-    a, b = shards[0] * s, min((shards[-1] + 1) * s, n)
+    a, b = shard * s, min((shard + 1) * s, n)
     coords = np.asarray(root["coords"][a:b])
-    out = np.empty((b - a,) + images.shape[1:], dtype=dtype)
-    for slide_index in np.unique(coords[:, 0]):
+    out = np.empty((b - a,) + images.shape[1:], dtype=images.dtype)
+    for slide_index, y in np.unique(coords[:, :2], axis=0):
         spec, choice, lo, hi = plans[slide_index]
-        sel = np.nonzero(coords[:, 0] == slide_index)[0]
-        ys, xs = coords[sel, 1], coords[sel, 2]
-        slide = _open_cached(spec)
-        y0, x0 = int(ys.min()), int(xs.min())
-        region = read_scaled(slide, choice, y0, x0, int(ys.max()) + p - y0, int(xs.max()) + p - x0)
-        region = normalise(region, list(lo), list(hi), dtype)
-        for k, y, x in zip(sel, ys - y0, xs - x0):
-            out[k] = region[:, y : y + p, x : x + p]
-    for shard in shards:
-        lo_i, hi_i = shard * s - a, min((shard + 1) * s, n) - a
-        images[a + lo_i : a + hi_i] = out[lo_i:hi_i]
-        done[shard] = 1
-    return len(shards)
-
-
-def _group_shards(todo: list[int], coords: np.ndarray, s: int, patch: int, row_bytes: float) -> list[tuple[int, ...]]:
-    """Runs of consecutive unfinished shards whose union region stays under TASK_BYTES."""
-    groups: list[list[int]] = []
-    for shard in todo:
-        if groups and groups[-1][-1] == shard - 1:
-            a, b = groups[-1][0] * s, min((shard + 1) * s, len(coords))
-            c = coords[a:b]
-            same_slide = c[0, 0] == c[-1, 0]
-            height = c[:, 1].max() - c[:, 1].min() + patch
-            if same_slide and height * row_bytes <= TASK_BYTES:
-                groups[-1].append(shard)
-                continue
-        groups.append([shard])
-    return [tuple(g) for g in groups]
+        row = np.nonzero((coords[:, 0] == slide_index) & (coords[:, 1] == y))[0]
+        x0, x1 = int(coords[row, 2].min()), int(coords[row, 2].max()) + p
+        band = read_scaled(_open_cached(spec), choice, int(y), x0, p, x1 - x0)
+        band = normalise(band, list(lo), list(hi), images.dtype)
+        for k in row:
+            x = coords[k, 2] - x0
+            out[k] = band[:, :, x : x + p]
+    images[a:b] = out
+    root["shard_done"][shard] = 1
+    return 1
 
 
 class _ShardProgress(dask.callbacks.Callback):
@@ -180,7 +157,7 @@ class _ShardProgress(dask.callbacks.Callback):
 
     def _posttask(self, key, result, dsk, state, worker_id) -> None:
         name = key[0] if isinstance(key, tuple) else key
-        if str(name).startswith("write_shards"):
+        if str(name).startswith("write_shard"):
             self.bar.update(int(result))
 
 
@@ -221,14 +198,15 @@ def run_tile(
         n_patches = root["images"].shape[0]
         if n_patches == 0:
             raise InputError(specs[0].paths[0] if len(specs) == 1 else "slides", "no tissue patches found", "check the channels or lower --min-tissue")
-        s = int(root.attrs["shard_patches"])
         done = np.asarray(root["shard_done"][:])
         todo = [int(i) for i in np.nonzero(done == 0)[0]]
-        coords = np.asarray(root["coords"][:])
-        row_bytes = max(p.choice.shape[1] for p in plans) * len(specs[0].channels) * 4
-        groups = _group_shards(todo, coords, s, cfg.patch_size, row_bytes)
         frozen = tuple((p.spec, p.choice, tuple(p.lo), tuple(p.hi)) for p in plans)
-        tasks = [dask.delayed(write_shards, pure=False)(str(partial), g, frozen) for g in groups]
+        # zero-padded key names: dask runs independent tasks in key order, so neighbouring
+        # shards (which share decoded tile rows in the reader's cache) run close in time
+        tasks = [
+            dask.delayed(write_shard, pure=False)(str(partial), shard, frozen, dask_key_name=f"write_shard-{shard:09d}")
+            for shard in todo
+        ]
         with tqdm(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=not progress) as bar:
             _compute(tasks, scheduler, workers, bar)
         if not np.asarray(root["shard_done"][:]).all():

@@ -167,10 +167,25 @@ def percentile_stats(low: np.ndarray, mask: np.ndarray, lower: float, upper: flo
 
 
 def normalise(block: np.ndarray, lo: list[float], hi: list[float], dtype: np.dtype) -> np.ndarray:
-    """(C, …) raw values → [0, 1] by the slide's range → integer store dtype (rounded)."""
+    """(C, …) raw values → [0, 1] by the slide's range → integer store dtype (rounded).
+
+    8/16-bit input goes through a per-channel look-up table (one gather instead of float maths);
+    the table is the same formula evaluated once per possible value.
+    """
     top = np.iinfo(dtype).max
-    lo_a = np.asarray(lo, np.float32).reshape((-1,) + (1,) * (block.ndim - 1))
-    scale = (top / (np.asarray(hi, np.float32) - np.asarray(lo, np.float32))).reshape(lo_a.shape)
-    out = (block.astype(np.float32) - lo_a) * scale
+    if block.dtype in (np.uint8, np.uint16):
+        values = np.arange(np.iinfo(block.dtype).max + 1, dtype=np.float32)
+        out = np.empty(block.shape, dtype)
+        for c in range(block.shape[0]):
+            lut = _scale(values, np.float32(lo[c]), np.float32(hi[c]), top).astype(dtype)
+            np.take(lut, block[c], out=out[c])
+        return out
+    shape = (-1,) + (1,) * (block.ndim - 1)
+    lo_a, hi_a = np.asarray(lo, np.float32).reshape(shape), np.asarray(hi, np.float32).reshape(shape)
+    return _scale(block.astype(np.float32), lo_a, hi_a, top).astype(dtype)
+
+
+def _scale(values: np.ndarray, lo, hi, top: int) -> np.ndarray:
+    out = (values - lo) * (np.float32(top) / (hi - lo))
     np.clip(out, 0, top, out=out)
-    return np.rint(out).astype(dtype)
+    return np.rint(out)

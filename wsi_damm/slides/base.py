@@ -34,19 +34,23 @@ class Slide(ABC):
     dtype: np.dtype
 
     @abstractmethod
-    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Raw (C, h, w) read of an in-bounds region."""
+    def _read(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
+        """Raw (len(channels), h, w) read of an in-bounds region."""
 
     @abstractmethod
     def close(self) -> None: ...
 
-    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """(C, h, w) pixels of `level`, decoder failures reported as InputError naming the file."""
-        c, height, width = self.levels[level].shape
+    def read_region(
+        self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...] | None = None
+    ) -> np.ndarray:
+        """(C, h, w) pixels of `level` (only `channels` if given); decoder failures → InputError."""
+        n_channels, height, width = self.levels[level].shape
+        channels = tuple(range(n_channels)) if channels is None else tuple(channels)
+        c = len(channels)
         if not (0 <= y and 0 <= x and h > 0 and w > 0 and y + h <= height and x + w <= width):
             raise ValueError(f"region y={y} x={x} h={h} w={w} outside level {level} of shape {(height, width)}")
         try:
-            out = self._read(level, y, x, h, w)
+            out = self._read(level, y, x, h, w, channels)
         except InputError:
             raise
         except MemoryError as exc:

@@ -37,12 +37,12 @@ class OpenSlideSlide(Slide):
         self.mpp = float(mpp) if mpp and 0.01 <= float(mpp) <= 100 else None
         self._lock = threading.Lock()
 
-    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def _read(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
         ds = self.levels[level].downsample
         with self._lock:  # an OpenSlide error is sticky; serialise so it is raised once, cleanly
             rgba = np.asarray(self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h)))
         rgb = np.where(rgba[..., 3:4] > 0, rgba[..., :3], 0)  # outside the scanned area: dark, not white
-        return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+        return np.ascontiguousarray(np.moveaxis(rgb, -1, 0)[list(channels)])
 
     def close(self) -> None:
         self._osr.close()

@@ -250,13 +250,16 @@ class RoleSlide(Slide):
             for p, s in self._files.items()
         }
 
-    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        out = np.empty((len(self.spec.channels), h, w), dtype=self.dtype)
+    def _read(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
+        out = np.empty((len(channels), h, w), dtype=self.dtype)
         for p, s in self._files.items():
-            block = s.read_region(self._level_index[p][level], y, x, h, w)
-            for k, (_, ref) in enumerate(self.spec.channels):
-                if ref.path == p:
-                    out[k] = block[ref.index]
+            wanted = [(k, self.spec.channels[ch][1].index) for k, ch in enumerate(channels) if self.spec.channels[ch][1].path == p]
+            if not wanted:
+                continue
+            file_channels = tuple(dict.fromkeys(i for _, i in wanted))  # decode each source channel once
+            block = s.read_region(self._level_index[p][level], y, x, h, w, file_channels)
+            for k, i in wanted:
+                out[k] = block[file_channels.index(i)]
         return out
 
     def close(self) -> None:

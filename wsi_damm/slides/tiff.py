@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
+from collections import OrderedDict
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -39,6 +41,7 @@ class TiffSlide(Slide):
         planes: dict[str, int] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        tile_cache_bytes: int = 128 * 2**20,
     ) -> None:
         self.path = str(path)
         planes = {k.upper(): v for k, v in (planes or {}).items()}
@@ -52,12 +55,12 @@ class TiffSlide(Slide):
         except Exception as exc:
             raise InputError(self.path, f"not a readable TIFF: {type(exc).__name__}: {exc}") from exc
         try:
-            self._setup(series_list, planes, max_bytes, max_chunk_bytes)
+            self._setup(series_list, planes, max_bytes, max_chunk_bytes, tile_cache_bytes)
         except Exception:
             self._tif.close()
             raise
 
-    def _setup(self, series_list: list, planes: dict[str, int], max_bytes: int, max_chunk_bytes: int) -> None:
+    def _setup(self, series_list: list, planes: dict[str, int], max_bytes: int, max_chunk_bytes: int, tile_cache_bytes: int) -> None:
         if not series_list:
             raise InputError(self.path, "TIFF holds no image series (empty or corrupted IFDs)")
         series = series_list[0]
@@ -96,6 +99,11 @@ class TiffSlide(Slide):
         if len(level_series) == 1 and self._tif.is_ome:
             level_series += _pyramid_from_extra_series(series, series_list[1:])
         self._arrays = []
+        self._tile_pages: list[list | None] = []
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._cache_bytes = 0
+        self._cache_limit = tile_cache_bytes
         self.levels = []
         width0 = shape[axes.index("X")]
         for i, lev in enumerate(level_series):
@@ -106,12 +114,16 @@ class TiffSlide(Slide):
                 break
             h, w = lshape[axes.index("Y")], lshape[axes.index("X")]
             self._arrays.append(arr)
+            self._tile_pages.append(_plane_pages(lev, axes, n_channels))
             self.levels.append(Level((n_channels, h, w), width0 / w))
         self.dtype = np.dtype(series.dtype).newbyteorder("=")
         self.channel_names = _channel_names(self._tif, series, n_channels, self._channel_axis)
         self.mpp = _mpp(self._tif, series)
 
-    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def _read(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
+        pages = self._tile_pages[level]
+        if pages is not None:
+            return self._read_tiles(level, pages, channels, y, x, h, w)
         index = []
         for a in self._axes:
             if a == "Y":
@@ -128,10 +140,65 @@ class TiffSlide(Slide):
             out = out[None]
             kept = ["C"] + kept
         out = np.transpose(out, [kept.index(self._channel_axis or "C"), kept.index("Y"), kept.index("X")])
-        return np.ascontiguousarray(out, dtype=self.dtype)
+        return np.ascontiguousarray(out[list(channels)], dtype=self.dtype)
+
+    def _read_tiles(self, level: int, pages: list, channels: tuple[int, ...], y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Decode just the tiles under the region, in the calling thread, through a small cache.
+
+        zarr's synchronous API funnels every store read through one event-loop thread, which
+        serialises decoding across dask workers; decoding here runs workers in parallel
+        (imagecodecs releases the GIL). The cache keeps the tile rows that neighbouring,
+        overlapping patch rows share, so each tile is decoded about once.
+        """
+        key = pages[0].keyframe
+        th, tw = key.tilelength, key.tilewidth
+        per_row = -(-key.imagewidth // tw)
+        out = np.empty((len(channels), h, w), self.dtype)
+        for k, c in enumerate(channels):
+            for ty in range(y // th, (y + h - 1) // th + 1):
+                for tx in range(x // tw, (x + w - 1) // tw + 1):
+                    tile = self._tile(level, c, pages[c], ty * per_row + tx)
+                    ya, xa = max(y, ty * th), max(x, tx * tw)
+                    yb, xb = min(y + h, (ty + 1) * th), min(x + w, (tx + 1) * tw)
+                    out[k, ya - y : yb - y, xa - x : xb - x] = tile[ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw]
+        return out
+
+    def _tile(self, level: int, channel: int, page, index: int) -> np.ndarray:
+        cache_key = (level, channel, index)
+        with self._cache_lock:
+            tile = self._cache.get(cache_key)
+            if tile is not None:
+                self._cache.move_to_end(cache_key)
+                return tile
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+        tile = page.keyframe.decode(data, index)[0][0, :, :, 0]
+        with self._cache_lock:
+            self._cache[cache_key] = tile
+            self._cache_bytes += tile.nbytes
+            while self._cache_bytes > self._cache_limit and self._cache:
+                self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return tile
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _plane_pages(level_series, axes: str, n_channels: int) -> list | None:
+    """Pages of a tiled one-plane-per-channel level (OME-TIFF / QPTIFF), else None (use zarr)."""
+    if axes not in ("CYX", "IYX", "QYX", "YX"):
+        return None
+    pages = list(level_series.pages)
+    if len(pages) != n_channels or any(p is None for p in pages):
+        return None
+    key = pages[0].keyframe
+    if not key.is_tiled or key.samplesperpixel != 1 or key.imagedepth > 1:
+        return None
+    if any(p.keyframe.shape != key.shape or len(p.dataoffsets) != len(key.dataoffsets) for p in pages):
+        return None
+    return pages
 
 
 def _check_chunk_size(path: str, series, max_chunk_bytes: int) -> None:

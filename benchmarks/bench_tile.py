@@ -1,0 +1,104 @@
+"""Tiling throughput vs a raw in-memory decode of the same level (tifffile), same run.
+
+Both sides run in their own fresh subprocess so each peak RSS is its own. Throughput is level
+megapixels per second of wall time: for tiling, the whole `tile` job (plan, mask, read, normalise,
+compress, write) over the slide's area.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would carry the parent's peak across fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(kind: str, slide: str, out: str) -> None:
+    import tifffile
+
+    from wsi_damm.slides import specs_from_paths
+    from wsi_damm.tile import TileConfig, run_tile
+
+    t0 = time.perf_counter()
+    if kind == "reference":
+        arr = tifffile.imread(slide, level=0)
+        pixels = arr.shape[1] * arr.shape[2]
+    else:
+        specs = specs_from_paths([slide], {})
+        store = run_tile(specs, out, TileConfig(patch_size=256, overlap=64), progress=False)
+        h, w = store.slides[0]["shape"]
+        pixels = h * w
+    seconds = time.perf_counter() - t0
+    rss = _peak_rss_mb()
+    print(json.dumps({"seconds": seconds, "mpx": pixels / 1e6, "peak_rss_mb": rss}))
+
+
+def _measure(kind: str, slide: Path, out: Path) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--worker", kind, str(slide), str(out)], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="4096² instead of 16384²")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--keep", type=Path, help="reuse/keep the synthetic slide in this folder")
+    args = ap.parse_args()
+    if args.worker:
+        _worker(*args.worker)
+        return
+    size = 4096 if args.quick else 16384
+    work = Path(tempfile.mkdtemp(prefix="bench_tile."))
+    data = args.keep or work
+    slide = data / "synth_000.ome.tif"
+    try:
+        if not slide.exists():
+            from wsi_damm.synth import SynthConfig, write_slides
+
+            write_slides(data, 1, SynthConfig(size=size, seed=1), progress=False)
+        ref = _measure("reference", slide, work / "unused")
+        ours = _measure("ours", slide, work / "st.zarr")
+        raw_mb = 3 * size * size * 2 / 2**20
+        ours_tp, ref_tp = ours["mpx"] / ours["seconds"], ref["mpx"] / ref["seconds"]
+        import torch
+
+        print(json.dumps({
+            "name": "tile_throughput_vs_raw_decode",
+            "unit": "level megapixels / s",
+            "slide": f"{size}x{size}x3 uint16 OME-TIFF (zlib, 256 px tiles)",
+            "ours": round(ours_tp, 2),
+            "reference": round(ref_tp, 2),
+            "ratio": round(ours_tp / ref_tp, 3),
+            "target_ratio": 0.7,
+            "seconds_ours": round(ours["seconds"], 2),
+            "seconds_reference": round(ref["seconds"], 2),
+            "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
+            "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
+            "raw_array_mb": round(raw_mb, 1),
+            "rss_ratio_to_raw": round(ours["peak_rss_mb"] / raw_mb, 3),
+            "target_rss_ratio": 1 / 3,
+            "cores": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+        }, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

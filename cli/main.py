@@ -103,14 +103,70 @@ def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_t
     click.echo(f"{out}: {s['patches']} patches of {s['patch_size']} px ({', '.join(s['roles'])}) from {len(s['patches_per_slide'])} slide(s), {s['disk_mb']} MB")
 
 
+def _flags(**groups: dict) -> dict:
+    """Nested overrides from flags that were actually given (None = not given)."""
+    return {section: {k: v for k, v in values.items() if v is not None} for section, values in groups.items() if any(v is not None for v in values.values())}
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML overrides ([model], [train], …).")
+@click.option("--stage", default="all", type=click.Choice(["autoencoder", "diffusion", "all"]))
+@click.option("--steps", type=click.IntRange(1), help="Diffusion training steps.")
+@click.option("--epochs", type=click.IntRange(1), help="Diffusion epochs (instead of --steps).")
+@click.option("--ae-steps", type=click.IntRange(0), help="Autoencoder training steps.")
+@click.option("--batch-size", type=click.IntRange(1))
+@click.option("--lr", type=float)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the U-Net.")
+@click.option("--val-fraction", type=float, help="Share of slides held out for validation.")
+@click.option("--val-slides", help="Comma-separated slide ids to hold out.")
+@click.option("--checkpoint-every", type=click.IntRange(1))
+@click.option("--seed", type=int)
+@click.option("--no-mmfm", is_flag=True, default=None, help="Ablation: concat + 1×1 conv instead of MMFM.")
+@click.option("--fusion", type=click.Choice(["uafm", "cross-attention"]), help="Ablation: plain cross-attention.")
+@click.option("--no-dammp", is_flag=True, default=None, help="Ablation: always use the multi-modal branch.")
+@click.option("--uni-branch", type=click.Choice(["vessels", "nuclei"]), help="Modality of the uni-modal branch.")
+@click.option("--gamma", type=float, help="DAMMP divergence threshold γ.")
+@click.option("--no-dfl", is_flag=True, default=None, help="Ablation: no divergence feedback loss.")
+@click.option("--warmup-fraction", type=float, help="Share of steps trained before the gate is used.")
+@click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
+@click.option("--quiet", is_flag=True)
+def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, compile_, val_fraction,
+          val_slides, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, resume, quiet) -> None:
+    """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
+    from wsi_damm.config import resolve
+    from wsi_damm.train import run_training
+
+    flags = _flags(
+        train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "amp": amp,
+               "compile": compile_, "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
+               "val_slides": tuple(v.strip() for v in val_slides.split(",")) if val_slides else None},
+        autoencoder={"steps": ae_steps},
+        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch},
+        damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction},
+    )
+    cfg = resolve(preset, config_file, flags)
+    run = run_training(store, out, cfg, stage, resume, not quiet)
+    click.echo(f"{run.path}: trained ({stage}); weights {run.unet.name if run.unet.exists() else 'autoencoders only'}, metrics {run.metrics.name}, plot loss.png")
+
+
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(path: Path, as_json: bool) -> None:
-    """Describe a patch store."""
+    """Describe a patch store or a training run directory."""
     from wsi_damm.store import PatchStore
 
-    summary = PatchStore.open(path, require_complete=False).summary()
+    if (path / "config.json").exists():
+        from wsi_damm.run_info import run_summary
+
+        summary = run_summary(path)
+    else:
+        summary = PatchStore.open(path, require_complete=False).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -35,3 +35,47 @@ def fixture(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared fixture {rel} not available")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_store(synth_dir, tmp_path_factory) -> Path:
+    """A small 64-px patch store at 2 µm/px from the two synthetic slides (~200 patches)."""
+    out = tmp_path_factory.mktemp("store") / "small.zarr"
+    slides = sorted(str(p) for p in synth_dir.glob("*.ome.tif"))
+    res = run_cli("tile", *slides, "--out", str(out), "--patch-size", "64", "--overlap", "16", "--mpp", "2.0", "--quiet")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+TINY_TOML = """
+[autoencoder]
+factor = 4
+latent_channels = 2
+channels = [8, 16]
+steps = 8
+batch_size = 8
+
+[model]
+channels = [8, 16]
+res_blocks = 1
+heads = 2
+
+[train]
+steps = 6
+batch_size = 4
+val_every = 3
+log_every = 1
+checkpoint_every = 3
+ema_decay = 0.9
+lr_warmup_steps = 1
+
+[damm]
+warmup_fraction = 0.5
+"""
+
+
+@pytest.fixture()
+def tiny_toml(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path

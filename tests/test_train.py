@@ -1,0 +1,119 @@
+"""Training runs: outputs, exact resume, DDP on two CPU ranks, safe and clear loading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wsi_damm.config import resolve
+from wsi_damm.errors import InputError
+from wsi_damm.train import RunDir, run_training
+
+from .conftest import run_cli
+
+
+def _metrics(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_cli_writes_a_complete_run(small_store, tiny_toml, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("train", str(small_store), "--out", str(out), "--config", str(tiny_toml), "--steps", "12", "--quiet")
+    assert res.returncode == 0, res.stderr
+    for name in ("config.json", "unet_ema.safetensors", "unet.safetensors", "metrics.csv", "loss.png",
+                 "autoencoder_vessels.safetensors", "autoencoder_nuclei.safetensors", "autoencoder_target.safetensors"):
+        assert (out / name).exists(), name
+    assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.pth"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["patch_size"] == 64 and cfg["train"]["steps"] == 12 and cfg["model"]["channels"] == [8, 16]
+    vals = [float(r["val_loss"]) for r in _metrics(out) if r["val_loss"]]
+    assert len(vals) == 4 and vals[-1] < vals[0]
+    info = json.loads(run_cli("info", str(out), "--json").stdout)
+    assert info["steps_done"] == 12 and info["finished"] and info["parameters"]["total"] > 0
+
+
+def test_resume_continues_on_the_same_curve(small_store, tiny_toml, tmp_path):
+    cfg = resolve("tiny", tiny_toml)
+    full = run_training(small_store, tmp_path / "full", cfg, progress=False)
+    part = tmp_path / "part"
+    run_training(small_store, part, cfg, progress=False, stop_after=3)
+    assert (part / "checkpoints" / "state.pt").exists() and not (part / "unet_ema.safetensors").exists()
+    run_training(small_store, part, cfg, resume=True, progress=False)
+    a, b = load_file(str(full.unet)), load_file(str(RunDir(part).unet))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]  # noqa: E731
+    assert strip(_metrics(full.path)) == strip(_metrics(part))
+
+
+def test_two_rank_gloo_ddp_keeps_ranks_identical(small_store, tiny_toml, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "wsi_damm_cli.main", "train", str(small_store), "--out", str(out), "--config", str(tiny_toml), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = json.loads((out / "training_state.json").read_text())
+    sums = state["ddp_param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert state["world_size"] == 2 and (out / "unet_ema.safetensors").exists()
+
+
+def test_truncated_weights_are_a_clear_error(small_store, tiny_toml, tmp_path):
+    cfg = resolve("tiny", tiny_toml)
+    run = run_training(small_store, tmp_path / "r", cfg, stage="autoencoder", progress=False)
+    path = run.autoencoder("nuclei")
+    path.write_bytes(path.read_bytes()[:100])
+    res = run_cli("train", str(small_store), "--out", str(run.path), "--config", str(tiny_toml), "--stage", "diffusion")
+    assert res.returncode == 2 and "autoencoder_nuclei.safetensors" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_malicious_pickle_is_refused_without_running(small_store, tiny_toml, tmp_path):
+    cfg = resolve("tiny", tiny_toml)
+    run = run_training(small_store, tmp_path / "m", cfg, progress=False, stop_after=3)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (run.ckpt / "state.pt").write_bytes(pickle.dumps({"step": Evil()}))
+    with pytest.raises(InputError, match="refused to load"):
+        run_training(small_store, run.path, cfg, resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_store_with_other_patch_size_is_refused(small_store, synth_dir, tiny_toml, tmp_path):
+    cfg = resolve("tiny", tiny_toml)
+    run = run_training(small_store, tmp_path / "p", cfg, stage="autoencoder", progress=False)
+    other = tmp_path / "other.zarr"
+    slide = str(sorted(synth_dir.glob("*.ome.tif"))[0])
+    assert run_cli("tile", slide, "--out", str(other), "--patch-size", "128", "--overlap", "0", "--mpp", "2.0", "--quiet").returncode == 0
+    res = run_cli("train", str(other), "--out", str(run.path), "--config", str(tiny_toml))
+    assert res.returncode == 2 and "64-px" in res.stderr and "128-px" in res.stderr
+
+
+def test_validation_split_is_by_slide(small_store):
+    from wsi_damm.store import PatchStore
+    from wsi_damm.training_data import split_by_slide
+
+    store = PatchStore.open(small_store)
+    tr, va = split_by_slide(store, 0.5, (), seed=0)
+    slides = store.coords[:, 0]
+    assert set(slides[tr]).isdisjoint(set(slides[va])) and len(va) > 0
+    ids = [s["slide_id"] for s in store.slides]
+    tr, va = split_by_slide(store, 0.2, (ids[1],), seed=0)
+    assert set(slides[va]) == {1} and set(slides[tr]) == {0}
+    with pytest.raises(InputError, match="not in the store"):
+        split_by_slide(store, 0.2, ("nope",), seed=0)
+    assert np.intersect1d(tr, va).size == 0

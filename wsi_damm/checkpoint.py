@@ -1,0 +1,67 @@
+"""Checkpoints without pickled code: weights in safetensors, the rest in weights_only-loadable files.
+
+Every file is written to a temporary name and renamed, so a kill never leaves a torn checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import InputError
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(path: Path, module_or_state, metadata: dict | None = None) -> None:
+    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_weights(path: Path, module: torch.nn.Module | None = None, device: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "weights file is missing", "train this stage first, or point to the right run directory")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(path, f"is not a readable safetensors file ({exc})", "the checkpoint is truncated or corrupt; retrain or restore it") from exc
+    if module is not None:
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise InputError(path, f"does not fit this model configuration: {first}") from exc
+    return state
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Optimiser / RNG / step: tensors and plain containers only, so `weights_only=True` loads it."""
+    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for crafted files, EOFError for torn ones
+        raise InputError(path, f"refused to load training state: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                         "only tensors and plain values are accepted; restart without --resume") from exc
+
+
+def save_json(path: Path, data: dict) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))

@@ -1,0 +1,182 @@
+"""Configuration of a training run: dataclasses, presets, JSON round trip, TOML overrides.
+
+Precedence: preset < `--config file.toml` < command-line flags. The resolved config is saved as
+`config.json` in the run directory and is what every later stage reads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+from .errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    factor: int = 4
+    latent_channels: int = 4
+    channels: tuple[int, ...] = (16, 32)
+    kl_weight: float = 1e-6
+    ssim_weight: float = 0.0
+    steps: int = 300
+    batch_size: int = 12
+    lr: float = 2e-3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: tuple[int, ...] = (32, 64, 128)
+    res_blocks: int = 1
+    heads: int = 4
+    dropout: float = 0.0
+    mmfm: bool = True
+    fusion: str = "uafm"  # or "cross-attention"
+    confidence_input: str = "both"  # "uni" = authors' code: κ from the vessels feature only
+    mmfm_reduction: int = 4
+    uni_branch: str = "vessels"  # "nuclei": paper Tab. 4
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "scaled_linear"
+    T: int = 1000
+    beta_start: float = 0.002
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class DammConfig:
+    dammp: bool = True
+    gamma: float = 0.5
+    dfl: bool = True
+    alpha: float = 1e-4
+    beta: float = 0.1
+    warmup_fraction: float = 0.4  # authors: 80 of 200 epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    epochs: int | None = None  # when set, overrides steps: epochs × (training patches // batch)
+    batch_size: int = 16
+    lr: float = 5e-4
+    lr_schedule: str = "cosine"  # or "constant"
+    lr_warmup_steps: int = 50
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    amp: bool = False  # bf16 autocast (on CUDA; on CPU only where bf16 is fast)
+    channels_last: bool = True
+    compile: bool = False
+    val_fraction: float = 0.2
+    val_slides: tuple[str, ...] = ()
+    val_every: int = 100
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    damm: DammConfig = field(default_factory=DammConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "tiny"
+    patch_size: int | None = None  # filled from the store
+    roles: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        return _build(cls, data, "config")
+
+
+PRESETS: dict[str, RunConfig] = {
+    "tiny": RunConfig(),
+    "paper": RunConfig(
+        autoencoder=AutoencoderConfig(factor=16, latent_channels=8, channels=(64, 128, 256, 256, 512), steps=20000, batch_size=16, lr=1e-4),
+        model=ModelConfig(channels=(64, 128, 256, 512), res_blocks=2, heads=8),
+        train=TrainConfig(steps=200000, batch_size=32, lr=1e-4, ema_decay=0.9999, val_every=1000, checkpoint_every=5000, log_every=50),
+        preset="paper",
+    ),
+}
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InputError(where, f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        default = getattr(cls(), name) if name != "patch_size" else None
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise InputError(where, f"[{name}] must be a table")
+            value = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def merge(base: RunConfig, overrides: dict, where: str) -> RunConfig:
+    """Apply a nested dict of overrides (from TOML or flags) on top of `base`."""
+    out = base
+    for key, value in overrides.items():
+        current = getattr(out, key, None) if hasattr(out, key) else None
+        if key not in {f.name for f in fields(RunConfig)}:
+            raise InputError(where, f"unknown section {key!r}")
+        if is_dataclass(current) and isinstance(value, dict):
+            merged = {**asdict(current), **value}
+            out = replace(out, **{key: _build(type(current), merged, f"{where}.{key}")})
+        else:
+            out = replace(out, **{key: tuple(value) if isinstance(value, list) else value})
+    return out
+
+
+def resolve(preset: str, toml_path: Path | None = None, flags: dict | None = None) -> RunConfig:
+    if preset not in PRESETS:
+        raise InputError("--preset", f"unknown preset {preset!r}; choose {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    if toml_path is not None:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InputError(toml_path, f"cannot read TOML config: {exc}") from exc
+        cfg = merge(cfg, data, str(toml_path))
+    if flags:
+        cfg = merge(cfg, flags, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    m, d = cfg.model, cfg.damm
+    if m.fusion not in ("uafm", "cross-attention"):
+        raise InputError("--fusion", f"must be uafm or cross-attention, got {m.fusion!r}")
+    if m.uni_branch not in ("vessels", "nuclei"):
+        raise InputError("--uni-branch", f"must be vessels or nuclei, got {m.uni_branch!r}")
+    if m.confidence_input not in ("both", "uni"):
+        raise InputError("confidence_input", f"must be both or uni, got {m.confidence_input!r}")
+    if not 0 < d.gamma < 1:
+        raise InputError("--gamma", f"must be in (0, 1), got {d.gamma}")
+    if cfg.autoencoder.factor not in (1, 2, 4, 8, 16):
+        raise InputError("autoencoder.factor", f"must be 1, 2, 4, 8 or 16, got {cfg.autoencoder.factor}")
+    if cfg.train.steps <= 0 or cfg.train.batch_size <= 0:
+        raise InputError("--steps/--batch-size", "must be positive")

@@ -1,0 +1,1 @@
+"""Noise schedule, DAMM gate and losses. The schedule never imports a model."""

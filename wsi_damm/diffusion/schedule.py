@@ -1,0 +1,46 @@
+"""Discrete noise schedules (T steps) and the forward process q(z_t | z_0)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """ᾱ_t for t = 0 … T−1 (float64 on CPU: coefficients are looked up, then cast)."""
+
+    alphas_cumprod: torch.Tensor
+
+    @property
+    def T(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @classmethod
+    def make(cls, kind: str = "scaled_linear", T: int = 1000, beta_start: float = 0.002, beta_end: float = 0.02) -> "NoiseSchedule":
+        """`scaled_linear` (authors' default: linspace(√β0, √β1, T)²), `linear`, or `cosine`."""
+        if kind == "scaled_linear":
+            betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64) ** 2
+        elif kind == "linear":
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        elif kind == "cosine":  # Nichol & Dhariwal 2021, s = 0.008, β clipped at 0.999
+            s = 0.008
+            steps = torch.arange(T + 1, dtype=torch.float64) / T
+            f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:
+            raise ValueError(f"unknown schedule {kind!r}; use scaled_linear, linear or cosine")
+        return cls(torch.cumprod(1 - betas, dim=0))
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1−ᾱ_t)) shaped to broadcast over `like` (B, …)."""
+        a = self.alphas_cumprod[t.cpu()].to(device=like.device, dtype=like.dtype)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
+
+    def q_sample(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε."""
+        a, s = self.coefficients(t, z0)
+        return a * z0 + s * noise

@@ -1,0 +1,1 @@
+"""Networks: per-modality autoencoders and the two-branch DAMM U-Net. No I/O here."""

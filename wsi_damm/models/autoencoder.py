@@ -1,0 +1,81 @@
+"""Per-modality KL autoencoder: image (1, P, P) in [-1, 1] ↔ latent (c, P/f, P/f).
+
+f = 1 is the identity (pixel-space diffusion, used in tests). No perceptual loss (it would need
+downloaded weights): L1 + a small KL weight, optionally + (1 − SSIM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Downsample, ResBlock, Upsample, group_norm
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64)) -> None:
+        super().__init__()
+        if factor not in (1, 2, 4, 8, 16):
+            raise ValueError(f"downsampling factor must be 1, 2, 4, 8 or 16, got {factor}")
+        self.factor = factor
+        self.latent_channels = 1 if factor == 1 else latent_channels
+        self.register_buffer("scale", torch.ones(()))  # latents × scale have unit variance
+        if factor == 1:
+            return
+        levels = int(math.log2(factor))
+        chs = [channels[min(i, len(channels) - 1)] for i in range(levels + 1)]
+        # resolution drops before width grows: full-resolution layers stay thin (CPU-friendly)
+        enc: list[nn.Module] = [nn.Conv2d(1, chs[0], 3, padding=1)]
+        for i in range(levels):
+            enc += [Downsample(chs[i]), ResBlock(chs[i], chs[i + 1])]
+        enc += [ResBlock(chs[-1], chs[-1]), group_norm(chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * latent_channels, 3, padding=1)]
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.Conv2d(latent_channels, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1])]
+        for i in reversed(range(levels)):
+            dec += [ResBlock(chs[i + 1], chs[i]), Upsample(chs[i])]
+        dec += [group_norm(chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 1, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.factor == 1:
+            return x, torch.full_like(x, -30.0)
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic scaled latent (the posterior mean), what the diffusion model sees."""
+        return self.moments(x)[0] * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z / self.scale
+        return z if self.factor == 1 else self.decoder(z)
+
+    def loss(self, x: torch.Tensor, kl_weight: float, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mean, logvar = self.moments(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        recon = self.decoder(z)
+        l1 = (recon - x).abs().mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        total = l1 + kl_weight * kl
+        stats = {"l1": l1.detach(), "kl": kl.detach()}
+        if ssim_weight > 0:
+            s = ssim_torch((recon + 1) / 2, (x + 1) / 2)
+            total = total + ssim_weight * (1 - s)
+            stats["ssim"] = s.detach()
+        return total, stats
+
+
+def ssim_torch(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5, c1: float = 1e-4, c2: float = 9e-4) -> torch.Tensor:
+    """Mean SSIM of images in [0, 1] with an 11-tap Gaussian window (valid region), differentiable."""
+    r = 5
+    g = torch.exp(-(torch.arange(-r, r + 1, dtype=a.dtype, device=a.device) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    win = (g[:, None] * g[None, :])[None, None].expand(a.shape[1], 1, -1, -1)
+    f = lambda x: F.conv2d(x, win, groups=a.shape[1])  # noqa: E731
+    mu_a, mu_b = f(a), f(b)
+    va, vb, cov = f(a * a) - mu_a**2, f(b * b) - mu_b**2, f(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return s.mean()

@@ -1,0 +1,39 @@
+"""Summary of a training run directory for `wsi-damm info RUN_DIR`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .train import RunDir, _read_csv, build_autoencoder, build_unet, load_run_config
+
+AUTHORS_UNET_PARAMS = 112_800_000  # measured from the authors' code (paper preset)
+
+
+def run_summary(path: Path) -> dict:
+    run = RunDir(path)
+    cfg = load_run_config(run)
+    counts = build_unet(cfg).parameter_counts()
+    ae_params = sum(p.numel() for p in build_autoencoder(cfg).parameters())
+    rows = _read_csv(run.metrics)
+    state = json.loads(run.state.read_text()) if run.state.exists() else {}
+    last_val = next((r for r in reversed(rows) if r.get("val_loss") not in ("", None)), {})
+    summary = {
+        "path": str(run.path),
+        "preset": cfg.preset,
+        "patch_size": cfg.patch_size,
+        "roles": list(cfg.roles),
+        "parameters": counts,
+        "autoencoder_parameters_each": ae_params,
+        "steps_planned": cfg.train.steps,
+        "steps_done": int(rows[-1]["step"]) if rows else 0,
+        "last_val_loss": last_val.get("val_loss"),
+        "finished": run.unet.exists(),
+        "ablations": {"mmfm": cfg.model.mmfm, "fusion": cfg.model.fusion, "dammp": cfg.damm.dammp, "dfl": cfg.damm.dfl,
+                      "uni_branch": cfg.model.uni_branch, "gamma": cfg.damm.gamma},
+    }
+    if cfg.preset == "paper":
+        summary["authors_unet_parameters"] = AUTHORS_UNET_PARAMS
+    if "ddp_param_checksums" in state:
+        summary["ddp_param_checksums"] = state["ddp_param_checksums"]
+    return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -84,19 +85,9 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches,
          plane, scheduler, workers, max_slide_gb, resume, overwrite, quiet) -> None:
     """Cut slides into tissue-only, overlapping, normalised patches in a zarr patch store."""
-    from wsi_damm.slides import parse_channel_map, specs_from_manifest, specs_from_paths
     from wsi_damm.tile import TileConfig, run_tile
 
-    if bool(slides) == bool(manifest):
-        raise InputError(None, "give slide files or --manifest (exactly one of them)")
-    max_bytes = int(max_slide_gb * 2**30)
-    planes = _planes(plane)
-    if manifest:
-        if channels:
-            raise InputError("--channels", "cannot be combined with --manifest (the manifest names the channels)")
-        specs = specs_from_manifest(manifest, planes=planes, max_bytes=max_bytes)
-    else:
-        specs = specs_from_paths(list(slides), parse_channel_map(channels), planes=planes, max_bytes=max_bytes)
+    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb)
     cfg = TileConfig(patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches)
     store = run_tile(specs, out, cfg, scheduler, workers, resume, overwrite, not quiet)
     s = store.summary()
@@ -152,6 +143,79 @@ def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch
     cfg = resolve(preset, config_file, flags)
     run = run_training(store, out, cfg, stage, resume, not quiet)
     click.echo(f"{run.path}: trained ({stage}); weights {run.unet.name if run.unet.exists() else 'autoencoders only'}, metrics {run.metrics.name}, plot loss.png")
+
+
+def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",)):
+    from wsi_damm.slides import parse_channel_map, specs_from_manifest, specs_from_paths
+
+    if bool(slides) == bool(manifest):
+        raise InputError(None, "give slide files or --manifest (exactly one of them)")
+    max_bytes = int(max_slide_gb * 2**30)
+    planes = _planes(plane)
+    if manifest:
+        if channels:
+            raise InputError("--channels", "cannot be combined with --manifest (the manifest names the channels)")
+        return specs_from_manifest(manifest, required=required, planes=planes, max_bytes=max_bytes)
+    return specs_from_paths(list(slides), parse_channel_map(channels), required=required, planes=planes, max_bytes=max_bytes)
+
+
+BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Prediction store to create (.zarr).")
+@click.option("--manifest", type=click.Path(path_type=Path))
+@click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI (nuclei optional).")
+@click.option("--plane", multiple=True)
+@click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="dpm++ = DPM-Solver++(2M).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
+@click.option("--eta", default=0.0, type=float, help="DDIM η (the authors' code used 1).")
+@click.option("--batch-size", default=16, type=click.IntRange(1))
+@click.option("--seed", default=0, type=int)
+@click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
+@click.option("--min-tissue", default=0.05, type=float)
+@click.option("--shard-patches", default=64, type=click.IntRange(1), help="Patches per shard (unit of resume).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--amp", is_flag=True, help="bf16 autocast.")
+@click.option("--max-slide-gb", default=256.0, type=float)
+@click.option("--stitch/--no-stitch", "do_stitch", default=True, help="Also write the whole-slide map.")
+@click.option("--map", "map_path", type=click.Path(path_type=Path), help="Map path (default: OUT with .ome.zarr).")
+@click.option("--blend", default="gaussian", type=BLENDS)
+@click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
+@click.option("--resume", is_flag=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def predict(run_dir, slides, out, manifest, channels, plane, sampler, steps, eta, batch_size, seed, overlap, min_tissue, shard_patches,
+            device, amp, max_slide_gb, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
+    """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
+    from wsi_damm.predict import PredictConfig, run_predict
+    from wsi_damm.stitch import run_stitch
+
+    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb)
+    cfg = PredictConfig(sampler, steps, eta, "logsnr", batch_size, seed, overlap, min_tissue, amp, device, shard_patches)
+    store = run_predict(run_dir, specs, out, cfg, resume, overwrite, not quiet)
+    click.echo(f"{out}: {len(store)} patches predicted ({sampler}, {cfg.n_steps} steps)")
+    if do_stitch and int(os.environ.get("RANK", "0")) == 0:
+        target = map_path or out.with_name(out.name.removesuffix(".zarr") + ".ome.zarr")
+        for path in run_stitch(out, target, blend, tiff, progress=not quiet):
+            click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
+
+
+@cli.command()
+@click.argument("pred_store", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="MAP.ome.zarr (a folder of maps for many slides).")
+@click.option("--blend", default="gaussian", type=BLENDS)
+@click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
+@click.option("--workers", type=click.IntRange(1))
+@click.option("--quiet", is_flag=True)
+def stitch(pred_store, out, blend, tiff, workers, quiet) -> None:
+    """Blend overlapping patch predictions into whole-slide maps (OME-Zarr, optional OME-TIFF)."""
+    from wsi_damm.stitch import run_stitch
+
+    for path in run_stitch(pred_store, out, blend, tiff, workers, not quiet):
+        click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
 
 
 @cli.command()

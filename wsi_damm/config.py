@@ -94,8 +94,12 @@ class RunConfig:
     damm: DammConfig = field(default_factory=DammConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "tiny"
-    patch_size: int | None = None  # filled from the store
+    patch_size: int | None = None  # filled from the store: prediction tiles slides the same way
     roles: tuple[str, ...] = ()
+    mpp: float | None = None
+    level: int | None = None
+    store_dtype: str = "uint8"
+    percentiles: tuple[float, float] = (0.5, 99.8)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -44,15 +44,16 @@ def pyramid_shapes(height: int, width: int, min_size: int = 512) -> list[tuple[i
     return shapes
 
 
-def build_pyramid(group: zarr.Group, base: str, min_size: int = 512) -> list[zarr.Array]:
-    """Add levels `base/1`, `base/2`, … below the array `base/0`, streamed block by block."""
-    levels = [group[f"{base}/0"]]
+def build_pyramid(group: zarr.Group, base: str = "", min_size: int = 512, dimension_names: tuple[str, ...] | None = None) -> list[zarr.Array]:
+    """Add levels `base/1`, `base/2`, … (or `1`, `2`, … at the root) below level 0, block by block."""
+    name = lambda i: f"{base}/{i}" if base else str(i)  # noqa: E731
+    levels = [group[name(0)]]
     c, h, w = levels[0].shape
     for i, (lh, lw) in enumerate(pyramid_shapes(h, w, min_size)[1:], start=1):
         src = levels[-1]
         dst = group.create_array(
-            f"{base}/{i}", shape=(c, lh, lw), dtype=src.dtype, chunks=(1, min(256, lh), min(256, lw)),
-            compressors=fast_codec(src.dtype), fill_value=0,
+            name(i), shape=(c, lh, lw), dtype=src.dtype, chunks=(1, min(256, lh), min(256, lw)),
+            compressors=fast_codec(src.dtype), fill_value=0, dimension_names=dimension_names,
         )
         for y in range(0, src.shape[1], BLOCK):
             for x in range(0, src.shape[2], BLOCK):
@@ -63,10 +64,10 @@ def build_pyramid(group: zarr.Group, base: str, min_size: int = 512) -> list[zar
     return levels
 
 
-def _tiles(level: zarr.Array, tile: int) -> Iterator[np.ndarray]:
+def _tiles(level: zarr.Array, tile: int, channels: list[int]) -> Iterator[np.ndarray]:
     """Tiles in TIFF order (channel, row, column), read one band of rows at a time."""
-    c, h, w = level.shape
-    for ch in range(c):
+    _, h, w = level.shape
+    for ch in channels:
         for y in range(0, h, tile):
             band = np.asarray(level[ch, y : y + tile, :])
             for x in range(0, w, tile):
@@ -84,11 +85,13 @@ def write_ome_tiff(
     tile: int = 256,
     compression: str = "zlib",
     level: int = 4,
+    channels: list[int] | None = None,
 ) -> None:
     """Tiled pyramidal OME-TIFF (SubIFDs) from zarr levels; written to a temp name, then renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    c, h, w = levels[0].shape
+    channels = list(range(levels[0].shape[0])) if channels is None else list(channels)
+    c, h, w = len(channels), levels[0].shape[1], levels[0].shape[2]
     dtype = np.dtype(levels[0].dtype)
     metadata: dict = {"axes": "CYX", "Channel": {"Name": list(channel_names)}}
     resolution = None
@@ -104,12 +107,34 @@ def write_ome_tiff(
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             tif.write(
-                _tiles(levels[0], tile), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
+                _tiles(levels[0], tile, channels), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
                 metadata=metadata, **opts,
             )
             for i, lev in enumerate(levels[1:], start=1):
                 res = (1e4 / (mpp * 2**i),) * 2 if mpp else None
-                tif.write(_tiles(lev, tile), shape=lev.shape, subfiletype=1, resolution=res, metadata=None, **opts)
+                tif.write(_tiles(lev, tile, channels), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ome_zarr_attrs(name: str, n_levels: int, mpp: float | None, channels: list[dict]) -> dict:
+    """`ome` attributes of an OME-Zarr 0.5 image: multiscales (c/y/x, µm when known) + omero."""
+    unit = {"unit": "micrometer"} if mpp else {}
+    px = mpp or 1.0
+    return {
+        "version": "0.5",
+        "multiscales": [{
+            "name": name,
+            "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
+            "datasets": [{"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1.0, px * 2**i, px * 2**i]}]}
+                         for i in range(n_levels)],
+            "type": "local_mean",
+        }],
+        "omero": {
+            "channels": [{"label": ch["label"], "color": ch["color"], "active": True, "coefficient": 1, "family": "linear",
+                          "inverted": False, "window": {"min": ch["min"], "max": ch["max"], "start": ch["min"], "end": ch["max"]}}
+                         for ch in channels],
+            "rdefs": {"model": "color"},
+        },
+    }

@@ -19,6 +19,7 @@ from .errors import InputError
 
 FORMAT = "wsi-damm-patch-store"
 FORMAT_VERSION = 1
+PRED_FORMAT = "wsi-damm-prediction-store"
 
 
 def _codec(dtype: np.dtype) -> BloscCodec | ZstdCodec:
@@ -60,6 +61,7 @@ class PatchStore:
 
     path: Path
     root: zarr.Group
+    format_name = FORMAT
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r", require_complete: bool = True) -> "PatchStore":
@@ -71,8 +73,9 @@ class PatchStore:
             attrs = dict(root.attrs)
         except Exception as exc:
             raise InputError(path, f"not a zarr patch store: {exc}") from exc
-        if attrs.get("format") != FORMAT:
-            raise InputError(path, "is a zarr group but not a wsi-damm patch store")
+        if attrs.get("format") != cls.format_name:
+            kind = "prediction store" if cls.format_name == PRED_FORMAT else "patch store"
+            raise InputError(path, f"is not a wsi-damm {kind} (format {attrs.get('format')!r})")
         version = int(attrs.get("format_version", 0))
         if version > FORMAT_VERSION:
             raise InputError(
@@ -80,7 +83,7 @@ class PatchStore:
                 "upgrade wsi-damm",
             )
         if require_complete and not attrs.get("complete"):
-            raise InputError(path, "is incomplete (tiling was interrupted)", "rerun wsi-damm tile with --resume")
+            raise InputError(path, "is incomplete (the run that wrote it was interrupted)", "rerun that command with --resume")
         return cls(path, root)
 
     @property
@@ -159,3 +162,36 @@ class PatchDataset:
         item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
         item["index"] = int(self.indices[i])
         return item
+
+
+
+def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dict) -> zarr.Group:
+    """Same patches and shards as the conditions store; per-patch NP map, divergence and gate share."""
+    n, _, p, _ = conditions.images.shape
+    s = int(conditions.attrs["shard_patches"])
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.create_array("pred", shape=(n, 1, p, p), dtype=np.float16, chunks=(1, 1, p, p), shards=(s, 1, p, p),
+                      compressors=ZstdCodec(level=1), fill_value=0, dimension_names=("patch", "c", "y", "x"))
+    for name in ("divergence", "multimodal_fraction"):
+        root.create_array(name, shape=(n,), dtype=np.float32, chunks=(s,), fill_value=np.nan)
+    root.create_array("coords", shape=(n, 3), dtype=np.int64, chunks=(max(n, 1), 3), fill_value=0)[:] = conditions.coords
+    root.create_array("shard_done", shape=(math.ceil(n / s),), dtype=np.uint8, chunks=(1,), fill_value=0)
+    root.attrs.update({
+        "format": PRED_FORMAT, "format_version": FORMAT_VERSION, "shard_patches": s, "complete": False,
+        "patch_size": p, "stride": conditions.attrs["stride"], "overlap": conditions.attrs["overlap"],
+        "mpp": conditions.attrs["mpp"], "slides": conditions.slides, **attrs,
+    })
+    return root
+
+
+class PredictionStore(PatchStore):
+    """Read side of a prediction store (`pred`, `divergence`, `multimodal_fraction`, `coords`)."""
+
+    format_name = PRED_FORMAT
+
+    @property
+    def pred(self) -> zarr.Array:
+        return self.root["pred"]
+
+    def __len__(self) -> int:
+        return int(self.pred.shape[0])

@@ -421,7 +421,9 @@ def run_training(
     if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
     run = RunDir(out)
-    cfg = replace(cfg, patch_size=patch, roles=tuple(roles))
+    a = store.attrs
+    cfg = replace(cfg, patch_size=patch, roles=tuple(roles), mpp=a.get("mpp"), level=a.get("level"),
+                  store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))))
     if run.config.exists():
         previous = load_run_config(run)
         if previous.patch_size != patch:

@@ -1,0 +1,86 @@
+"""Whole-slide prediction: batch-size invariance, kill + resume, nuclei-free slides."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from wsi_damm.config import resolve
+from wsi_damm.store import PredictionStore
+from wsi_damm.train import run_training
+
+from .conftest import TINY_TOML, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_store, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    (d / "tiny.toml").write_text(TINY_TOML)
+    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml"), progress=False).path
+
+
+def _slide(synth_dir):
+    return str(sorted(synth_dir.glob("*.ome.tif"))[1])
+
+
+def _predict(run, slide, out, *extra):
+    res = run_cli("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
+    assert res.returncode == 0, res.stderr
+    return PredictionStore.open(out)
+
+
+def test_batch_size_does_not_change_the_prediction(tiny_run, synth_dir, tmp_path):
+    a = _predict(tiny_run, _slide(synth_dir), tmp_path / "a.zarr", "--batch-size", "4", "--no-stitch")
+    b = _predict(tiny_run, _slide(synth_dir), tmp_path / "b.zarr", "--batch-size", "32", "--no-stitch")
+    np.testing.assert_array_equal(a.coords, b.coords)
+    pa, pb = np.asarray(a.pred[:]).astype(np.float32), np.asarray(b.pred[:]).astype(np.float32)
+    assert len(pa) > 20 and 0 <= pa.min() and pa.max() <= 1
+    assert np.abs(pa - pb).max() <= 2e-3  # identical noise per patch; only kernel rounding may differ
+    np.testing.assert_allclose(np.asarray(a.root["divergence"][:]), np.asarray(b.root["divergence"][:]), atol=1e-4)
+    assert not (tmp_path / "a.zarr.conditions.zarr").exists()  # inputs cleaned up once complete
+
+
+def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path):
+    slide = _slide(synth_dir)
+    common = ["--sampler", "ddim", "--steps", "40", "--batch-size", "4", "--shard-patches", "4", "--quiet"]
+    ref = tmp_path / "ref.zarr"
+    assert run_cli("predict", str(tiny_run), slide, "--out", str(ref), *common).returncode == 0
+    out = tmp_path / "k.zarr"
+    partial = out.with_name(out.name + ".partial")
+    cmd = [sys.executable, "-m", "wsi_damm_cli.main", "predict", str(tiny_run), slide, "--out", str(out), *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done_dir = partial / "shard_done" / "c"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 3):
+        time.sleep(0.01)
+    assert proc.poll() is None, "prediction finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    res = run_cli("predict", str(tiny_run), slide, "--out", str(out), "--resume", *common)
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(np.asarray(PredictionStore.open(ref).pred[:]), np.asarray(PredictionStore.open(out).pred[:]))
+    ma = np.asarray(zarr.open_group(str(tmp_path / "ref.ome.zarr"), mode="r")["0"][:])
+    mb = np.asarray(zarr.open_group(str(tmp_path / "k.ome.zarr"), mode="r")["0"][:])
+    np.testing.assert_array_equal(ma, mb)
+
+
+def test_slide_without_nuclei_predicts_uni_modal(tiny_run, synth_dir, tmp_path):
+    full = tifffile.imread(_slide(synth_dir))
+    path = tmp_path / "no_dapi.ome.tif"
+    tifffile.imwrite(path, full[[0, 2]], ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "NP"]},
+                     "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, tile=(256, 256), compression="zlib")
+    store = _predict(tiny_run, str(path), tmp_path / "u.zarr")
+    assert store.attrs["nuclei"] is False and store.roles == ["vessels", "target"]
+    assert np.isnan(np.asarray(store.root["divergence"][:])).all()
+    assert (np.asarray(store.root["multimodal_fraction"][:]) == 0).all()
+    m = zarr.open_group(str(tmp_path / "u.ome.zarr"), mode="r")
+    assert m.attrs["wsi_damm"]["nuclei"] is False

@@ -1,0 +1,119 @@
+"""Stitching: exact round trip, smooth blending, and OME outputs other readers open."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from wsi_damm.stitch import run_stitch, window
+from wsi_damm.store import PatchStore, create_prediction_store
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory):
+    """A 1100² slide (not a multiple of the 96-px stride) tiled at 128 px, uint16."""
+    from wsi_damm.synth import SynthConfig, write_slides
+
+    d = tmp_path_factory.mktemp("odd")
+    write_slides(d, 1, SynthConfig(size=1100, seed=11), progress=False)
+    out = d / "st.zarr"
+    res = run_cli("tile", str(d / "synth_000.ome.tif"), "--out", str(out), "--patch-size", "128", "--overlap", "32",
+                  "--store-dtype", "uint16", "--shard-patches", "16", "--quiet")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _fake_prediction(store_path, path, values) -> None:
+    cond = PatchStore.open(store_path)
+    root = create_prediction_store(path, cond, {"roles": cond.roles, "nuclei": True})
+    root["pred"][:] = values.astype(np.float16)
+    root["divergence"][:] = np.linspace(0, 1, len(cond), dtype=np.float32)
+    root["multimodal_fraction"][:] = 0.5
+    root["shard_done"][:] = 1
+    root.attrs["complete"] = True
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "cosine", "linear", "mean"])
+def test_true_patches_stitch_back_to_the_normalised_channel(odd_store, tmp_path, blend):
+    cond = PatchStore.open(odd_store)
+    target = np.asarray(cond.images[:, 2:3]).astype(np.float64) / 65535
+    _fake_prediction(odd_store, tmp_path / "pred.zarr", target)
+    [path] = run_stitch(tmp_path / "pred.zarr", tmp_path / "map.ome.zarr", blend, progress=False)
+    m = np.asarray(zarr.open_group(str(path), mode="r")["0"][:])
+    entry = cond.slides[0]
+    raw = tifffile.imread(entry["channels"]["target"]["path"])[2].astype(np.float64)
+    lo, hi = entry["normalisation"]["low"][2], entry["normalisation"]["high"][2]
+    want = np.clip((raw - lo) / (hi - lo), 0, 1)
+    covered = m[3] > 0
+    assert covered.mean() > 0.3 and m.shape[1:] == (1100, 1100)
+    assert np.abs(m[0][covered] - want[covered]).max() <= 1e-3
+    assert (m[0][~covered] == 0).all()
+
+
+def _steps(field, mask):
+    dy = np.abs(np.diff(field, axis=0))[mask[1:] & mask[:-1]]
+    dx = np.abs(np.diff(field, axis=1))[mask[:, 1:] & mask[:, :-1]]
+    return np.concatenate([dy, dx])
+
+
+def test_constant_patches_blend_smoothly(odd_store, tmp_path):
+    cond = PatchStore.open(odd_store)
+    values = np.random.default_rng(0).random(len(cond))
+    steps = {}
+    for blend in ("gaussian", "cosine", "linear", "mean"):
+        pred = np.broadcast_to(values[:, None, None, None], (len(cond), 1, 128, 128))
+        _fake_prediction(odd_store, tmp_path / f"{blend}.zarr", pred)
+        [path] = run_stitch(tmp_path / f"{blend}.zarr", tmp_path / f"{blend}.ome.zarr", blend, progress=False)
+        m = np.asarray(zarr.open_group(str(path), mode="r")["0"][:])
+        field, mask = m[0], m[3] > 0
+        # the bound the window implies between neighbours p, q: Σ_i |w_i(p) − w_i(q)| / min(Σw(p), Σw(q)),
+        # with each window zero outside its patch (a patch's edge is a step too); brute force
+        w = np.pad(window(blend, 128).astype(np.float64), 1)
+        canvas = np.zeros((1102, 1102))
+        gy, gx = np.zeros((1101, 1102)), np.zeros((1102, 1101))
+        for _, y, x in cond.coords:
+            canvas[y : y + 130, x : x + 130] += w
+            gy[y : y + 129, x : x + 130] += np.abs(np.diff(w, axis=0))
+            gx[y : y + 130, x : x + 129] += np.abs(np.diff(w, axis=1))
+        canvas, gy, gx = canvas[1:-1, 1:-1], gy[1:-1, 1:-1], gx[1:-1, 1:-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            by = gy / np.minimum(canvas[1:], canvas[:-1])
+            bx = gx / np.minimum(canvas[:, 1:], canvas[:, :-1])
+        bound = max(by[mask[1:] & mask[:-1]].max(), bx[mask[:, 1:] & mask[:, :-1]].max()) + 2e-3  # float16
+        steps[blend] = _steps(field, mask)
+        if blend != "mean":
+            assert steps[blend].max() <= bound, (blend, steps[blend].max(), bound)
+    # seams: a constant window jumps at every patch edge, tapered windows do not
+    p99 = {k: np.percentile(v, 99.5) for k, v in steps.items()}
+    assert p99["gaussian"] < p99["mean"] / 2 and p99["cosine"] < p99["mean"] / 2, p99
+
+
+def test_ome_outputs_open_in_other_readers(odd_store, tmp_path):
+    cond = PatchStore.open(odd_store)
+    _fake_prediction(odd_store, tmp_path / "pred.zarr", np.asarray(cond.images[:, 2:3]) / 65535)
+    res = run_cli("stitch", str(tmp_path / "pred.zarr"), "--out", str(tmp_path / "map.ome.zarr"), "--tiff", str(tmp_path / "map.ome.tif"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(tmp_path / "map.ome.zarr")))())
+    image = nodes[0]
+    assert image.metadata["channel_names"] == ["NP (predicted)", "divergence", "multi-modal share", "coverage"]
+    assert [tuple(a.shape) for a in image.data] == [(4, 1100, 1100), (4, 550, 550)]
+    scales = [t[0]["scale"] for t in image.metadata["coordinateTransformations"]]
+    assert scales[0] == [1.0, 0.5, 0.5] and scales[1] == [1.0, 1.0, 1.0]
+    assert [a["unit"] for a in image.metadata["axes"][1:]] == ["micrometer", "micrometer"]
+    with tifffile.TiffFile(tmp_path / "map.ome.tif") as tif:
+        assert tif.is_ome and len(tif.series[0].levels) == 2
+        assert "NP (predicted)" in tif.ome_metadata
+        level0 = tif.series[0].levels[0].asarray()
+    np.testing.assert_array_equal(level0, np.asarray(zarr.open_group(str(tmp_path / "map.ome.zarr"), mode="r")["0"][0]))
+
+
+def test_unknown_window_is_refused(tmp_path):
+    res = run_cli("stitch", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "m.ome.zarr"), "--blend", "box")
+    assert res.returncode == 2

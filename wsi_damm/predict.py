@@ -1,0 +1,231 @@
+"""`wsi-damm predict`: whole slides → tissue patches → batched gated sampling → prediction store.
+
+Slides are tiled exactly as in training (same patch size, level / µm per px, normalisation rule)
+into a conditions store inside the output; then shard by shard the conditions are encoded, the
+target latent is sampled with the DAMMP gate applied per sample at every step, decoded, and the
+shard is marked done. Sampling noise is keyed per patch (seed, slide, y, x), so a patch's
+prediction does not depend on batch size, order, resume or which rank computed it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zarr
+from tqdm.auto import tqdm
+
+from .checkpoint import load_weights
+from .diffusion.damm import divergence, use_multi
+from .diffusion.noise import keyed_normal, patch_key
+from .diffusion.samplers import sample_ddim, sample_dpmpp_2m
+from .diffusion.schedule import NoiseSchedule
+from .errors import InputError
+from .slides import SlideSpec
+from .store import PatchStore, PredictionStore, create_prediction_store
+from .tile import TileConfig, run_tile
+from .train import RunDir, build_unet, load_autoencoders, load_run_config, setup_distributed
+
+DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    sampler: str = "dpm++"  # "ddim" (paper: 150 steps) or "dpm++" (DPM-Solver++(2M), 20 steps)
+    steps: int | None = None
+    eta: float = 0.0
+    spacing: str = "logsnr"
+    batch_size: int = 16
+    seed: int = 0
+    overlap: int | None = None  # default: a quarter of the patch
+    min_tissue: float = 0.05
+    amp: bool = False
+    device: str = "auto"
+    shard_patches: int = 64
+
+    @property
+    def n_steps(self) -> int:
+        return self.steps or DEFAULT_STEPS[self.sampler]
+
+    def validate(self) -> None:
+        if self.sampler not in DEFAULT_STEPS:
+            raise InputError("--sampler", f"must be ddim or dpm++, got {self.sampler!r}")
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise InputError("--steps", f"must be in 1..1000, got {self.steps}")
+        if self.batch_size <= 0:
+            raise InputError("--batch-size", f"must be positive, got {self.batch_size}")
+        if not 0 <= self.eta <= 1:
+            raise InputError("--eta", f"must be in [0, 1], got {self.eta}")
+
+
+class GatedDenoiser:
+    """ε(x, t) of the DAMM U-Net with the per-sample gate; remembers each sample's choices."""
+
+    def __init__(self, model, c_uni: torch.Tensor, c_multi: torch.Tensor | None, gamma: float, dammp: bool, amp: bool) -> None:
+        self.model, self.c_uni, self.c_multi = model, c_uni, c_multi
+        self.gamma, self.dammp, self.amp = gamma, dammp, amp
+        self.divergences: list[torch.Tensor] = []
+        self.choices: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.amp else torch.autocast(x.device.type, enabled=False)
+        with ctx:
+            eps_uni, eps_multi, kappa = self.model(x, t, self.c_uni, self.c_multi)
+        if eps_multi is None:  # no nuclei: the multi-modal branch is never computed
+            return eps_uni.float()
+        d = divergence(kappa)
+        multi = use_multi(d, self.gamma) if self.dammp else torch.ones_like(d, dtype=torch.bool)
+        self.divergences.append(d)
+        self.choices.append(multi)
+        return torch.where(multi.view(-1, 1, 1, 1), eps_multi, eps_uni).float()
+
+    def summary(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.choices:
+            return np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
+        d = torch.stack(self.divergences).mean(0).cpu().numpy().astype(np.float32)
+        share = torch.stack(self.choices).float().mean(0).cpu().numpy().astype(np.float32)
+        return d, share
+
+
+class Predictor:
+    """Loaded run: autoencoders, EMA U-Net, schedule; `predict(images, keys)` for a batch."""
+
+    def __init__(self, run_dir: Path, device: torch.device, cfg: PredictConfig) -> None:
+        self.run = RunDir(run_dir)
+        self.rc = load_run_config(self.run)
+        self.cfg, self.device = cfg, device
+        self.aes = load_autoencoders(self.run, self.rc, device)
+        self.model = build_unet(self.rc)
+        load_weights(self.run.unet, self.model, device)
+        self.model = self.model.to(device).eval()
+        s = self.rc.schedule
+        self.schedule = NoiseSchedule.make(s.kind, s.T, s.beta_start, s.beta_end)
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """images (B, C, P, P) in [-1, 1] → (NP map in [0, 1] (B, 1, P, P), divergence, multi share)."""
+        x = images.to(self.device)
+        enc = {r: self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]) for r in ("vessels", "nuclei") if r in roles}
+        if self.rc.model.uni_branch == "nuclei":
+            if "nuclei" not in enc:
+                raise InputError(self.run.path, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel")
+            c_uni, c_multi = enc["nuclei"], enc.get("vessels")
+        else:
+            c_uni, c_multi = enc["vessels"], enc.get("nuclei")
+        shape = tuple(c_uni.shape[1:])
+        x_t = keyed_normal(keys, 0, shape, self.device)
+        den = GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp)
+        if self.cfg.sampler == "ddim":
+            z0 = sample_ddim(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.eta, lambda i: keyed_normal(keys, i + 1, shape, self.device))
+        else:
+            z0 = sample_dpmpp_2m(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.spacing)
+        img = self.aes["target"].decode(z0).float().clamp(-1, 1)
+        d, share = den.summary(len(keys))
+        return ((img + 1) / 2).cpu().numpy(), d, share
+
+
+def _condition_config(rc, cfg: PredictConfig) -> TileConfig:
+    p = int(rc.patch_size)
+    overlap = cfg.overlap if cfg.overlap is not None else p // 4
+    return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
+                      min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
+                      percentiles=tuple(rc.percentiles))
+
+
+def run_predict(
+    run_dir: Path,
+    specs: list[SlideSpec],
+    out: Path,
+    cfg: PredictConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PredictionStore:
+    cfg.validate()
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    d = setup_distributed(cfg.device)
+    rc = load_run_config(RunDir(run_dir))
+    for spec in specs:
+        if "vessels" not in spec.roles:
+            raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
+    cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
+    if d.main:
+        if out.exists() and not overwrite:
+            raise InputError(out, "already exists", "pass --overwrite to replace it")
+        if (partial.exists() or cond_path.exists()) and not resume:
+            if not overwrite:
+                raise InputError(partial, "an interrupted prediction left this behind", "pass --resume to continue it or --overwrite to restart")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(cond_path, ignore_errors=True)
+            shutil.rmtree(cond_path.with_name(cond_path.name + ".partial"), ignore_errors=True)
+        if not cond_path.exists():
+            run_tile(specs, cond_path, _condition_config(rc, cfg), resume=True, progress=progress)
+        if not (partial / "zarr.json").exists():
+            conditions = PatchStore.open(cond_path)
+            attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
+                     "nuclei": "nuclei" in conditions.roles, "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
+            create_prediction_store(partial, conditions, attrs)
+    if d.world > 1:
+        dist.barrier()
+    conditions = PatchStore.open(cond_path)
+    root = zarr.open_group(str(partial), mode="r+")
+    predictor = Predictor(Path(run_dir), d.device, cfg)
+    _sample_shards(root, conditions, predictor, cfg, d, progress)
+    if d.world > 1:
+        dist.barrier()
+    if d.main:
+        if not np.asarray(root["shard_done"][:]).all():
+            raise RuntimeError(f"{partial}: some shards were not predicted")
+        root.attrs["complete"] = True
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+        shutil.rmtree(cond_path)
+    if d.world > 1:
+        dist.barrier()
+    return PredictionStore.open(out)
+
+
+def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, d, progress: bool) -> None:
+    s = int(root.attrs["shard_patches"])
+    n = root["pred"].shape[0]
+    done = np.asarray(root["shard_done"][:])
+    mine = [i for i in range(len(done)) if i % d.world == d.rank]
+    todo = [i for i in mine if not done[i]]
+    coords = conditions.coords
+    ids = [sl["slide_id"] for sl in conditions.slides]
+    keys_all = torch.tensor([patch_key(cfg.seed, ids[c[0]], int(c[1]), int(c[2])) for c in coords], dtype=torch.int64)
+    top = float(np.iinfo(conditions.images.dtype).max)
+    roles = conditions.roles
+    group = max(1, cfg.batch_size // s)  # shards sampled together, so batches can exceed a shard
+    bar = tqdm(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
+               desc="predicting", unit="patch", disable=not (progress and d.main))
+    for g in range(0, len(todo), group):
+        shards = todo[g : g + group]
+        spans = [(i * s, min((i + 1) * s, n)) for i in shards]
+        rows = np.concatenate([np.arange(a, b) for a, b in spans])
+        raw = np.asarray(conditions.images.get_orthogonal_selection((rows,)))
+        images = torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / top).sub_(1.0)
+        preds, divs, shares = [], [], []
+        for k in range(0, len(rows), cfg.batch_size):
+            sl = slice(k, k + cfg.batch_size)
+            p, dv, sh = predictor.predict(images[sl], roles, keys_all[rows[sl]])
+            preds.append(p)
+            divs.append(dv)
+            shares.append(sh)
+            bar.update(len(rows[sl]))
+        pred, dv, sh = np.concatenate(preds), np.concatenate(divs), np.concatenate(shares)
+        pos = 0
+        for shard, (a, b) in zip(shards, spans):
+            root["pred"][a:b] = pred[pos : pos + b - a].astype(np.float16)
+            root["divergence"][a:b] = dv[pos : pos + b - a]
+            root["multimodal_fraction"][a:b] = sh[pos : pos + b - a]
+            root["shard_done"][shard] = 1
+            pos += b - a
+    bar.close()
+

@@ -219,6 +219,48 @@ def stitch(pred_store, out, blend, tiff, workers, quiet) -> None:
 
 
 @cli.command()
+@click.argument("maps", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--truth", "truths", multiple=True, required=True, help="Measured slide for each map, in the same order.")
+@click.option("--channels", help="Role map of the truth slides, e.g. target=NP,vessels=CD31,nuclei=DAPI.")
+@click.option("--clean", "cleans", multiple=True, type=click.Path(path_type=Path), help="Noiseless NP field (synthetic slides): oracle bound.")
+@click.option("--mask", default="tissue", type=click.Choice(["tissue", "none"]), help="Also report tissue-only metrics.")
+@click.option("--out", default=Path("report"), type=click.Path(path_type=Path), help="Report directory.")
+@click.option("--max-slide-gb", default=256.0, type=float)
+@click.option("--quiet", is_flag=True)
+def evaluate(maps, truths, channels, cleans, mask, out, max_slide_gb, quiet) -> None:
+    """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
+    from wsi_damm.report import run_evaluate
+
+    if len(truths) != len(maps):
+        raise InputError("--truth", f"give one --truth per map ({len(maps)} maps, {len(truths)} slides)")
+    if cleans and len(cleans) != len(maps):
+        raise InputError("--clean", f"give one --clean per map or none ({len(maps)} maps, {len(cleans)} fields)")
+    specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",))
+    metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), mask == "tissue", not quiet)
+    for r in metrics["slides"]:
+        w, pp = r["wsi"], r["patches"]
+        click.echo(f"{r['slide']}: WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
+                   f"± {pp['ssim_percent']['sd']:.2f} %, PSNR {pp['psnr']['mean']:.2f} ± {pp['psnr']['sd']:.2f} dB")
+    click.echo(f"report: {out / 'report.html'} (open it in a browser)")
+
+
+@cli.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--data-range", type=float, help="Default: the dtype's range for integers, 1.0 for floats.")
+@click.option("--json", "as_json", is_flag=True)
+def compare(a, b, data_range, as_json) -> None:
+    """SSIM / PSNR of two single-channel images as stored (OME-Zarr, TIFF, .npy), streamed."""
+    from wsi_damm.evaluate import compare as compare_images
+
+    r = compare_images(a, b, data_range)
+    if as_json:
+        click.echo(json.dumps({k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()}, indent=2))
+    else:
+        click.echo(f"SSIM {r['ssim']:.6f}  PSNR {r['psnr']:.4f} dB  (data range {r['data_range']}, {r['pixels']} px)")
+
+
+@cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(path: Path, as_json: bool) -> None:

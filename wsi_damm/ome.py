@@ -27,8 +27,11 @@ def halve(block: np.ndarray) -> np.ndarray:
     c, h, w = block.shape
     if h % 2 or w % 2:
         block = np.pad(block, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
-    f = block.astype(np.float32)
-    out = 0.25 * (f[:, 0::2, 0::2] + f[:, 1::2, 0::2] + f[:, 0::2, 1::2] + f[:, 1::2, 1::2])
+    f = block if block.dtype == np.float32 else block.astype(np.float32)
+    out = f[:, 0::2, 0::2] + f[:, 1::2, 0::2]
+    out += f[:, 0::2, 1::2]
+    out += f[:, 1::2, 1::2]
+    out *= 0.25
     if np.issubdtype(block.dtype, np.integer):
         info = np.iinfo(block.dtype)
         return np.clip(np.rint(out), info.min, info.max).astype(block.dtype)
@@ -44,12 +47,19 @@ def pyramid_shapes(height: int, width: int, min_size: int = 512) -> list[tuple[i
     return shapes
 
 
-def build_pyramid(group: zarr.Group, base: str = "", min_size: int = 512, dimension_names: tuple[str, ...] | None = None) -> list[zarr.Array]:
-    """Add levels `base/1`, `base/2`, … (or `1`, `2`, … at the root) below level 0, block by block."""
+def build_pyramid(
+    group: zarr.Group, base: str = "", min_size: int = 512, dimension_names: tuple[str, ...] | None = None, existing: int = 1
+) -> list[zarr.Array]:
+    """Levels `base/0`, `base/1`, … (or `0`, `1`, … at the root) halving to ≤ `min_size`.
+
+    The first `existing` levels are already written (a caller may produce level 1 while it
+    writes level 0); the rest are made from the last one, block by block.
+    """
     name = lambda i: f"{base}/{i}" if base else str(i)  # noqa: E731
-    levels = [group[name(0)]]
+    levels = [group[name(i)] for i in range(existing)]
     c, h, w = levels[0].shape
-    for i, (lh, lw) in enumerate(pyramid_shapes(h, w, min_size)[1:], start=1):
+    shapes = pyramid_shapes(h, w, min_size)
+    for i, (lh, lw) in enumerate(shapes[existing:], start=existing):
         src = levels[-1]
         dst = group.create_array(
             name(i), shape=(c, lh, lw), dtype=src.dtype, chunks=(1, min(256, lh), min(256, lw)),
@@ -61,7 +71,7 @@ def build_pyramid(group: zarr.Group, base: str = "", min_size: int = 512, dimens
                 small = halve(block)
                 dst[:, y // 2 : y // 2 + small.shape[1], x // 2 : x // 2 + small.shape[2]] = small
         levels.append(dst)
-    return levels
+    return levels[: len(shapes)]
 
 
 def _tiles(level: zarr.Array, tile: int, channels: list[int]) -> Iterator[np.ndarray]:

@@ -26,7 +26,7 @@ from .diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from .diffusion.schedule import NoiseSchedule
 from .errors import InputError
 from .slides import SlideSpec
-from .store import PatchStore, PredictionStore, create_prediction_store
+from .store import PatchStore, PredictionStore, create_prediction_store, read_rows
 from .tile import TileConfig, run_tile
 from .train import RunDir, build_unet, load_autoencoders, load_run_config, setup_distributed
 
@@ -209,7 +209,7 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
         shards = todo[g : g + group]
         spans = [(i * s, min((i + 1) * s, n)) for i in shards]
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
-        raw = np.asarray(conditions.images.get_orthogonal_selection((rows,)))
+        raw = read_rows(conditions.images, rows)
         images = torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / top).sub_(1.0)
         preds, divs, shares = [], [], []
         for k in range(0, len(rows), cfg.batch_size):

@@ -21,8 +21,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .ome import build_pyramid, fast_codec, ome_zarr_attrs, write_ome_tiff
-from .store import PredictionStore
+from .ome import build_pyramid, fast_codec, halve, ome_zarr_attrs, pyramid_shapes, write_ome_tiff
+from .store import PredictionStore, read_rows
 
 CHANNELS = [
     {"label": "NP (predicted)", "color": "00FF00", "min": 0.0, "max": 1.0},
@@ -31,6 +31,7 @@ CHANNELS = [
     {"label": "coverage", "color": "FFFFFF", "min": 0.0, "max": 1.0},
 ]
 CHUNK = 256
+PYRAMID_MIN = 1024  # levels halve until the longer side is at most this
 BAND_BYTES = 256 * 2**20  # accumulator bytes per band (4 float32 planes); 2 bands in flight by default
 WINDOW_FLOOR = 1e-3
 
@@ -61,8 +62,12 @@ class Band:
 
 
 def plan_bands(ys: np.ndarray, idx: np.ndarray, height: int, width: int, patch: int) -> list[Band]:
-    """Row bands (multiples of CHUNK rows, sized by BAND_BYTES) and the patches each one needs."""
-    rows_per_band = max(CHUNK, (BAND_BYTES // (16 * max(width, 1))) // CHUNK * CHUNK)
+    """Row bands (multiples of 2·CHUNK rows, sized by BAND_BYTES) and the patches each one needs.
+
+    2·CHUNK: a band's halved rows are whole chunks of pyramid level 1, which it writes too.
+    """
+    unit = 2 * CHUNK
+    rows_per_band = max(unit, (BAND_BYTES // (16 * max(width, 1))) // unit * unit)
     order = np.argsort(ys, kind="stable")
     ys_sorted, idx_sorted = ys[order], idx[order]
     bands = []
@@ -74,18 +79,19 @@ def plan_bands(ys: np.ndarray, idx: np.ndarray, height: int, width: int, patch: 
     return bands
 
 
-def merge_band(pred_path: str, band: Band, out: zarr.Array, w: np.ndarray) -> int:
-    """Σ w·p / Σ w for one band, plus divergence and gate share blended the same way; whole chunks."""
+def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | None, w: np.ndarray) -> int:
+    """Σ w·p / Σ w for one band, plus divergence and gate share blended the same way; writes whole
+    chunks of level 0 and, halved, of level 1 (so the pyramid never re-reads level 0)."""
     root = zarr.open_group(pred_path, mode="r")
     _, height, width = out.shape
     p = w.shape[0]
     num = np.zeros((3, band.y1 - band.y0, width), np.float32)
     den = np.zeros((band.y1 - band.y0, width), np.float32)
     if len(band.rows):
-        coords = np.asarray(root["coords"].get_orthogonal_selection((band.rows, slice(None))))
-        pred = np.asarray(root["pred"].get_orthogonal_selection((band.rows,)))[:, 0].astype(np.float32)
-        div = np.nan_to_num(np.asarray(root["divergence"].get_orthogonal_selection((band.rows,))), nan=0.0)
-        share = np.asarray(root["multimodal_fraction"].get_orthogonal_selection((band.rows,)))
+        coords = read_rows(root["coords"], band.rows)
+        pred = read_rows(root["pred"], band.rows)[:, 0].astype(np.float32)
+        div = np.nan_to_num(read_rows(root["divergence"], band.rows), nan=0.0)
+        share = read_rows(root["multimodal_fraction"], band.rows)
         for k, (_, y, x) in enumerate(coords):
             a, b = max(y, band.y0), min(y + p, band.y1)
             if a >= b:
@@ -101,6 +107,12 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, w: np.ndarray) -> in
     num[:, ~covered] = 0
     out[:3, band.y0 : band.y1, :] = num
     out[3, band.y0 : band.y1, :] = covered
+    if half is not None:
+        y = band.y0 // 2
+        small = halve(num)
+        half[:3, y : y + small.shape[1], :] = small
+        del small
+        half[3, y : y + (band.y1 - band.y0 + 1) // 2, :] = halve(covered[None].astype(np.float32))[0]
     return 1
 
 
@@ -118,12 +130,18 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
     level0 = root.create_array("0", shape=(4, height, width), dtype=np.float32, chunks=(1, CHUNK, CHUNK),
                                compressors=fast_codec(np.float32), fill_value=0, dimension_names=("c", "y", "x"))
+    shapes = pyramid_shapes(height, width, PYRAMID_MIN)
+    level1 = None
+    if len(shapes) > 1:
+        level1 = root.create_array("1", shape=(4,) + shapes[1], dtype=np.float32, chunks=(1, CHUNK, CHUNK),
+                                   compressors=fast_codec(np.float32), fill_value=0, dimension_names=("c", "y", "x"))
     bands = plan_bands(coords[idx, 1], idx, height, width, patch)
-    tasks = [dask.delayed(merge_band, pure=False)(str(store.path), b, level0, w, dask_key_name=f"merge-{i:08d}") for i, b in enumerate(bands)]
+    tasks = [dask.delayed(merge_band, pure=False)(str(store.path), b, level0, level1, w, dask_key_name=f"merge-{i:08d}")
+             for i, b in enumerate(bands)]
     with tqdm(total=len(tasks), desc=f"stitching {entry['slide_id']}", unit="band", disable=not progress) as bar:
         with _BandProgress(bar):
             dask.compute(*tasks, scheduler="threads", num_workers=workers)
-    levels = build_pyramid(root, "", min_size=1024, dimension_names=("c", "y", "x"))
+    levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"), existing=min(2, len(shapes)))
     mpp = entry.get("mpp")
     root.attrs["ome"] = ome_zarr_attrs(entry["slide_id"], len(levels), mpp, CHANNELS)
     root.attrs["wsi_damm"] = {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],

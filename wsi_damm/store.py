@@ -195,3 +195,24 @@ class PredictionStore(PatchStore):
 
     def __len__(self) -> int:
         return int(self.pred.shape[0])
+
+
+def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """array[rows] for sorted or unsorted rows, read as contiguous slices (whole-shard reads).
+
+    zarr's orthogonal (integer-array) selection on sharded arrays is far slower and allocates
+    far more than slicing; rows of one band or shard are almost always runs of neighbours.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows),) + tuple(array.shape[1:]), dtype=array.dtype)
+    if len(rows) == 0:
+        return out
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
+    pos = 0
+    for run in np.split(sorted_rows, breaks):
+        block = np.asarray(array[int(run[0]) : int(run[-1]) + 1])
+        out[order[pos : pos + len(run)]] = block
+        pos += len(run)
+    return out

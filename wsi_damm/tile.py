@@ -78,6 +78,8 @@ class SlidePlan:
     xs: np.ndarray
     tissue: np.ndarray  # fraction per kept patch
     tissue_pixels: float = field(default=0.0)
+    mask: np.ndarray | None = field(default=None, repr=False)  # low-resolution tissue mask
+    mask_downsample: float = 1.0  # of the mask relative to level 0
 
     def table_entry(self) -> dict:
         return {
@@ -117,7 +119,7 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
     keep_y, keep_x = np.nonzero(frac >= cfg.min_tissue) if mask.any() else (np.zeros(0, int), np.zeros(0, int))
     if not mask.any():
         warnings.warn(f"{spec.slide_id}: no tissue found; the slide contributes no patches", stacklevel=2)
-    return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()))
+    return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()), mask, low_ds)
 
 
 @lru_cache(maxsize=8)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .store import PatchStore
+from .store import PatchStore, read_rows
 
 IN_MEMORY_LIMIT = 4 * 2**30  # decode the whole store into RAM below this many raw bytes
 
@@ -54,9 +54,7 @@ class PatchImages:
         if self._ram is not None:
             raw = self._ram[rows]
         else:
-            order = np.argsort(self.indices[rows])
-            raw = np.empty((len(rows),) + self.store.images.shape[1:], self.store.images.dtype)
-            raw[order] = self.store.images.get_orthogonal_selection((np.sort(self.indices[rows]),))
+            raw = read_rows(self.store.images, self.indices[rows])
         return torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / self.top).sub_(1.0)
 
 

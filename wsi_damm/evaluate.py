@@ -1,0 +1,258 @@
+"""`wsi-damm evaluate` / `wsi-damm compare`: measured NP channel vs predicted whole-slide map.
+
+The measured channel is normalised by the rule training used (the slide's percentiles over
+tissue, at the map's resolution), read lazily block by block; the map is read from its OME-Zarr.
+WSI-level SSIM/PSNR are streamed (`metrics.whole_slide_metrics`); the paper's patch protocol
+(Tab. 1: non-overlapping patches) runs band by band. Memory is bounded by bands and chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.base import tokenize
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .metrics import RADIUS, psnr_from_mse, ssim, whole_slide_metrics
+from .slides import SlideSpec, open_file
+from .tile import SlidePlan, TileConfig, plan_slide
+from .tiling import read_scaled, tissue_fractions
+
+BLOCK = 1024
+SIZE_TOLERANCE = 0.01
+
+
+@dataclass
+class MapImage:
+    path: Path
+    level0: zarr.Array  # (4, H, W): NP, divergence, multi-modal share, coverage
+    levels: list[zarr.Array]
+    mpp: float | None
+    slide_id: str
+    patch_size: int
+    nuclei: bool
+
+
+def open_map(path: str | Path) -> MapImage:
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        ome = dict(root.attrs)["ome"]
+        ms = ome["multiscales"][0]
+    except Exception as exc:
+        raise InputError(path, f"is not an OME-Zarr map written by wsi-damm stitch ({type(exc).__name__}: {exc})") from exc
+    levels = [root[d["path"]] for d in ms["datasets"]]
+    unit = ms["axes"][1].get("unit")
+    mpp = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][1]) if unit == "micrometer" else None
+    info = dict(root.attrs).get("wsi_damm", {})
+    return MapImage(path, levels[0], levels, mpp, info.get("slide", ms.get("name", path.stem)), int(info.get("patch_size", 256)),
+                    bool(info.get("nuclei", True)))
+
+
+def _lazy(fn, shape: tuple[int, int], name: str, dtype=np.float32) -> da.Array:
+    """2-D dask array whose (y, x, h, w) blocks come from `fn`."""
+    h, w = shape
+    ys, xs = list(range(0, h, BLOCK)), list(range(0, w, BLOCK))
+    key = f"{name}-{tokenize(name, shape)}"
+    graph = {(key, i, j): (fn, y, x, min(BLOCK, h - y), min(BLOCK, w - x)) for i, y in enumerate(ys) for j, x in enumerate(xs)}
+    chunks = (tuple(min(BLOCK, h - y) for y in ys), tuple(min(BLOCK, w - x) for x in xs))
+    return da.Array(graph, key, chunks, dtype=dtype)
+
+
+@dataclass
+class Truth:
+    """The measured slide on the map's grid: normalised channels, tissue mask, plan."""
+
+    plan: SlidePlan
+    shape: tuple[int, int]
+    slide: object  # RoleSlide, kept open for lazy reads
+
+    def index(self, role: str) -> int:
+        return self.plan.spec.roles.index(role)
+
+    def normalised(self, role: str, y: int, x: int, h: int, w: int) -> np.ndarray:
+        k = self.index(role)
+        raw = read_scaled(self.slide, self.plan.choice, y, x, h, w)[k].astype(np.float32)
+        lo, hi = self.plan.lo[k], self.plan.hi[k]
+        return np.clip((raw - lo) / (hi - lo), 0, 1)
+
+    def tissue(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        mask = self.plan.mask
+        scale = self.plan.choice.downsample / self.plan.mask_downsample
+        iy = np.clip(((np.arange(y, y + h) + 0.5) * scale).astype(int), 0, mask.shape[0] - 1)
+        ix = np.clip(((np.arange(x, x + w) + 0.5) * scale).astype(int), 0, mask.shape[1] - 1)
+        return mask[np.ix_(iy, ix)]
+
+    def lazy(self, role: str) -> da.Array:
+        return _lazy(lambda y, x, h, w: self.normalised(role, y, x, h, w), self.shape, f"truth-{role}")
+
+    def lazy_tissue(self) -> da.Array:
+        return _lazy(self.tissue, self.shape, "tissue", dtype=bool)
+
+
+def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
+    """Plan the truth slide at the map's resolution and check that both cover the same tissue."""
+    cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0)
+    plan = plan_slide(spec, cfg)
+    mh, mw = m.level0.shape[1:]
+    th, tw = plan.choice.shape
+    if abs(mh - th) > SIZE_TOLERANCE * th or abs(mw - tw) > SIZE_TOLERANCE * tw:
+        size = lambda h, w: f"{h}×{w} px" + (f" = {h * m.mpp:.0f}×{w * m.mpp:.0f} µm" if m.mpp else "")  # noqa: E731
+        raise InputError(spec.paths[0], f"covers {size(th, tw)} at the map's resolution but the map {m.path} covers {size(mh, mw)}",
+                         "evaluate the map against the slide it was predicted from")
+    return Truth(plan, (min(mh, th), min(mw, tw)), spec.open())
+
+
+def _patch_protocol(m: MapImage, truth: Truth, clean: "CleanField | None", progress: bool) -> list[dict]:
+    """SSIM / PSNR per non-overlapping patch with ≥ 50 % tissue and full prediction coverage."""
+    p = m.patch_size
+    h, w = truth.shape
+    ys = np.arange(0, h - p + 1, p)
+    xs = np.arange(0, w - p + 1, p)
+    frac = tissue_fractions(truth.plan.mask, truth.plan.mask_downsample / truth.plan.choice.downsample, ys, xs, p)
+    rows = []
+    for i, y in enumerate(tqdm(ys, desc="patch protocol", unit="row", disable=not progress)):
+        keep = np.nonzero(frac[i] >= 0.5)[0]
+        if not len(keep):
+            continue
+        band = np.asarray(m.level0[:, y : y + p, :w])
+        meas = truth.normalised("target", int(y), 0, p, w)
+        ref = clean.normalised(int(y), 0, p, w) if clean else None
+        for j in keep:
+            x = int(xs[j])
+            sl = np.s_[:, x : x + p]
+            if band[3][sl].min() < 1:  # not fully predicted
+                continue
+            pred, truth_p = band[0][sl], meas[sl]
+            row = {"slide": m.slide_id, "y": int(y), "x": x, "ssim": ssim(pred, truth_p),
+                   "psnr": psnr_from_mse(float(np.mean((pred.astype(np.float64) - truth_p) ** 2))),
+                   "mae": float(np.abs(pred - truth_p).mean()), "divergence": float(band[1][sl].mean()),
+                   "multimodal_share": float(band[2][sl].mean())}
+            if ref is not None:
+                row["oracle_ssim"] = ssim(ref[sl], truth_p)
+                row["oracle_psnr"] = psnr_from_mse(float(np.mean((ref[sl].astype(np.float64) - truth_p) ** 2)))
+            rows.append(row)
+    return rows
+
+
+@dataclass
+class CleanField:
+    """The simulator's noiseless NP field, normalised with the measured channel's mapping."""
+
+    slide: object
+    truth: Truth
+
+    def normalised(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        raw = read_scaled(self.slide, self.truth.plan.choice, y, x, h, w)[0].astype(np.float32)
+        k = self.truth.index("target")
+        lo, hi = self.truth.plan.lo[k], self.truth.plan.hi[k]
+        return np.clip((raw - lo) / (hi - lo), 0, 1)
+
+
+def summarise(values: list[float]) -> dict:
+    finite = [v for v in values if math.isfinite(v)]
+    return {"mean": float(np.mean(finite)) if finite else math.nan, "sd": float(np.std(finite)) if finite else math.nan,
+            "n": len(values), "n_infinite": len(values) - len(finite)}
+
+
+def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool) -> tuple[dict, list[dict], MapImage, Truth]:
+    if "target" not in spec.roles:
+        raise InputError(spec.paths[0], "has no target (NP) channel to evaluate against", "map it with --channels target=<name|index>")
+    m = open_map(map_path)
+    truth = load_truth(spec, m)
+    h, w = truth.shape
+    pred = da.from_zarr(m.level0)[0, :h, :w].rechunk(BLOCK).astype(np.float64)
+    meas = truth.lazy("target").astype(np.float64)
+    mask = truth.lazy_tissue() if use_mask else None
+    result = {"slide": m.slide_id, "map": str(map_path), "truth": spec.paths[0], "shape": [h, w], "mpp": m.mpp,
+              "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")]},
+              "uni_modal_only": not m.nuclei}
+    result["wsi"] = whole_slide_metrics(pred, meas, mask)
+    clean = None
+    if clean_path is not None:
+        clean_slide = open_file(clean_path)
+        if clean_slide.levels[0].shape[1:] != truth.slide.levels[0].shape[1:]:
+            raise InputError(clean_path, f"size {clean_slide.levels[0].shape[1:]} differs from the slide's {truth.slide.levels[0].shape[1:]}")
+        clean = CleanField(clean_slide, truth)
+        oracle = _lazy(clean.normalised, truth.shape, "clean").astype(np.float64)
+        result["oracle_wsi"] = whole_slide_metrics(oracle, meas, mask)
+    rows = _patch_protocol(m, truth, clean, progress)
+    result["patches"] = {"size": m.patch_size, "ssim_percent": summarise([100 * r["ssim"] for r in rows]),
+                         "psnr": summarise([r["psnr"] for r in rows])}
+    if clean is not None and rows:
+        result["oracle_patches"] = {"ssim_percent": summarise([100 * r["oracle_ssim"] for r in rows]),
+                                    "psnr": summarise([r["oracle_psnr"] for r in rows])}
+    return result, rows, m, truth
+
+
+def pooled(results: list[dict], rows: list[dict]) -> dict:
+    """Pixel-weighted WSI numbers and patch-protocol numbers over every slide."""
+    n = sum(r["wsi"]["pixels"] for r in results)
+    mse = sum(r["wsi"]["mse"] * r["wsi"]["pixels"] for r in results) / n
+    ssim_w = sum(r["wsi"]["ssim"] * r["wsi"]["pixels"] for r in results) / n
+    out = {"slides": len(results), "wsi": {"ssim": ssim_w, "mse": mse, "psnr": psnr_from_mse(mse), "pixels": n},
+           "patches": {"ssim_percent": summarise([100 * r["ssim"] for r in rows]), "psnr": summarise([r["psnr"] for r in rows])}}
+    return out
+
+
+def read_single_channel(path: str | Path) -> da.Array:
+    """A 2-D image as stored (no normalisation): .npy, OME-Zarr / zarr, or TIFF (first channel, level 0)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        arr = arr.reshape(arr.shape[-2:]) if arr.ndim > 2 and np.prod(arr.shape[:-2]) == 1 else (arr[0] if arr.ndim == 3 else arr)
+        return da.from_array(arr, chunks=BLOCK)
+    if path.is_dir():
+        try:
+            node = zarr.open(str(path), mode="r")
+        except Exception as exc:
+            raise InputError(path, f"not a zarr image: {exc}") from exc
+        if isinstance(node, zarr.Group):
+            ms = dict(node.attrs).get("ome", dict(node.attrs)).get("multiscales")
+            node = node[ms[0]["datasets"][0]["path"]] if ms else node[next(iter(node.array_keys()))]
+        arr = da.from_zarr(node)
+        while arr.ndim > 2:
+            arr = arr[0]
+        return arr.rechunk(BLOCK)
+    with open_file(path) as slide:
+        shape = slide.levels[0].shape[1:]
+    slide = open_file(path)
+    return _lazy(lambda y, x, h, w: slide.read_region(0, y, x, h, w, (0,))[0].astype(np.float64), shape, f"img-{path}", np.float64)
+
+
+def compare(a_path: Path, b_path: Path, data_range: float | None) -> dict:
+    a, b = read_single_channel(a_path), read_single_channel(b_path)
+    if a.shape != b.shape:
+        raise InputError(b_path, f"shape {b.shape} differs from {a_path} {a.shape}")
+    if data_range is None:
+        if np.issubdtype(a.dtype, np.integer):
+            data_range = float(np.iinfo(a.dtype).max - np.iinfo(a.dtype).min)
+        else:
+            data_range = 1.0
+    m = whole_slide_metrics(a.astype(np.float64), b.astype(np.float64), data_range=data_range)
+    return {"a": str(a_path), "b": str(b_path), "shape": list(a.shape), "data_range": data_range, **m}
+
+
+def write_json(path: Path, data: dict) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    path.write_text(json.dumps(clean(data), indent=2))
+
+
+__all__ = ["RADIUS", "compare", "evaluate_slide", "open_map", "pooled", "write_json"]

@@ -1,0 +1,234 @@
+"""Figures and the self-contained HTML report of `wsi-damm evaluate`."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+from skimage.transform import resize
+
+from .evaluate import MapImage, Truth
+from .tiling import low_resolution
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
+
+THUMB = 1024
+
+
+def _scale_bar(ax, um_per_px: float | None, width_px: int) -> None:
+    if not um_per_px:
+        ax.text(0.02, 0.03, "scale unknown (no µm/px)", transform=ax.transAxes, color="w", fontsize=7)
+        return
+    target = width_px * um_per_px / 5
+    nice = 10 ** math.floor(math.log10(target))
+    for m in (5, 2, 1):
+        if m * nice <= target:
+            nice *= m
+            break
+    length = nice / um_per_px
+    x0, y0 = 0.04 * width_px, 0.94
+    ax.plot([x0, x0 + length], [y0, y0], transform=ax.get_xaxis_transform(), color="white", lw=3, solid_capstyle="butt")
+    label = f"{nice / 1000:g} mm" if nice >= 1000 else f"{nice:g} µm"
+    ax.text(x0 + length / 2, 0.89, label, transform=ax.get_xaxis_transform(), color="white", ha="center", va="top", fontsize=8)
+
+
+def _panel(fig, ax, img, title, cmap, vmin, vmax, um_per_px, cbar_label):
+    cmap = plt.get_cmap(cmap).copy()
+    cmap.set_bad("0.12")  # outside the predicted tissue: dark grey, so white labels stay legible
+    im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    _scale_bar(ax, um_per_px, img.shape[1])
+    cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.04)
+    cb = fig.colorbar(im, cax=cax)
+    cb.set_label(cbar_label, fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+
+
+def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
+    """CD31, DAPI, measured NP, predicted NP, |error| and divergence on one field of view."""
+    level = next((lv for lv in m.levels if max(lv.shape[1:]) <= THUMB * 1.5), m.levels[-1])
+    h, w = truth.shape
+    fy = level.shape[1] / m.level0.shape[1]
+    th, tw = max(1, round(h * fy)), max(1, round(w * fy))
+    pm = np.asarray(level[:, :th, :tw])
+    low, _ = low_resolution(truth.slide, max(th, tw))
+    plan = truth.plan
+    chans = {}
+    for role in plan.spec.roles:
+        k = plan.spec.roles.index(role)
+        raw = resize(low[k], (th, tw), order=1, anti_aliasing=True, preserve_range=True)
+        chans[role] = np.clip((raw - plan.lo[k]) / (plan.hi[k] - plan.lo[k]), 0, 1)
+    um = m.mpp / fy if m.mpp else None
+    covered = pm[3] > 0.5
+    err = np.where(covered, np.abs(pm[0] - chans["target"]), np.nan)
+    div = np.where(covered, pm[1], np.nan)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
+    blank = np.zeros((th, tw))
+    _panel(fig, axes[0, 0], chans.get("vessels", blank), "CD31 (vessels)", "magma", 0, 1, um, "normalised intensity")
+    _panel(fig, axes[0, 1], chans.get("nuclei", blank), "DAPI (nuclei)" if "nuclei" in chans else "DAPI: not in slide", "Blues_r", 0, 1, um, "normalised intensity")
+    _panel(fig, axes[0, 2], chans["target"], "NP measured", "viridis", 0, 1, um, "normalised NP")
+    _panel(fig, axes[1, 0], pm[0], "NP predicted", "viridis", 0, 1, um, "normalised NP")
+    _panel(fig, axes[1, 1], err, "|predicted − measured|", "inferno", 0, 0.5, um, "absolute error")
+    _panel(fig, axes[1, 2], div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only", "coolwarm", 0, 1, um, "d (gate uses uni-modal where d ≥ γ)")
+    wsi = result["wsi"]
+    fig.suptitle(f"{m.slide_id} — WSI SSIM {wsi['ssim']:.3f}, PSNR {wsi['psnr']:.2f} dB"
+                 + (f" (tissue: SSIM {wsi['ssim_tissue']:.3f}, PSNR {wsi['psnr_tissue']:.2f} dB)" if "ssim_tissue" in wsi else ""), fontsize=13)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def zoom(path: Path, m: MapImage, truth: Truth, rows: list[dict]) -> None:
+    """Full-resolution crops of the best, median and worst patches by SSIM."""
+    if not rows:
+        return
+    ranked = sorted(rows, key=lambda r: r["ssim"])
+    picks = [("best", ranked[-1]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[0])]
+    p = m.patch_size
+    roles = truth.plan.spec.roles
+    cols = [r for r in ("vessels", "nuclei") if r in roles] + ["target", "pred", "error"]
+    names = {"vessels": "CD31", "nuclei": "DAPI", "target": "NP measured", "pred": "NP predicted", "error": "|error|"}
+    fig, axes = plt.subplots(3, len(cols), figsize=(3.1 * len(cols), 9.6), squeeze=False)
+    for i, (label, r) in enumerate(picks):
+        y, x = r["y"], r["x"]
+        imgs = {role: truth.normalised(role, y, x, p, p) for role in roles}
+        imgs["pred"] = np.asarray(m.level0[0, y : y + p, x : x + p])
+        imgs["error"] = np.abs(imgs["pred"] - imgs["target"])
+        for j, c in enumerate(cols):
+            ax = axes[i, j]
+            cmap = {"vessels": "magma", "nuclei": "Blues_r", "error": "inferno"}.get(c, "viridis")
+            ax.imshow(imgs[c], cmap=cmap, vmin=0, vmax=0.5 if c == "error" else 1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(names[c], fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{label}\nSSIM {r['ssim']:.3f}\nPSNR {r['psnr']:.1f} dB\n(y={y}, x={x})", fontsize=9)
+            _scale_bar(ax, m.mpp, p)
+    fig.suptitle(f"{m.slide_id}: best, median and worst {p}-px patches (full resolution)", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def histograms(path: Path, rows: list[dict]) -> None:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    ssim_v = [100 * r["ssim"] for r in rows]
+    psnr_v = [r["psnr"] for r in rows if math.isfinite(r["psnr"])]
+    for ax, vals, label in ((a1, ssim_v, "SSIM (%)"), (a2, psnr_v, "PSNR (dB)")):
+        if vals:
+            ax.hist(vals, bins=30, color="#4477aa", edgecolor="white")
+            ax.axvline(np.mean(vals), color="k", ls="--", label=f"mean {np.mean(vals):.2f} ± {np.std(vals):.2f}")
+            ax.legend(fontsize=9)
+        ax.set(xlabel=label, ylabel="patches", title=f"Per-patch {label} (n = {len(vals)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def divergence_scatter(path: Path, rows: list[dict], gamma: float = 0.5) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    usable = [r for r in rows if math.isfinite(r["divergence"])]
+    if usable:
+        sc = ax.scatter([r["divergence"] for r in usable], [r["mae"] for r in usable], c=[r["multimodal_share"] for r in usable],
+                        cmap="viridis", vmin=0, vmax=1, s=12, alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="share of steps on the multi-modal branch")
+        ax.axvline(gamma, color="r", ls=":", label=f"γ = {gamma}: uni-modal at or above")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no divergence: uni-modal prediction (no nuclei)", ha="center", transform=ax.transAxes)
+    ax.set(xlabel="mean divergence d of the patch", ylabel="mean |predicted − measured|", title="Where the gate doubted fusion, and the error")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_patches_csv(path: Path, rows: list[dict]) -> None:
+    fields = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "∞" if v == math.inf else ("n/a" if not math.isfinite(v) else f"{v:.4g}")
+    return html.escape(str(v))
+
+
+def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
+    """One offline page: headline numbers, per-slide tables, and every figure embedded."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>wsi-damm evaluation</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}"
+             ".note{color:#666;font-size:90%}</style></head><body><h1>NP distribution prediction — evaluation</h1>"]
+    parts.append("<p class='note'>SSIM: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, 5-px border excluded — "
+                 "the definition of scikit-image. PSNR = 10·log10(1 / MSE) on maps normalised to [0, 1] by the slide's "
+                 "0.5 / 99.8 percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>")
+    for r in metrics["slides"]:
+        wsi = r["wsi"]
+        parts.append(f"<h2>{html.escape(r['slide'])}</h2>")
+        if r.get("uni_modal_only"):
+            parts.append("<p><b>Uni-modal prediction:</b> the slide had no nuclei channel; only the vessels branch was used.</p>")
+        parts.append("<table><tr><th></th><th>SSIM</th><th>PSNR (dB)</th><th>pixels</th></tr>")
+        parts.append(f"<tr><th>whole slide</th><td>{_fmt(wsi['ssim'])}</td><td>{_fmt(wsi['psnr'])}</td><td>{wsi['pixels']}</td></tr>")
+        if "ssim_tissue" in wsi:
+            parts.append(f"<tr><th>tissue only</th><td>{_fmt(wsi['ssim_tissue'])}</td><td>{_fmt(wsi['psnr_tissue'])}</td><td>{wsi['pixels_tissue']}</td></tr>")
+        pp = r["patches"]
+        parts.append(f"<tr><th>patches ({pp['ssim_percent']['n']})</th><td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
+                     f"<td>{_fmt(pp['psnr']['mean'])} ± {_fmt(pp['psnr']['sd'])}</td><td></td></tr>")
+        if "oracle_wsi" in r:
+            o = r["oracle_wsi"]
+            parts.append(f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>")
+        parts.append("</table>")
+    if len(metrics["slides"]) > 1:
+        pw = metrics["pooled"]
+        parts.append(f"<h2>Pooled over {pw['slides']} slides</h2><p>WSI SSIM {_fmt(pw['wsi']['ssim'])}, PSNR {_fmt(pw['wsi']['psnr'])} dB; "
+                     f"patches SSIM {_fmt(pw['patches']['ssim_percent']['mean'])} ± {_fmt(pw['patches']['ssim_percent']['sd'])} %, "
+                     f"PSNR {_fmt(pw['patches']['psnr']['mean'])} ± {_fmt(pw['patches']['psnr']['sd'])} dB</p>")
+    for fig in figures:
+        if fig.exists():
+            data = base64.b64encode(fig.read_bytes()).decode()
+            parts.append(f"<h3>{html.escape(fig.stem)}</h3><img alt='{html.escape(fig.stem)}' src='data:image/png;base64,{data}'>")
+    parts.append(f"<p class='note'>versions: {html.escape(str(metrics.get('versions', {})))}</p></body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def run_evaluate(pairs: list[tuple[Path, object]], out: Path, clean: list[Path | None], use_mask: bool = True,
+                 progress: bool = True) -> dict:
+    """Evaluate (map, slide spec) pairs; write metrics.json, patches.csv, figures and report.html."""
+    from importlib.metadata import version
+
+    from .evaluate import evaluate_slide, pooled, write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, all_rows, figures = [], [], []
+    for (map_path, spec), clean_path in zip(pairs, clean):
+        result, rows, m, truth = evaluate_slide(map_path, spec, clean_path, use_mask, progress)
+        results.append(result)
+        all_rows += rows
+        suffix = "" if len(pairs) == 1 else f"_{m.slide_id}"
+        for name, fn in ((f"overview{suffix}.png", lambda p: overview(p, m, truth, result)), (f"zoom{suffix}.png", lambda p: zoom(p, m, truth, rows))):
+            fn(out / name)
+            figures.append(out / name)
+    histograms(out / "metrics_hist.png", all_rows)
+    divergence_scatter(out / "divergence_vs_error.png", all_rows)
+    figures += [out / "metrics_hist.png", out / "divergence_vs_error.png"]
+    metrics = {"slides": results, "pooled": pooled(results, all_rows),
+               "versions": {p: version(p) for p in ("wsi-damm", "numpy", "scikit-image", "torch", "zarr", "dask")}}
+    write_json(out / "metrics.json", metrics)
+    write_patches_csv(out / "patches.csv", all_rows)
+    html_report(out / "report.html", metrics, figures)
+    return metrics

@@ -74,12 +74,12 @@ def build_pyramid(
     return levels[: len(shapes)]
 
 
-def _tiles(level: zarr.Array, tile: int, channels: list[int]) -> Iterator[np.ndarray]:
+def _tiles(level: zarr.Array, tile: int, channels: list[int], dtype: np.dtype) -> Iterator[np.ndarray]:
     """Tiles in TIFF order (channel, row, column), read one band of rows at a time."""
     _, h, w = level.shape
     for ch in channels:
         for y in range(0, h, tile):
-            band = np.asarray(level[ch, y : y + tile, :])
+            band = np.asarray(level[ch, y : y + tile, :]).astype(dtype, copy=False)
             for x in range(0, w, tile):
                 t = band[:, x : x + tile]
                 if t.shape != (tile, tile):
@@ -96,13 +96,14 @@ def write_ome_tiff(
     compression: str = "zlib",
     level: int = 4,
     channels: list[int] | None = None,
+    dtype: np.dtype | None = None,
 ) -> None:
     """Tiled pyramidal OME-TIFF (SubIFDs) from zarr levels; written to a temp name, then renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     channels = list(range(levels[0].shape[0])) if channels is None else list(channels)
     c, h, w = len(channels), levels[0].shape[1], levels[0].shape[2]
-    dtype = np.dtype(levels[0].dtype)
+    dtype = np.dtype(dtype or levels[0].dtype)
     metadata: dict = {"axes": "CYX", "Channel": {"Name": list(channel_names)}}
     resolution = None
     if mpp:
@@ -117,12 +118,12 @@ def write_ome_tiff(
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             tif.write(
-                _tiles(levels[0], tile, channels), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
+                _tiles(levels[0], tile, channels, dtype), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
                 metadata=metadata, **opts,
             )
             for i, lev in enumerate(levels[1:], start=1):
                 res = (1e4 / (mpp * 2**i),) * 2 if mpp else None
-                tif.write(_tiles(lev, tile, channels), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
+                tif.write(_tiles(lev, tile, channels, dtype), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

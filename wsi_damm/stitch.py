@@ -31,8 +31,11 @@ CHANNELS = [
     {"label": "coverage", "color": "FFFFFF", "min": 0.0, "max": 1.0},
 ]
 CHUNK = 256
+# float16 maps: values live in [0, 1] where float16 is exact to 2.4e-4 — half the bytes to write
+# and read; the OME-TIFF export is float32 for viewers without half-float support.
+MAP_DTYPE = np.float16
 PYRAMID_MIN = 1024  # levels halve until the longer side is at most this
-BAND_BYTES = 256 * 2**20  # accumulator bytes per band (4 float32 planes); 2 bands in flight by default
+BAND_BYTES = 192 * 2**20  # accumulator bytes per band (4 float32 planes); 2 bands in flight by default
 WINDOW_FLOOR = 1e-3
 
 
@@ -89,7 +92,7 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | N
     den = np.zeros((band.y1 - band.y0, width), np.float32)
     if len(band.rows):
         coords = read_rows(root["coords"], band.rows)
-        pred = read_rows(root["pred"], band.rows)[:, 0].astype(np.float32)
+        pred = read_rows(root["pred"], band.rows)[:, 0]  # float16; converted patch by patch (memory)
         div = np.nan_to_num(read_rows(root["divergence"], band.rows), nan=0.0)
         share = read_rows(root["multimodal_fraction"], band.rows)
         for k, (_, y, x) in enumerate(coords):
@@ -98,21 +101,21 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | N
                 continue
             wy = w[a - y : b - y]
             sl = (slice(a - band.y0, b - band.y0), slice(x, x + p))
-            num[0][sl] += wy * pred[k, a - y : b - y]
+            num[0][sl] += wy * pred[k, a - y : b - y].astype(np.float32)
             num[1][sl] += wy * div[k]
             num[2][sl] += wy * share[k]
             den[sl] += wy
     covered = den > 0
     np.divide(num, den, out=num, where=covered)  # in place: no second band-sized buffer
     num[:, ~covered] = 0
-    out[:3, band.y0 : band.y1, :] = num
-    out[3, band.y0 : band.y1, :] = covered
+    out[:3, band.y0 : band.y1, :] = num.astype(MAP_DTYPE)
+    out[3, band.y0 : band.y1, :] = covered.astype(MAP_DTYPE)
     if half is not None:
         y = band.y0 // 2
         small = halve(num)
-        half[:3, y : y + small.shape[1], :] = small
+        half[:3, y : y + small.shape[1], :] = small.astype(MAP_DTYPE)
         del small
-        half[3, y : y + (band.y1 - band.y0 + 1) // 2, :] = halve(covered[None].astype(np.float32))[0]
+        half[3, y : y + (band.y1 - band.y0 + 1) // 2, :] = halve(covered[None].astype(np.float32))[0].astype(MAP_DTYPE)
     return 1
 
 
@@ -128,13 +131,13 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    level0 = root.create_array("0", shape=(4, height, width), dtype=np.float32, chunks=(1, CHUNK, CHUNK),
-                               compressors=fast_codec(np.float32), fill_value=0, dimension_names=("c", "y", "x"))
+    level0 = root.create_array("0", shape=(4, height, width), dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
+                               compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
     shapes = pyramid_shapes(height, width, PYRAMID_MIN)
     level1 = None
     if len(shapes) > 1:
-        level1 = root.create_array("1", shape=(4,) + shapes[1], dtype=np.float32, chunks=(1, CHUNK, CHUNK),
-                                   compressors=fast_codec(np.float32), fill_value=0, dimension_names=("c", "y", "x"))
+        level1 = root.create_array("1", shape=(4,) + shapes[1], dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
+                                   compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
     bands = plan_bands(coords[idx, 1], idx, height, width, patch)
     tasks = [dask.delayed(merge_band, pure=False)(str(store.path), b, level0, level1, w, dask_key_name=f"merge-{i:08d}")
              for i, b in enumerate(bands)]
@@ -147,7 +150,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     root.attrs["wsi_damm"] = {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
                               "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True))}
     if tiff is not None:
-        write_ome_tiff(tiff, levels, [CHANNELS[0]["label"]], mpp, channels=[0])
+        write_ome_tiff(tiff, levels, [CHANNELS[0]["label"]], mpp, channels=[0], dtype=np.float32)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

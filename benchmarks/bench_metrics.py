@@ -6,13 +6,15 @@ shifted copy, stored as float32 .npy; ours reads it memory-mapped in 1024² bloc
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine, measure, peak_rss_mb  # noqa: E402
+
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_pair(d: Path, size: int) -> None:
@@ -57,12 +54,9 @@ def _worker(kind: str, d: str) -> None:
         a = da.from_array(np.load(d / "a.npy", mmap_mode="r"), chunks=1024)
         b = da.from_array(np.load(d / "b.npy", mmap_mode="r"), chunks=1024)
         value = whole_slide_metrics(a, b)["ssim"]
-    print(json.dumps({"seconds": time.perf_counter() - t0, "ssim": float(value), "peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "ssim": float(value), "peak_rss_mb": peak_rss_mb()}))
 
 
-def _measure(kind: str, d: Path) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--worker", kind, str(d)], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -77,9 +71,8 @@ def main() -> None:
     d = Path(tempfile.mkdtemp(prefix="bench_metrics."))
     try:
         make_pair(d, size)
-        ref, ours = _measure("reference", d), _measure("ours", d)
+        ref, ours = measure(__file__, "reference", str(d)), measure(__file__, "ours", str(d))
         mpx = size * size / 1e6
-        import torch
 
         print(json.dumps({
             "name": "wsi_ssim_vs_scikit_image", "unit": "megapixels / s", "pair": f"{size}x{size} float32",
@@ -87,7 +80,7 @@ def main() -> None:
             "ratio": round(ref["seconds"] / ours["seconds"], 3), "target_ratio": 1.0,
             "ssim_ours": ours["ssim"], "ssim_reference": ref["ssim"], "abs_difference": abs(ours["ssim"] - ref["ssim"]),
             "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1), "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-            "cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+            **machine(),
         }, indent=2))
     finally:
         shutil.rmtree(d, ignore_errors=True)

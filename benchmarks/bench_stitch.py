@@ -8,13 +8,16 @@ are a smooth field of the global position, stored as float16 in a real predictio
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine, measure, peak_rss_mb  # noqa: E402
+
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,15 +25,9 @@ from pathlib import Path
 import numpy as np
 
 
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def make_store(path: Path, size: int, patch: int = 256, overlap: int = 64, shard: int = 64) -> None:
-    import zarr
 
     from wsi_damm.store import create_prediction_store
     from wsi_damm.tiling import grid_positions
@@ -83,12 +80,9 @@ def _worker(kind: str, store: str, out: str) -> None:
                 weights[y : y + patch, x : x + patch] += w
         np.divide(canvas, weights, out=canvas, where=weights > 0)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "mpx": size * size / 1e6, "peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"seconds": seconds, "mpx": size * size / 1e6, "peak_rss_mb": peak_rss_mb()}))
 
 
-def _measure(kind: str, store: Path, out: Path) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--worker", kind, str(store), str(out)], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -104,10 +98,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_stitch.", dir=os.environ.get("BENCH_TMP")))
     try:
         make_store(work / "pred.zarr", size)
-        ref = _measure("reference", work / "pred.zarr", work / "unused")
-        ours = _measure("ours", work / "pred.zarr", work / "map.ome.zarr")
+        ref = measure(__file__, "reference", str(work / "pred.zarr"), str(work / "unused"))
+        ours = measure(__file__, "ours", str(work / "pred.zarr"), str(work / "map.ome.zarr"))
         o, r = ours["mpx"] / ours["seconds"], ref["mpx"] / ref["seconds"]
-        import torch
 
         print(json.dumps({
             "name": "stitch_throughput_vs_in_memory", "unit": "megapixels / s", "map": f"{size}x{size}, patch 256, overlap 64",
@@ -116,7 +109,7 @@ def main() -> None:
             "reference_does": "NP only, in memory, nothing written",
             "seconds_ours": round(ours["seconds"], 1), "seconds_reference": round(ref["seconds"], 1),
             "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1), "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-            "target_peak_rss_mb_ours": 1024, "cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+            "target_peak_rss_mb_ours": 1024, **machine(),
         }, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

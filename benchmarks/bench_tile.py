@@ -7,25 +7,20 @@ compress, write) over the slide's area.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine, measure, peak_rss_mb  # noqa: E402
+
 import argparse
 import json
-import os
-import platform
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-def _peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would carry the parent's peak across fork+exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _worker(kind: str, slide: str, out: str) -> None:
@@ -44,13 +39,10 @@ def _worker(kind: str, slide: str, out: str) -> None:
         h, w = store.slides[0]["shape"]
         pixels = h * w
     seconds = time.perf_counter() - t0
-    rss = _peak_rss_mb()
+    rss = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "mpx": pixels / 1e6, "peak_rss_mb": rss}))
 
 
-def _measure(kind: str, slide: Path, out: Path) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--worker", kind, str(slide), str(out)], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -71,11 +63,10 @@ def main() -> None:
             from wsi_damm.synth import SynthConfig, write_slides
 
             write_slides(data, 1, SynthConfig(size=size, seed=1), progress=False)
-        ref = _measure("reference", slide, work / "unused")
-        ours = _measure("ours", slide, work / "st.zarr")
+        ref = measure(__file__, "reference", str(slide), str(work / "unused"))
+        ours = measure(__file__, "ours", str(slide), str(work / "st.zarr"))
         raw_mb = 3 * size * size * 2 / 2**20
         ours_tp, ref_tp = ours["mpx"] / ours["seconds"], ref["mpx"] / ref["seconds"]
-        import torch
 
         print(json.dumps({
             "name": "tile_throughput_vs_raw_decode",
@@ -92,9 +83,7 @@ def main() -> None:
             "raw_array_mb": round(raw_mb, 1),
             "rss_ratio_to_raw": round(ours["peak_rss_mb"] / raw_mb, 3),
             "target_rss_ratio": 1 / 3,
-            "cores": os.cpu_count(),
-            "machine": platform.machine(),
-            "torch": torch.__version__,
+            **machine(),
         }, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -12,10 +12,14 @@ Reverse step: one denoising step (both branches + gate) for the batch vs per sam
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import machine, peak_rss_mb  # noqa: E402
+
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,11 +31,6 @@ from wsi_damm.diffusion.schedule import NoiseSchedule
 from wsi_damm.train import build_autoencoder, build_unet
 
 
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _cpu_has_bf16() -> bool:
@@ -118,9 +117,9 @@ def main() -> None:
     model.to(memory_format=torch.channels_last)
     ours_train = batch / _time(our_step, repeats)
     ours_rev = batch / _time(our_reverse, repeats)
-    common = {"cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(), "cpu_bf16": bf16,
+    common = {**machine(), "cpu_bf16": bf16,
               "batch": batch, "latents": f"{c}x{lat}x{lat}", "unet_parameters": model.parameter_counts()["total"],
-              "peak_rss_mb_ours": round(_peak_rss_mb(), 1), "peak_rss_mb_reference": "same process (shared model)"}
+              "peak_rss_mb_ours": round(peak_rss_mb(), 1), "peak_rss_mb_reference": "same process (shared model)"}
     for name, ours, ref in (("train_step_paper_preset", ours_train, ref_train), ("reverse_step_paper_preset", ours_rev, ref_rev)):
         print(json.dumps({"name": name, "unit": "patches / s", "ours": round(ours, 3), "reference": round(ref, 3),
                           "ratio": round(ours / ref, 2), "target_ratio": 5.0, **common}))

@@ -20,7 +20,7 @@ from dask.base import tokenize
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .metrics import RADIUS, psnr_from_mse, ssim, whole_slide_metrics
+from .metrics import psnr_from_mse, ssim, whole_slide_metrics
 from .slides import SlideSpec, open_file
 from .tile import SlidePlan, TileConfig, plan_slide
 from .tiling import read_scaled, tissue_fractions
@@ -254,5 +254,3 @@ def write_json(path: Path, data: dict) -> None:
 
     path.write_text(json.dumps(clean(data), indent=2))
 
-
-__all__ = ["RADIUS", "compare", "evaluate_slide", "open_map", "pooled", "write_json"]

@@ -25,6 +25,7 @@ from .diffusion.noise import keyed_normal, patch_key
 from .diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from .diffusion.schedule import NoiseSchedule
 from .errors import InputError
+from .jobs import prepare_output
 from .slides import SlideSpec
 from .store import PatchStore, PredictionStore, create_prediction_store, read_rows
 from .tile import TileConfig, run_tile
@@ -65,9 +66,11 @@ class PredictConfig:
 class GatedDenoiser:
     """ε(x, t) of the DAMM U-Net with the per-sample gate; remembers each sample's choices."""
 
-    def __init__(self, model, c_uni: torch.Tensor, c_multi: torch.Tensor | None, gamma: float, dammp: bool, amp: bool) -> None:
+    def __init__(self, model, c_uni: torch.Tensor, c_multi: torch.Tensor | None, gamma: float, dammp: bool, amp: bool,
+                 v_schedule: NoiseSchedule | None = None) -> None:
         self.model, self.c_uni, self.c_multi = model, c_uni, c_multi
         self.gamma, self.dammp, self.amp = gamma, dammp, amp
+        self.v_schedule = v_schedule  # set when the model predicts v: outputs are turned into ε
         self.divergences: list[torch.Tensor] = []
         self.choices: list[torch.Tensor] = []
 
@@ -76,12 +79,14 @@ class GatedDenoiser:
         with ctx:
             eps_uni, eps_multi, kappa = self.model(x, t, self.c_uni, self.c_multi)
         if eps_multi is None:  # no nuclei: the multi-modal branch is never computed
-            return eps_uni.float()
-        d = divergence(kappa)
-        multi = use_multi(d, self.gamma) if self.dammp else torch.ones_like(d, dtype=torch.bool)
-        self.divergences.append(d)
-        self.choices.append(multi)
-        return torch.where(multi.view(-1, 1, 1, 1), eps_multi, eps_uni).float()
+            out = eps_uni.float()
+        else:
+            d = divergence(kappa)
+            multi = use_multi(d, self.gamma) if self.dammp else torch.ones_like(d, dtype=torch.bool)
+            self.divergences.append(d)
+            self.choices.append(multi)
+            out = torch.where(multi.view(-1, 1, 1, 1), eps_multi, eps_uni).float()
+        return self.v_schedule.eps_from_v(x, t, out) if self.v_schedule is not None else out
 
     def summary(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.choices:
@@ -118,7 +123,8 @@ class Predictor:
             c_uni, c_multi = enc["vessels"], enc.get("nuclei")
         shape = tuple(c_uni.shape[1:])
         x_t = keyed_normal(keys, 0, shape, self.device)
-        den = GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp)
+        den = GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp,
+                            self.schedule if self.rc.schedule.objective == "v" else None)
         if self.cfg.sampler == "ddim":
             z0 = sample_ddim(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.eta, lambda i: keyed_normal(keys, i + 1, shape, self.device))
         else:
@@ -155,14 +161,7 @@ def run_predict(
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     if d.main:
-        if out.exists() and not overwrite:
-            raise InputError(out, "already exists", "pass --overwrite to replace it")
-        if (partial.exists() or cond_path.exists()) and not resume:
-            if not overwrite:
-                raise InputError(partial, "an interrupted prediction left this behind", "pass --resume to continue it or --overwrite to restart")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(cond_path, ignore_errors=True)
-            shutil.rmtree(cond_path.with_name(cond_path.name + ".partial"), ignore_errors=True)
+        prepare_output(out, partial, resume, overwrite, (cond_path, cond_path.with_name(cond_path.name + ".partial")))
         if not cond_path.exists():
             run_tile(specs, cond_path, _condition_config(rc, cfg), resume=True, progress=progress)
         if not (partial / "zarr.json").exists():

@@ -21,6 +21,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .jobs import TaskProgress
 from .ome import build_pyramid, fast_codec, halve, ome_zarr_attrs, pyramid_shapes, write_ome_tiff
 from .store import PredictionStore, read_rows
 
@@ -142,7 +143,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     tasks = [dask.delayed(merge_band, pure=False)(str(store.path), b, level0, level1, w, dask_key_name=f"merge-{i:08d}")
              for i, b in enumerate(bands)]
     with tqdm(total=len(tasks), desc=f"stitching {entry['slide_id']}", unit="band", disable=not progress) as bar:
-        with _BandProgress(bar):
+        with TaskProgress(bar, "merge-"):
             dask.compute(*tasks, scheduler="threads", num_workers=workers)
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"), existing=min(2, len(shapes)))
     mpp = entry.get("mpp")
@@ -155,17 +156,6 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
         shutil.rmtree(out)
     partial.rename(out)
     return out
-
-
-class _BandProgress(dask.callbacks.Callback):
-    def __init__(self, bar: tqdm) -> None:
-        super().__init__()
-        self.bar = bar
-
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if str(name).startswith("merge-"):
-            self.bar.update(1)
 
 
 def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path | None = None, workers: int | None = None,

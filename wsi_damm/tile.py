@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
+from .jobs import TaskProgress, prepare_output
 from .slides import SlideSpec
 from .store import PatchStore, create_patch_store
 from .tiling import (
@@ -150,19 +151,6 @@ def write_shard(store_path: str, shard: int, plans: tuple[tuple[SlideSpec, Level
     return 1
 
 
-class _ShardProgress(dask.callbacks.Callback):
-    """tqdm bar in shards for dask's local schedulers."""
-
-    def __init__(self, bar: tqdm) -> None:
-        super().__init__()
-        self.bar = bar
-
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if str(name).startswith("write_shard"):
-            self.bar.update(int(result))
-
-
 def _config_fingerprint(cfg: TileConfig, specs: list[SlideSpec]) -> str:
     return json.dumps({"config": asdict(cfg), "slides": [s.describe() for s in specs]}, sort_keys=True, default=str)
 
@@ -180,12 +168,7 @@ def run_tile(
     cfg.validate()
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists", "pass --overwrite to replace it")
-    if partial.exists() and not resume:
-        if not overwrite:
-            raise InputError(partial, "an interrupted run left this behind", "pass --resume to continue it or --overwrite to restart")
-        shutil.rmtree(partial)
+    prepare_output(out, partial, resume, overwrite)
     fingerprint = _config_fingerprint(cfg, specs)
     created = False
     try:
@@ -255,7 +238,7 @@ def _compute(tasks: list, scheduler: str, workers: int | None, bar: tqdm) -> Non
     if not tasks:
         return
     if scheduler in ("threads", "processes", "sync", "synchronous"):
-        with _ShardProgress(bar):
+        with TaskProgress(bar, "write_shard"):
             dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
         return
     try:

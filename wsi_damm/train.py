@@ -222,7 +222,10 @@ def validate(model: DammUNet, latents: dict[str, torch.Tensor], sched: NoiseSche
         rows = torch.arange(i, min(i + 64, n))
         noise = noise_all[rows].to(device)
         t = t_all[rows]
-        z_t = sched.q_sample(latents["target"][rows], t.to(device), noise)
+        z0 = latents["target"][rows]
+        z_t = sched.q_sample(z0, t.to(device), noise)
+        if cfg.schedule.objective == "v":
+            noise = sched.v_target(z0, t.to(device), noise)  # the regression target of this objective
         c_uni, c_multi = _conditions(latents, rows, cfg.model.uni_branch)
         eps_uni, eps_multi, kappa = model(z_t, t.to(device), c_uni, c_multi)
         d = divergence(kappa)
@@ -288,13 +291,15 @@ def train_diffusion(
             part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
             rows_b = torch.from_numpy(sel[part])
             noise, t = noise_all[part].to(d.device), t_all[part].to(d.device)
-            z_t = sched.q_sample(latents["target"][rows_b], t, noise)
+            z0 = latents["target"][rows_b]
+            z_t = sched.q_sample(z0, t, noise)
+            target = sched.v_target(z0, t, noise) if cfg.schedule.objective == "v" else noise
             c_uni, c_multi = _conditions(latents, rows_b, cfg.model.uni_branch)
             if t_cfg.channels_last:
                 z_t, c_uni, c_multi = (x.contiguous(memory_format=torch.channels_last) for x in (z_t, c_uni, c_multi))
             with _autocast(d.device, amp):
                 eps_uni, eps_multi, kappa = fwd(z_t, t, c_uni, c_multi, use_confidence=not warm)
-            loss, stats = damm_loss(eps_uni, eps_multi, kappa, noise, loss_cfg, warmup=warm)
+            loss, stats = damm_loss(eps_uni, eps_multi, kappa, target, loss_cfg, warmup=warm)
             (loss / t_cfg.grad_accum).backward()
             logs = stats
         if t_cfg.grad_clip > 0:

@@ -44,3 +44,23 @@ class NoiseSchedule:
         """z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε."""
         a, s = self.coefficients(t, z0)
         return a * z0 + s * noise
+
+    def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at integer or fractional t (log-SNR linear between steps, as the samplers assume)."""
+        a = self.alphas_cumprod
+        lam = 0.5 * (torch.log(a) - torch.log1p(-a))
+        t = t.detach().double().cpu().clamp(0, self.T - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.T - 1)
+        w = t - lo.double()
+        return torch.sigmoid(2 * (lam[lo] * (1 - w) + lam[hi] * w))
+
+    def v_target(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = √ᾱ ε − √(1−ᾱ) z_0 (Salimans & Ho 2022)."""
+        a, s = self.coefficients(t, z0)
+        return a * noise - s * z0
+
+    def eps_from_v(self, z_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ε = √(1−ᾱ) z_t + √ᾱ v, at integer or fractional t."""
+        a = self.alpha_bar_at(t).to(device=z_t.device, dtype=z_t.dtype).view((-1,) + (1,) * (z_t.ndim - 1))
+        return (1 - a).sqrt() * z_t + a.sqrt() * v

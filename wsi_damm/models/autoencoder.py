@@ -33,6 +33,8 @@ class Autoencoder(nn.Module):
             enc += [Downsample(chs[i]), ResBlock(chs[i], chs[i + 1])]
         enc += [ResBlock(chs[-1], chs[-1]), group_norm(chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * latent_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
+        with torch.no_grad():  # start with a narrow posterior: early training is not drowned in sampling noise
+            self.encoder[-1].bias[latent_channels:].fill_(-6.0)
         dec: list[nn.Module] = [nn.Conv2d(latent_channels, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1])]
         for i in reversed(range(levels)):
             dec += [ResBlock(chs[i + 1], chs[i]), Upsample(chs[i])]

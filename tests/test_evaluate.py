@@ -82,3 +82,21 @@ def test_compare_equals_scikit_image(tmp_path, perfect_map):
     tifffile.imwrite(tmp_path / "m.tif", np_map)
     r = json.loads(run_cli("compare", str(m), str(tmp_path / "m.tif"), "--json").stdout)
     assert r["psnr"] == "inf"
+
+
+def test_several_slides_give_per_slide_rows_and_pooled_numbers(perfect_map, tmp_path):
+    import shutil
+
+    d, m, slide = perfect_map
+    twin = tmp_path / "twin.ome.tif"  # the same section under another slide id
+    shutil.copy(slide, twin)
+    out = tmp_path / "multi"
+    res = run_cli("evaluate", str(m), str(m), "--truth", str(slide), "--truth", str(twin), "--out", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["slides"]) == 2 and metrics["pooled"]["slides"] == 2
+    one = metrics["slides"][0]
+    assert metrics["pooled"]["wsi"]["ssim"] == pytest.approx(one["wsi"]["ssim"])
+    assert metrics["pooled"]["patches"]["ssim_percent"]["n"] == 2 * one["patches"]["ssim_percent"]["n"]
+    res = run_cli("evaluate", str(m), "--truth", str(slide), "--truth", str(slide), "--out", str(out))
+    assert res.returncode == 2 and "one --truth per map" in res.stderr

@@ -118,7 +118,7 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "CleanField | None", progr
     xs = np.arange(0, w - p + 1, p)
     frac = tissue_fractions(truth.plan.mask, truth.plan.mask_downsample / truth.plan.choice.downsample, ys, xs, p)
     rows = []
-    for i, y in enumerate(tqdm(ys, desc="patch protocol", unit="row", disable=not progress)):
+    for i, y in enumerate(tqdm(ys, desc="patch protocol", unit="row", disable=None if progress else True)):
         keep = np.nonzero(frac[i] >= 0.5)[0]
         if not len(keep):
             continue

@@ -203,7 +203,7 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
     roles = conditions.roles
     group = max(1, cfg.batch_size // s)  # shards sampled together, so batches can exceed a shard
     bar = tqdm(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
-               desc="predicting", unit="patch", disable=not (progress and d.main))
+               desc="predicting", unit="patch", disable=None if (progress and d.main) else True)
     for g in range(0, len(todo), group):
         shards = todo[g : g + group]
         spans = [(i * s, min((i + 1) * s, n)) for i in shards]

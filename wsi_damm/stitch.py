@@ -142,7 +142,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     bands = plan_bands(coords[idx, 1], idx, height, width, patch)
     tasks = [dask.delayed(merge_band, pure=False)(str(store.path), b, level0, level1, w, dask_key_name=f"merge-{i:08d}")
              for i, b in enumerate(bands)]
-    with tqdm(total=len(tasks), desc=f"stitching {entry['slide_id']}", unit="band", disable=not progress) as bar:
+    with tqdm(total=len(tasks), desc=f"stitching {entry['slide_id']}", unit="band", disable=None if progress else True) as bar:
         with TaskProgress(bar, "merge-"):
             dask.compute(*tasks, scheduler="threads", num_workers=workers)
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"), existing=min(2, len(shapes)))

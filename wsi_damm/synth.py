@@ -1,7 +1,7 @@
 """Synthetic tumour sections with known ground truth (DESIGN.md §6).
 
 Physics, kept simple but causal: a branching vessel network with varying calibre and leakiness
-(CD31 on the endothelium); nuclei whose density varies by region (DAPI); nanoparticles (NP) that
+(CD31 on the endothelium, dimmer where the vessel leaks); nuclei whose density varies by region (DAPI); nanoparticles (NP) that
 leak from vessels and spread by a distance that shrinks where cells are dense, then pass through
 the optics (PSF) and the camera (Poisson + read noise). In `divergence` regions the DAPI channel
 shows an unrelated density — a misaligned or artefact-stained nuclei channel — while the NP still
@@ -152,7 +152,9 @@ def make_layout(cfg: SynthConfig, index: int) -> Layout:
     density_seen = np.where(divergent > 0, other, density).astype(np.float32)
 
     p0, p1, radius, leak = _grow_vessels(rng, cfg, tissue, c)
-    bright = rng.uniform(0.6, 1.0, len(p0))
+    # leaky tumour vessels have a discontinuous endothelium with fewer CD31 copies: the stain is
+    # dimmer where leakage is high, so leakiness is visible to a model of CD31 (not to a blur)
+    bright = np.clip(1.0 - 0.6 * leak + rng.normal(0, 0.08, len(p0)), 0.25, 1.1)
 
     # NP: line sources on leaky vessels, spread by a length that shrinks with true cell density.
     src = np.zeros((hc, wc), np.float64)
@@ -301,7 +303,7 @@ def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers:
         tiles = [(ty, tx) for ty in range(0, size, TILE) for tx in range(0, size, TILE)]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             jobs = pool.map(lambda t: _render_tile(cfg, lay, index, t[0], t[1], root), tiles)
-            for _ in tqdm(jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=not progress, leave=False):
+            for _ in tqdm(jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=None if progress else True, leave=False):
                 pass
         paths = {
             "slide": out_dir / f"{name}.ome.tif",
@@ -324,7 +326,7 @@ def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=not progress or n_slides < 2):
+    for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=None if (progress and n_slides > 1) else True):
         results.append(write_slide(out_dir, f"{prefix}_{i:03d}", i, cfg, workers, progress))
     (out_dir / "truth" / "synth_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return results

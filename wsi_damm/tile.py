@@ -192,7 +192,7 @@ def run_tile(
             dask.delayed(write_shard, pure=False)(str(partial), shard, frozen, dask_key_name=f"write_shard-{shard:09d}")
             for shard in todo
         ]
-        with tqdm(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=not progress) as bar:
+        with tqdm(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=None if progress else True) as bar:
             _compute(tasks, scheduler, workers, bar)
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not written")

@@ -174,10 +174,10 @@ def normalise(block: np.ndarray, lo: list[float], hi: list[float], dtype: np.dty
     """
     top = np.iinfo(dtype).max
     if block.dtype in (np.uint8, np.uint16):
-        values = np.arange(np.iinfo(block.dtype).max + 1, dtype=np.float32)
+        values = np.arange(np.iinfo(block.dtype).max + 1, dtype=np.float64)  # the table is small: exact maths
         out = np.empty(block.shape, dtype)
         for c in range(block.shape[0]):
-            lut = _scale(values, np.float32(lo[c]), np.float32(hi[c]), top).astype(dtype)
+            lut = _scale(values, float(lo[c]), float(hi[c]), top).astype(dtype)
             np.take(lut, block[c], out=out[c])
         return out
     shape = (-1,) + (1,) * (block.ndim - 1)
@@ -186,6 +186,6 @@ def normalise(block: np.ndarray, lo: list[float], hi: list[float], dtype: np.dty
 
 
 def _scale(values: np.ndarray, lo, hi, top: int) -> np.ndarray:
-    out = (values - lo) * (np.float32(top) / (hi - lo))
+    out = (values - lo) * (values.dtype.type(top) / (hi - lo))
     np.clip(out, 0, top, out=out)
     return np.rint(out)

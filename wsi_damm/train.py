@@ -149,7 +149,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
         return aes
     opts = {r: torch.optim.AdamW(ae.parameters(), lr=a.lr) for r, ae in aes.items()}
     rows = []
-    bar = tqdm(range(a.steps), desc="autoencoders", unit="step", disable=not (progress and d.main))
+    bar = tqdm(range(a.steps), desc="autoencoders", unit="step", disable=None if (progress and d.main) else True)
     for step in bar:
         sel = batch_rows(len(images), a.batch_size * d.world, step, cfg.train.seed + 17)
         x = images.get(sel[d.rank * a.batch_size : (d.rank + 1) * a.batch_size]).to(d.device)
@@ -274,7 +274,7 @@ def train_diffusion(
     n = latents["target"].shape[0]
     micro = t_cfg.batch_size // t_cfg.grad_accum
     end = t_cfg.steps if stop_after is None else min(t_cfg.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=t_cfg.steps, desc="diffusion", unit="step", disable=not (progress and d.main))
+    bar = tqdm(range(start, end), initial=start, total=t_cfg.steps, desc="diffusion", unit="step", disable=None if (progress and d.main) else True)
     t0, last_t, last_step = time.perf_counter(), time.perf_counter(), start
     for step in bar:
         warm = step < warmup_steps
@@ -316,7 +316,7 @@ def train_diffusion(
             if done % t_cfg.val_every == 0 or done == t_cfg.steps:
                 row.update(validate(ema.eval(), val_latents, sched, cfg, d.device))
             rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{row.get('val_loss', float('nan')):.4f}")
+            bar.set_postfix({"loss": f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {})})
         if d.main and (done % t_cfg.checkpoint_every == 0 or done == end):
             _checkpoint(run, model, ema, opt, done, rows)
     if d.world > 1:

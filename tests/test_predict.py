@@ -84,3 +84,17 @@ def test_slide_without_nuclei_predicts_uni_modal(tiny_run, synth_dir, tmp_path):
     assert (np.asarray(store.root["multimodal_fraction"][:]) == 0).all()
     m = zarr.open_group(str(tmp_path / "u.ome.zarr"), mode="r")
     assert m.attrs["wsi_damm"]["nuclei"] is False
+
+
+def test_two_ranks_predict_disjoint_shards_and_the_same_result(tiny_run, synth_dir, tmp_path):
+    import subprocess as sp
+
+    slide = _slide(synth_dir)
+    one = _predict(tiny_run, slide, tmp_path / "one.zarr", "--shard-patches", "8", "--no-stitch")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "wsi_damm_cli.main", "predict", str(tiny_run), slide, "--out", str(tmp_path / "two.zarr"),
+           "--steps", "4", "--shard-patches", "8", "--no-stitch", "--quiet"]
+    res = sp.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = PredictionStore.open(tmp_path / "two.zarr")
+    np.testing.assert_allclose(np.asarray(one.pred[:]).astype(np.float32), np.asarray(two.pred[:]).astype(np.float32), atol=2e-3)

@@ -6,14 +6,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wsi_damm.stitch import run_stitch
 from wsi_damm.store import create_prediction_store
 from wsi_damm.tiling import grid_positions
-
-import zarr
 
 
 @given(length=st.integers(1, 3000), patch=st.integers(1, 300), overlap_frac=st.floats(0, 0.9))

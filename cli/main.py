@@ -45,7 +45,7 @@ def _planes(values: tuple[str, ...]) -> dict[str, int]:
     return planes
 
 
-@cli.command()
+@cli.command(short_help="Write synthetic tumour slides with ground truth.")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--slides", default=2, type=click.IntRange(1), help="Number of slides.")
 @click.option("--size", default=4096, type=click.IntRange(256), help="Slide height and width in pixels.")
@@ -63,7 +63,7 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
         click.echo(f"{r['slide']}  (truth: {r['clean'].name}, {r['divergence'].name}; preview: {r['preview'].name})")
 
 
-@cli.command()
+@cli.command(short_help="Cut slides into tissue patches (zarr store).")
 @click.argument("slides", nargs=-1)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Patch store to create (.zarr).")
 @click.option("--manifest", type=click.Path(path_type=Path), help="CSV: slide_id,vessels,nuclei,target (cells path or path#channel).")
@@ -99,7 +99,7 @@ def _flags(**groups: dict) -> dict:
     return {section: {k: v for k, v in values.items() if v is not None} for section, values in groups.items() if any(v is not None for v in values.values())}
 
 
-@cli.command()
+@cli.command(short_help="Train the autoencoders and the DAMM U-Net.")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
@@ -162,7 +162,7 @@ def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("ves
 BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 
 
-@cli.command()
+@cli.command(short_help="Predict whole-slide NP maps with a trained run.")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("slides", nargs=-1)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Prediction store to create (.zarr).")
@@ -203,7 +203,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, sampler, steps, eta
             click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
 
 
-@cli.command()
+@cli.command(short_help="Blend patch predictions into whole-slide maps.")
 @click.argument("pred_store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="MAP.ome.zarr (a folder of maps for many slides).")
 @click.option("--blend", default="gaussian", type=BLENDS)
@@ -218,7 +218,7 @@ def stitch(pred_store, out, blend, tiff, workers, quiet) -> None:
         click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
 
 
-@cli.command()
+@cli.command(short_help="Score maps against the measured NP channel.")
 @click.argument("maps", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--truth", "truths", multiple=True, required=True, help="Measured slide for each map, in the same order.")
 @click.option("--channels", help="Role map of the truth slides, e.g. target=NP,vessels=CD31,nuclei=DAPI.")
@@ -244,7 +244,7 @@ def evaluate(maps, truths, channels, cleans, mask, out, max_slide_gb, quiet) -> 
     click.echo(f"report: {out / 'report.html'} (open it in a browser)")
 
 
-@cli.command()
+@cli.command(short_help="SSIM / PSNR of two images as stored.")
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option("--data-range", type=float, help="Default: the dtype's range for integers, 1.0 for floats.")
@@ -260,7 +260,7 @@ def compare(a, b, data_range, as_json) -> None:
         click.echo(f"SSIM {r['ssim']:.6f}  PSNR {r['psnr']:.4f} dB  (data range {r['data_range']}, {r['pixels']} px)")
 
 
-@cli.command()
+@cli.command(short_help="The whole pipeline on synthetic slides.")
 @click.option("--out", default=Path("demo"), type=click.Path(file_okay=False, path_type=Path), help="Where everything goes.")
 @click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
 @click.option("--quick", is_flag=True, help="Smaller slides and fewer steps: a smoke test in a few minutes.")
@@ -281,7 +281,7 @@ def demo(out, preset, quick, quiet) -> None:
     click.echo(f"report: {outs['report']}   (open in a browser)")
 
 
-@cli.command()
+@cli.command(short_help="Describe a patch store or a run directory.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(path: Path, as_json: bool) -> None:

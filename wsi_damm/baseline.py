@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
+from .evaluate import lazy_blocks
 from .ome import build_pyramid, fast_codec, ome_zarr_attrs
 from .slides import SlideSpec
 from .stitch import CHANNELS, MAP_DTYPE, PYRAMID_MIN
@@ -80,9 +81,7 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
         v = read_scaled(slide, plan.choice, y, x, bh, bw)[k].astype(np.float32)
         return np.clip((v - lo) / (hi - lo), 0, 1)
 
-    from .evaluate import _lazy
-
-    vessels = _lazy(block, (h, w), f"baseline-vessels-{spec.slide_id}")
+    vessels = lazy_blocks(block, (h, w), f"baseline-vessels-{spec.slide_id}")
     pred = da.map_overlap(lambda b: np.clip(model.a * ndimage.gaussian_filter(b, sigma_px, mode="nearest") + model.b, 0, 1),
                           vessels, depth=depth, boundary="nearest", dtype=np.float32)
     scale = plan.mask_downsample / plan.choice.downsample

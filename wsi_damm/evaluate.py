@@ -56,7 +56,7 @@ def open_map(path: str | Path) -> MapImage:
                     bool(info.get("nuclei", True)))
 
 
-def _lazy(fn, shape: tuple[int, int], name: str, dtype=np.float32) -> da.Array:
+def lazy_blocks(fn, shape: tuple[int, int], name: str, dtype=np.float32) -> da.Array:
     """2-D dask array whose (y, x, h, w) blocks come from `fn`."""
     h, w = shape
     ys, xs = list(range(0, h, BLOCK)), list(range(0, w, BLOCK))
@@ -91,10 +91,10 @@ class Truth:
         return mask[np.ix_(iy, ix)]
 
     def lazy(self, role: str) -> da.Array:
-        return _lazy(lambda y, x, h, w: self.normalised(role, y, x, h, w), self.shape, f"truth-{role}")
+        return lazy_blocks(lambda y, x, h, w: self.normalised(role, y, x, h, w), self.shape, f"truth-{role}")
 
     def lazy_tissue(self) -> da.Array:
-        return _lazy(self.tissue, self.shape, "tissue", dtype=bool)
+        return lazy_blocks(self.tissue, self.shape, "tissue", dtype=bool)
 
 
 def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
@@ -181,7 +181,7 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
         if clean_slide.levels[0].shape[1:] != truth.slide.levels[0].shape[1:]:
             raise InputError(clean_path, f"size {clean_slide.levels[0].shape[1:]} differs from the slide's {truth.slide.levels[0].shape[1:]}")
         clean = CleanField(clean_slide, truth)
-        oracle = _lazy(clean.normalised, truth.shape, "clean").astype(np.float64)
+        oracle = lazy_blocks(clean.normalised, truth.shape, "clean").astype(np.float64)
         result["oracle_wsi"] = whole_slide_metrics(oracle, meas, mask)
     rows = _patch_protocol(m, truth, clean, progress)
     result["patches"] = {"size": m.patch_size, "ssim_percent": summarise([100 * r["ssim"] for r in rows]),
@@ -226,7 +226,7 @@ def read_single_channel(path: str | Path) -> da.Array:
     with open_file(path) as slide:
         shape = slide.levels[0].shape[1:]
     slide = open_file(path)
-    return _lazy(lambda y, x, h, w: slide.read_region(0, y, x, h, w, (0,))[0].astype(np.float64), shape, f"img-{path}", np.float64)
+    return lazy_blocks(lambda y, x, h, w: slide.read_region(0, y, x, h, w, (0,))[0].astype(np.float64), shape, f"img-{path}", np.float64)
 
 
 def compare(a_path: Path, b_path: Path, data_range: float | None) -> dict:

@@ -27,7 +27,7 @@ from .diffusion.schedule import NoiseSchedule
 from .errors import InputError
 from .jobs import prepare_output
 from .slides import SlideSpec
-from .store import PatchStore, PredictionStore, create_prediction_store, read_rows
+from .store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
 from .tile import TileConfig, run_tile
 from .train import RunDir, build_unet, load_autoencoders, load_run_config, setup_distributed
 
@@ -199,7 +199,6 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
     coords = conditions.coords
     ids = [sl["slide_id"] for sl in conditions.slides]
     keys_all = torch.tensor([patch_key(cfg.seed, ids[c[0]], int(c[1]), int(c[2])) for c in coords], dtype=torch.int64)
-    top = float(np.iinfo(conditions.images.dtype).max)
     roles = conditions.roles
     group = max(1, cfg.batch_size // s)  # shards sampled together, so batches can exceed a shard
     bar = tqdm(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
@@ -209,7 +208,7 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
         spans = [(i * s, min((i + 1) * s, n)) for i in shards]
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
         raw = read_rows(conditions.images, rows)
-        images = torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / top).sub_(1.0)
+        images = to_model_range(raw)
         preds, divs, shares = [], [], []
         for k in range(0, len(rows), cfg.batch_size):
             sl = slice(k, k + cfg.batch_size)

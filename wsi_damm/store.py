@@ -137,6 +137,14 @@ class PatchStore:
         }
 
 
+def to_model_range(raw: np.ndarray):
+    """Stored integer patches → float32 torch tensor in [-1, 1] (what every model stage sees)."""
+    import torch
+
+    top = float(np.iinfo(raw.dtype).max)
+    return torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / top).sub_(1.0)
+
+
 class PatchDataset:
     """torch Dataset: item i → {role: float tensor (1, P, P) in [-1, 1], 'index': i}.
 
@@ -148,17 +156,14 @@ class PatchDataset:
         self.store = store if isinstance(store, PatchStore) else PatchStore.open(store)
         self.roles = self.store.roles
         self.indices = np.arange(len(self.store)) if indices is None else np.asarray(indices)
-        self._top = float(np.iinfo(self.store.images.dtype).max)
         self._cache = np.asarray(self.store.images[:])[self.indices] if in_memory else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        import torch
-
         raw = self._cache[i] if self._cache is not None else np.asarray(self.store.images[int(self.indices[i])])
-        x = torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / self._top).sub_(1.0)
+        x = to_model_range(raw)
         item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
         item["index"] = int(self.indices[i])
         return item

@@ -319,13 +319,12 @@ def train_diffusion(
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {})})
         if d.main and (done % t_cfg.checkpoint_every == 0 or done == end):
             _checkpoint(run, model, ema, opt, done, rows)
-    if d.world > 1:
-        _record_ddp_checksums(model, d, run)
+    checksums = _ddp_checksums(model, d) if d.world > 1 else None
     if d.main and end == t_cfg.steps:
         save_weights(run.unet, ema, {"steps": t_cfg.steps})
         save_weights(run.unet_raw, model, {"steps": t_cfg.steps})
         save_json(run.state, {"steps_done": end, "seconds": time.perf_counter() - t0, "world_size": d.world,
-                              **_read_json_field(run.state, "ddp_param_checksums")})
+                              **({"ddp_param_checksums": checksums} if checksums else {})})
         plot_losses(run)
     return ema
 
@@ -338,23 +337,12 @@ def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict]) -> No
     save_state(run.ckpt / "state.pt", {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
 
 
-def _record_ddp_checksums(model: torch.nn.Module, d: Dist, run: RunDir) -> None:
-    """All ranks must hold the same weights: gather a checksum from each and keep them."""
+def _ddp_checksums(model: torch.nn.Module, d: Dist) -> list[float]:
+    """All ranks must hold the same weights: a parameter checksum from every rank."""
     local = torch.tensor([sum(float(p.double().sum()) for p in model.parameters())], dtype=torch.float64)
     gathered = [torch.zeros_like(local) for _ in range(d.world)]
     dist.all_gather(gathered, local)
-    if d.main:
-        save_json(run.state, {"ddp_param_checksums": [float(x) for x in gathered]})
-
-
-def _read_json_field(path: Path, key: str) -> dict:
-    import json
-
-    if path.exists():
-        data = json.loads(path.read_text())
-        if key in data:
-            return {key: data[key]}
-    return {}
+    return [float(x) for x in gathered]
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:

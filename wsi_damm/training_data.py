@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .store import PatchStore, read_rows
+from .store import PatchStore, read_rows, to_model_range
 
 IN_MEMORY_LIMIT = 4 * 2**30  # decode the whole store into RAM below this many raw bytes
 
@@ -42,7 +42,6 @@ class PatchImages:
 
     def __init__(self, store: PatchStore, indices: np.ndarray) -> None:
         self.store, self.indices = store, np.asarray(indices)
-        self.top = float(np.iinfo(store.images.dtype).max)
         nbytes = len(indices) * int(np.prod(store.images.shape[1:])) * store.images.dtype.itemsize
         self._ram = np.asarray(store.images[:])[self.indices] if nbytes <= IN_MEMORY_LIMIT else None
 
@@ -55,7 +54,7 @@ class PatchImages:
             raw = self._ram[rows]
         else:
             raw = read_rows(self.store.images, self.indices[rows])
-        return torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / self.top).sub_(1.0)
+        return to_model_range(raw)
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:

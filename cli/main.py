@@ -45,6 +45,14 @@ def _planes(values: tuple[str, ...]) -> dict[str, int]:
     return planes
 
 
+def registration_options(fn):
+    """--register / --size-tolerance: shared by every command that reads slides."""
+    fn = click.option("--size-tolerance", default=0.0, type=click.FloatRange(0, 0.5),
+                      help="Per-channel files may differ in size by this fraction (align them with --register).")(fn)
+    return click.option("--register", default="none", type=click.Choice(["none", "translation", "rigid"]),
+                        help="Align nuclei and target channels to the vessels channel (separately scanned stains).")(fn)
+
+
 @cli.command(short_help="Write synthetic tumour slides with ground truth.")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--slides", default=2, type=click.IntRange(1), help="Number of slides.")
@@ -79,15 +87,17 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--scheduler", default="threads", help="threads | processes | sync | a dask.distributed address.")
 @click.option("--workers", type=click.IntRange(1), help="Dask workers (default: all cores).")
 @click.option("--max-slide-gb", default=256.0, type=float, help="Refuse slides declaring more pixel data than this.")
+@registration_options
+@click.option("--qc", type=click.Path(file_okay=False, path_type=Path), help="Write registration overlays (before/after) here.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches,
-         plane, scheduler, workers, max_slide_gb, resume, overwrite, quiet) -> None:
+         plane, scheduler, workers, max_slide_gb, register, size_tolerance, qc, resume, overwrite, quiet) -> None:
     """Cut slides into tissue-only, overlapping, normalised patches in a zarr patch store."""
     from wsi_damm.tile import TileConfig, run_tile
 
-    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb)
+    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc)
     cfg = TileConfig(patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches)
     store = run_tile(specs, out, cfg, scheduler, workers, resume, overwrite, not quiet)
     s = store.summary()
@@ -145,7 +155,11 @@ def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch
     click.echo(f"{run.path}: trained ({stage}); weights {run.unet.name if run.unet.exists() else 'autoencoders only'}, metrics {run.metrics.name}, plot loss.png")
 
 
-def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",)):
+def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0,
+                 qc=None):
+    from dataclasses import replace
+
+    from wsi_damm.registration import register_specs
     from wsi_damm.slides import parse_channel_map, specs_from_manifest, specs_from_paths
 
     if bool(slides) == bool(manifest):
@@ -155,8 +169,11 @@ def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("ves
     if manifest:
         if channels:
             raise InputError("--channels", "cannot be combined with --manifest (the manifest names the channels)")
-        return specs_from_manifest(manifest, required=required, planes=planes, max_bytes=max_bytes)
-    return specs_from_paths(list(slides), parse_channel_map(channels), required=required, planes=planes, max_bytes=max_bytes)
+        specs = specs_from_manifest(manifest, required=required, planes=planes, max_bytes=max_bytes)
+    else:
+        specs = specs_from_paths(list(slides), parse_channel_map(channels), required=required, planes=planes, max_bytes=max_bytes)
+    specs = [replace(s, size_tolerance=size_tolerance) for s in specs]
+    return register_specs(specs, register, qc, log=lambda msg: click.echo(f"registration: {msg}", err=True))
 
 
 BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
@@ -169,6 +186,7 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 @click.option("--manifest", type=click.Path(path_type=Path))
 @click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI (nuclei optional).")
 @click.option("--plane", multiple=True)
+@click.option("--no-nuclei", is_flag=True, help="Ignore the nuclei channel: uni-modal branch only.")
 @click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="dpm++ = DPM-Solver++(2M).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
 @click.option("--eta", default=0.0, type=float, help="DDIM η (the authors' code used 1).")
@@ -180,6 +198,7 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
 @click.option("--max-slide-gb", default=256.0, type=float)
+@registration_options
 @click.option("--stitch/--no-stitch", "do_stitch", default=True, help="Also write the whole-slide map.")
 @click.option("--map", "map_path", type=click.Path(path_type=Path), help="Map path (default: OUT with .ome.zarr).")
 @click.option("--blend", default="gaussian", type=BLENDS)
@@ -187,19 +206,21 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def predict(run_dir, slides, out, manifest, channels, plane, sampler, steps, eta, batch_size, seed, overlap, min_tissue, shard_patches,
-            device, amp, max_slide_gb, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
+def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler, steps, eta, batch_size, seed, overlap, min_tissue, shard_patches,
+            device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm.predict import PredictConfig, run_predict
     from wsi_damm.stitch import run_stitch
 
-    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb)
+    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance)
+    if no_nuclei:
+        specs = [s.without("nuclei") for s in specs]
     cfg = PredictConfig(sampler, steps, eta, "logsnr", batch_size, seed, overlap, min_tissue, amp, device, shard_patches)
     store = run_predict(run_dir, specs, out, cfg, resume, overwrite, not quiet)
     click.echo(f"{out}: {len(store)} patches predicted ({sampler}, {cfg.n_steps} steps)")
     if do_stitch and int(os.environ.get("RANK", "0")) == 0:
         target = map_path or out.with_name(out.name.removesuffix(".zarr") + ".ome.zarr")
-        for path in run_stitch(out, target, blend, tiff, progress=not quiet):
+        for path in run_stitch(out, target, blend, tiff, progress=not quiet, resume=resume):
             click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
 
 
@@ -209,12 +230,14 @@ def predict(run_dir, slides, out, manifest, channels, plane, sampler, steps, eta
 @click.option("--blend", default="gaussian", type=BLENDS)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
 @click.option("--workers", type=click.IntRange(1))
+@click.option("--band-mb", default=192, type=click.IntRange(1), help="Accumulator memory per band (peak ≈ workers × this).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted stitch; only unfinished bands are redone.")
 @click.option("--quiet", is_flag=True)
-def stitch(pred_store, out, blend, tiff, workers, quiet) -> None:
+def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> None:
     """Blend overlapping patch predictions into whole-slide maps (OME-Zarr, optional OME-TIFF)."""
     from wsi_damm.stitch import run_stitch
 
-    for path in run_stitch(pred_store, out, blend, tiff, workers, not quiet):
+    for path in run_stitch(pred_store, out, blend, tiff, workers, not quiet, resume, band_mb * 2**20):
         click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
 
 
@@ -223,11 +246,14 @@ def stitch(pred_store, out, blend, tiff, workers, quiet) -> None:
 @click.option("--truth", "truths", multiple=True, required=True, help="Measured slide for each map, in the same order.")
 @click.option("--channels", help="Role map of the truth slides, e.g. target=NP,vessels=CD31,nuclei=DAPI.")
 @click.option("--clean", "cleans", multiple=True, type=click.Path(path_type=Path), help="Noiseless NP field (synthetic slides): oracle bound.")
+@click.option("--regions", "regions", multiple=True, type=click.Path(path_type=Path),
+              help="Integer label image per map (annotations, synthetic divergence mask): metrics per region.")
 @click.option("--mask", default="tissue", type=click.Choice(["tissue", "none"]), help="Also report tissue-only metrics.")
 @click.option("--out", default=Path("report"), type=click.Path(path_type=Path), help="Report directory.")
 @click.option("--max-slide-gb", default=256.0, type=float)
+@registration_options
 @click.option("--quiet", is_flag=True)
-def evaluate(maps, truths, channels, cleans, mask, out, max_slide_gb, quiet) -> None:
+def evaluate(maps, truths, channels, cleans, regions, mask, out, max_slide_gb, register, size_tolerance, quiet) -> None:
     """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
     from wsi_damm.report import run_evaluate
 
@@ -235,8 +261,11 @@ def evaluate(maps, truths, channels, cleans, mask, out, max_slide_gb, quiet) -> 
         raise InputError("--truth", f"give one --truth per map ({len(maps)} maps, {len(truths)} slides)")
     if cleans and len(cleans) != len(maps):
         raise InputError("--clean", f"give one --clean per map or none ({len(maps)} maps, {len(cleans)} fields)")
-    specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",))
-    metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), mask == "tissue", not quiet)
+    if regions and len(regions) != len(maps):
+        raise InputError("--regions", f"give one --regions per map or none ({len(maps)} maps, {len(regions)} label images)")
+    specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance)
+    metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), mask == "tissue", not quiet,
+                           list(regions) or None)
     for r in metrics["slides"]:
         w, pp = r["wsi"], r["patches"]
         click.echo(f"{r['slide']}: WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
@@ -279,6 +308,22 @@ def demo(out, preset, quick, quiet) -> None:
     click.echo(f"\nmap:    {outs['map']}   (napari: pip install napari napari-ome-zarr; napari {outs['map']})")
     click.echo(f"tiff:   {outs['tiff']}   (QuPath: File > Open)")
     click.echo(f"report: {outs['report']}   (open in a browser)")
+
+
+@cli.command(short_help="Ablation study on synthetic slides, by region.")
+@click.option("--out", default=Path("study"), type=click.Path(file_okay=False, path_type=Path), help="Where everything goes (rerun to resume).")
+@click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
+@click.option("--seeds", type=click.IntRange(1), help="Training seeds per model (default 2; --quick 1).")
+@click.option("--quick", is_flag=True, help="Tiny budget: checks the pipeline, not the science.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def study(out, preset, seeds, quick, quiet) -> None:
+    """DAMM full vs uni-only, no DAMMP, no MMFM, cross-attention, blurred-vessel baseline and oracle,
+    scored where nuclei are informative and where they mislead; plus a sampler comparison."""
+    from wsi_damm.study import run_study
+
+    s = run_study(out, preset, quick, seeds, not quiet, log=lambda msg: click.echo(msg, err=True))
+    click.echo((out / "study.md").read_text(encoding="utf-8"))
+    click.echo(f"table: {out / 'study.md'}  json: {out / 'study.json'}  figure: {out / 'study.png'}  ({s['seconds']} s)")
 
 
 @cli.command(short_help="Describe a patch store or a run directory.")

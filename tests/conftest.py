@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,23 @@ def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProce
     return subprocess.run(
         [sys.executable, "-m", "wsi_damm_cli.main", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
     )
+
+
+def kill_when(argv: list[str], ready: Callable[[], bool], delay: float = 0.0, timeout: float = 240) -> None:
+    """Start `wsi-damm argv` and SIGKILL it once `ready()` holds, `delay` s later: an interruption at an arbitrary point."""
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_damm_cli.main", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.005)
+    time.sleep(delay)
+    assert proc.poll() is None, f"`wsi-damm {argv[0]}` finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def count_files(folder: Path) -> int:
+    return len(list(folder.iterdir())) if folder.exists() else 0
 
 
 @pytest.fixture(scope="session")

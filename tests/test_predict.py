@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from wsi_damm.config import resolve
 from wsi_damm.store import PredictionStore
 from wsi_damm.train import run_training
 
-from .conftest import TINY_TOML, run_cli
+from .conftest import TINY_TOML, count_files, kill_when, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +52,7 @@ def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path):
     assert run_cli("predict", str(tiny_run), slide, "--out", str(ref), *common).returncode == 0
     out = tmp_path / "k.zarr"
     partial = out.with_name(out.name + ".partial")
-    cmd = [sys.executable, "-m", "wsi_damm_cli.main", "predict", str(tiny_run), slide, "--out", str(out), *common]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    done_dir = partial / "shard_done" / "c"
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 3):
-        time.sleep(0.01)
-    assert proc.poll() is None, "prediction finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["predict", str(tiny_run), slide, "--out", str(out), *common], lambda: count_files(partial / "shard_done" / "c") >= 3)
     assert not out.exists()
     res = run_cli("predict", str(tiny_run), slide, "--out", str(out), "--resume", *common)
     assert res.returncode == 0, res.stderr

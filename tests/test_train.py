@@ -47,7 +47,7 @@ def test_resume_continues_on_the_same_curve(small_store, tiny_toml, tmp_path):
     full = run_training(small_store, tmp_path / "full", cfg, progress=False)
     part = tmp_path / "part"
     run_training(small_store, part, cfg, progress=False, stop_after=3)
-    assert (part / "checkpoints" / "state.pt").exists() and not (part / "unet_ema.safetensors").exists()
+    assert (RunDir(part).last_checkpoint() / "state.pt").exists() and not (part / "unet_ema.safetensors").exists()
     run_training(small_store, part, cfg, resume=True, progress=False)
     a, b = load_file(str(full.unet)), load_file(str(RunDir(part).unet))
     assert a.keys() == b.keys()
@@ -87,7 +87,7 @@ def test_malicious_pickle_is_refused_without_running(small_store, tiny_toml, tmp
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    (run.ckpt / "state.pt").write_bytes(pickle.dumps({"step": Evil()}))
+    (run.last_checkpoint() / "state.pt").write_bytes(pickle.dumps({"step": Evil()}))
     with pytest.raises(InputError, match="refused to load"):
         run_training(small_store, run.path, cfg, resume=True, progress=False)
     assert not marker.exists()

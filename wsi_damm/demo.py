@@ -7,6 +7,7 @@ blurred-vessel baseline and the noiseless oracle on the same held-out slide.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,9 +15,10 @@ from pathlib import Path
 from .config import resolve
 from .predict import PredictConfig, run_predict
 from .report import run_evaluate
-from .slides import specs_from_paths
+from .slides import SlideSpec, specs_from_paths
+from .store import PatchStore
 from .stitch import run_stitch
-from .synth import SynthConfig, write_slides
+from .synth import DIVERGENCE_LABELS, SynthConfig, write_slides
 from .tile import TileConfig, run_tile
 from .train import run_training
 
@@ -36,6 +38,43 @@ FULL = DemoPlan(size=2048, train_slides=2, ae_steps=300, steps=1000, sample_step
 QUICK = DemoPlan(size=1024, train_slides=2, ae_steps=60, steps=150, sample_steps=10)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    spec: SlideSpec
+    clean: Path  # the simulator's noiseless NP field
+    divergence: Path  # 1 where the simulator made DAPI uninformative
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    train_specs: list[SlideSpec]
+    heldout: list[HeldOut]
+    store: Path  # patch store of the training slides
+
+
+def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log) -> SyntheticData:
+    """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present."""
+    out = Path(out)
+    cfg = SynthConfig(size=size, seed=1)
+    done = out / "synth_done.json"
+    names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
+    if not done.exists() or json.loads(done.read_text()) != {"size": size, "train": n_train, "heldout": n_heldout}:
+        log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {size}² px at {cfg.mpp} µm/px) → {out / 'slides'}")
+        write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
+        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001), progress=progress, prefix="heldout")
+        shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
+        done.write_text(json.dumps({"size": size, "train": n_train, "heldout": n_heldout}))
+    train_specs = specs_from_paths([str(out / "slides" / "train" / f"{n}.ome.tif") for n in names[0]], {})
+    held_dir = out / "slides" / "heldout"
+    heldout = [HeldOut(specs_from_paths([str(held_dir / f"{n}.ome.tif")], {})[0], held_dir / "truth" / f"{n}.np_clean.ome.tif",
+                       held_dir / "truth" / f"{n}.divergence.ome.tif") for n in names[1]]
+    store = out / "patches.zarr"
+    if not store.exists():
+        log(f"tiling → {store}")
+        run_tile(train_specs, store, tile_cfg, resume=True, progress=progress)
+    return SyntheticData(train_specs, heldout, store)
+
+
 def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: bool = True, log=print) -> dict:
     from . import baseline
 
@@ -43,15 +82,10 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     out = Path(out)
     t0 = time.perf_counter()
     stamp = lambda: f"[{time.perf_counter() - t0:6.1f} s]"  # noqa: E731
-    log(f"{stamp()} synthetic slides ({plan.train_slides} for training, 1 held out, {plan.size}² px at 0.5 µm/px) → {out / 'slides'}")
-    train = write_slides(out / "slides" / "train", plan.train_slides, SynthConfig(size=plan.size, seed=1), progress=progress)
-    held = write_slides(out / "slides" / "heldout", 1, SynthConfig(size=plan.size, seed=1001), progress=progress, prefix="heldout")[0]
-    train_specs = specs_from_paths([r["slide"] for r in train], {})
-    held_spec = specs_from_paths([held["slide"]], {})[0]
-
     tile_cfg = TileConfig(patch_size=plan.patch, overlap=plan.overlap)
-    log(f"{stamp()} tiling → {out / 'patches.zarr'}")
-    store = run_tile(train_specs, out / "patches.zarr", tile_cfg, overwrite=True, progress=progress)
+    data = synthetic_data(out, plan.size, plan.train_slides, 1, tile_cfg, progress, lambda m: log(f"{stamp()} {m}"))
+    train_specs, held = data.train_specs, data.heldout[0]
+    held_spec, store = held.spec, PatchStore.open(data.store)
     log(f"{stamp()} {len(store)} patches; training the {preset} preset → {out / 'run'}")
     cfg = resolve(preset)
     cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, steps=plan.ae_steps),
@@ -67,9 +101,10 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     base_map = baseline.write_map(held_spec, tile_cfg, fitted, out / "baseline.ome.zarr")
 
     log(f"{stamp()} evaluating → {out / 'report'}")
-    clean = [held["clean"]]
-    damm = run_evaluate([(map_path, held_spec)], out / "report", clean, progress=progress)
-    ref = run_evaluate([(base_map, held_spec)], out / "report_baseline", clean, progress=progress)
+    clean = [held.clean]
+    regions = dict(regions=[held.divergence], region_names=DIVERGENCE_LABELS)
+    damm = run_evaluate([(map_path, held_spec)], out / "report", clean, progress=progress, **regions)
+    ref = run_evaluate([(base_map, held_spec)], out / "report_baseline", clean, progress=progress, **regions)
     d, b = damm["slides"][0], ref["slides"][0]
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),

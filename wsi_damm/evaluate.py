@@ -110,7 +110,7 @@ def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
     return Truth(plan, (min(mh, th), min(mw, tw)), spec.open())
 
 
-def _patch_protocol(m: MapImage, truth: Truth, clean: "CleanField | None", progress: bool) -> list[dict]:
+def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", regions: "Companion | None", progress: bool) -> list[dict]:
     """SSIM / PSNR per non-overlapping patch with ≥ 50 % tissue and full prediction coverage."""
     p = m.patch_size
     h, w = truth.shape
@@ -125,6 +125,7 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "CleanField | None", progr
         band = np.asarray(m.level0[:, y : y + p, :w])
         meas = truth.normalised("target", int(y), 0, p, w)
         ref = clean.normalised(int(y), 0, p, w) if clean else None
+        labels = regions.labels(int(y), 0, p, w) if regions else None
         for j in keep:
             x = int(xs[j])
             sl = np.s_[:, x : x + p]
@@ -138,22 +139,37 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "CleanField | None", progr
             if ref is not None:
                 row["oracle_ssim"] = ssim(ref[sl], truth_p)
                 row["oracle_psnr"] = psnr_from_mse(float(np.mean((ref[sl].astype(np.float64) - truth_p) ** 2)))
+            if labels is not None:
+                row["region"] = int(np.bincount(labels[sl].ravel().clip(0)).argmax())  # the patch's majority label
             rows.append(row)
     return rows
 
 
 @dataclass
-class CleanField:
-    """The simulator's noiseless NP field, normalised with the measured channel's mapping."""
+class Companion:
+    """A single-channel image registered to the slide (noiseless field, region labels), read on the map's grid."""
 
     slide: object
     truth: Truth
 
+    @classmethod
+    def open(cls, path: Path, truth: Truth) -> "Companion":
+        slide = open_file(path)
+        if slide.levels[0].shape[1:] != truth.slide.levels[0].shape[1:]:
+            raise InputError(path, f"size {slide.levels[0].shape[1:]} differs from the slide's {truth.slide.levels[0].shape[1:]}")
+        return cls(slide, truth)
+
+    def raw(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return read_scaled(self.slide, self.truth.plan.choice, y, x, h, w)[0]
+
     def normalised(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        raw = read_scaled(self.slide, self.truth.plan.choice, y, x, h, w)[0].astype(np.float32)
+        """Normalised with the measured NP channel's mapping (the noiseless field's use)."""
         k = self.truth.index("target")
         lo, hi = self.truth.plan.lo[k], self.truth.plan.hi[k]
-        return np.clip((raw - lo) / (hi - lo), 0, 1)
+        return np.clip((self.raw(y, x, h, w).astype(np.float32) - lo) / (hi - lo), 0, 1)
+
+    def labels(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return np.rint(self.raw(y, x, h, w)).astype(np.int32)
 
 
 def summarise(values: list[float]) -> dict:
@@ -162,7 +178,29 @@ def summarise(values: list[float]) -> dict:
             "n": len(values), "n_infinite": len(values) - len(finite)}
 
 
-def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool) -> tuple[dict, list[dict], MapImage, Truth]:
+def region_metrics(pred: da.Array, meas: da.Array, share: da.Array, tissue: da.Array, labels: da.Array,
+                   names: dict[int, str], rows: list[dict]) -> dict:
+    """WSI SSIM / PSNR, multi-modal share and patch-protocol numbers inside each labelled region of tissue."""
+    present = np.unique(labels[:: max(1, labels.shape[0] // 512), :: max(1, labels.shape[1] // 512)].compute())
+    out = {}
+    for label in sorted(set(present.tolist()) | set(names)):
+        inside = tissue & (labels == label)
+        w = whole_slide_metrics(pred, meas, inside)
+        n_in, share_sum = da.compute(inside.sum(), da.where(inside, share, 0).sum())
+        if not n_in:
+            continue
+        sel = [r for r in rows if r.get("region") == label]
+        out[names.get(label, f"label {label}")] = {
+            "label": label, "pixels": int(n_in), "ssim": w["ssim_tissue"], "psnr": w["psnr_tissue"], "mse": w["mse_tissue"],
+            "multimodal_share": float(share_sum / n_in),
+            "patches": {"ssim_percent": summarise([100 * r["ssim"] for r in sel]), "psnr": summarise([r["psnr"] for r in sel])},
+        }
+    return out
+
+
+def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool,
+                   regions_path: Path | None = None, region_names: dict[int, str] | None = None) -> tuple[dict, list[dict], MapImage, Truth]:
+    """`regions_path`: an integer label image registered to the slide (e.g. annotations); metrics per label."""
     if "target" not in spec.roles:
         raise InputError(spec.paths[0], "has no target (NP) channel to evaluate against", "map it with --channels target=<name|index>")
     m = open_map(map_path)
@@ -175,20 +213,25 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
               "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")]},
               "uni_modal_only": not m.nuclei}
     result["wsi"] = whole_slide_metrics(pred, meas, mask)
-    clean = None
-    if clean_path is not None:
-        clean_slide = open_file(clean_path)
-        if clean_slide.levels[0].shape[1:] != truth.slide.levels[0].shape[1:]:
-            raise InputError(clean_path, f"size {clean_slide.levels[0].shape[1:]} differs from the slide's {truth.slide.levels[0].shape[1:]}")
-        clean = CleanField(clean_slide, truth)
+    clean = Companion.open(clean_path, truth) if clean_path is not None else None
+    if clean is not None:
         oracle = lazy_blocks(clean.normalised, truth.shape, "clean").astype(np.float64)
         result["oracle_wsi"] = whole_slide_metrics(oracle, meas, mask)
-    rows = _patch_protocol(m, truth, clean, progress)
+    regions = Companion.open(regions_path, truth) if regions_path is not None else None
+    rows = _patch_protocol(m, truth, clean, regions, progress)
     result["patches"] = {"size": m.patch_size, "ssim_percent": summarise([100 * r["ssim"] for r in rows]),
                          "psnr": summarise([r["psnr"] for r in rows])}
     if clean is not None and rows:
         result["oracle_patches"] = {"ssim_percent": summarise([100 * r["oracle_ssim"] for r in rows]),
                                     "psnr": summarise([r["oracle_psnr"] for r in rows])}
+    if regions is not None:
+        labels = lazy_blocks(regions.labels, truth.shape, f"regions-{regions_path}", np.int32)
+        share = da.from_zarr(m.level0)[2, :h, :w].rechunk(BLOCK).astype(np.float64)
+        tissue = mask if mask is not None else da.ones(truth.shape, bool, chunks=BLOCK)
+        result["regions"] = region_metrics(pred, meas, share, tissue, labels, region_names or {}, rows)
+        if clean is not None:
+            oracle_rows = [{**r, "ssim": r["oracle_ssim"], "psnr": r["oracle_psnr"]} for r in rows]
+            result["oracle_regions"] = region_metrics(oracle, meas, share, tissue, labels, region_names or {}, oracle_rows)
     return result, rows, m, truth
 
 

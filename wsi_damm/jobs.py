@@ -1,7 +1,9 @@
-"""What every long-running stage shares: output naming with resume, and a dask progress bar."""
+"""What every long-running stage shares: output naming with resume, resource checks before writing,
+and a dask progress bar."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -39,3 +41,42 @@ class TaskProgress(dask.callbacks.Callback):
         name = key[0] if isinstance(key, tuple) else key
         if str(name).startswith(self.prefix):
             self.bar.update(int(result))
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the file system that will hold `path` (which may not exist yet)."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (Linux MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_resources(out: Path, disk_bytes: int, workers: int, bytes_per_worker: int, what: str, memory_hint: str) -> None:
+    """Refuse before writing anything when the output cannot fit on disk or the workers in memory."""
+    free = free_disk(Path(out).parent)
+    if disk_bytes > free:
+        raise InputError(out, f"{what} needs up to {_gb(disk_bytes)} (uncompressed) but only {_gb(free)} is free there",
+                         "free some space or write somewhere else")
+    avail = available_memory()
+    if avail is not None and workers * bytes_per_worker > avail:
+        raise InputError("--workers", f"{workers} workers × {_gb(bytes_per_worker)} for {what} exceed the {_gb(avail)} of memory available",
+                         memory_hint)

@@ -159,6 +159,7 @@ def run_predict(
     for spec in specs:
         if "vessels" not in spec.roles:
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
+    predictor = Predictor(Path(run_dir), d.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     if d.main:
         prepare_output(out, partial, resume, overwrite, (cond_path, cond_path.with_name(cond_path.name + ".partial")))
@@ -173,7 +174,6 @@ def run_predict(
         dist.barrier()
     conditions = PatchStore.open(cond_path)
     root = zarr.open_group(str(partial), mode="r+")
-    predictor = Predictor(Path(run_dir), d.device, cfg)
     _sample_shards(root, conditions, predictor, cfg, d, progress)
     if d.world > 1:
         dist.barrier()

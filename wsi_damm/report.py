@@ -192,6 +192,15 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
             o = r["oracle_wsi"]
             parts.append(f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>")
         parts.append("</table>")
+        if "regions" in r:
+            parts.append("<table><tr><th>region</th><th>pixels</th><th>SSIM</th><th>PSNR (dB)</th><th>patch SSIM (%)</th>"
+                         "<th>patch PSNR (dB)</th><th>multi-modal share</th></tr>")
+            for name, g in r["regions"].items():
+                ps, pp = g["patches"]["ssim_percent"], g["patches"]["psnr"]
+                parts.append(f"<tr><th>{html.escape(name)}</th><td>{g['pixels']}</td><td>{_fmt(g['ssim'])}</td><td>{_fmt(g['psnr'])}</td>"
+                             f"<td>{_fmt(ps['mean'])} ± {_fmt(ps['sd'])} (n={ps['n']})</td><td>{_fmt(pp['mean'])} ± {_fmt(pp['sd'])}</td>"
+                             f"<td>{_fmt(g['multimodal_share'])}</td></tr>")
+            parts.append("</table>")
     if len(metrics["slides"]) > 1:
         pw = metrics["pooled"]
         parts.append(f"<h2>Pooled over {pw['slides']} slides</h2><p>WSI SSIM {_fmt(pw['wsi']['ssim'])}, PSNR {_fmt(pw['wsi']['psnr'])} dB; "
@@ -206,17 +215,18 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
 
 
 def run_evaluate(pairs: list[tuple[Path, object]], out: Path, clean: list[Path | None], use_mask: bool = True,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None) -> dict:
     """Evaluate (map, slide spec) pairs; write metrics.json, patches.csv, figures and report.html."""
     from importlib.metadata import version
 
     from .evaluate import evaluate_slide, pooled, write_json
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names)
+                 for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
+    out.mkdir(parents=True, exist_ok=True)  # only once every input has been read: a refused input leaves nothing
     results, all_rows, figures = [], [], []
-    for (map_path, spec), clean_path in zip(pairs, clean):
-        result, rows, m, truth = evaluate_slide(map_path, spec, clean_path, use_mask, progress)
+    for result, rows, m, truth in evaluated:
         results.append(result)
         all_rows += rows
         suffix = "" if len(pairs) == 1 else f"_{m.slide_id}"

@@ -11,6 +11,7 @@ ramp (floor 1e-3), mean (constant). Channels written: NP map, divergence, multi-
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .jobs import TaskProgress
+from .jobs import TaskProgress, check_resources
 from .ome import build_pyramid, fast_codec, halve, ome_zarr_attrs, pyramid_shapes, write_ome_tiff
 from .store import PredictionStore, read_rows
 
@@ -65,13 +66,13 @@ class Band:
     rows: np.ndarray  # prediction-store indices of the patches touching the band
 
 
-def plan_bands(ys: np.ndarray, idx: np.ndarray, height: int, width: int, patch: int) -> list[Band]:
+def plan_bands(ys: np.ndarray, idx: np.ndarray, height: int, width: int, patch: int, band_bytes: int = BAND_BYTES) -> list[Band]:
     """Row bands (multiples of 2·CHUNK rows, sized by BAND_BYTES) and the patches each one needs.
 
     2·CHUNK: a band's halved rows are whole chunks of pyramid level 1, which it writes too.
     """
     unit = 2 * CHUNK
-    rows_per_band = max(unit, (BAND_BYTES // (16 * max(width, 1))) // unit * unit)
+    rows_per_band = max(unit, (band_bytes // (16 * max(width, 1))) // unit * unit)
     order = np.argsort(ys, kind="stable")
     ys_sorted, idx_sorted = ys[order], idx[order]
     bands = []
@@ -83,7 +84,7 @@ def plan_bands(ys: np.ndarray, idx: np.ndarray, height: int, width: int, patch: 
     return bands
 
 
-def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | None, w: np.ndarray) -> int:
+def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | None, w: np.ndarray, done: zarr.Array, index: int) -> int:
     """Σ w·p / Σ w for one band, plus divergence and gate share blended the same way; writes whole
     chunks of level 0 and, halved, of level 1 (so the pyramid never re-reads level 0)."""
     root = zarr.open_group(pred_path, mode="r")
@@ -117,34 +118,57 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | N
         half[:3, y : y + small.shape[1], :] = small.astype(MAP_DTYPE)
         del small
         half[3, y : y + (band.y1 - band.y0 + 1) // 2, :] = halve(covered[None].astype(np.float32))[0].astype(MAP_DTYPE)
+    done[index] = 1  # after the band's chunks: a flag never names unwritten data
     return 1
 
 
+def _open_partial(partial: Path, height: int, width: int, n_bands: int, plan: dict, resume: bool) -> zarr.Group:
+    """The half-written map of an earlier run with the same plan (--resume), else a fresh one."""
+    if resume and (partial / "zarr.json").exists():
+        root = zarr.open_group(str(partial), mode="r+")
+        if dict(root.attrs).get("stitch_plan") == plan and "bands_done" in root:
+            return root
+    shutil.rmtree(partial, ignore_errors=True)
+    root = zarr.open_group(str(partial), mode="w", zarr_format=3)
+    root.create_array("0", shape=(4, height, width), dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
+                      compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
+    shapes = pyramid_shapes(height, width, PYRAMID_MIN)
+    if len(shapes) > 1:
+        root.create_array("1", shape=(4,) + shapes[1], dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
+                          compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
+    root.create_array("bands_done", shape=(n_bands,), dtype=np.uint8, chunks=(1,), fill_value=0)
+    root.attrs["stitch_plan"] = plan
+    return root
+
+
 def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str = "gaussian", tiff: Path | None = None,
-                 workers: int | None = None, progress: bool = True) -> Path:
-    """Write one slide's map as OME-Zarr 0.5 (4 channels, pyramid to ≤ 1024 px), optionally OME-TIFF."""
+                 workers: int | None = None, progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES) -> Path:
+    """Write one slide's map as OME-Zarr 0.5 (4 channels, pyramid to ≤ 1024 px), optionally OME-TIFF.
+
+    Bands are the unit of resume: a killed run continued with `resume` redoes only unfinished bands."""
     entry = store.slides[slide_index]
     height, width = entry["shape"]
     patch = int(store.attrs["patch_size"])
     w = window(blend, patch)
     coords = store.coords
     idx = np.nonzero(coords[:, 0] == slide_index)[0]
+    bands = plan_bands(coords[idx, 1], idx, height, width, patch, band_bytes)
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    level0 = root.create_array("0", shape=(4, height, width), dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
-                               compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
-    shapes = pyramid_shapes(height, width, PYRAMID_MIN)
-    level1 = None
-    if len(shapes) > 1:
-        level1 = root.create_array("1", shape=(4,) + shapes[1], dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
-                                   compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
-    bands = plan_bands(coords[idx, 1], idx, height, width, patch)
-    tasks = [dask.delayed(merge_band, pure=False)(str(store.path), b, level0, level1, w, dask_key_name=f"merge-{i:08d}")
-             for i, b in enumerate(bands)]
-    with tqdm(total=len(tasks), desc=f"stitching {entry['slide_id']}", unit="band", disable=None if progress else True) as bar:
+    map_bytes = 4 * height * width * np.dtype(MAP_DTYPE).itemsize * 4 // 3 + (height * width * 4 * 4 // 3 if tiff else 0)
+    check_resources(out, map_bytes, workers or os.cpu_count() or 1, band_bytes * 3 // 2, "the map", "use fewer --workers or a smaller --band-mb")
+    plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1] for b in bands]}
+    root = _open_partial(partial, height, width, len(bands), plan, resume)
+    level0, level1, done = root["0"], (root["1"] if "1" in root else None), root["bands_done"]
+    todo = np.nonzero(np.asarray(done[:]) == 0)[0]
+    tasks = [dask.delayed(merge_band, pure=False)(str(store.path), bands[i], level0, level1, w, done, int(i), dask_key_name=f"merge-{i:08d}")
+             for i in todo]
+    with tqdm(total=len(bands), initial=len(bands) - len(todo), desc=f"stitching {entry['slide_id']}", unit="band",
+              disable=None if progress else True) as bar:
         with TaskProgress(bar, "merge-"):
             dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    del root["bands_done"]  # resume bookkeeping is not part of the map
+    del root.attrs["stitch_plan"]
+    shapes = pyramid_shapes(height, width, PYRAMID_MIN)
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"), existing=min(2, len(shapes)))
     mpp = entry.get("mpp")
     root.attrs["ome"] = ome_zarr_attrs(entry["slide_id"], len(levels), mpp, CHANNELS)
@@ -159,13 +183,13 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
 
 
 def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path | None = None, workers: int | None = None,
-               progress: bool = True) -> list[Path]:
+               progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES) -> list[Path]:
     """One map per slide: `out` itself for a one-slide store, else `out/<slide_id>.ome.zarr`."""
     window(blend, 8)  # validate the name before any work
     store = PredictionStore.open(pred_path)
     slides = store.slides
     if len(slides) == 1:
-        return [stitch_slide(store, 0, Path(out), blend, tiff, workers, progress)]
+        return [stitch_slide(store, 0, Path(out), blend, tiff, workers, progress, resume, band_bytes)]
     Path(out).mkdir(parents=True, exist_ok=True)
     written = []
     for i, entry in enumerate(slides):
@@ -173,5 +197,5 @@ def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path |
         t = Path(tiff) / f"{sid}.ome.tif" if tiff is not None else None
         if t is not None:
             t.parent.mkdir(parents=True, exist_ok=True)
-        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress))
+        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes))
     return written

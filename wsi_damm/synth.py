@@ -5,7 +5,8 @@ Physics, kept simple but causal: a branching vessel network with varying calibre
 leak from vessels and spread by a distance that shrinks where cells are dense, then pass through
 the optics (PSF) and the camera (Poisson + read noise). In `divergence` regions the DAPI channel
 shows an unrelated density — a misaligned or artefact-stained nuclei channel — while the NP still
-follows the true density, so trusting nuclei there is penalised.
+follows the true density, so trusting nuclei there is penalised; its nuclei also ignore vessel lumens,
+which is what a misregistered DAPI looks like and the only local cue a model can learn to distrust.
 
 Smooth fields live on a coarse grid; everything sharp (vessels, nuclei, noise) is rendered tile by
 tile with a margin, from per-tile seeded generators, so any slide size streams in bounded memory
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from .ome import build_pyramid, fast_codec, write_ome_tiff
 
 CHANNELS = ("CD31", "DAPI", "NP")
+DIVERGENCE_LABELS = {0: "informative", 1: "divergent"}  # values of truth/*.divergence.ome.tif
 TILE = 1024
 MARGIN = 64
 NUCLEUS_CELL = 64
@@ -242,7 +244,9 @@ def render_window(cfg: SynthConfig, lay: Layout, index: int, y0: int, x0: int, h
             iy, ix = py.astype(int), pxs.astype(int)
             ok = (py >= 0) & (py < h) & (pxs >= 0) & (pxs < w)
             iy, ix, amp = iy[ok], ix[ok], amp[ok]
-            free = dist[iy, ix] > r[iy, ix] + rad_px * 0.8
+            # true nuclei sit outside vessel lumens; a divergent DAPI channel (misregistered or
+            # artefact-stained) does not respect them — the one local cue that nuclei mislead there
+            free = (dist[iy, ix] > r[iy, ix] + rad_px * 0.8) | (divergent[iy, ix] > 0.5)
             np.add.at(impulses, (iy[free], ix[free]), amp[free])
     nuclei = 1 - np.exp(-1.4 * signal.fftconvolve(impulses, _nucleus_kernel(rad_px), mode="same").clip(0))
 

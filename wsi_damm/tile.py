@@ -9,6 +9,7 @@ moved into place only when every shard is done, so a killed run never looks comp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
-from .jobs import TaskProgress, prepare_output
+from .jobs import TaskProgress, check_resources, prepare_output
 from .slides import SlideSpec
 from .store import PatchStore, create_patch_store
 from .tiling import (
@@ -178,6 +179,11 @@ def run_tile(
             if root.attrs.get("fingerprint") != fingerprint:
                 raise InputError(partial, "was started with other slides or options", "rerun with the same arguments, or --overwrite")
         else:
+            n = sum(len(p.ys) for p in plans)
+            per_patch = len(specs[0].roles) * cfg.patch_size**2
+            # a shard task holds its patches as float32 a few times over (read, normalise, cast)
+            check_resources(out, n * per_patch * np.dtype(cfg.store_dtype).itemsize, workers or os.cpu_count() or 1,
+                            3 * 4 * per_patch * cfg.shard_patches, "the patch store", "use fewer --workers or a smaller --shard-patches")
             root = _create(partial, plans, cfg, fingerprint)
             created = True
         n_patches = root["images"].shape[0]

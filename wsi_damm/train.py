@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -116,10 +118,21 @@ class RunDir:
     def autoencoder(self, role: str) -> Path:
         return self.path / f"autoencoder_{role}.safetensors"
 
+    def last_checkpoint(self) -> Path | None:
+        """The folder `latest.json` names: the newest checkpoint known to be complete."""
+        latest = self.ckpt / "latest.json"
+        if not latest.exists():
+            return None
+        try:
+            folder = self.ckpt / json.loads(latest.read_text())["folder"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise InputError(latest, f"is not a checkpoint pointer ({exc})", "delete checkpoints/ to restart the diffusion stage") from exc
+        if not folder.is_dir():
+            raise InputError(latest, f"names {folder.name}, which is missing", "delete checkpoints/ to restart the diffusion stage")
+        return folder
+
 
 def load_run_config(run: RunDir) -> RunConfig:
-    import json
-
     if not run.config.exists():
         raise InputError(run.path, "is not a wsi-damm run directory (no config.json)")
     try:
@@ -256,10 +269,11 @@ def train_diffusion(
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     start = 0
     rows: list[dict] = []
-    if resume and (run.ckpt / "state.pt").exists():
-        load_weights(run.ckpt / "unet.safetensors", model, d.device)
-        load_weights(run.ckpt / "unet_ema.safetensors", ema, d.device)
-        state = load_state(run.ckpt / "state.pt")
+    last = run.last_checkpoint() if resume else None
+    if last is not None:
+        load_weights(last / "unet.safetensors", model, d.device)
+        load_weights(last / "unet_ema.safetensors", ema, d.device)
+        state = load_state(last / "state.pt")
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
@@ -330,11 +344,18 @@ def train_diffusion(
 
 
 def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict]) -> None:
-    """Weights first, state last: a state file only ever names weights already on disk."""
-    save_weights(run.ckpt / "unet.safetensors", model, {"step": step})
-    save_weights(run.ckpt / "unet_ema.safetensors", ema, {"step": step})
-    _write_csv(run.metrics, rows, METRIC_FIELDS)
-    save_state(run.ckpt / "state.pt", {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
+    """Step k's weights and state go into a folder of their own; `latest.json` is switched to it last
+    (one atomic rename), so a kill at any instant leaves the previous checkpoint whole and named."""
+    folder = run.ckpt / f"step_{step:09d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(folder / "unet.safetensors", model, {"step": step})
+    save_weights(folder / "unet_ema.safetensors", ema, {"step": step})
+    save_state(folder / "state.pt", {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
+    _write_csv(run.metrics, rows, METRIC_FIELDS)  # rows beyond the named step are dropped on resume
+    save_json(run.ckpt / "latest.json", {"step": step, "folder": folder.name})
+    for old in run.ckpt.glob("step_*"):
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _ddp_checksums(model: torch.nn.Module, d: Dist) -> list[float]:

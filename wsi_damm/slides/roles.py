@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,22 @@ class ChannelRef:
 
 
 @dataclass(frozen=True)
+class Transform:
+    """Where a channel's pixels sit relative to the reference (vessels) channel, in level-0 pixels:
+    reference pixel p shows channel pixel R(θ)(p − c) + c + (dy, dx), c the slide centre."""
+
+    dy: float = 0.0
+    dx: float = 0.0
+    degrees: float = 0.0
+    score: float | None = None  # normalised cross-correlation after alignment (registration quality)
+    score_before: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.dy == 0 and self.dx == 0 and self.degrees == 0
+
+
+@dataclass(frozen=True)
 class SlideSpec:
     """Picklable recipe for a role-ordered slide; workers reopen files from it."""
 
@@ -35,6 +51,8 @@ class SlideSpec:
     channels: tuple[tuple[str, ChannelRef], ...]  # (role, ref) in ROLES order
     planes: tuple[tuple[str, int], ...] = ()
     max_bytes: int = DEFAULT_MAX_BYTES
+    transforms: tuple[tuple[str, Transform], ...] = ()  # (role, transform) of registered channels
+    size_tolerance: float = 0.0  # per-channel files may differ in size by this fraction (then registered)
 
     @property
     def roles(self) -> list[str]:
@@ -47,8 +65,18 @@ class SlideSpec:
     def open(self) -> "RoleSlide":
         return RoleSlide(self)
 
+    def without(self, role: str) -> "SlideSpec":
+        """The same slide with one role ignored (e.g. `--no-nuclei`: uni-modal prediction)."""
+        return replace(self, channels=tuple((r, ref) for r, ref in self.channels if r != role))
+
     def describe(self) -> dict:
-        return {role: {"path": ref.path, "channel": ref.name, "index": ref.index} for role, ref in self.channels}
+        moved = dict(self.transforms)
+        return {role: {"path": ref.path, "channel": ref.name, "index": ref.index,
+                       **({"registration": asdict(moved[role])} if role in moved else {})} for role, ref in self.channels}
+
+    def transform(self, role: str) -> Transform | None:
+        t = dict(self.transforms).get(role)
+        return None if t is None or t.identity else t
 
 
 def parse_channel_map(text: str | None) -> dict[str, str]:
@@ -232,36 +260,83 @@ class RoleSlide(Slide):
         first = self._files[spec.paths[0]]
         hw0 = first.levels[0].shape[1:]
         for p, s in self._files.items():
-            if s.levels[0].shape[1:] != hw0:
+            hw = s.levels[0].shape[1:]
+            off = max(abs(a - b) / b for a, b in zip(hw, hw0))
+            if off > spec.size_tolerance:
                 raise InputError(
-                    p, f"size {s.levels[0].shape[1:]} differs from {spec.paths[0]} {hw0}",
-                    "per-channel files of one slide must have the same height and width",
+                    p, f"size {hw} differs from {spec.paths[0]} {hw0}",
+                    "per-channel files of one slide must have the same height and width, or allow a difference with "
+                    "--size-tolerance (they are then aligned by --register)",
                 )
         n = len(spec.channels)
-        self.levels = []
+        # levels of the first file that every file has at (nearly) the same downsample
+        self.levels, self._level_index = [], {p: [] for p in self._files}
         for lev in first.levels:
-            if all(any(o.shape[1:] == lev.shape[1:] for o in s.levels) for s in self._files.values()):
+            match = {p: next((i for i, o in enumerate(s.levels) if abs(o.downsample / lev.downsample - 1) < 0.02
+                              and max(abs(a - b) for a, b in zip(o.shape[1:], lev.shape[1:])) <= spec.size_tolerance * max(lev.shape[1:]) + 1), None)
+                     for p, s in self._files.items()}
+            if all(i is not None for i in match.values()):
                 self.levels.append(Level((n,) + lev.shape[1:], lev.downsample))
+                for p, i in match.items():
+                    self._level_index[p].append(i)
         self.channel_names = [r for r, _ in spec.channels]
         self.mpp = next((s.mpp for s in self._files.values() if s.mpp), None)
         self.dtype = np.result_type(*[s.dtype for s in self._files.values()])
-        self._level_index = {
-            p: [next(i for i, o in enumerate(s.levels) if o.shape[1:] == lev.shape[1:]) for lev in self.levels]
-            for p, s in self._files.items()
-        }
 
     def _read(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
         out = np.empty((len(channels), h, w), dtype=self.dtype)
         for p, s in self._files.items():
-            wanted = [(k, self.spec.channels[ch][1].index) for k, ch in enumerate(channels) if self.spec.channels[ch][1].path == p]
-            if not wanted:
-                continue
-            file_channels = tuple(dict.fromkeys(i for _, i in wanted))  # decode each source channel once
-            block = s.read_region(self._level_index[p][level], y, x, h, w, file_channels)
-            for k, i in wanted:
-                out[k] = block[file_channels.index(i)]
+            wanted = [(k, ch) for k, ch in enumerate(channels) if self.spec.channels[ch][1].path == p]
+            direct = [(k, self.spec.channels[ch][1].index) for k, ch in wanted if self.spec.transform(self.spec.channels[ch][0]) is None]
+            if direct:
+                file_channels = tuple(dict.fromkeys(i for _, i in direct))  # decode each source channel once
+                block = _read_padded(s, self._level_index[p][level], y, x, h, w, file_channels)
+                for k, i in direct:
+                    out[k] = block[file_channels.index(i)]
+            for k, ch in wanted:
+                role, ref = self.spec.channels[ch]
+                t = self.spec.transform(role)
+                if t is not None:
+                    out[k] = _read_transformed(s, self._level_index[p][level], y, x, h, w, ref.index, t,
+                                               self.levels[level].downsample, self.levels[0].shape[1:], self.dtype)
         return out
 
     def close(self) -> None:
         for s in self._files.values():
             s.close()
+
+
+def _read_padded(s: Slide, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
+    """A region that may reach past the file's edges (files a few pixels smaller, moved channels): zeros there."""
+    _, height, width = s.levels[level].shape
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, height), min(x + w, width)
+    if (y0, x0, y1, x1) == (y, x, y + h, x + w):
+        return s.read_region(level, y, x, h, w, channels)
+    out = np.zeros((len(channels), h, w), s.dtype)
+    if y1 > y0 and x1 > x0:
+        out[:, y0 - y : y1 - y, x0 - x : x1 - x] = s.read_region(level, y0, x0, y1 - y0, x1 - x0, channels)
+    return out
+
+
+def _read_transformed(s: Slide, level: int, y: int, x: int, h: int, w: int, index: int, t: Transform, downsample: float,
+                      shape0: tuple[int, int], dtype) -> np.ndarray:
+    """Lazily resample one channel into the reference frame: only the window's source pixels are read."""
+    from scipy import ndimage
+
+    cy, cx = (shape0[0] / downsample - 1) / 2, (shape0[1] / downsample - 1) / 2  # slide centre at this level
+    ty, tx = t.dy / downsample, t.dx / downsample
+    a = np.deg2rad(t.degrees)
+    if t.degrees == 0 and float(ty).is_integer() and float(tx).is_integer():  # whole-pixel shift: exact, no resampling
+        return _read_padded(s, level, y + int(ty), x + int(tx), h, w, (index,))[0]
+    yy, xx = np.meshgrid(np.arange(y, y + h, dtype=np.float64) - cy, np.arange(x, x + w, dtype=np.float64) - cx, indexing="ij")
+    sy = np.cos(a) * yy - np.sin(a) * xx + cy + ty
+    sx = np.sin(a) * yy + np.cos(a) * xx + cx + tx
+    margin = 4
+    y0, x0 = int(np.floor(sy.min())) - margin, int(np.floor(sx.min())) - margin
+    y1, x1 = int(np.ceil(sy.max())) + margin + 1, int(np.ceil(sx.max())) + margin + 1
+    src = _read_padded(s, level, y0, x0, y1 - y0, x1 - x0, (index,))[0].astype(np.float32)
+    out = ndimage.map_coordinates(src, [sy - y0, sx - x0], order=3, mode="constant", cval=0.0)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(dtype)
+    return out.astype(dtype)

@@ -1,0 +1,117 @@
+"""SIGKILL at an arbitrary point, then --resume: tile, train and stitch end bit-identical to an
+uninterrupted run (predict: tests/test_predict.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+
+from .conftest import TINY_TOML, count_files, kill_when, run_cli
+
+
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory):
+    out = tmp_path_factory.mktemp("big")
+    res = run_cli("synth", str(out), "--slides", "1", "--size", "8192", "--seed", "5", "--quiet")
+    assert res.returncode == 0, res.stderr
+    return out / "synth_000.ome.tif"
+
+
+def test_kill_then_resume_is_identical(big_slide, tmp_path):
+    ref, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
+    common = ["--patch-size", "256", "--overlap", "64", "--shard-patches", "32", "--workers", "1", "--quiet"]
+    assert run_cli("tile", str(big_slide), "--out", str(ref), *common).returncode == 0
+
+    partial = killed.with_name(killed.name + ".partial")
+    kill_when(["tile", str(big_slide), "--out", str(killed), *common], lambda: count_files(partial / "shard_done" / "c") >= 5)
+    n_total = zarr.open_group(str(partial), mode="r")["shard_done"].shape[0]
+    assert 0 < count_files(partial / "shard_done" / "c") < n_total
+    assert not killed.exists()  # a killed run never looks complete
+
+    res = run_cli("tile", str(big_slide), "--out", str(killed), *common)
+    assert res.returncode == 2 and "--resume" in res.stderr  # refuses to silently restart
+    res = run_cli("tile", str(big_slide), "--out", str(killed), "--resume", *common)
+    assert res.returncode == 0, res.stderr
+    assert not partial.exists()
+
+    a, b = zarr.open_group(str(ref), mode="r"), zarr.open_group(str(killed), mode="r")
+    assert dict(a.attrs) == dict(b.attrs)
+    for name in ("images", "coords", "tissue", "shard_done"):
+        np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)
+
+
+KILL_TOML = TINY_TOML.replace("steps = 6", "steps = 400").replace("checkpoint_every = 3", "checkpoint_every = 7")
+
+
+def test_killed_training_resumes_to_identical_weights(small_store, tmp_path):
+    toml = tmp_path / "kill.toml"
+    toml.write_text(KILL_TOML)
+    common = ["--config", str(toml), "--quiet"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    res = run_cli("train", str(small_store), "--out", str(ref), *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def checkpointed(n: int) -> bool:
+        latest = killed / "checkpoints" / "latest.json"
+        try:
+            return json.loads(latest.read_text())["step"] >= n
+        except (OSError, ValueError):
+            return False
+
+    delay = float(np.random.default_rng(7).uniform(0, 0.4))  # somewhere between two checkpoints
+    kill_when(["train", str(small_store), "--out", str(killed), *common], lambda: checkpointed(14), delay=delay)
+    assert not (killed / "unet_ema.safetensors").exists()
+    res = run_cli("train", str(small_store), "--out", str(killed), "--resume", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = load_file(str(ref / "unet_ema.safetensors")), load_file(str(killed / "unet_ema.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(list((killed / "checkpoints").glob("step_*"))) == 1  # old checkpoints are cleaned up
+
+
+@pytest.fixture(scope="module")
+def wide_prediction(tmp_path_factory):
+    """A fake prediction store over a 3072² slide: enough 512-row bands to kill a stitch between them."""
+    import tifffile
+
+    from wsi_damm.store import PatchStore, create_prediction_store
+
+    d = tmp_path_factory.mktemp("wide")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:3072, :3072]
+    disc = ((yy - 1536) ** 2 + (xx - 1536) ** 2 < 1400**2)
+    data = np.stack([(100 + 2000 * disc * rng.random((3072, 3072))).astype(np.uint16) for _ in range(3)])
+    tifffile.imwrite(d / "w.ome.tif", data, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}},
+                     tile=(256, 256), compression="zlib", photometric="minisblack")
+    res = run_cli("tile", str(d / "w.ome.tif"), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
+    assert res.returncode == 0, res.stderr
+    cond = PatchStore.open(d / "c.zarr")
+    root = create_prediction_store(d / "p.zarr", cond, {"roles": cond.roles, "nuclei": True})
+    root["pred"][:] = rng.random(root["pred"].shape).astype(np.float16)
+    root["divergence"][:] = rng.random(len(cond)).astype(np.float32)
+    root["multimodal_fraction"][:] = 0.5
+    root["shard_done"][:] = 1
+    root.attrs["complete"] = True
+    return d / "p.zarr"
+
+
+def test_killed_stitch_resumes_to_the_identical_map(wide_prediction, tmp_path):
+    common = ["--band-mb", "1", "--workers", "1", "--quiet"]
+    ref, killed = tmp_path / "ref.ome.zarr", tmp_path / "killed.ome.zarr"
+    assert run_cli("stitch", str(wide_prediction), "--out", str(ref), *common).returncode == 0
+    partial = killed.with_name(killed.name + ".partial")
+    kill_when(["stitch", str(wide_prediction), "--out", str(killed), *common], lambda: count_files(partial / "bands_done" / "c") >= 2)
+    n_bands = zarr.open_group(str(partial), mode="r")["bands_done"].shape[0]
+    assert 2 <= count_files(partial / "bands_done" / "c") < n_bands and not killed.exists()
+    res = run_cli("stitch", str(wide_prediction), "--out", str(killed), "--resume", *common)
+    assert res.returncode == 0, res.stderr
+    a, b = zarr.open_group(str(ref), mode="r"), zarr.open_group(str(killed), mode="r")
+    assert dict(a.attrs) == dict(b.attrs) and sorted(a.array_keys()) == sorted(b.array_keys())
+    for name in a.array_keys():
+        np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)

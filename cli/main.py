@@ -192,6 +192,7 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 @click.option("--eta", default=0.0, type=float, help="DDIM η (the authors' code used 1).")
 @click.option("--batch-size", default=16, type=click.IntRange(1))
 @click.option("--seed", default=0, type=int)
+@click.option("--samples", default=1, type=click.IntRange(1), help="Draws per patch: the map is their mean, their sd a 5th channel.")
 @click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
 @click.option("--min-tissue", default=0.05, type=float)
 @click.option("--shard-patches", default=64, type=click.IntRange(1), help="Patches per shard (unit of resume).")
@@ -206,7 +207,7 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler, steps, eta, batch_size, seed, overlap, min_tissue, shard_patches,
+def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, shard_patches,
             device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm.predict import PredictConfig, run_predict
@@ -215,7 +216,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler,
     specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance)
     if no_nuclei:
         specs = [s.without("nuclei") for s in specs]
-    cfg = PredictConfig(sampler, steps, eta, "logsnr", batch_size, seed, overlap, min_tissue, amp, device, shard_patches)
+    cfg = PredictConfig(sampler, steps, eta, "logsnr", batch_size, seed, overlap, min_tissue, amp, device, shard_patches, samples)
     store = run_predict(run_dir, specs, out, cfg, resume, overwrite, not quiet)
     click.echo(f"{out}: {len(store)} patches predicted ({sampler}, {cfg.n_steps} steps)")
     if do_stitch and int(os.environ.get("RANK", "0")) == 0:

@@ -81,12 +81,17 @@ def _fixture_case(rel: str):
     return build
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _truncated(fraction: float):
     def build(tmp, good, store):
         data = good.read_bytes()
         path = tmp / f"cut{int(fraction * 100)}.ome.tif"
         path.write_bytes(data[: int(len(data) * fraction)])
-        return ["tile", str(path), "--out", str(tmp / "o.zarr"), "--patch-size", "64", "--overlap", "0"], path, ""
+        return ["tile", str(path), "--out", str(tmp / "o.zarr"), "--patch-size", "64", "--overlap", "0"], path, "truncated"
     return build
 
 
@@ -200,10 +205,10 @@ CASES = {
     "truncated 50 %": _truncated(0.50),
     "truncated 99 %": _truncated(0.99),
     "declared 10⁶ × 10⁶": _huge_declared,
-    "zero-byte file": _simple(lambda tmp, good: (tmp / "empty.ome.tif").write_bytes(b"") or tmp / "empty.ome.tif", "empty"),
+    "zero-byte file": _simple(lambda tmp, good: _write(tmp / "empty.ome.tif", b""), "empty"),
     "missing file": _simple(lambda tmp, good: tmp / "nope.ome.tif", "no such file"),
     "directory as slide": _simple(lambda tmp, good: (tmp / "d").mkdir() or tmp / "d", "directory"),
-    "PNG renamed .svs": _simple(lambda tmp, good: (tmp / "x.svs").write_bytes(bytes.fromhex("89504e470d0a1a0a") + bytes(64)) or tmp / "x.svs"),
+    "PNG renamed .svs": _simple(lambda tmp, good: _write(tmp / "x.svs", bytes.fromhex("89504e470d0a1a0a") + bytes(64)), "not a supported"),
     "manifest shapes differ": _manifest_shapes,
     "manifest without role columns": _bad_manifest,
     "missing role": _simple(lambda tmp, good: _slide(tmp / "two.ome.tif", _tissue()[:2], ("GFP", "DAPI")), "vessels"),

@@ -87,3 +87,28 @@ def test_two_ranks_predict_disjoint_shards_and_the_same_result(tiny_run, synth_d
     assert res.returncode == 0, res.stderr[-3000:]
     two = PredictionStore.open(tmp_path / "two.zarr")
     np.testing.assert_allclose(np.asarray(one.pred[:]).astype(np.float32), np.asarray(two.pred[:]).astype(np.float32), atol=2e-3)
+
+
+def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
+    import torch
+
+    from wsi_damm.diffusion.noise import draw_keys
+    from wsi_damm.predict import PredictConfig, Predictor
+
+    store = _predict(tiny_run, _slide(synth_dir), tmp_path / "k.zarr", "--samples", "3")
+    sd = np.asarray(store.root["pred_sd"][:]).astype(np.float32)
+    assert sd.shape == store.pred.shape and (sd >= 0).all() and sd.max() > 0
+    m = zarr.open_group(str(tmp_path / "k.ome.zarr"), mode="r")
+    labels = [c["label"] for c in m.attrs["ome"]["omero"]["channels"]]
+    assert labels[-1] == "NP sd over samples" and m["0"].shape[0] == 5 and float(np.asarray(m["0"][4]).max()) > 0
+
+    # reference: the three draws one by one, with the keys the batched path derives
+    images = torch.rand(6, 3, 64, 64) * 2 - 1
+    keys = torch.arange(6, dtype=torch.int64) * 7919 + 11
+    one = Predictor(tiny_run, torch.device("cpu"), PredictConfig(steps=4))
+    three = Predictor(tiny_run, torch.device("cpu"), PredictConfig(steps=4, samples=3))
+    mean, sd3, _, _ = three.predict(images, ["vessels", "nuclei", "target"], keys)
+    draws = np.stack([one.predict(images, ["vessels", "nuclei", "target"], draw_keys(keys, i))[0] for i in range(3)])
+    np.testing.assert_allclose(mean, draws.mean(0), atol=2e-3)
+    np.testing.assert_allclose(sd3, draws.std(0), atol=2e-3)
+    np.testing.assert_array_equal(one.predict(images, ["vessels", "nuclei", "target"], keys)[0], draws[0])

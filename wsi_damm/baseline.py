@@ -94,7 +94,7 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     stack = da.stack([pred * cover, da.zeros_like(pred), da.zeros_like(pred), cover]).astype(MAP_DTYPE)
     stack.rechunk((1, 1024, 1024)).store(level0, lock=False, scheduler="threads")
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"))
-    root.attrs["ome"] = ome_zarr_attrs(spec.slide_id, len(levels), mpp, CHANNELS)
+    root.attrs["ome"] = ome_zarr_attrs(spec.slide_id, len(levels), mpp, CHANNELS[:4])
     root.attrs["wsi_damm"] = {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",
                               "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False}
     slide.close()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_weights
 from .diffusion.damm import divergence, use_multi
-from .diffusion.noise import keyed_normal, patch_key
+from .diffusion.noise import draw_keys, keyed_normal, patch_key
 from .diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from .diffusion.schedule import NoiseSchedule
 from .errors import InputError
@@ -47,6 +47,7 @@ class PredictConfig:
     amp: bool = False
     device: str = "auto"
     shard_patches: int = 64
+    samples: int = 1  # K draws per patch: the map is their mean, and their sd is stored beside it
 
     @property
     def n_steps(self) -> int:
@@ -61,6 +62,8 @@ class PredictConfig:
             raise InputError("--batch-size", f"must be positive, got {self.batch_size}")
         if not 0 <= self.eta <= 1:
             raise InputError("--eta", f"must be in [0, 1], got {self.eta}")
+        if self.samples < 1:
+            raise InputError("--samples", f"must be at least 1, got {self.samples}")
 
 
 class GatedDenoiser:
@@ -111,8 +114,10 @@ class Predictor:
         self.schedule = NoiseSchedule.make(s.kind, s.T, s.beta_start, s.beta_end)
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """images (B, C, P, P) in [-1, 1] → (NP map in [0, 1] (B, 1, P, P), divergence, multi share)."""
+    def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """images (B, C, P, P) in [-1, 1] → NP map in [0, 1] (B, 1, P, P) — the mean of K draws —,
+        its sd over the draws (zeros for K = 1), mean divergence and multi-modal share per patch.
+        The K draws of every patch are sampled as one batch of K·B."""
         x = images.to(self.device)
         enc = {r: self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]) for r in ("vessels", "nuclei") if r in roles}
         if self.rc.model.uni_branch == "nuclei":
@@ -121,6 +126,11 @@ class Predictor:
             c_uni, c_multi = enc["nuclei"], enc.get("vessels")
         else:
             c_uni, c_multi = enc["vessels"], enc.get("nuclei")
+        k, b = self.cfg.samples, len(keys)
+        if k > 1:
+            c_uni = c_uni.repeat(k, 1, 1, 1)
+            c_multi = c_multi.repeat(k, 1, 1, 1) if c_multi is not None else None
+            keys = torch.cat([draw_keys(keys, i) for i in range(k)])
         shape = tuple(c_uni.shape[1:])
         x_t = keyed_normal(keys, 0, shape, self.device)
         den = GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp,
@@ -129,9 +139,11 @@ class Predictor:
             z0 = sample_ddim(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.eta, lambda i: keyed_normal(keys, i + 1, shape, self.device))
         else:
             z0 = sample_dpmpp_2m(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.spacing)
-        img = self.aes["target"].decode(z0).float().clamp(-1, 1)
-        d, share = den.summary(len(keys))
-        return ((img + 1) / 2).cpu().numpy(), d, share
+        img = (self.aes["target"].decode(z0).float().clamp(-1, 1) + 1) / 2
+        img = img.view(k, b, *img.shape[1:])
+        d, share = den.summary(k * b)
+        return (img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy(), d.reshape(k, b).mean(0),
+                share.reshape(k, b).mean(0))
 
 
 def _condition_config(rc, cfg: PredictConfig) -> TileConfig:
@@ -169,7 +181,7 @@ def run_predict(
             conditions = PatchStore.open(cond_path)
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
                      "nuclei": "nuclei" in conditions.roles, "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
-            create_prediction_store(partial, conditions, attrs)
+            create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
     if d.world > 1:
         dist.barrier()
     conditions = PatchStore.open(cond_path)
@@ -209,18 +221,17 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
         raw = read_rows(conditions.images, rows)
         images = to_model_range(raw)
-        preds, divs, shares = [], [], []
+        parts = []
         for k in range(0, len(rows), cfg.batch_size):
             sl = slice(k, k + cfg.batch_size)
-            p, dv, sh = predictor.predict(images[sl], roles, keys_all[rows[sl]])
-            preds.append(p)
-            divs.append(dv)
-            shares.append(sh)
+            parts.append(predictor.predict(images[sl], roles, keys_all[rows[sl]]))
             bar.update(len(rows[sl]))
-        pred, dv, sh = np.concatenate(preds), np.concatenate(divs), np.concatenate(shares)
+        pred, sd, dv, sh = (np.concatenate(x) for x in zip(*parts))
         pos = 0
         for shard, (a, b) in zip(shards, spans):
             root["pred"][a:b] = pred[pos : pos + b - a].astype(np.float16)
+            if "pred_sd" in root:
+                root["pred_sd"][a:b] = sd[pos : pos + b - a].astype(np.float16)
             root["divergence"][a:b] = dv[pos : pos + b - a]
             root["multimodal_fraction"][a:b] = sh[pos : pos + b - a]
             root["shard_done"][shard] = 1

@@ -98,12 +98,13 @@ def _coarse(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
 
 
 def _fine_angle(ref: np.ndarray, mov: np.ndarray) -> float:
-    """Residual angle about the window centre: a 0.5° grid over ±MAX_DEGREES on half-size windows
-    (the peak-height curve has side lobes), then a bounded search around the best grid point."""
+    """Residual angle about the window centre, on half-size windows (0.1° moves their rim by a
+    pixel): a 0.5° grid over ±MAX_DEGREES (the peak-height curve has side lobes), then a bounded
+    search around the best grid point."""
     half_r, half_m = ref[::2, ::2], mov[::2, ::2]
     grid = np.arange(-MAX_DEGREES, MAX_DEGREES + 1e-9, 0.5)
     best = grid[int(np.argmax([_shift(half_r, _rotate(half_m, d))[1] for d in grid]))]
-    return _best_angle(ref, mov, float(best), 0.5, 0.005)
+    return _best_angle(half_r, half_m, float(best), 0.5, 0.005)
 
 
 def _fine_window(mask: np.ndarray, mask_ds: float, side: int, shape0: tuple[int, int]) -> tuple[int, int, int, int]:

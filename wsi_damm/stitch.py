@@ -6,7 +6,8 @@ touch it, accumulates Σ w·p and Σ w in float32, and writes whole zarr chunks 
 parallel on dask and peak memory depends on band size and workers, never on slide size.
 
 Windows: gaussian (σ = P/8, floor 1e-3: MONAI / nnU-Net), cosine (Hann, floor 1e-3), linear
-ramp (floor 1e-3), mean (constant). Channels written: NP map, divergence, multi-modal share, coverage.
+ramp (floor 1e-3), mean (constant). Channels written: NP map, divergence, multi-modal share, coverage,
+and — when prediction drew several samples per patch — their standard deviation.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CHANNELS = [
     {"label": "divergence", "color": "FF00FF", "min": 0.0, "max": 1.0},
     {"label": "multi-modal share", "color": "00FFFF", "min": 0.0, "max": 1.0},
     {"label": "coverage", "color": "FFFFFF", "min": 0.0, "max": 1.0},
+    {"label": "NP sd over samples", "color": "FFFF00", "min": 0.0, "max": 0.25},  # only with predict --samples K > 1
 ]
 CHUNK = 256
 # float16 maps: values live in [0, 1] where float16 is exact to 2.4e-4 — half the bytes to write
@@ -90,13 +92,15 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | N
     root = zarr.open_group(pred_path, mode="r")
     _, height, width = out.shape
     p = w.shape[0]
-    num = np.zeros((3, band.y1 - band.y0, width), np.float32)
+    with_sd = "pred_sd" in root
+    num = np.zeros((4 if with_sd else 3, band.y1 - band.y0, width), np.float32)
     den = np.zeros((band.y1 - band.y0, width), np.float32)
     if len(band.rows):
         coords = read_rows(root["coords"], band.rows)
         pred = read_rows(root["pred"], band.rows)[:, 0]  # float16; converted patch by patch (memory)
         div = np.nan_to_num(read_rows(root["divergence"], band.rows), nan=0.0)
         share = read_rows(root["multimodal_fraction"], band.rows)
+        sd = read_rows(root["pred_sd"], band.rows)[:, 0] if with_sd else None
         for k, (_, y, x) in enumerate(coords):
             a, b = max(y, band.y0), min(y + p, band.y1)
             if a >= b:
@@ -106,23 +110,29 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | N
             num[0][sl] += wy * pred[k, a - y : b - y].astype(np.float32)
             num[1][sl] += wy * div[k]
             num[2][sl] += wy * share[k]
+            if with_sd:
+                num[3][sl] += wy * sd[k, a - y : b - y].astype(np.float32)
             den[sl] += wy
     covered = den > 0
     np.divide(num, den, out=num, where=covered)  # in place: no second band-sized buffer
     num[:, ~covered] = 0
-    out[:3, band.y0 : band.y1, :] = num.astype(MAP_DTYPE)
+    out[:3, band.y0 : band.y1, :] = num[:3].astype(MAP_DTYPE)
     out[3, band.y0 : band.y1, :] = covered.astype(MAP_DTYPE)
+    if with_sd:
+        out[4, band.y0 : band.y1, :] = num[3].astype(MAP_DTYPE)
     if half is not None:
         y = band.y0 // 2
         small = halve(num)
-        half[:3, y : y + small.shape[1], :] = small.astype(MAP_DTYPE)
+        half[:3, y : y + small.shape[1], :] = small[:3].astype(MAP_DTYPE)
+        if with_sd:
+            half[4, y : y + small.shape[1], :] = small[3].astype(MAP_DTYPE)
         del small
         half[3, y : y + (band.y1 - band.y0 + 1) // 2, :] = halve(covered[None].astype(np.float32))[0].astype(MAP_DTYPE)
     done[index] = 1  # after the band's chunks: a flag never names unwritten data
     return 1
 
 
-def _open_partial(partial: Path, height: int, width: int, n_bands: int, plan: dict, resume: bool) -> zarr.Group:
+def _open_partial(partial: Path, channels: int, height: int, width: int, n_bands: int, plan: dict, resume: bool) -> zarr.Group:
     """The half-written map of an earlier run with the same plan (--resume), else a fresh one."""
     if resume and (partial / "zarr.json").exists():
         root = zarr.open_group(str(partial), mode="r+")
@@ -130,11 +140,11 @@ def _open_partial(partial: Path, height: int, width: int, n_bands: int, plan: di
             return root
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    root.create_array("0", shape=(4, height, width), dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
+    root.create_array("0", shape=(channels, height, width), dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
                       compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
     shapes = pyramid_shapes(height, width, PYRAMID_MIN)
     if len(shapes) > 1:
-        root.create_array("1", shape=(4,) + shapes[1], dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
+        root.create_array("1", shape=(channels,) + shapes[1], dtype=MAP_DTYPE, chunks=(1, CHUNK, 4 * CHUNK),
                           compressors=fast_codec(MAP_DTYPE), fill_value=0, dimension_names=("c", "y", "x"))
     root.create_array("bands_done", shape=(n_bands,), dtype=np.uint8, chunks=(1,), fill_value=0)
     root.attrs["stitch_plan"] = plan
@@ -154,10 +164,11 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     idx = np.nonzero(coords[:, 0] == slide_index)[0]
     bands = plan_bands(coords[idx, 1], idx, height, width, patch, band_bytes)
     partial = out.with_name(out.name + ".partial")
-    map_bytes = 4 * height * width * np.dtype(MAP_DTYPE).itemsize * 4 // 3 + (height * width * 4 * 4 // 3 if tiff else 0)
+    map_bytes = 5 * height * width * np.dtype(MAP_DTYPE).itemsize * 4 // 3 + (height * width * 4 * 4 // 3 if tiff else 0)
     check_resources(out, map_bytes, workers or os.cpu_count() or 1, band_bytes * 3 // 2, "the map", "use fewer --workers or a smaller --band-mb")
     plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1] for b in bands]}
-    root = _open_partial(partial, height, width, len(bands), plan, resume)
+    channels = 5 if "pred_sd" in store.root else 4
+    root = _open_partial(partial, channels, height, width, len(bands), plan, resume)
     level0, level1, done = root["0"], (root["1"] if "1" in root else None), root["bands_done"]
     todo = np.nonzero(np.asarray(done[:]) == 0)[0]
     tasks = [dask.delayed(merge_band, pure=False)(str(store.path), bands[i], level0, level1, w, done, int(i), dask_key_name=f"merge-{i:08d}")
@@ -171,7 +182,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     shapes = pyramid_shapes(height, width, PYRAMID_MIN)
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"), existing=min(2, len(shapes)))
     mpp = entry.get("mpp")
-    root.attrs["ome"] = ome_zarr_attrs(entry["slide_id"], len(levels), mpp, CHANNELS)
+    root.attrs["ome"] = ome_zarr_attrs(entry["slide_id"], len(levels), mpp, CHANNELS[:channels])
     root.attrs["wsi_damm"] = {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
                               "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True))}
     if tiff is not None:

@@ -170,13 +170,15 @@ class PatchDataset:
 
 
 
-def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dict) -> zarr.Group:
-    """Same patches and shards as the conditions store; per-patch NP map, divergence and gate share."""
+def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dict, with_sd: bool = False) -> zarr.Group:
+    """Same patches and shards as the conditions store; per-patch NP map (and, for several draws per
+    patch, `pred_sd`: their standard deviation), divergence and gate share."""
     n, _, p, _ = conditions.images.shape
     s = int(conditions.attrs["shard_patches"])
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.create_array("pred", shape=(n, 1, p, p), dtype=np.float16, chunks=(1, 1, p, p), shards=(s, 1, p, p),
-                      compressors=ZstdCodec(level=1), fill_value=0, dimension_names=("patch", "c", "y", "x"))
+    for name in ("pred", "pred_sd") if with_sd else ("pred",):
+        root.create_array(name, shape=(n, 1, p, p), dtype=np.float16, chunks=(1, 1, p, p), shards=(s, 1, p, p),
+                          compressors=ZstdCodec(level=1), fill_value=0, dimension_names=("patch", "c", "y", "x"))
     for name in ("divergence", "multimodal_fraction"):
         root.create_array(name, shape=(n,), dtype=np.float32, chunks=(s,), fill_value=np.nan)
     root.create_array("coords", shape=(n, 3), dtype=np.int64, chunks=(max(n, 1), 3), fill_value=0)[:] = conditions.coords

@@ -60,13 +60,15 @@ class StudyPlan:
     steps: int
     seeds: tuple[int, ...]
     sample_steps: int = 20
+    samples: int = 4  # draws per patch; the map is their mean (the sampler comparison uses one draw)
     samplers: tuple[tuple[str, int], ...] = SAMPLERS
     patch: int = 128
     overlap: int = 32
 
 
 FULL = StudyPlan(size=2048, train_slides=3, ae_steps=300, steps=1000, seeds=(0, 1))
-QUICK = StudyPlan(size=1024, train_slides=2, ae_steps=30, steps=40, seeds=(0,), sample_steps=5, samplers=(("ddim", 10), ("dpm++", 5)))
+QUICK = StudyPlan(size=1024, train_slides=2, ae_steps=30, steps=40, seeds=(0,), sample_steps=5, samples=2,
+                  samplers=(("ddim", 10), ("dpm++", 5)))
 
 
 def _variant_config(base: RunConfig, plan: StudyPlan, v: Variant, seed: int) -> RunConfig:
@@ -242,7 +244,7 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
         lo = np.nanmin([r["regions"].get(g, {}).get(key, np.nan) for r in rows for g in regions])
         hi = np.nanmax([r["regions"].get(g, {}).get(key, np.nan) for r in rows for g in regions])
         ax.set_ylim(lo - 0.15 * (hi - lo), hi + 0.1 * (hi - lo))
-    axes[0].legend(fontsize=8, loc="lower left")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(rows), fontsize=9, frameon=False)
     gated = [r for r in rows if r["regions"]["tissue"].get("multimodal_share") is not None and r["kind"] == "learned"]
     for i, r in enumerate(gated):
         axes[2].bar(np.arange(2) + (i - len(gated) / 2 + 0.5) * (0.8 / max(1, len(gated))),
@@ -250,14 +252,13 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     axes[2].set_xticks(np.arange(2), list(REGIONS.values()))
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("DAMMP: share of steps on the multi-modal branch")
-    axes[2].legend(fontsize=8)
     for s in samplers:
         axes[3].scatter(s["seconds"], s["wsi_ssim"], s=40)
         axes[3].annotate(f"{s['sampler']}-{s['steps']}", (s["seconds"], s["wsi_ssim"]), fontsize=9, xytext=(4, 4), textcoords="offset points")
     axes[3].set_xlabel("predict wall time (s)")
     axes[3].set_ylabel("WSI SSIM (tissue)")
     axes[3].set_title("samplers (DAMM full, seed 0)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -272,14 +273,14 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     data = synthetic_data(out / "data", plan.size, plan.train_slides, 1, tile_cfg, progress, log)
     runs = _train(data, out, plan, preset, progress, log)
 
-    default = PredictConfig(steps=plan.sample_steps, batch_size=32)
+    default = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples)
     rows = []
     for v in VARIANTS:
         per_seed = []
         for seed in plan.seeds:
             log(f"predicting with {v.label}, seed {seed}")
             run = runs[v.trained_as or v.name, seed]
-            res = _predict_and_score(run, data, out / "predictions" / f"{v.name}_seed{seed}", default, v.no_nuclei, progress)
+            res = _predict_and_score(run, data, out / "predictions" / f"{v.name}_seed{seed}_k{plan.samples}", default, v.no_nuclei, progress)
             per_seed.append(_region_numbers(res))
         rows.append(_summarise_model(v.label, per_seed, "learned"))
     log("blurred-vessel baseline and oracle")
@@ -300,7 +301,8 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     write_json(out / "study.json", summary)
     md = ["# DAMM-Diffusion ablation study on synthetic slides", "",
           f"Preset `{preset}`, {plan.train_slides} training slides and 1 held-out slide of {plan.size}² px, "
-          f"{plan.steps} diffusion steps per model, seeds {list(plan.seeds)}, DPM-Solver++ {plan.sample_steps} steps.", "",
+          f"{plan.steps} diffusion steps per model, seeds {list(plan.seeds)}; maps are the mean of {plan.samples} draws per patch "
+          f"(DPM-Solver++ {plan.sample_steps} steps).", "",
           markdown_table(rows, len(plan.seeds)), "", "## Samplers (DAMM full, first seed)", "", sampler_table(samplers), "", "![study](study.png)", ""]
     (out / "study.md").write_text("\n".join(md), encoding="utf-8")
     figure(out / "study.png", rows, samplers)

@@ -53,3 +53,12 @@ def keyed_normal(keys: torch.Tensor, step: int, shape: tuple[int, ...], device: 
     u1, u2 = u[:, :n], u[:, n:]
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
     return z.float().reshape((len(keys),) + tuple(shape)).to(device)
+
+
+def draw_keys(keys: torch.Tensor, draw: int) -> torch.Tensor:
+    """Keys of the `draw`-th independent sample of each patch (`--samples K`); draw 0 is `keys`
+    itself, so one draw reproduces a single-sample prediction exactly."""
+    if draw == 0:
+        return keys
+    mixed = _splitmix64(keys.to(torch.int64) ^ _splitmix64(torch.tensor(draw, dtype=torch.int64) * 2))
+    return _shr(mixed, 1)  # non-negative 63-bit, like patch_key

@@ -34,6 +34,35 @@ def is_tiff(path: Path) -> bool:
     return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while a file opens (it logs, not raises, on IFDs and tag values
+    past the end of a file — the mark of a truncated copy)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_TiffLog":
+        self._logger = logging.getLogger("tifffile")
+        self._saved = self._logger.level, self._logger.propagate
+        self._logger.setLevel(logging.ERROR)
+        self._logger.propagate = False
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
+
+    def offsets_beyond(self, size: int) -> int | None:
+        found = [int(m) for msg in self.messages for m in re.findall(r"invalid (?:value|page) offset (\d+)", msg)]
+        return next((o for o in found if o >= size), None)
+
+
 class TiffSlide(Slide):
     def __init__(
         self,
@@ -46,7 +75,7 @@ class TiffSlide(Slide):
         self.path = str(path)
         planes = {k.upper(): v for k, v in (planes or {}).items()}
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _TiffLog() as log:
                 warnings.simplefilter("ignore")
                 self._tif = tifffile.TiffFile(self.path)
                 series_list = list(self._tif.series)
@@ -54,6 +83,11 @@ class TiffSlide(Slide):
             raise
         except Exception as exc:
             raise InputError(self.path, f"not a readable TIFF: {type(exc).__name__}: {exc}") from exc
+        beyond = log.offsets_beyond(self._tif.filehandle.size)
+        if beyond:
+            self._tif.close()
+            raise InputError(self.path, f"is truncated: it points to byte {beyond} but holds {self._tif.filehandle.size} bytes",
+                             "copy or export the file again")
         try:
             self._setup(series_list, planes, max_bytes, max_chunk_bytes, tile_cache_bytes)
         except Exception:

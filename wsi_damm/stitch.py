@@ -39,7 +39,7 @@ CHUNK = 256
 # and read; the OME-TIFF export is float32 for viewers without half-float support.
 MAP_DTYPE = np.float16
 PYRAMID_MIN = 1024  # levels halve until the longer side is at most this
-BAND_BYTES = 192 * 2**20  # accumulator bytes per band (4 float32 planes); 2 bands in flight by default
+BAND_BYTES = 64 * 2**20  # accumulator bytes per band (4 float32 planes); one band per worker in flight
 WINDOW_FLOOR = 1e-3
 
 
@@ -63,38 +63,54 @@ def window(kind: str, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Band:
+    """A rectangle of the canvas (whole chunks of levels 0 and 1) and the patches touching it."""
+
     y0: int
     y1: int
+    x0: int
+    x1: int
     rows: np.ndarray  # prediction-store indices of the patches touching the band
 
 
-def plan_bands(ys: np.ndarray, idx: np.ndarray, height: int, width: int, patch: int, band_bytes: int = BAND_BYTES) -> list[Band]:
-    """Row bands (multiples of 2·CHUNK rows, sized by BAND_BYTES) and the patches each one needs.
+def plan_bands(ys: np.ndarray, xs: np.ndarray, idx: np.ndarray, height: int, width: int, patch: int,
+               band_bytes: int = BAND_BYTES) -> list[Band]:
+    """Canvas tiles sized by `band_bytes` (16 bytes of accumulators per pixel) and the patches each needs.
 
-    2·CHUNK: a band's halved rows are whole chunks of pyramid level 1, which it writes too.
+    Rows in multiples of 2·CHUNK, columns in multiples of 2·4·CHUNK: a tile's halved pixels are
+    whole chunks of pyramid level 1, which it writes too. Wide slides get several tiles per row
+    band, so memory follows `band_bytes`, not the slide's width.
     """
-    unit = 2 * CHUNK
-    rows_per_band = max(unit, (band_bytes // (16 * max(width, 1))) // unit * unit)
+    unit_y, unit_x = 2 * CHUNK, 8 * CHUNK
+    rows = max(unit_y, min(_round_up(height, unit_y), (band_bytes // (16 * max(width, 1))) // unit_y * unit_y))
+    cols = max(unit_x, (band_bytes // (16 * rows)) // unit_x * unit_x)
     order = np.argsort(ys, kind="stable")
-    ys_sorted, idx_sorted = ys[order], idx[order]
+    ys_sorted, xs_sorted, idx_sorted = ys[order], xs[order], idx[order]
     bands = []
-    for y0 in range(0, height, rows_per_band):
-        y1 = min(y0 + rows_per_band, height)
+    for y0 in range(0, height, rows):
+        y1 = min(y0 + rows, height)
         lo = np.searchsorted(ys_sorted, y0 - patch + 1, side="left")
         hi = np.searchsorted(ys_sorted, y1, side="left")
-        bands.append(Band(y0, y1, np.sort(idx_sorted[lo:hi])))
+        band_x, band_idx = xs_sorted[lo:hi], idx_sorted[lo:hi]
+        for x0 in range(0, width, cols):
+            x1 = min(x0 + cols, width)
+            touch = (band_x > x0 - patch) & (band_x < x1)
+            bands.append(Band(y0, y1, x0, x1, np.sort(band_idx[touch])))
     return bands
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
 
 
 def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | None, w: np.ndarray, done: zarr.Array, index: int) -> int:
     """Σ w·p / Σ w for one band, plus divergence and gate share blended the same way; writes whole
     chunks of level 0 and, halved, of level 1 (so the pyramid never re-reads level 0)."""
     root = zarr.open_group(pred_path, mode="r")
-    _, height, width = out.shape
     p = w.shape[0]
     with_sd = "pred_sd" in root
-    num = np.zeros((4 if with_sd else 3, band.y1 - band.y0, width), np.float32)
-    den = np.zeros((band.y1 - band.y0, width), np.float32)
+    bh, bw = band.y1 - band.y0, band.x1 - band.x0
+    num = np.zeros((4 if with_sd else 3, bh, bw), np.float32)
+    den = np.zeros((bh, bw), np.float32)
     if len(band.rows):
         coords = read_rows(root["coords"], band.rows)
         pred = read_rows(root["pred"], band.rows)[:, 0]  # float16; converted patch by patch (memory)
@@ -103,31 +119,34 @@ def merge_band(pred_path: str, band: Band, out: zarr.Array, half: zarr.Array | N
         sd = read_rows(root["pred_sd"], band.rows)[:, 0] if with_sd else None
         for k, (_, y, x) in enumerate(coords):
             a, b = max(y, band.y0), min(y + p, band.y1)
-            if a >= b:
+            c, e = max(x, band.x0), min(x + p, band.x1)
+            if a >= b or c >= e:
                 continue
-            wy = w[a - y : b - y]
-            sl = (slice(a - band.y0, b - band.y0), slice(x, x + p))
-            num[0][sl] += wy * pred[k, a - y : b - y].astype(np.float32)
+            part = (slice(a - y, b - y), slice(c - x, e - x))  # of the patch
+            wy = w[part]
+            sl = (slice(a - band.y0, b - band.y0), slice(c - band.x0, e - band.x0))
+            num[0][sl] += wy * pred[k][part].astype(np.float32)
             num[1][sl] += wy * div[k]
             num[2][sl] += wy * share[k]
             if with_sd:
-                num[3][sl] += wy * sd[k, a - y : b - y].astype(np.float32)
+                num[3][sl] += wy * sd[k][part].astype(np.float32)
             den[sl] += wy
     covered = den > 0
     np.divide(num, den, out=num, where=covered)  # in place: no second band-sized buffer
     num[:, ~covered] = 0
-    out[:3, band.y0 : band.y1, :] = num[:3].astype(MAP_DTYPE)
-    out[3, band.y0 : band.y1, :] = covered.astype(MAP_DTYPE)
+    ys, xs = slice(band.y0, band.y1), slice(band.x0, band.x1)
+    out[:3, ys, xs] = num[:3].astype(MAP_DTYPE)
+    out[3, ys, xs] = covered.astype(MAP_DTYPE)
     if with_sd:
-        out[4, band.y0 : band.y1, :] = num[3].astype(MAP_DTYPE)
+        out[4, ys, xs] = num[3].astype(MAP_DTYPE)
     if half is not None:
-        y = band.y0 // 2
         small = halve(num)
-        half[:3, y : y + small.shape[1], :] = small[:3].astype(MAP_DTYPE)
+        hy, hx = slice(band.y0 // 2, band.y0 // 2 + small.shape[1]), slice(band.x0 // 2, band.x0 // 2 + small.shape[2])
+        half[:3, hy, hx] = small[:3].astype(MAP_DTYPE)
         if with_sd:
-            half[4, y : y + small.shape[1], :] = small[3].astype(MAP_DTYPE)
+            half[4, hy, hx] = small[3].astype(MAP_DTYPE)
         del small
-        half[3, y : y + (band.y1 - band.y0 + 1) // 2, :] = halve(covered[None].astype(np.float32))[0].astype(MAP_DTYPE)
+        half[3, hy, hx] = halve(covered[None].astype(np.float32))[0].astype(MAP_DTYPE)
     done[index] = 1  # after the band's chunks: a flag never names unwritten data
     return 1
 
@@ -162,11 +181,11 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     w = window(blend, patch)
     coords = store.coords
     idx = np.nonzero(coords[:, 0] == slide_index)[0]
-    bands = plan_bands(coords[idx, 1], idx, height, width, patch, band_bytes)
+    bands = plan_bands(coords[idx, 1], coords[idx, 2], idx, height, width, patch, band_bytes)
     partial = out.with_name(out.name + ".partial")
     map_bytes = 5 * height * width * np.dtype(MAP_DTYPE).itemsize * 4 // 3 + (height * width * 4 * 4 // 3 if tiff else 0)
     check_resources(out, map_bytes, workers or os.cpu_count() or 1, band_bytes * 3 // 2, "the map", "use fewer --workers or a smaller --band-mb")
-    plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1] for b in bands]}
+    plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1, b.x0, b.x1] for b in bands]}
     channels = 5 if "pred_sd" in store.root else 4
     root = _open_partial(partial, channels, height, width, len(bands), plan, resume)
     level0, level1, done = root["0"], (root["1"] if "1" in root else None), root["bands_done"]

@@ -1,9 +1,9 @@
 """`wsi-damm stitch`: overlapping patch predictions → one seamless whole-slide map, out of core.
 
 A merger in the spirit of MONAI's (`aggregate` / `finalize`), but streamed: the canvas is cut
-into row bands whose height follows a memory budget; each band gathers only the patches that
-touch it, accumulates Σ w·p and Σ w in float32, and writes whole zarr chunks — so bands run in
-parallel on dask and peak memory depends on band size and workers, never on slide size.
+into tiles ("bands") whose area follows a memory budget; each gathers only the patches that touch
+it, accumulates Σ w·p and Σ w in float32, and writes whole zarr chunks — so bands run in parallel
+on dask and peak memory depends on band size and workers, never on slide size or width.
 
 Windows: gaussian (σ = P/8, floor 1e-3: MONAI / nnU-Net), cosine (Hann, floor 1e-3), linear
 ramp (floor 1e-3), mean (constant). Channels written: NP map, divergence, multi-modal share, coverage,

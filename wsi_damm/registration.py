@@ -5,12 +5,13 @@ they do share, by cross-correlation (scikit-image `phase_cross_correlation` with
 whitening, sub-pixel by upsampled DFT; its peak is taken by magnitude, so a structure that is
 bright in one stain and dark in the other — nuclei avoid vessel lumens — counts too):
 
-1. coarse, on a whole-slide view of ≤ 1024 px: the tissue outline (each channel smoothed past
-   its cells, thresholded at the foot of its background peak — the triangle rule). For `rigid`
-   the angle is found here first by a bounded 1-D search on the correlation peak;
+1. coarse shift, on a whole-slide view of ≤ 1024 px: the tissue outline (each channel smoothed
+   past its cells, thresholded at the foot of its background peak — the triangle rule); outlines
+   of different stains agree to tens of µm, too loosely to fix an angle;
 2. fine, on a ≤ 2048² window near level 0 where the tissue outline is longest, read through the
-   coarse transform: band-passed log intensity at the scale of capillaries and nuclei (2–8 µm)
-   refines the angle (rigid) and then the shift.
+   coarse shift: band-passed log intensity at the scale of capillaries and nuclei (2–8 µm). For
+   `rigid` the angle is searched there first (0.5° grid over ±5°, then a bounded 1-D search on
+   the correlation peak); the shift is then measured near the window centre.
 
 The transform is stored in the slide spec and applied lazily when patches are read (no slide
 is resampled as a whole). Its quality score is the normalised cross-correlation of the
@@ -58,8 +59,7 @@ def _rotate(img: np.ndarray, degrees: float) -> np.ndarray:
     """Resample so that pixel p shows img at R(θ)(p − c) + c (the Transform convention)."""
     if degrees == 0:
         return img
-    a = np.deg2rad(degrees)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    rot = _rotation(degrees)
     c = (np.array(img.shape) - 1) / 2
     return ndimage.affine_transform(img, rot, offset=c - rot @ c, order=1, mode="constant", cval=0.0)
 

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -20,6 +21,59 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TreeMemory:
+    """Peak memory of this process plus its worker processes, sampled every `interval` s: the
+    sum of PSS (shared pages split between the processes sharing them, so nothing counts twice).
+
+    `peak_mb` is the larger of that sampled peak and this process's own VmHWM; a spike shorter
+    than `interval` in a worker can be missed.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.sampled_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.sampled_mb, peak_rss_mb())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled_mb = max(self.sampled_mb, sum(_pss_kb(p) for p in _tree(os.getpid())) / 1024)
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in children.read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def measure(script: str, *args: str) -> dict:

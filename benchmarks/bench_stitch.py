@@ -1,6 +1,7 @@
-"""Stitching throughput and peak memory: our streamed merger (row bands, dask threads, zarr
-output + pyramid + OME metadata) vs an in-memory Σw·p/Σw over the same patches (MONAI-style:
-whole-canvas float32 accumulators), each in its own subprocess so each peak RSS is its own.
+"""Stitching throughput and peak memory: our streamed merger (canvas tiles in worker processes,
+zarr output + pyramid + OME metadata) vs an in-memory Σw·p/Σw over the same patches (MONAI-style:
+whole-canvas float32 accumulators), each in its own subprocess; peak memory counts a side's
+worker processes too.
 
 The map is size² (32768² by default) from 256-px patches overlapping by 64 px; the patch values
 are a smooth field of the global position, stored as float16 in a real prediction store.
@@ -12,7 +13,7 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import machine, measure, peak_rss_mb  # noqa: E402
+from _common import TreeMemory, machine, measure  # noqa: E402
 
 import argparse
 import json
@@ -63,24 +64,25 @@ def _worker(kind: str, store: str, out: str) -> None:
 
     root = zarr.open_group(store, mode="r")
     size = root.attrs["slides"][0]["shape"][0]
-    t0 = time.perf_counter()
-    if kind == "ours":
-        run_stitch(Path(store), Path(out), "gaussian", progress=False)
-    else:
-        patch = root.attrs["patch_size"]
-        w = window("gaussian", patch)
-        canvas = np.zeros((size, size), np.float32)
-        weights = np.zeros((size, size), np.float32)
-        coords = np.asarray(root["coords"][:])
-        s = root.attrs["shard_patches"]
-        for a in range(0, len(coords), s):
-            pred = np.asarray(root["pred"][a : a + s])[:, 0].astype(np.float32)
-            for k, (_, y, x) in enumerate(coords[a : a + s]):
-                canvas[y : y + patch, x : x + patch] += w * pred[k]
-                weights[y : y + patch, x : x + patch] += w
-        np.divide(canvas, weights, out=canvas, where=weights > 0)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "mpx": size * size / 1e6, "peak_rss_mb": peak_rss_mb()}))
+    with TreeMemory() as memory:  # ours runs its bands in worker processes: count them too
+        t0 = time.perf_counter()
+        if kind == "ours":
+            run_stitch(Path(store), Path(out), "gaussian", progress=False)
+        else:
+            patch = root.attrs["patch_size"]
+            w = window("gaussian", patch)
+            canvas = np.zeros((size, size), np.float32)
+            weights = np.zeros((size, size), np.float32)
+            coords = np.asarray(root["coords"][:])
+            s = root.attrs["shard_patches"]
+            for a in range(0, len(coords), s):
+                pred = np.asarray(root["pred"][a : a + s])[:, 0].astype(np.float32)
+                for k, (_, y, x) in enumerate(coords[a : a + s]):
+                    canvas[y : y + patch, x : x + patch] += w * pred[k]
+                    weights[y : y + patch, x : x + patch] += w
+            np.divide(canvas, weights, out=canvas, where=weights > 0)
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "mpx": size * size / 1e6, "peak_rss_mb": memory.peak_mb}))
 
 
 

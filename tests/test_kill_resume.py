@@ -4,6 +4,7 @@ uninterrupted run (predict: tests/test_predict.py)."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_killed_training_resumes_to_identical_weights(small_store, tmp_path):
 
 @pytest.fixture(scope="module")
 def wide_prediction(tmp_path_factory):
-    """A fake prediction store over a 3072² slide: enough 512-row bands to kill a stitch between them."""
+    """A fake prediction store over a 3072² slide: nine 1024-px canvas tiles at --band-mb 1, to kill a stitch between them."""
     import tifffile
 
     from wsi_damm.store import PatchStore, create_prediction_store
@@ -101,14 +102,18 @@ def wide_prediction(tmp_path_factory):
     return d / "p.zarr"
 
 
-def test_killed_stitch_resumes_to_the_identical_map(wide_prediction, tmp_path):
-    common = ["--band-mb", "1", "--workers", "1", "--quiet"]
+@pytest.mark.parametrize("workers", ["1", "2"])  # in process / in worker processes that must die with it
+def test_killed_stitch_resumes_to_the_identical_map(wide_prediction, tmp_path, workers):
+    common = ["--band-mb", "1", "--workers", workers, "--quiet"]
     ref, killed = tmp_path / "ref.ome.zarr", tmp_path / "killed.ome.zarr"
     assert run_cli("stitch", str(wide_prediction), "--out", str(ref), *common).returncode == 0
     partial = killed.with_name(killed.name + ".partial")
     kill_when(["stitch", str(wide_prediction), "--out", str(killed), *common], lambda: count_files(partial / "bands_done" / "c") >= 2)
     n_bands = zarr.open_group(str(partial), mode="r")["bands_done"].shape[0]
-    assert 2 <= count_files(partial / "bands_done" / "c") < n_bands and not killed.exists()
+    finished = count_files(partial / "bands_done" / "c")
+    assert 2 <= finished < n_bands and not killed.exists()
+    time.sleep(1.0)
+    assert count_files(partial / "bands_done" / "c") == finished, "a worker kept writing after its run was killed"
     res = run_cli("stitch", str(wide_prediction), "--out", str(killed), "--resume", *common)
     assert res.returncode == 0, res.stderr
     a, b = zarr.open_group(str(ref), mode="r"), zarr.open_group(str(killed), mode="r")

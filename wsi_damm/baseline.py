@@ -17,7 +17,7 @@ import zarr
 from scipy import ndimage
 
 from .evaluate import lazy_blocks
-from .ome import build_pyramid, fast_codec, ome_zarr_attrs
+from .ome import build_pyramid, create_level, ome_zarr_attrs
 from .slides import SlideSpec
 from .stitch import CHANNELS, MAP_DTYPE, PYRAMID_MIN
 from .tile import TileConfig, plan_slide
@@ -89,10 +89,9 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    level0 = root.create_array("0", shape=(4, h, w), dtype=MAP_DTYPE, chunks=(1, 256, 1024), compressors=fast_codec(MAP_DTYPE),
-                               fill_value=0, dimension_names=("c", "y", "x"))
+    level0 = create_level(root, "0", (4, h, w), MAP_DTYPE, 0, ("c", "y", "x"))
     stack = da.stack([pred * cover, da.zeros_like(pred), da.zeros_like(pred), cover]).astype(MAP_DTYPE)
-    stack.rechunk((1, 1024, 1024)).store(level0, lock=False, scheduler="threads")
+    stack.rechunk((1,) + level0.chunks[1:]).store(level0, lock=False, scheduler="threads")
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"))
     root.attrs["ome"] = ome_zarr_attrs(spec.slide_id, len(levels), mpp, CHANNELS[:4])
     root.attrs["wsi_damm"] = {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",

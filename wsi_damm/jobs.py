@@ -3,8 +3,13 @@ and a dask progress bar."""
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import dask
@@ -27,6 +32,21 @@ def prepare_output(out: Path, partial: Path, resume: bool, overwrite: bool, extr
             raise InputError(leftovers[0], "an interrupted run left this behind", "pass --resume to continue it or --overwrite to restart")
         for p in leftovers:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for stages whose many small numpy and zarr calls serialise on the GIL in
+    threads. Spawned: no threads or locks inherited from a parent that ran torch, and (unlike a
+    forkserver) direct children, so each dies with its parent and a killed run leaves nothing
+    writing behind a `--resume`."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 class TaskProgress(dask.callbacks.Callback):

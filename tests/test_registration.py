@@ -58,20 +58,24 @@ def test_translation_is_recovered(slides):
     base, moved = _transforms(slides["original"], "translation"), _transforms(slides["translation"], "translation")
     for role, (dy, dx, _) in SHIFTS.items():
         t, b = moved[role], base[role]
-        # the stains of the unmoved slide are themselves offset by a fraction of a pixel (different
-        # structures); what registration must recover is the shift that was applied on top
-        assert np.hypot(t.dy - b.dy - dy, t.dx - b.dx - dx) <= 0.5, (role, t, b)
-        if role == "target":  # NP follows the vessels closely; the nuclei of the simulator sit ~1 px off them
+        # different stains have no pixel-exact common optimum: the unmoved slide's stains register a
+        # fraction of a pixel apart (its content, random across slides); what registration must
+        # recover is the shift that was applied on top
+        assert np.hypot(t.dy - b.dy - dy, t.dx - b.dx - dx) <= 0.25, (role, t, b)  # 0.02–0.13 px seen
+        if role == "target":  # NP follows the vessels closely, so even the absolute shift is close
             assert np.hypot(t.dy - dy, t.dx - dx) <= 0.5, (role, t)
         assert t.degrees == 0 and t.score > t.score_before and t.score > 0.1
 
 
 def test_rotation_is_recovered(slides):
-    moved = _transforms(slides["rigid"], "rigid")
+    base, moved = _transforms(slides["original"], "rigid"), _transforms(slides["rigid"], "rigid")
     for role, (dy, dx, degrees) in RIGID.items():
-        t = moved[role]
-        assert abs(t.degrees - degrees) <= 0.2, (role, t)
-        assert np.hypot(t.dy - dy, t.dx - dx) <= 1.0, (role, t)  # 0.5 px is met for translation only (see README)
+        t, b = moved[role], base[role]
+        assert abs(t.degrees - b.degrees - degrees) <= 0.2, (role, t, b)
+        # the content offset b of the unmoved stains, carried through the applied rotation
+        a = np.deg2rad(degrees)
+        ey, ex = dy + np.cos(a) * b.dy - np.sin(a) * b.dx, dx + np.sin(a) * b.dy + np.cos(a) * b.dx
+        assert np.hypot(t.dy - ey, t.dx - ex) <= 0.5, (role, t, b)
 
 
 def test_registered_patches_match_the_original(slides, tmp_path):

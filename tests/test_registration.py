@@ -78,17 +78,18 @@ def test_rotation_is_recovered(slides):
         assert np.hypot(t.dy - ey, t.dx - ex) <= 0.5, (role, t, b)
 
 
-def test_registered_patches_match_the_original(slides, tmp_path):
+@pytest.mark.parametrize("method", ["translation", "rigid"])  # the slide moved that way, registered that way
+def test_registered_patches_match_the_original(slides, tmp_path, method):
     stores = {}
-    for name in ("original", "translation"):
+    for name in ("original", method):
         out = tmp_path / f"{name}.zarr"
-        res = run_cli("tile", str(slides[name]), "--out", str(out), "--patch-size", "128", "--overlap", "0", "--register", "translation",
+        res = run_cli("tile", str(slides[name]), "--out", str(out), "--patch-size", "128", "--overlap", "0", "--register", method,
                       "--store-dtype", "uint16", "--qc", str(tmp_path / "qc"), "--quiet")
         assert res.returncode == 0, res.stderr[-2000:]
         assert "registration:" in res.stderr
         stores[name] = PatchStore.open(out)
-    assert (tmp_path / "qc" / "translation_registration.png").stat().st_size > 10_000
-    a, b = stores["original"], stores["translation"]
+    assert (tmp_path / "qc" / f"{method}_registration.png").stat().st_size > 10_000
+    a, b = stores["original"], stores[method]
     assert "registration" in b.slides[0]["channels"]["nuclei"]  # recorded in the slide table
     key = {tuple(c[1:]): i for i, c in enumerate(a.coords)}
     pairs = [(key[tuple(c[1:])], j) for j, c in enumerate(b.coords) if tuple(c[1:]) in key]

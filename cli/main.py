@@ -230,8 +230,8 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler,
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="MAP.ome.zarr (a folder of maps for many slides).")
 @click.option("--blend", default="gaussian", type=BLENDS)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
-@click.option("--workers", type=click.IntRange(1))
-@click.option("--band-mb", default=64, type=click.IntRange(1), help="Accumulator memory per canvas tile (peak ≈ workers × 2 × this).")
+@click.option("--workers", type=click.IntRange(1), help="Worker processes (default: all cores; 1 runs in this process).")
+@click.option("--band-mb", default=64, type=click.IntRange(1), help="Float32 planes per canvas tile (peak ≈ workers × (1.5 × this + 130 MB)).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stitch; only unfinished bands are redone.")
 @click.option("--quiet", is_flag=True)
 def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> None:

@@ -118,7 +118,8 @@ def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], w: np.ndarr
     with_sd = "pred_sd" in root
     bh, bw = band.y1 - band.y0, band.x1 - band.x0
     planes = np.zeros((5 if with_sd else 4, bh, bw), np.float32)
-    np_, div_, share_, den, sd_ = planes[0], planes[1], planes[2], planes[3], (planes[4] if with_sd else None)
+    np_sum, div_sum, share_sum, weight_sum = planes[:4]
+    sd_sum = planes[4] if with_sd else None
     if len(band.rows):
         coords = read_rows(root["coords"], band.rows)
         pred = read_rows(root["pred"], band.rows)[:, 0]  # float16; products upcast patch by patch (memory)
@@ -133,18 +134,18 @@ def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], w: np.ndarr
             part = (slice(a - y, b - y), slice(c - x, e - x))  # of the patch
             wy = w[part]
             sl = (slice(a - band.y0, b - band.y0), slice(c - band.x0, e - band.x0))
-            np_[sl] += wy * pred[k][part]
-            div_[sl] += wy * div[k]
-            share_[sl] += wy * share[k]
+            np_sum[sl] += wy * pred[k][part]
+            div_sum[sl] += wy * div[k]
+            share_sum[sl] += wy * share[k]
             if with_sd:
-                sd_[sl] += wy * sd[k][part]
-            den[sl] += wy
-    covered = den > 0
-    inverse = np.divide(1.0, den, out=np.zeros_like(den), where=covered)
-    for value in (np_, div_, share_) + ((sd_,) if with_sd else ()):
+                sd_sum[sl] += wy * sd[k][part]
+            weight_sum[sl] += wy
+    covered = weight_sum > 0
+    inverse = np.divide(1.0, weight_sum, out=np.zeros_like(weight_sum), where=covered)
+    for value in (np_sum, div_sum, share_sum) + ((sd_sum,) if with_sd else ()):
         value *= inverse  # uncovered pixels stay 0
     del inverse
-    np.copyto(den, covered)  # the coverage channel
+    np.copyto(weight_sum, covered)  # the coverage channel
     for level, array in enumerate(levels):
         if level:
             planes = halve(planes)

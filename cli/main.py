@@ -222,7 +222,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler,
     if do_stitch and int(os.environ.get("RANK", "0")) == 0:
         target = map_path or out.with_name(out.name.removesuffix(".zarr") + ".ome.zarr")
         for path in run_stitch(out, target, blend, tiff, progress=not quiet, resume=resume):
-            click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
+            click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
 
 @cli.command(short_help="Blend patch predictions into whole-slide maps.")
@@ -239,7 +239,7 @@ def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> Non
     from wsi_damm.stitch import run_stitch
 
     for path in run_stitch(pred_store, out, blend, tiff, workers, not quiet, resume, band_mb * 2**20):
-        click.echo(f"{path}: whole-slide map (open in napari: napari {path})")
+        click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
 
 @cli.command(short_help="Score maps against the measured NP channel.")

@@ -7,6 +7,9 @@ import pytest
 import tifffile
 import zarr
 
+from skimage.measure import block_reduce
+
+from wsi_damm.slide_map import BLOCK, COVERAGE, DIVERGENCE, PATCH_MAPS, SHARE
 from wsi_damm.stitch import run_stitch, window
 from wsi_damm.store import PatchStore, create_prediction_store
 
@@ -32,7 +35,7 @@ def _fake_prediction(store_path, path, values) -> None:
     root = create_prediction_store(path, cond, {"roles": cond.roles, "nuclei": True})
     root["pred"][:] = values.astype(np.float16)
     root["divergence"][:] = np.linspace(0, 1, len(cond), dtype=np.float32)
-    root["multimodal_fraction"][:] = 0.5
+    root["multimodal_fraction"][:] = np.random.default_rng(1).random(len(cond)).astype(np.float32)
     root["shard_done"][:] = 1
     root.attrs["complete"] = True
 
@@ -48,10 +51,41 @@ def test_true_patches_stitch_back_to_the_normalised_channel(odd_store, tmp_path,
     raw = tifffile.imread(entry["channels"]["target"]["path"])[2].astype(np.float64)
     lo, hi = entry["normalisation"]["low"][2], entry["normalisation"]["high"][2]
     want = np.clip((raw - lo) / (hi - lo), 0, 1)
-    covered = m[3] > 0
-    assert covered.mean() > 0.3 and m.shape[1:] == (1100, 1100)
+    covered = _footprints(cond.coords, 128, (1100, 1100))
+    assert covered.mean() > 0.3 and m.shape == (1, 1100, 1100)
     assert np.abs(m[0][covered] - want[covered]).max() <= 1e-3
     assert (m[0][~covered] == 0).all()
+
+
+def _footprints(coords, patch, shape) -> np.ndarray:
+    covered = np.zeros(shape, bool)
+    for _, y, x in coords:
+        covered[y : y + patch, x : x + patch] = True
+    return covered
+
+
+def test_patch_maps_are_block_means_of_the_blended_patch_values(odd_store, tmp_path):
+    """Divergence and share per 8-px block = Σ_block Σ_k w_k d_k / Σ_block Σ_k w_k, coverage = the covered
+    fraction of the block's pixels inside the slide: brute force at full resolution, blocks by scikit-image."""
+    cond = PatchStore.open(odd_store)
+    _fake_prediction(odd_store, tmp_path / "pred.zarr", np.asarray(cond.images[:, 2:3]) / 65535)
+    [path] = run_stitch(tmp_path / "pred.zarr", tmp_path / "map.ome.zarr", "gaussian", progress=False)
+    got = np.asarray(zarr.open_group(str(path), mode="r")[PATCH_MAPS]["0"][:]).astype(np.float64)
+    pred = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")
+    gate = {DIVERGENCE: np.asarray(pred["divergence"][:]), SHARE: np.asarray(pred["multimodal_fraction"][:])}
+    w = window("gaussian", 128).astype(np.float64)
+    sums = np.zeros((3, 1100, 1100))
+    for k, (_, y, x) in enumerate(cond.coords):
+        sums[:, y : y + 128, x : x + 128] += w * np.array([1.0, gate[DIVERGENCE][k], gate[SHARE][k]])[:, None, None]
+    blocks = [block_reduce(plane, (BLOCK, BLOCK), np.sum) for plane in sums]
+    inside = block_reduce(np.ones((1100, 1100)), (BLOCK, BLOCK), np.sum)
+    want_cover = block_reduce(_footprints(cond.coords, 128, (1100, 1100)).astype(np.float64), (BLOCK, BLOCK), np.sum) / inside
+    assert got.shape == (3, 138, 138)
+    np.testing.assert_allclose(got[COVERAGE], want_cover, atol=5e-4)
+    some = blocks[0] > 0
+    assert some.mean() > 0.3 and (got[:2][:, ~some] == 0).all()
+    for channel in (DIVERGENCE, SHARE):
+        np.testing.assert_allclose(got[channel][some], (blocks[channel + 1] / np.where(some, blocks[0], 1))[some], atol=5e-4)
 
 
 def _steps(field, mask):
@@ -68,8 +102,8 @@ def test_constant_patches_blend_smoothly(odd_store, tmp_path):
         pred = np.broadcast_to(values[:, None, None, None], (len(cond), 1, 128, 128))
         _fake_prediction(odd_store, tmp_path / f"{blend}.zarr", pred)
         [path] = run_stitch(tmp_path / f"{blend}.zarr", tmp_path / f"{blend}.ome.zarr", blend, progress=False)
-        m = np.asarray(zarr.open_group(str(path), mode="r")["0"][:])
-        field, mask = m[0], m[3] > 0
+        field = np.asarray(zarr.open_group(str(path), mode="r")["0"][0])
+        mask = _footprints(cond.coords, 128, field.shape)
         # the bound the window implies between neighbours p, q: Σ_i |w_i(p) − w_i(q)| / min(Σw(p), Σw(q)),
         # with each window zero outside its patch (a patch's edge is a step too); brute force
         w = np.pad(window(blend, 128).astype(np.float64), 1)
@@ -100,13 +134,19 @@ def test_ome_outputs_open_in_other_readers(odd_store, tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
 
-    nodes = list(Reader(parse_url(str(tmp_path / "map.ome.zarr")))())
-    image = nodes[0]
-    assert image.metadata["channel_names"] == ["NP (predicted)", "divergence", "multi-modal share", "coverage"]
-    assert [tuple(a.shape) for a in image.data] == [(4, 1100, 1100), (4, 550, 550)]
-    scales = [t[0]["scale"] for t in image.metadata["coordinateTransformations"]]
-    assert scales[0] == [1.0, 0.5, 0.5] and scales[1] == [1.0, 1.0, 1.0]
+    image = next(iter(Reader(parse_url(str(tmp_path / "map.ome.zarr")))()))
+    assert image.metadata["channel_names"] == ["NP (predicted)"]
+    assert [tuple(a.shape) for a in image.data] == [(1, 1100, 1100), (1, 550, 550)]
+    transforms = image.metadata["coordinateTransformations"]
+    assert transforms[0] == [{"type": "scale", "scale": [1.0, 0.5, 0.5]}]
+    assert transforms[1] == [{"type": "scale", "scale": [1.0, 1.0, 1.0]}, {"type": "translation", "translation": [0.0, 0.25, 0.25]}]
     assert [a["unit"] for a in image.metadata["axes"][1:]] == ["micrometer", "micrometer"]
+    # the patch maps: a second image, 8-px blocks centred on the pixels they average
+    maps = next(iter(Reader(parse_url(str(tmp_path / "map.ome.zarr" / PATCH_MAPS)))()))
+    assert maps.metadata["channel_names"] == ["divergence", "multi-modal share", "coverage"]
+    assert [tuple(a.shape) for a in maps.data] == [(3, 138, 138)]
+    assert maps.metadata["coordinateTransformations"][0] == [{"type": "scale", "scale": [1.0, 4.0, 4.0]},
+                                                             {"type": "translation", "translation": [0.0, 1.75, 1.75]}]
     with tifffile.TiffFile(tmp_path / "map.ome.tif") as tif:
         assert tif.is_ome and len(tif.series[0].levels) == 2
         assert "NP (predicted)" in tif.ome_metadata

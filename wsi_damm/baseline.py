@@ -17,11 +17,10 @@ import zarr
 from scipy import ndimage
 
 from .evaluate import lazy_blocks
-from .ome import build_pyramid, create_level, ome_zarr_attrs
+from .slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
 from .slides import SlideSpec
-from .stitch import CHANNELS, MAP_DTYPE, PYRAMID_MIN
 from .tile import TileConfig, plan_slide
-from .tiling import low_resolution, read_scaled
+from .tiling import low_resolution, nearest, read_scaled
 
 SIGMAS_UM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -84,27 +83,22 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     vessels = lazy_blocks(block, (h, w), f"baseline-vessels-{spec.slide_id}")
     pred = da.map_overlap(lambda b: np.clip(model.a * ndimage.gaussian_filter(b, sigma_px, mode="nearest") + model.b, 0, 1),
                           vessels, depth=depth, boundary="nearest", dtype=np.float32)
-    scale = plan.mask_downsample / plan.choice.downsample
-    cover = da.map_blocks(lambda b, block_info=None: _mask_block(plan.mask, scale, block_info), vessels, dtype=np.float32)
+    mask_step = plan.choice.downsample / plan.mask_downsample  # mask pixels per map pixel
+    cover = lazy_blocks(lambda y, x, bh, bw: nearest(plan.mask, mask_step, y, x, bh, bw).astype(np.float32), (h, w), f"baseline-cover-{spec.slide_id}")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    level0 = create_level(root, "0", (4, h, w), MAP_DTYPE, 0, ("c", "y", "x"))
-    stack = da.stack([pred * cover, da.zeros_like(pred), da.zeros_like(pred), cover]).astype(MAP_DTYPE)
-    stack.rechunk((1,) + level0.chunks[1:]).store(level0, lock=False, scheduler="threads")
-    levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"))
-    root.attrs["ome"] = ome_zarr_attrs(spec.slide_id, len(levels), mpp, CHANNELS[:4])
-    root.attrs["wsi_damm"] = {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",
-                              "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False}
+    [level0], patch0 = create_map(root, h, w, 1, 1)
+    (pred * cover)[None].astype(MAP_DTYPE).rechunk(level0.chunks).store(level0, lock=False, scheduler="threads")
+    # no gate: divergence and share stay 0; coverage is the tissue mask at the blocks' centres
+    blocks = lazy_blocks(lambda y, x, bh, bw: nearest(plan.mask, BLOCK * mask_step, y, x, bh, bw).astype(np.float32), block_shape(h, w),
+                         f"baseline-cover-blocks-{spec.slide_id}")
+    planes = [blocks if c == COVERAGE else da.zeros_like(blocks) for c in range(len(PATCH_MAP_CHANNELS))]
+    da.stack(planes).astype(MAP_DTYPE).rechunk(patch0.chunks).store(patch0, lock=False, scheduler="threads")
+    finish_map(root, spec.slide_id, mpp, 1, {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",
+                                            "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False})
     slide.close()
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
     return out
-
-
-def _mask_block(mask: np.ndarray, scale: float, block_info) -> np.ndarray:
-    (y0, y1), (x0, x1) = block_info[None]["array-location"]
-    iy = np.clip(((np.arange(y0, y1) + 0.5) / scale).astype(int), 0, mask.shape[0] - 1)
-    ix = np.clip(((np.arange(x0, x1) + 0.5) / scale).astype(int), 0, mask.shape[1] - 1)
-    return mask[np.ix_(iy, ix)].astype(np.float32)

@@ -21,39 +21,13 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .metrics import psnr_from_mse, ssim, whole_slide_metrics
+from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
 from .slides import SlideSpec, open_file
 from .tile import SlidePlan, TileConfig, plan_slide
-from .tiling import read_scaled, tissue_fractions
+from .tiling import nearest, read_scaled, tissue_fractions
 
 BLOCK = 1024
 SIZE_TOLERANCE = 0.01
-
-
-@dataclass
-class MapImage:
-    path: Path
-    level0: zarr.Array  # (4, H, W): NP, divergence, multi-modal share, coverage
-    levels: list[zarr.Array]
-    mpp: float | None
-    slide_id: str
-    patch_size: int
-    nuclei: bool
-
-
-def open_map(path: str | Path) -> MapImage:
-    path = Path(path)
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        ome = dict(root.attrs)["ome"]
-        ms = ome["multiscales"][0]
-    except Exception as exc:
-        raise InputError(path, f"is not an OME-Zarr map written by wsi-damm stitch ({type(exc).__name__}: {exc})") from exc
-    levels = [root[d["path"]] for d in ms["datasets"]]
-    unit = ms["axes"][1].get("unit")
-    mpp = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][1]) if unit == "micrometer" else None
-    info = dict(root.attrs).get("wsi_damm", {})
-    return MapImage(path, levels[0], levels, mpp, info.get("slide", ms.get("name", path.stem)), int(info.get("patch_size", 256)),
-                    bool(info.get("nuclei", True)))
 
 
 def lazy_blocks(fn, shape: tuple[int, int], name: str, dtype=np.float32) -> da.Array:
@@ -84,11 +58,7 @@ class Truth:
         return np.clip((raw - lo) / (hi - lo), 0, 1)
 
     def tissue(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        mask = self.plan.mask
-        scale = self.plan.choice.downsample / self.plan.mask_downsample
-        iy = np.clip(((np.arange(y, y + h) + 0.5) * scale).astype(int), 0, mask.shape[0] - 1)
-        ix = np.clip(((np.arange(x, x + w) + 0.5) * scale).astype(int), 0, mask.shape[1] - 1)
-        return mask[np.ix_(iy, ix)]
+        return nearest(self.plan.mask, self.plan.choice.downsample / self.plan.mask_downsample, y, x, h, w)
 
     def lazy(self, role: str) -> da.Array:
         return lazy_blocks(lambda y, x, h, w: self.normalised(role, y, x, h, w), self.shape, f"truth-{role}")
@@ -122,20 +92,22 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", region
         keep = np.nonzero(frac[i] >= 0.5)[0]
         if not len(keep):
             continue
-        band = np.asarray(m.level0[:, y : y + p, :w])
+        band = np.asarray(m.level0[0, y : y + p, :w])
+        blocks = m.blocks(int(y), 0, p, w)
         meas = truth.normalised("target", int(y), 0, p, w)
         ref = clean.normalised(int(y), 0, p, w) if clean else None
         labels = regions.labels(int(y), 0, p, w) if regions else None
         for j in keep:
             x = int(xs[j])
             sl = np.s_[:, x : x + p]
-            if band[3][sl].min() < 1:  # not fully predicted
+            near = blocks[:, :, x // m.block : -(-(x + p) // m.block)]  # the blocks this patch touches
+            if near[COVERAGE].min() < 1:  # not fully predicted
                 continue
-            pred, truth_p = band[0][sl], meas[sl]
+            pred, truth_p = band[sl], meas[sl]
             row = {"slide": m.slide_id, "y": int(y), "x": x, "ssim": ssim(pred, truth_p),
                    "psnr": psnr_from_mse(float(np.mean((pred.astype(np.float64) - truth_p) ** 2))),
-                   "mae": float(np.abs(pred - truth_p).mean()), "divergence": float(band[1][sl].mean()),
-                   "multimodal_share": float(band[2][sl].mean())}
+                   "mae": float(np.abs(pred - truth_p).mean()), "divergence": float(near[DIVERGENCE].mean()),
+                   "multimodal_share": float(near[SHARE].mean())}
             if ref is not None:
                 row["oracle_ssim"] = ssim(ref[sl], truth_p)
                 row["oracle_psnr"] = psnr_from_mse(float(np.mean((ref[sl].astype(np.float64) - truth_p) ** 2)))
@@ -226,7 +198,7 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
                                     "psnr": summarise([r["oracle_psnr"] for r in rows])}
     if regions is not None:
         labels = lazy_blocks(regions.labels, truth.shape, f"regions-{regions_path}", np.int32)
-        share = da.from_zarr(m.level0)[2, :h, :w].rechunk(BLOCK).astype(np.float64)
+        share = m.lazy_patch_map(SHARE, (h, w), BLOCK).astype(np.float64)
         tissue = mask if mask is not None else da.ones(truth.shape, bool, chunks=BLOCK)
         result["regions"] = region_metrics(pred, meas, share, tissue, labels, region_names or {}, rows)
         if clean is not None:

@@ -36,7 +36,7 @@ def halve(block: np.ndarray) -> np.ndarray:
     if np.issubdtype(block.dtype, np.integer):
         info = np.iinfo(block.dtype)
         return np.clip(np.rint(out), info.min, info.max).astype(block.dtype)
-    return out.astype(block.dtype)
+    return out.astype(block.dtype, copy=False)
 
 
 def level_chunk(level: int) -> int:
@@ -47,10 +47,17 @@ def level_chunk(level: int) -> int:
 
 def create_level(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, level: int,
                  dimension_names: tuple[str, ...] | None = None) -> zarr.Array:
-    """An empty (C, H, W) pyramid level chunked by channel and `level_chunk(level)` squares."""
+    """An empty (C, H, W) pyramid level chunked by channel and `level_chunk(level)` squares (`writable`)."""
     side = level_chunk(level)
-    return group.create_array(name, shape=shape, dtype=dtype, chunks=(1, min(side, shape[1]), min(side, shape[2])),
-                              compressors=fast_codec(dtype), fill_value=0, dimension_names=dimension_names)
+    return writable(group.create_array(name, shape=shape, dtype=dtype, chunks=(1, min(side, shape[1]), min(side, shape[2])),
+                                       compressors=fast_codec(dtype), fill_value=0, dimension_names=dimension_names))
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """`array` storing every chunk written, even an all-zero one: zarr's emptiness check compares each
+    element to the fill value, which for float16 costs about as much as compressing the chunk. Not
+    kept in the file: an array opened again needs this again."""
+    return array.with_config({"write_empty_chunks": True})
 
 
 def pyramid_shapes(height: int, width: int, min_size: int = 512) -> list[tuple[int, int]]:
@@ -141,17 +148,28 @@ def write_ome_tiff(
         tmp.unlink(missing_ok=True)
 
 
-def ome_zarr_attrs(name: str, n_levels: int, mpp: float | None, channels: list[dict]) -> dict:
-    """`ome` attributes of an OME-Zarr 0.5 image: multiscales (c/y/x, µm when known) + omero."""
+def ome_zarr_attrs(name: str, n_levels: int, mpp: float | None, channels: list[dict], factor: int = 1) -> dict:
+    """`ome` attributes of an OME-Zarr 0.5 image: multiscales (c/y/x, µm when known) + omero.
+
+    Pixel i of level L averages full-resolution pixels [f·2^L·i, f·2^L·(i+1)) (f = `factor`, for
+    images stored in f × f blocks), so its centre sits (f·2^L − 1)/2 pixels past their first one:
+    the translation that keeps every level and image on the slide's grid in a viewer.
+    """
     unit = {"unit": "micrometer"} if mpp else {}
     px = mpp or 1.0
+
+    def transforms(level: int) -> list[dict]:
+        step = factor * 2**level
+        scale = [{"type": "scale", "scale": [1.0, px * step, px * step]}]
+        shift = px * (step - 1) / 2
+        return scale + ([{"type": "translation", "translation": [0.0, shift, shift]}] if shift else [])
+
     return {
         "version": "0.5",
         "multiscales": [{
             "name": name,
             "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
-            "datasets": [{"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1.0, px * 2**i, px * 2**i]}]}
-                         for i in range(n_levels)],
+            "datasets": [{"path": str(i), "coordinateTransformations": transforms(i)} for i in range(n_levels)],
             "type": "local_mean",
         }],
         "omero": {

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from skimage.transform import resize
 
-from .evaluate import MapImage, Truth
+from .evaluate import Truth
+from .slide_map import COVERAGE, DIVERGENCE, MapImage
 from .tiling import low_resolution
 
 import matplotlib
@@ -60,7 +61,8 @@ def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
     h, w = truth.shape
     fy = level.shape[1] / m.level0.shape[1]
     th, tw = max(1, round(h * fy)), max(1, round(w * fy))
-    pm = np.asarray(level[:, :th, :tw])
+    pred = np.asarray(level[0, :th, :tw]).astype(np.float32)
+    pm = m.patch_maps_like((th, tw), level.shape[1:])
     low, _ = low_resolution(truth.slide, max(th, tw))
     plan = truth.plan
     chans = {}
@@ -69,15 +71,15 @@ def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
         raw = resize(low[k], (th, tw), order=1, anti_aliasing=True, preserve_range=True)
         chans[role] = np.clip((raw - plan.lo[k]) / (plan.hi[k] - plan.lo[k]), 0, 1)
     um = m.mpp / fy if m.mpp else None
-    covered = pm[3] > 0.5
-    err = np.where(covered, np.abs(pm[0] - chans["target"]), np.nan)
-    div = np.where(covered, pm[1], np.nan)
+    covered = pm[COVERAGE] > 0.5
+    err = np.where(covered, np.abs(pred - chans["target"]), np.nan)
+    div = np.where(covered, pm[DIVERGENCE], np.nan)
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
     blank = np.zeros((th, tw))
     _panel(fig, axes[0, 0], chans.get("vessels", blank), "CD31 (vessels)", "magma", 0, 1, um, "normalised intensity")
     _panel(fig, axes[0, 1], chans.get("nuclei", blank), "DAPI (nuclei)" if "nuclei" in chans else "DAPI: not in slide", "Blues_r", 0, 1, um, "normalised intensity")
     _panel(fig, axes[0, 2], chans["target"], "NP measured", "viridis", 0, 1, um, "normalised NP")
-    _panel(fig, axes[1, 0], pm[0], "NP predicted", "viridis", 0, 1, um, "normalised NP")
+    _panel(fig, axes[1, 0], pred, "NP predicted", "viridis", 0, 1, um, "normalised NP")
     _panel(fig, axes[1, 1], err, "|predicted − measured|", "inferno", 0, 0.5, um, "absolute error")
     _panel(fig, axes[1, 2], div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only", "coolwarm", 0, 1, um, "d (gate uses uni-modal where d ≥ γ)")
     wsi = result["wsi"]

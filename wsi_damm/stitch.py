@@ -1,20 +1,22 @@
 """`wsi-damm stitch`: overlapping patch predictions → one seamless whole-slide map, out of core.
 
 A merger in the spirit of MONAI's (`aggregate` / `finalize`), but streamed: the canvas is cut
-into tiles ("bands") whose area follows a memory budget; each gathers only the patches that touch
-it, accumulates Σ w·p and Σ w in float32, and writes whole zarr chunks of the first three pyramid
-levels — so bands run in parallel and peak memory depends on band size and workers, never on slide
-size or width. Bands run on dask in worker processes, not threads: a band is many small numpy
-calls and zarr's per-chunk async machinery, which serialise on the GIL (2 threads gave 1.2×,
-2 processes 2.0× on 2 cores).
+into near-square tiles ("bands") whose area follows a memory budget; each gathers only the
+patches that touch it, accumulates Σ w·p and Σ w in float32, and writes whole zarr chunks of the
+first four pyramid levels and of the patch maps — so bands run in parallel and peak memory
+depends on band size and workers, never on slide size or width. Bands run on dask in worker
+processes, not threads: a band is many small numpy calls and zarr's per-chunk async machinery,
+which serialise on the GIL (2 threads gave 1.2×, 2 processes 2.0× on 2 cores).
 
 Windows: gaussian (σ = P/8, floor 1e-3: MONAI / nnU-Net), cosine (Hann, floor 1e-3), linear
-ramp (floor 1e-3), mean (constant). Channels written: NP map, divergence, multi-modal share, coverage,
-and — when prediction drew several samples per patch — their standard deviation.
+ramp (floor 1e-3), mean (constant). Written (layout in `slide_map`): the NP map and — when
+prediction drew several samples per patch — their standard deviation at full resolution; the
+divergence, multi-modal share and coverage in 8-px blocks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,23 +29,14 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .jobs import TaskProgress, check_resources, process_pool
-from .ome import TOP_CHUNK, build_pyramid, create_level, halve, ome_zarr_attrs, pyramid_shapes, write_ome_tiff
+from .ome import halve, pyramid_shapes, writable, write_ome_tiff
+from .slide_map import BLOCK, MAP_DTYPE, PATCH_MAP_CHANNELS, PATCH_MAPS, PYRAMID_MIN, VALUE_CHANNELS, block_shape, create_map, finish_map
 from .store import PredictionStore, read_rows
 
-CHANNELS = [
-    {"label": "NP (predicted)", "color": "00FF00", "min": 0.0, "max": 1.0},
-    {"label": "divergence", "color": "FF00FF", "min": 0.0, "max": 1.0},
-    {"label": "multi-modal share", "color": "00FFFF", "min": 0.0, "max": 1.0},
-    {"label": "coverage", "color": "FFFFFF", "min": 0.0, "max": 1.0},
-    {"label": "NP sd over samples", "color": "FFFF00", "min": 0.0, "max": 0.25},  # only with predict --samples K > 1
-]
-# float16 maps: values live in [0, 1] where float16 is exact to 2.4e-4 — half the bytes to write
-# and read; the OME-TIFF export is float32 for viewers without half-float support.
-MAP_DTYPE = np.float16
-PYRAMID_MIN = 1024  # levels halve until the longer side is at most this
 BAND_BYTES = 64 * 2**20  # float32 plane bytes per band; one band per worker in flight
 WORKER_BYTES = 128 * 2**20  # a worker process's interpreter, numpy and zarr before its first band
-BAND_LEVELS = 3  # pyramid levels each band writes itself (TOP_CHUNK-aligned sides halve into whole chunks of levels 0–2)
+BAND_LEVELS = 4  # pyramid levels each band writes itself
+BAND_UNIT = 2048  # band sides: whole chunks of levels 0–3 (1024, 512, 256, 256 px) and of patch maps (256 blocks of 8 px)
 WINDOW_FLOOR = 1e-3
 
 
@@ -73,33 +66,41 @@ class Band:
     y1: int
     x0: int
     x1: int
-    rows: np.ndarray  # prediction-store indices of the patches touching the band
+    rows: np.ndarray  # prediction-store indices of the patches touching the band, ascending
+    yx: np.ndarray  # (K, 2) their positions
+    gate: np.ndarray  # (K, 2) their divergence (0 where uni-modal only) and multi-modal share
 
 
-def plan_bands(ys: np.ndarray, xs: np.ndarray, idx: np.ndarray, height: int, width: int, patch: int,
-               band_bytes: int = BAND_BYTES, pixel_bytes: int = 20) -> list[Band]:
-    """Canvas tiles sized by `band_bytes` (`pixel_bytes` of float32 planes per pixel) and the patches each needs.
+def plan_bands(yx: np.ndarray, idx: np.ndarray, gate: np.ndarray, height: int, width: int, patch: int,
+               band_bytes: int = BAND_BYTES, pixel_bytes: int = 8) -> list[Band]:
+    """Canvas tiles sized by `band_bytes` (`pixel_bytes` of float32 planes per pixel) and the patches each
+    needs (store rows `idx` at `yx`, with `gate` values): a band's task then reads only predictions.
 
-    Sides in multiples of TOP_CHUNK, so a tile halves into whole chunks of the BAND_LEVELS levels
-    it writes. Narrow slides get full-width row bands, wide ones several tiles per row band, so
-    memory follows `band_bytes`, not the slide's width.
+    Sides in multiples of BAND_UNIT, so a tile writes whole chunks. Near-square: a patch that
+    straddles a tile edge is read by both tiles, and a square has the least edge for its area.
+    Narrow slides get taller tiles, wide ones several per row, so memory follows `band_bytes`,
+    not the slide's size.
     """
-    unit = TOP_CHUNK
+    unit = BAND_UNIT
     budget = max(band_bytes // pixel_bytes, 1)
-    rows = max(unit, min(_round_up(height, unit), (budget // max(width, 1)) // unit * unit))
-    cols = max(unit, (budget // rows) // unit * unit)
-    order = np.argsort(ys, kind="stable")
-    ys_sorted, xs_sorted, idx_sorted = ys[order], xs[order], idx[order]
+    fit = lambda n, most: min(max(unit, n // unit * unit), most)  # noqa: E731
+    max_rows, max_cols = _round_up(height, unit), _round_up(width, unit)
+    rows = fit(math.isqrt(budget), max_rows)
+    cols = fit(budget // rows, max_cols)
+    rows = fit(budget // cols, max_rows)  # a narrow slide spends the rest of the budget on height
+    order = np.lexsort((idx, yx[:, 0]))  # by y, then by store row
+    yx, idx, gate = yx[order], idx[order], gate[order]
     bands = []
     for y0 in range(0, height, rows):
         y1 = min(y0 + rows, height)
-        lo = np.searchsorted(ys_sorted, y0 - patch + 1, side="left")
-        hi = np.searchsorted(ys_sorted, y1, side="left")
-        band_x, band_idx = xs_sorted[lo:hi], idx_sorted[lo:hi]
+        lo = np.searchsorted(yx[:, 0], y0 - patch + 1, side="left")
+        hi = np.searchsorted(yx[:, 0], y1, side="left")
         for x0 in range(0, width, cols):
             x1 = min(x0 + cols, width)
-            touch = (band_x > x0 - patch) & (band_x < x1)
-            bands.append(Band(y0, y1, x0, x1, np.sort(band_idx[touch])))
+            xs = yx[lo:hi, 1]
+            pick = lo + np.nonzero((xs > x0 - patch) & (xs < x1))[0]
+            pick = pick[np.argsort(idx[pick], kind="stable")]
+            bands.append(Band(y0, y1, x0, x1, idx[pick], yx[pick], gate[pick]))
     return bands
 
 
@@ -107,26 +108,52 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
-def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], w: np.ndarray, done: zarr.Array, index: int) -> int:
-    """Σ w·p / Σ w for one band, plus divergence and gate share blended the same way; writes whole
-    chunks of `levels` (0, 1, 2 halving), so the pyramid never re-reads full resolution.
+def block_window(w: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Sums of the window `w` over the BLOCK × BLOCK blocks of a grid whose block edges lie `dy`, `dx`
+    pixels before the patch's first row and column (its position modulo BLOCK)."""
+    p = w.shape[0]
+    h, wd = _round_up(dy + p, BLOCK), _round_up(dx + p, BLOCK)
+    padded = np.zeros((h, wd), np.float32)
+    padded[dy : dy + p, dx : dx + p] = w
+    return padded.reshape(h // BLOCK, BLOCK, wd // BLOCK, BLOCK).sum((1, 3))
 
-    The planes are the map's channels in order; the coverage plane holds Σ w until the division,
-    then 1 where a patch landed and 0 elsewhere."""
+
+def block_counts(mask: np.ndarray) -> np.ndarray:
+    """True pixels per BLOCK × BLOCK block (uint8), by pairwise halving: a reshape-sum over the small
+    axes is 15× slower."""
+    h, w = mask.shape
+    counts = (np.pad(mask, ((0, -h % BLOCK), (0, -w % BLOCK))) if h % BLOCK or w % BLOCK else mask).view(np.uint8)
+    for _ in range(BLOCK.bit_length() - 1):
+        counts = counts[0::2] + counts[1::2]
+    for _ in range(BLOCK.bit_length() - 1):
+        counts = counts[:, 0::2] + counts[:, 1::2]
+    return counts
+
+
+def _block_pixels(h: int, w: int) -> np.ndarray:
+    """Pixels of an h × w region in each of its blocks (fewer in a last, partial row or column)."""
+    side = lambda n: np.minimum(BLOCK, n - BLOCK * np.arange(-(-n // BLOCK)))  # noqa: E731
+    return np.outer(side(h), side(w)).astype(np.float32)
+
+
+def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], patch_level: zarr.Array, w: np.ndarray,
+               done: zarr.Array, index: int) -> int:
+    """Σ w·p / Σ w for one band at full resolution; divergence and gate share blended the same way
+    per block; writes whole chunks of `levels` (0, 1, 2, 3 halving) and of `patch_level`, so the
+    pyramid never re-reads full resolution."""
     root = zarr.open_group(pred_path, mode="r")
     p = w.shape[0]
-    with_sd = "pred_sd" in root
+    names = ["pred"] + (["pred_sd"] if "pred_sd" in root else [])
     bh, bw = band.y1 - band.y0, band.x1 - band.x0
-    planes = np.zeros((5 if with_sd else 4, bh, bw), np.float32)
-    np_sum, div_sum, share_sum, weight_sum = planes[:4]
-    sd_sum = planes[4] if with_sd else None
+    sums = np.zeros((len(names) + 1, bh, bw), np.float32)  # Σ w·value per map channel, then Σ w
+    weight_sum = sums[-1]
+    nby, nbx = block_shape(bh, bw)
+    block_sums = np.zeros((3, nby, nbx), np.float32)  # per block: Σ w, Σ w·divergence, Σ w·share
     if len(band.rows):
-        coords = read_rows(root["coords"], band.rows)
-        pred = read_rows(root["pred"], band.rows)[:, 0]  # float16; products upcast patch by patch (memory)
-        div = np.nan_to_num(read_rows(root["divergence"], band.rows), nan=0.0)
-        share = read_rows(root["multimodal_fraction"], band.rows)
-        sd = read_rows(root["pred_sd"], band.rows)[:, 0] if with_sd else None
-        for k, (_, y, x) in enumerate(coords):
+        values = [read_rows(root[name], band.rows)[:, 0] for name in names]  # float16; products upcast patch by patch
+        per_patch = np.concatenate([np.ones((len(band.rows), 1), np.float32), band.gate], 1)[:, :, None, None]
+        windows: dict[tuple[int, int], np.ndarray] = {}
+        for k, (y, x) in enumerate(band.yx):
             a, b = max(y, band.y0), min(y + p, band.y1)
             c, e = max(x, band.x0), min(x + p, band.x1)
             if a >= b or c >= e:
@@ -134,28 +161,37 @@ def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], w: np.ndarr
             part = (slice(a - y, b - y), slice(c - x, e - x))  # of the patch
             wy = w[part]
             sl = (slice(a - band.y0, b - band.y0), slice(c - band.x0, e - band.x0))
-            np_sum[sl] += wy * pred[k][part]
-            div_sum[sl] += wy * div[k]
-            share_sum[sl] += wy * share[k]
-            if with_sd:
-                sd_sum[sl] += wy * sd[k][part]
+            for plane, value in zip(sums, values):
+                plane[sl] += wy * value[k][part]
             weight_sum[sl] += wy
+            phase = (int(y) % BLOCK, int(x) % BLOCK)
+            if phase not in windows:
+                windows[phase] = block_window(w, *phase)
+            bwin = windows[phase]
+            by, bx = (y - band.y0) // BLOCK, (x - band.x0) // BLOCK  # band edges are whole blocks
+            a, b, c, e = max(by, 0), min(by + bwin.shape[0], nby), max(bx, 0), min(bx + bwin.shape[1], nbx)
+            block_sums[:, a:b, c:e] += per_patch[k] * bwin[a - by : b - by, c - bx : e - bx]
     covered = weight_sum > 0
-    inverse = np.divide(1.0, weight_sum, out=np.zeros_like(weight_sum), where=covered)
-    for value in (np_sum, div_sum, share_sum) + ((sd_sum,) if with_sd else ()):
-        value *= inverse  # uncovered pixels stay 0
-    del inverse
-    np.copyto(weight_sum, covered)  # the coverage channel
+    coverage = block_counts(covered) / _block_pixels(bh, bw)
+    np.maximum(weight_sum, 1e-30, out=weight_sum)  # uncovered: Σ w·p = 0 there and stays 0 (a `where=` costs 2×)
+    np.reciprocal(weight_sum, out=weight_sum)
+    values_map = sums[:-1]
+    values_map *= weight_sum
+    weight_blocks = block_sums[0]
+    np.divide(1.0, weight_blocks, out=weight_blocks, where=weight_blocks > 0)
+    patch_maps = np.stack([block_sums[1] * weight_blocks, block_sums[2] * weight_blocks, coverage])
     for level, array in enumerate(levels):
         if level:
-            planes = halve(planes)
+            values_map = halve(values_map)
         y, x = band.y0 >> level, band.x0 >> level
-        array[:, y : y + planes.shape[1], x : x + planes.shape[2]] = planes.astype(MAP_DTYPE)
+        array[:, y : y + values_map.shape[1], x : x + values_map.shape[2]] = values_map.astype(MAP_DTYPE)
+    y, x = band.y0 // BLOCK, band.x0 // BLOCK
+    patch_level[:, y : y + nby, x : x + nbx] = patch_maps.astype(MAP_DTYPE)
     done[index] = 1  # after the band's chunks: a flag never names unwritten data
     return 1
 
 
-def _open_partial(partial: Path, channels: int, height: int, width: int, n_bands: int, plan: dict, resume: bool) -> zarr.Group:
+def _open_partial(partial: Path, n_values: int, height: int, width: int, n_bands: int, plan: dict, resume: bool) -> zarr.Group:
     """The half-written map of an earlier run with the same plan (--resume), else a fresh one."""
     if resume and (partial / "zarr.json").exists():
         root = zarr.open_group(str(partial), mode="r+")
@@ -163,8 +199,7 @@ def _open_partial(partial: Path, channels: int, height: int, width: int, n_bands
             return root
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-    for level, shape in enumerate(pyramid_shapes(height, width, PYRAMID_MIN)[:BAND_LEVELS]):
-        create_level(root, str(level), (channels,) + shape, MAP_DTYPE, level, ("c", "y", "x"))
+    create_map(root, height, width, n_values, BAND_LEVELS)
     root.create_array("bands_done", shape=(n_bands,), dtype=np.uint8, chunks=(1,), fill_value=0)
     root.attrs["stitch_plan"] = plan
     return root
@@ -172,7 +207,7 @@ def _open_partial(partial: Path, channels: int, height: int, width: int, n_bands
 
 def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str = "gaussian", tiff: Path | None = None,
                  workers: int | None = None, progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES) -> Path:
-    """Write one slide's map as OME-Zarr 0.5 (4 channels, pyramid to ≤ 1024 px), optionally OME-TIFF.
+    """Write one slide's map as OME-Zarr 0.5 (pyramid to ≤ 1024 px, patch maps), optionally OME-TIFF.
 
     Bands are the unit of resume: a killed run continued with `resume` redoes only unfinished bands."""
     entry = store.slides[slide_index]
@@ -181,18 +216,22 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     w = window(blend, patch)
     coords = store.coords
     idx = np.nonzero(coords[:, 0] == slide_index)[0]
-    channels = 5 if "pred_sd" in store.root else 4
-    bands = plan_bands(coords[idx, 1], coords[idx, 2], idx, height, width, patch, band_bytes, pixel_bytes=4 * (channels + 1))
+    gate = np.stack([np.nan_to_num(np.asarray(store.root["divergence"][:])[idx], nan=0.0),  # NaN: uni-modal only
+                     np.asarray(store.root["multimodal_fraction"][:])[idx]], 1).astype(np.float32)
+    n_values = 2 if "pred_sd" in store.root else 1
+    bands = plan_bands(coords[idx, 1:], idx, gate, height, width, patch, band_bytes, pixel_bytes=4 * (n_values + 1))
     partial = out.with_name(out.name + ".partial")
     n_workers = workers or os.cpu_count() or 1
-    map_bytes = 5 * height * width * np.dtype(MAP_DTYPE).itemsize * 4 // 3 + (height * width * 4 * 4 // 3 if tiff else 0)
+    item = np.dtype(MAP_DTYPE).itemsize
+    map_bytes = (n_values * height * width + len(PATCH_MAP_CHANNELS) * math.prod(block_shape(height, width))) * item * 4 // 3
+    map_bytes += height * width * 4 * 4 // 3 if tiff else 0
     check_resources(out, map_bytes, n_workers, band_bytes * 3 // 2 + WORKER_BYTES, "the map", "use fewer --workers or a smaller --band-mb")
     plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1, b.x0, b.x1] for b in bands]}
-    root = _open_partial(partial, channels, height, width, len(bands), plan, resume)
-    shapes = pyramid_shapes(height, width, PYRAMID_MIN)
-    written, done = [root[str(level)] for level in range(min(BAND_LEVELS, len(shapes)))], root["bands_done"]
+    root = _open_partial(partial, n_values, height, width, len(bands), plan, resume)
+    n_written = min(BAND_LEVELS, len(pyramid_shapes(height, width, PYRAMID_MIN)))
+    written, patch0, done = [writable(root[str(level)]) for level in range(n_written)], writable(root[PATCH_MAPS]["0"]), root["bands_done"]
     todo = np.nonzero(np.asarray(done[:]) == 0)[0]
-    tasks = [dask.delayed(merge_band, pure=False)(str(store.path), bands[i], written, w, done, int(i), dask_key_name=f"merge-{i:08d}")
+    tasks = [dask.delayed(merge_band, pure=False, traverse=False)(str(store.path), bands[i], written, patch0, w, done, int(i), dask_key_name=f"merge-{i:08d}")
              for i in todo]
     with tqdm(total=len(bands), initial=len(bands) - len(todo), desc=f"stitching {entry['slide_id']}", unit="band",
               disable=None if progress else True) as bar:
@@ -204,13 +243,12 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
                 dask.compute(*tasks, scheduler="sync")
     del root["bands_done"]  # resume bookkeeping is not part of the map
     del root.attrs["stitch_plan"]
-    levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=("c", "y", "x"), existing=len(written))
     mpp = entry.get("mpp")
-    root.attrs["ome"] = ome_zarr_attrs(entry["slide_id"], len(levels), mpp, CHANNELS[:channels])
-    root.attrs["wsi_damm"] = {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
-                              "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True))}
+    levels = finish_map(root, entry["slide_id"], mpp, n_written,
+                        {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
+                         "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True))})
     if tiff is not None:
-        write_ome_tiff(tiff, levels, [CHANNELS[0]["label"]], mpp, channels=[0], dtype=np.float32)
+        write_ome_tiff(tiff, levels, [VALUE_CHANNELS[0]["label"]], mpp, channels=[0], dtype=np.float32)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)

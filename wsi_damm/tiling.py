@@ -137,6 +137,14 @@ def grid_positions(length: int, patch: int, stride: int) -> np.ndarray:
     return pos
 
 
+def nearest(image: np.ndarray, step: float, y: int, x: int, h: int, w: int) -> np.ndarray:
+    """The (h, w) region at (y, x) of a grid `step` image pixels per pixel, each pixel reading the
+    image pixel (…, H, W) under its centre: masks and block maps brought onto another resolution."""
+    iy = np.clip(((np.arange(y, y + h) + 0.5) * step).astype(int), 0, image.shape[-2] - 1)
+    ix = np.clip(((np.arange(x, x + w) + 0.5) * step).astype(int), 0, image.shape[-1] - 1)
+    return image[..., iy[:, None], ix[None, :]]
+
+
 def tissue_fractions(mask: np.ndarray, scale: float, ys: np.ndarray, xs: np.ndarray, patch: int) -> np.ndarray:
     """Share of mask pixels under each patch (grid ys × xs), mask pixels = `scale` grid pixels."""
     integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))

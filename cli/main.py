@@ -306,7 +306,7 @@ def demo(out, preset, quick, quiet) -> None:
     click.echo(f"  blurred-vessel baseline SSIM {b['wsi_ssim']:.4f}  PSNR {b['wsi_psnr']:6.2f} dB   patches {b['patch_ssim_percent']:.2f} % / {b['patch_psnr']:.2f} dB")
     click.echo(f"  noiseless oracle        SSIM {o['wsi_ssim']:.4f}  PSNR {o['wsi_psnr']:6.2f} dB   (the best any predictor can do)")
     outs = s["outputs"]
-    click.echo(f"\nmap:    {outs['map']}   (napari: pip install napari napari-ome-zarr; napari {outs['map']})")
+    click.echo(f"\nmap:    {outs['map']}   (napari: pip install napari napari-ome-zarr; napari {outs['map']} {outs['map']}/patch_maps)")
     click.echo(f"tiff:   {outs['tiff']}   (QuPath: File > Open)")
     click.echo(f"report: {outs['report']}   (open in a browser)")
 

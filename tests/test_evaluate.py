@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +54,19 @@ def test_evaluate_writes_the_report_and_scores_a_perfect_map(perfect_map, tmp_pa
     assert html.count("data:image/png;base64,") == 4 and "synth_000" in html
     rows = (out / "patches.csv").read_text().splitlines()
     assert rows[0].startswith("slide,y,x,ssim,psnr") and len(rows) - 1 == r["patches"]["ssim_percent"]["n"]
+    header = rows[0].split(",")
+    for row in rows[1:]:  # read from the patch maps: every patch had divergence 0.2, share 1
+        values = dict(zip(header, row.split(",")))
+        assert abs(float(values["divergence"]) - 0.2) < 1e-3 and float(values["multimodal_share"]) == 1.0
+
+
+def test_evaluate_names_a_map_without_patch_maps(perfect_map, tmp_path):
+    d, m, slide = perfect_map
+    old = tmp_path / "old.ome.zarr"
+    shutil.copytree(m, old)
+    shutil.rmtree(old / "patch_maps")
+    res = run_cli("evaluate", str(old), "--truth", str(slide), "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "old.ome.zarr" in res.stderr and "patch_maps" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_evaluate_refuses_a_map_of_another_size(perfect_map, synth_dir, tmp_path):

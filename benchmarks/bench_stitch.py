@@ -61,7 +61,8 @@ def make_store(path: Path, size: int, patch: int = 256, overlap: int = 64, shard
 def _worker(kind: str, store: str, out: str, sample: str) -> None:
     import zarr
 
-    from wsi_damm.stitch import run_stitch, window
+    from wsi_damm.merge import window
+    from wsi_damm.stitch import run_stitch
 
     root = zarr.open_group(store, mode="r")
     size = root.attrs["slides"][0]["shape"][0]

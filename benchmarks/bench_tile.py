@@ -60,7 +60,7 @@ def main() -> None:
     slide = data / "synth_000.ome.tif"
     try:
         if not slide.exists():
-            from wsi_damm.synth import SynthConfig, write_slides
+            from wsi_damm.workflows.synth import SynthConfig, write_slides
 
             write_slides(data, 1, SynthConfig(size=size, seed=1), progress=False)
         ref = measure(__file__, "reference", str(slide), str(work / "unused"))

@@ -28,7 +28,7 @@ import torch
 from wsi_damm.config import PRESETS
 from wsi_damm.diffusion.damm import DammLoss, damm_loss, divergence, gate
 from wsi_damm.diffusion.schedule import NoiseSchedule
-from wsi_damm.train import build_autoencoder, build_unet
+from wsi_damm.run_dir import build_autoencoder, build_unet
 
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic slides made once per session, the shared real-file folder."""
+"""Fixtures: synthetic slides made once per session, the reference data, the real-file folder."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"  # third-party real files, when present
 FIXTURES = SHARED / "fixtures"
+DATA = Path(__file__).resolve().parent / "data"  # reference numbers the tests need, kept with them
 
 
 def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -48,6 +49,16 @@ def synth_dir(tmp_path_factory) -> Path:
     res = run_cli("synth", str(out), "--slides", "2", "--size", "2048", "--seed", "3", "--quiet")
     assert res.returncode == 0, res.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> Path:
+    """One 1024² synthetic slide (CD31, DAPI, NP; 0.5 µm/px, two pyramid levels)."""
+    from wsi_damm.workflows.synth import SynthConfig, write_slides
+
+    out = tmp_path_factory.mktemp("small")
+    write_slides(out, 1, SynthConfig(size=1024, seed=7), progress=False)
+    return out / "synth_000.ome.tif"
 
 
 def fixture(rel: str) -> Path:

@@ -57,7 +57,7 @@ def _copy_store(store: Path, dst: Path) -> Path:
 def _run_dir(path: Path, patch: int = 64, broken: str | None = None) -> Path:
     """A run directory as `train` leaves it (real, untrained weights); `broken` names a weights file to truncate."""
     from wsi_damm.checkpoint import save_weights
-    from wsi_damm.train import build_autoencoder, build_unet
+    from wsi_damm.run_dir import build_autoencoder, build_unet
 
     path.mkdir()
     cfg = replace(resolve("tiny"), patch_size=patch, roles=("vessels", "nuclei", "target"), mpp=0.5, level=0)

@@ -20,7 +20,7 @@ from .conftest import run_cli
 @pytest.fixture(scope="module")
 def perfect_map(tmp_path_factory):
     """A map that is the measured NP channel itself (true patches stitched), for a 1100² slide."""
-    from wsi_damm.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.synth import SynthConfig, write_slides
 
     d = tmp_path_factory.mktemp("eval")
     write_slides(d, 1, SynthConfig(size=1100, seed=21), progress=False)

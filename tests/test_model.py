@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_damm.config import PRESETS
-from wsi_damm.diffusion.damm import DammLoss, damm_loss, dfl, divergence, gate
-from wsi_damm.diffusion.schedule import NoiseSchedule
+from wsi_damm.config import PRESETS, resolve
+from wsi_damm.diffusion.damm import DammLoss, branch_conditions, damm_loss, dfl, divergence, gate
+from wsi_damm.errors import InputError
 from wsi_damm.models.autoencoder import Autoencoder
 from wsi_damm.models.damm_unet import DammUNet, UNetShape
 from wsi_damm.models.fusion import MMFM, UAFM, ConcatFusion
-from wsi_damm.train import build_unet
-
-from .conftest import SHARED
+from wsi_damm.run_dir import build_unet
 
 torch.set_num_threads(2)
-
-
-def fixed(shape, phase):
-    n = math.prod(shape)
-    return torch.sin(0.7 * torch.arange(n, dtype=torch.float32) + phase).reshape(shape)
 
 
 def small_unet(**kw) -> DammUNet:
@@ -63,26 +55,6 @@ def test_unet_shapes_per_preset(preset, latent):
 def test_paper_preset_parameter_count_near_authors():
     total = build_unet(PRESETS["paper"]).parameter_counts()["total"]
     assert abs(total - 112.8e6) / 112.8e6 < 0.10
-
-
-def test_schedule_matches_reference():
-    path = SHARED / "reference" / "diffusers_ddim.json"
-    if not path.exists():
-        pytest.skip("reference JSON not available")
-    ref = json.loads(path.read_text())
-    s = NoiseSchedule.make("scaled_linear", 1000, 0.002, 0.02)
-    for t, want in ref["alphas_cumprod"].items():
-        assert abs(float(s.alphas_cumprod[int(t)]) - want) <= ref["alphas_cumprod_tolerance"]
-    x0, eps = fixed((1, 4, 4, 4), 0.3), 0.8 * fixed((1, 4, 4, 4), 1.1)
-    for t, want in zip((0, 499, 999), ref["add_noise"]["sums_at_t_0_499_999"]):
-        got = s.q_sample(x0, torch.tensor([t]), eps).sum().item()
-        assert abs(got - want) <= ref["add_noise"]["tolerance"]
-
-
-def test_other_schedules_are_monotone():
-    for kind in ("linear", "cosine"):
-        a = NoiseSchedule.make(kind).alphas_cumprod
-        assert a.shape == (1000,) and (a[1:] < a[:-1]).all() and 0 < a[-1] < a[0] < 1
 
 
 def test_sdpa_with_kappa_is_the_explicit_formula():
@@ -189,18 +161,20 @@ def test_ablation_cross_attention_ignores_confidence():
 
 
 def test_ablation_uni_branch_on_nuclei_swaps_conditions():
-    from dataclasses import replace
-
-    from wsi_damm.train import _conditions
-
-    lat = {"vessels": torch.zeros(2, 1, 4, 4), "nuclei": torch.ones(2, 1, 4, 4), "target": torch.zeros(2, 1, 4, 4)}
-    rows = torch.arange(2)
-    cu, cm = _conditions(lat, rows, "vessels")
+    v, n = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    cu, cm = branch_conditions(v, n, "vessels")
     assert cu.eq(0).all() and cm.eq(1).all()
-    cu, cm = _conditions(lat, rows, "nuclei")
+    cu, cm = branch_conditions(v, n, "nuclei")
     assert cu.eq(1).all() and cm.eq(0).all()
-    cfg = replace(PRESETS["tiny"], model=replace(PRESETS["tiny"].model, uni_branch="nuclei"))
-    assert cfg.model.uni_branch == "nuclei"
+    cu, cm = branch_conditions(v, None, "vessels")  # a slide without DAPI: the multi-modal partner is absent
+    assert cu.eq(0).all() and cm is None
+    with pytest.raises(ValueError, match="reads nuclei"):
+        branch_conditions(v, None, "nuclei")
+    # the flag reaches the run's config, and only the two modalities are accepted
+    assert resolve("tiny", flags={"model": {"uni_branch": "nuclei"}}).model.uni_branch == "nuclei"
+    assert resolve("tiny").model.uni_branch == "vessels"
+    with pytest.raises(InputError, match="--uni-branch"):
+        resolve("tiny", flags={"model": {"uni_branch": "target"}})
 
 
 def test_confidence_from_uni_only_reproduces_authors_and_is_blind_to_nuclei():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,19 +10,12 @@ import torch
 from wsi_damm.diffusion.samplers import ddim_grid, ddim_step, sample_ddim, sample_dpmpp_2m, timestep_for_lambda
 from wsi_damm.diffusion.schedule import NoiseSchedule
 
-from .conftest import SHARED
-
-
-def fixed(shape, phase):
-    return torch.sin(0.7 * torch.arange(math.prod(shape), dtype=torch.float64) + phase).reshape(shape)
+from .reference import REFERENCE, fixed
 
 
 @pytest.fixture(scope="module")
 def ref():
-    path = SHARED / "reference" / "diffusers_ddim.json"
-    if not path.exists():
-        pytest.skip("reference JSON not available")
-    return json.loads(path.read_text())
+    return REFERENCE
 
 
 def test_grid_looks_up_the_next_entry():

@@ -1,4 +1,4 @@
-"""Stitching: exact round trip, smooth blending, and OME outputs other readers open."""
+"""Stitching: exact round trip (also property-based), smooth blending, and OME outputs other readers open."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from skimage.measure import block_reduce
 
+from wsi_damm.merge import window
 from wsi_damm.slide_map import BLOCK, COVERAGE, DIVERGENCE, PATCH_MAPS, SHARE
-from wsi_damm.stitch import run_stitch, window
+from wsi_damm.stitch import run_stitch
 from wsi_damm.store import PatchStore, create_prediction_store
+from wsi_damm.tiling import grid_positions
 
 from .conftest import run_cli
 
@@ -19,7 +22,7 @@ from .conftest import run_cli
 @pytest.fixture(scope="module")
 def odd_store(tmp_path_factory):
     """A 1100² slide (not a multiple of the 96-px stride) tiled at 128 px, uint16."""
-    from wsi_damm.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.synth import SynthConfig, write_slides
 
     d = tmp_path_factory.mktemp("odd")
     write_slides(d, 1, SynthConfig(size=1100, seed=11), progress=False)
@@ -158,3 +161,35 @@ def test_ome_outputs_open_in_other_readers(odd_store, tmp_path):
 def test_unknown_window_is_refused(tmp_path):
     res = run_cli("stitch", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "m.ome.zarr"), "--blend", "box")
     assert res.returncode == 2
+
+
+class _Conditions:
+    """The parts of a conditions store that a prediction store copies."""
+
+    def __init__(self, coords: np.ndarray, patch: int, overlap: int, shape: tuple[int, int]) -> None:
+        self.coords = coords
+        self.images = np.empty((len(coords), 1, patch, patch), np.uint8)
+        self.attrs = {"shard_patches": 4, "stride": patch - overlap, "overlap": overlap, "mpp": 0.5}
+        self.slides = [{"slide_id": "p", "shape": list(shape), "mpp": 0.5}]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(h=st.integers(40, 300), w=st.integers(40, 300), patch=st.sampled_from([16, 32, 40]), overlap_frac=st.floats(0, 0.75),
+       blend=st.sampled_from(["gaussian", "cosine", "linear", "mean"]), seed=st.integers(0, 10))
+def test_stitching_true_patches_round_trips(tmp_path_factory, h, w, patch, overlap_frac, blend, seed):
+    overlap = int(patch * overlap_frac)
+    ys, xs = grid_positions(h, patch, patch - overlap), grid_positions(w, patch, patch - overlap)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    coords = np.stack([np.zeros(yy.size, np.int64), yy.ravel(), xx.ravel()], 1)
+    image = np.random.default_rng(seed).random((h, w)).astype(np.float16).astype(np.float64)
+    d = tmp_path_factory.mktemp("prop")
+    root = create_prediction_store(d / "pred.zarr", _Conditions(coords, patch, overlap, (h, w)), {"roles": ["vessels"], "nuclei": False})
+    root["pred"][:] = np.stack([image[y : y + patch, x : x + patch] for _, y, x in coords])[:, None].astype(np.float16)
+    root["divergence"][:] = 0.5
+    root["multimodal_fraction"][:] = 0.0
+    root["shard_done"][:] = 1
+    root.attrs["complete"] = True
+    [m] = run_stitch(d / "pred.zarr", d / "map.ome.zarr", blend, progress=False)
+    out = zarr.open_group(str(m), mode="r")
+    assert (np.asarray(out["patch_maps/0"][COVERAGE]) == 1).all()  # every pixel covered, weights > 0 everywhere
+    assert np.abs(np.asarray(out["0"][0]).astype(np.float64) - image).max() <= 1e-3

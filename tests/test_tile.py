@@ -1,15 +1,20 @@
-"""Tiling acceptance: stored patches equal the slide regions they claim, re-read independently."""
+"""Tiling: stored patches equal the slide regions they claim (re-read independently), the grid, level choice, options."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 
-from wsi_damm.store import PatchDataset, PatchStore
-from wsi_damm.tiling import grid_positions, tissue_fractions
+from wsi_damm.errors import InputError
+from wsi_damm.slides import open_file
+from wsi_damm.store import PatchStore
+from wsi_damm.tiling import choose_level, grid_positions, read_scaled, tissue_fractions
 
 from .conftest import run_cli
 
@@ -75,20 +80,6 @@ def test_tissue_fraction_matches_brute_force():
             assert frac[i, j] == pytest.approx(want)
 
 
-def test_dataset_gives_minus_one_to_one_per_role(store_path):
-    ds = PatchDataset(store_path)
-    mem = PatchDataset(store_path, in_memory=True)
-    item, item_mem = ds[3], mem[3]
-    assert set(item) == {"vessels", "nuclei", "target", "index"}
-    for role in ("vessels", "nuclei", "target"):
-        t = item[role]
-        assert t.shape == (1, 256, 256) and t.dtype == torch.float32
-        assert -1.0 <= float(t.min()) and float(t.max()) <= 1.0
-        assert torch.equal(t, item_mem[role])
-    raw = np.asarray(PatchStore.open(store_path).images[3, 0]).astype(np.float32)
-    assert torch.allclose(item["vessels"][0], torch.from_numpy(raw / 127.5 - 1), atol=1e-6)
-
-
 def test_info_reports_the_store(store_path):
     res = run_cli("info", str(store_path), "--json")
     assert res.returncode == 0, res.stderr
@@ -103,3 +94,56 @@ def test_existing_store_is_not_overwritten(store_path, synth_dir):
     slide = str(sorted(synth_dir.glob("*.ome.tif"))[0])
     res = run_cli("tile", slide, "--out", str(store_path), "--quiet")
     assert res.returncode == 2 and "already exists" in res.stderr
+
+
+@given(length=st.integers(1, 3000), patch=st.integers(1, 300), overlap_frac=st.floats(0, 0.9))
+def test_grid_covers_every_pixel_and_stays_inside(length, patch, overlap_frac):
+    overlap = min(patch - 1, int(patch * overlap_frac))
+    pos = grid_positions(length, patch, patch - overlap)
+    if length < patch:
+        assert len(pos) == 0
+        return
+    covered = np.zeros(length, bool)
+    for p in pos:
+        covered[p : p + patch] = True
+    assert covered.all() and pos[0] == 0 and pos[-1] == length - patch
+    assert (np.diff(pos) > 0).all() and (np.diff(pos) <= patch - overlap).all()
+
+
+def test_mpp_picks_a_level_or_resamples(small):
+    with open_file(small) as s:
+        c = choose_level(s, mpp=1.02)  # level 1 is 1.0 µm/px: within 5 %
+        assert (c.level, c.factor) == (1, 1.0)
+        c = choose_level(s, mpp=1.5)  # between levels: read level 1, shrink by 1.5
+        assert c.level == 1 and c.factor == pytest.approx(1.5) and c.shape == (341, 341)
+        region = read_scaled(s, c, 100, 100, 50, 60)
+        lvl1 = s.read_region(1, 0, 0, 512, 512).astype(float)
+        # independent check: a pixel is a local average of the finer level around its centre
+        y, x = 120, 130
+        cy, cx = (y + 0.5) * 1.5 - 0.5, (x + 0.5) * 1.5 - 0.5
+        window = lvl1[:, int(cy) - 1 : int(cy) + 3, int(cx) - 1 : int(cx) + 3].mean(axis=(1, 2))
+        assert np.all(np.abs(region[:, y - 100, x - 100] - window) <= 0.25 * window + 20)
+        c = choose_level(s, mpp=2.0)  # the pyramid stops at 1 µm/px: integer shrink = block mean
+        assert (c.level, c.factor, c.shape) == (1, 2.0, (256, 256))
+        want = np.rint(lvl1[:, 40:80, 60:100].reshape(3, 20, 2, 20, 2).mean(axis=(2, 4)))
+        np.testing.assert_array_equal(read_scaled(s, c, 20, 30, 20, 20), want)
+        with pytest.raises(InputError, match="upsampling"):
+            choose_level(s, mpp=0.25)
+
+
+def test_processes_scheduler_gives_the_same_store(small, tmp_path):
+    digests = []
+    for sched in ("threads", "processes"):
+        out = tmp_path / f"{sched}.zarr"
+        res = run_cli("tile", str(small), "--out", str(out), "--patch-size", "128", "--overlap", "32",
+                      "--shard-patches", "8", "--scheduler", sched, "--workers", "2", "--quiet")
+        assert res.returncode == 0, res.stderr
+        digests.append(hashlib.sha256(np.asarray(PatchStore.open(out).images[:]).tobytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_bad_options_exit_2(small, tmp_path):
+    for args, text in ((["--patch-size", "0"], "--patch-size"), (["--overlap", "256"], "--overlap"), (["--min-tissue", "2"], "--min-tissue")):
+        res = run_cli("tile", str(small), "--out", str(tmp_path / "x.zarr"), *args)
+        assert res.returncode == 2 and text in res.stderr, res.stderr
+        assert not (tmp_path / "x.zarr").exists()

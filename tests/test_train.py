@@ -9,14 +9,14 @@ import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from wsi_damm.config import resolve
 from wsi_damm.errors import InputError
-from wsi_damm.train import RunDir, run_training
+from wsi_damm.run_dir import RunDir
+from wsi_damm.train import run_training
 
 from .conftest import run_cli
 
@@ -101,19 +101,3 @@ def test_store_with_other_patch_size_is_refused(small_store, synth_dir, tiny_tom
     assert run_cli("tile", slide, "--out", str(other), "--patch-size", "128", "--overlap", "0", "--mpp", "2.0", "--quiet").returncode == 0
     res = run_cli("train", str(other), "--out", str(run.path), "--config", str(tiny_toml))
     assert res.returncode == 2 and "64-px" in res.stderr and "128-px" in res.stderr
-
-
-def test_validation_split_is_by_slide(small_store):
-    from wsi_damm.store import PatchStore
-    from wsi_damm.training_data import split_by_slide
-
-    store = PatchStore.open(small_store)
-    tr, va = split_by_slide(store, 0.5, (), seed=0)
-    slides = store.coords[:, 0]
-    assert set(slides[tr]).isdisjoint(set(slides[va])) and len(va) > 0
-    ids = [s["slide_id"] for s in store.slides]
-    tr, va = split_by_slide(store, 0.2, (ids[1],), seed=0)
-    assert set(slides[va]) == {1} and set(slides[tr]) == {0}
-    with pytest.raises(InputError, match="not in the store"):
-        split_by_slide(store, 0.2, ("nope",), seed=0)
-    assert np.intersect1d(tr, va).size == 0

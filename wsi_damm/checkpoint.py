@@ -6,7 +6,6 @@ Every file is written to a temporary name and renamed, so a kill never leaves a 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -14,23 +13,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import InputError
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from .files import atomic_write
 
 
 def save_weights(path: Path, module_or_state, metadata: dict | None = None) -> None:
     state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_weights(path: Path, module: torch.nn.Module | None = None, device: str | torch.device = "cpu") -> dict:
@@ -52,7 +42,7 @@ def load_weights(path: Path, module: torch.nn.Module | None = None, device: str 
 
 def save_state(path: Path, state: dict) -> None:
     """Optimiser / RNG / step: tensors and plain containers only, so `weights_only=True` loads it."""
-    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict:
@@ -61,7 +51,3 @@ def load_state(path: Path) -> dict:
     except Exception as exc:  # UnpicklingError for crafted files, EOFError for torn ones
         raise InputError(path, f"refused to load training state: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                          "only tensors and plain values are accepted; restart without --resume") from exc
-
-
-def save_json(path: Path, data: dict) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))

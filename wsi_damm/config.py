@@ -6,7 +6,6 @@ Precedence: preset < `--config file.toml` < command-line flags. The resolved con
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -103,9 +102,6 @@ class RunConfig:
     level: int | None = None
     store_dtype: str = "uint8"
     percentiles: tuple[float, float] = (0.5, 99.8)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":

@@ -4,40 +4,33 @@ The measured channel is normalised by the rule training used (the slide's percen
 tissue, at the map's resolution), read lazily block by block; the map is read from its OME-Zarr.
 WSI-level SSIM/PSNR are streamed (`metrics.whole_slide_metrics`); the paper's patch protocol
 (Tab. 1: non-overlapping patches) runs band by band. Memory is bounded by bands and chunks.
+This module computes and writes numbers (`metrics.json`, `patches.csv`); `report` draws them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import zarr
-from dask.base import tokenize
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .metrics import psnr_from_mse, ssim, whole_slide_metrics
+from .files import write_csv, write_json
+from .metrics import psnr, psnr_from_mse, ssim, whole_slide_metrics
+from .report import write_report
 from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
 from .slides import SlideSpec, open_file
 from .tile import SlidePlan, TileConfig, plan_slide
-from .tiling import nearest, read_scaled, tissue_fractions
+from .tiling import LAZY_BLOCK as BLOCK
+from .tiling import lazy_blocks, nearest, read_scaled, tissue_fractions, unit_range
 
-BLOCK = 1024
 SIZE_TOLERANCE = 0.01
-
-
-def lazy_blocks(fn, shape: tuple[int, int], name: str, dtype=np.float32) -> da.Array:
-    """2-D dask array whose (y, x, h, w) blocks come from `fn`."""
-    h, w = shape
-    ys, xs = list(range(0, h, BLOCK)), list(range(0, w, BLOCK))
-    key = f"{name}-{tokenize(name, shape)}"
-    graph = {(key, i, j): (fn, y, x, min(BLOCK, h - y), min(BLOCK, w - x)) for i, y in enumerate(ys) for j, x in enumerate(xs)}
-    chunks = (tuple(min(BLOCK, h - y) for y in ys), tuple(min(BLOCK, w - x) for x in xs))
-    return da.Array(graph, key, chunks, dtype=dtype)
+PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
 
 
 @dataclass
@@ -52,10 +45,7 @@ class Truth:
         return self.plan.spec.roles.index(role)
 
     def normalised(self, role: str, y: int, x: int, h: int, w: int) -> np.ndarray:
-        k = self.index(role)
-        raw = read_scaled(self.slide, self.plan.choice, y, x, h, w)[k].astype(np.float32)
-        lo, hi = self.plan.lo[k], self.plan.hi[k]
-        return np.clip((raw - lo) / (hi - lo), 0, 1)
+        return self.plan.normalised(self.slide, role, y, x, h, w)
 
     def tissue(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return nearest(self.plan.mask, self.plan.choice.downsample / self.plan.mask_downsample, y, x, h, w)
@@ -69,7 +59,7 @@ class Truth:
 
 def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
     """Plan the truth slide at the map's resolution and check that both cover the same tissue."""
-    cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0)
+    cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0, percentiles=m.percentiles)
     plan = plan_slide(spec, cfg)
     mh, mw = m.level0.shape[1:]
     th, tw = plan.choice.shape
@@ -104,13 +94,12 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", region
             if near[COVERAGE].min() < 1:  # not fully predicted
                 continue
             pred, truth_p = band[sl], meas[sl]
-            row = {"slide": m.slide_id, "y": int(y), "x": x, "ssim": ssim(pred, truth_p),
-                   "psnr": psnr_from_mse(float(np.mean((pred.astype(np.float64) - truth_p) ** 2))),
+            row = {"slide": m.slide_id, "y": int(y), "x": x, "ssim": ssim(pred, truth_p), "psnr": psnr(pred, truth_p),
                    "mae": float(np.abs(pred - truth_p).mean()), "divergence": float(near[DIVERGENCE].mean()),
                    "multimodal_share": float(near[SHARE].mean())}
             if ref is not None:
                 row["oracle_ssim"] = ssim(ref[sl], truth_p)
-                row["oracle_psnr"] = psnr_from_mse(float(np.mean((ref[sl].astype(np.float64) - truth_p) ** 2)))
+                row["oracle_psnr"] = psnr(ref[sl], truth_p)
             if labels is not None:
                 row["region"] = int(np.bincount(labels[sl].ravel().clip(0)).argmax())  # the patch's majority label
             rows.append(row)
@@ -137,8 +126,7 @@ class Companion:
     def normalised(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Normalised with the measured NP channel's mapping (the noiseless field's use)."""
         k = self.truth.index("target")
-        lo, hi = self.truth.plan.lo[k], self.truth.plan.hi[k]
-        return np.clip((self.raw(y, x, h, w).astype(np.float32) - lo) / (hi - lo), 0, 1)
+        return unit_range(self.raw(y, x, h, w).astype(np.float32), self.truth.plan.lo[k], self.truth.plan.hi[k])
 
     def labels(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return np.rint(self.raw(y, x, h, w)).astype(np.int32)
@@ -170,8 +158,18 @@ def region_metrics(pred: da.Array, meas: da.Array, share: da.Array, tissue: da.A
     return out
 
 
+@dataclass
+class SlideEvaluation:
+    """One map scored against its slide: the numbers, the patch rows, and what the report draws from."""
+
+    result: dict
+    rows: list[dict]
+    map: MapImage
+    truth: Truth
+
+
 def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool,
-                   regions_path: Path | None = None, region_names: dict[int, str] | None = None) -> tuple[dict, list[dict], MapImage, Truth]:
+                   regions_path: Path | None = None, region_names: dict[int, str] | None = None) -> SlideEvaluation:
     """`regions_path`: an integer label image registered to the slide (e.g. annotations); metrics per label."""
     if "target" not in spec.roles:
         raise InputError(spec.paths[0], "has no target (NP) channel to evaluate against", "map it with --channels target=<name|index>")
@@ -182,8 +180,9 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
     meas = truth.lazy("target").astype(np.float64)
     mask = truth.lazy_tissue() if use_mask else None
     result = {"slide": m.slide_id, "map": str(map_path), "truth": spec.paths[0], "shape": [h, w], "mpp": m.mpp,
-              "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")]},
-              "uni_modal_only": not m.nuclei}
+              "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")],
+                                                   "percentiles": list(m.percentiles)},
+              "gamma": m.gamma, "uni_modal_only": not m.nuclei}
     result["wsi"] = whole_slide_metrics(pred, meas, mask)
     clean = Companion.open(clean_path, truth) if clean_path is not None else None
     if clean is not None:
@@ -204,7 +203,7 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
         if clean is not None:
             oracle_rows = [{**r, "ssim": r["oracle_ssim"], "psnr": r["oracle_psnr"]} for r in rows]
             result["oracle_regions"] = region_metrics(oracle, meas, share, tissue, labels, region_names or {}, oracle_rows)
-    return result, rows, m, truth
+    return SlideEvaluation(result, rows, m, truth)
 
 
 def pooled(results: list[dict], rows: list[dict]) -> dict:
@@ -257,15 +256,19 @@ def compare(a_path: Path, b_path: Path, data_range: float | None) -> dict:
     return {"a": str(a_path), "b": str(b_path), "shape": list(a.shape), "data_range": data_range, **m}
 
 
-def write_json(path: Path, data: dict) -> None:
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    path.write_text(json.dumps(clean(data), indent=2))
-
+def run_evaluate(pairs: list[tuple[Path, SlideSpec]], out: Path, clean: list[Path | None], use_mask: bool = True,
+                 progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None) -> dict:
+    """Score (map, slide spec) pairs; write `metrics.json` and `patches.csv`, then the figures and
+    `report.html` (`report.write_report`). Returns the metrics."""
+    out = Path(out)
+    evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names)
+                 for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
+    out.mkdir(parents=True, exist_ok=True)  # only once every input has been read: a refused input leaves nothing
+    results = [e.result for e in evaluated]
+    rows = [r for e in evaluated for r in e.rows]
+    metrics = {"slides": results, "pooled": pooled(results, rows),
+               "versions": {p: version(p) for p in ("wsi-damm", "numpy", "scikit-image", "torch", "zarr", "dask")}}
+    write_json(out / "metrics.json", metrics)
+    write_csv(out / "patches.csv", rows, PATCH_FIELDS)
+    write_report(out, metrics, evaluated)
+    return metrics

@@ -1,5 +1,5 @@
-"""What every long-running stage shares: output naming with resume, resource checks before writing,
-and a dask progress bar."""
+"""What every long-running stage shares: worker processes, resource checks before writing, and a
+dask progress bar."""
 
 from __future__ import annotations
 
@@ -16,22 +16,6 @@ import dask
 from tqdm.auto import tqdm
 
 from .errors import InputError
-
-
-def prepare_output(out: Path, partial: Path, resume: bool, overwrite: bool, extra: tuple[Path, ...] = ()) -> None:
-    """Refuse to clobber a finished output, and never silently restart (or reuse) a killed run.
-
-    `partial` (and `extra` work files) are what an interrupted run leaves; `--resume` keeps
-    them, `--overwrite` removes them.
-    """
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists", "pass --overwrite to replace it")
-    leftovers = [p for p in (partial, *extra) if p.exists()]
-    if leftovers and not resume:
-        if not overwrite:
-            raise InputError(leftovers[0], "an interrupted run left this behind", "pass --resume to continue it or --overwrite to restart")
-        for p in leftovers:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:

@@ -14,6 +14,8 @@ import tifffile
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from .files import atomic_write
+
 BLOCK = 2048  # pixels per side of the blocks the pyramid builder reads
 TOP_CHUNK = 1024  # chunk side at full resolution: the bioformats2raw default; zarr costs ~1 ms per chunk written
 
@@ -118,8 +120,6 @@ def write_ome_tiff(
     dtype: np.dtype | None = None,
 ) -> None:
     """Tiled pyramidal OME-TIFF (SubIFDs) from zarr levels; written to a temp name, then renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
     channels = list(range(levels[0].shape[0])) if channels is None else list(channels)
     c, h, w = len(channels), levels[0].shape[1], levels[0].shape[2]
     dtype = np.dtype(dtype or levels[0].dtype)
@@ -134,7 +134,8 @@ def write_ome_tiff(
     )
     if mpp:
         opts["resolutionunit"] = "CENTIMETER"
-    try:
+
+    def write(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             tif.write(
                 _tiles(levels[0], tile, channels, dtype), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
@@ -143,9 +144,8 @@ def write_ome_tiff(
             for i, lev in enumerate(levels[1:], start=1):
                 res = (1e4 / (mpp * 2**i),) * 2 if mpp else None
                 tif.write(_tiles(lev, tile, channels, dtype), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(Path(path), write)
 
 
 def ome_zarr_attrs(name: str, n_levels: int, mpp: float | None, channels: list[dict], factor: int = 1) -> dict:

@@ -9,27 +9,30 @@ prediction does not depend on batch size, order, resume or which rank computed i
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import zarr
 from tqdm.auto import tqdm
 
-from .checkpoint import load_weights
-from .diffusion.damm import divergence, use_multi
+from .config import RunConfig
+from .diffusion.damm import branch_conditions, divergence, select, use_multi
 from .diffusion.noise import draw_keys, keyed_normal, patch_key
 from .diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from .diffusion.schedule import NoiseSchedule
+from .distributed import Ranks, setup_ranks
 from .errors import InputError
-from .jobs import prepare_output
+from .files import partial_path, prepare_output, publish
+from .merge import BLENDS
+from .run_dir import RunDir, build_schedule, load_autoencoders, load_run_config, load_unet
 from .slides import SlideSpec
+from .stitch import run_stitch
 from .store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
 from .tile import TileConfig, run_tile
-from .train import RunDir, build_unet, load_autoencoders, load_run_config, setup_distributed
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
 
@@ -85,10 +88,10 @@ class GatedDenoiser:
             out = eps_uni.float()
         else:
             d = divergence(kappa)
-            multi = use_multi(d, self.gamma) if self.dammp else torch.ones_like(d, dtype=torch.bool)
+            multi = use_multi(d, self.gamma, self.dammp)
             self.divergences.append(d)
             self.choices.append(multi)
-            out = torch.where(multi.view(-1, 1, 1, 1), eps_multi, eps_uni).float()
+            out = select(eps_uni, eps_multi, multi).float()
         return self.v_schedule.eps_from_v(x, t, out) if self.v_schedule is not None else out
 
     def summary(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +110,8 @@ class Predictor:
         self.rc = load_run_config(self.run)
         self.cfg, self.device = cfg, device
         self.aes = load_autoencoders(self.run, self.rc, device)
-        self.model = build_unet(self.rc)
-        load_weights(self.run.unet, self.model, device)
-        self.model = self.model.to(device).eval()
-        s = self.rc.schedule
-        self.schedule = NoiseSchedule.make(s.kind, s.T, s.beta_start, s.beta_end)
+        self.model = load_unet(self.run, self.rc, device)
+        self.schedule = build_schedule(self.rc.schedule)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -120,12 +120,7 @@ class Predictor:
         The K draws of every patch are sampled as one batch of K·B."""
         x = images.to(self.device)
         enc = {r: self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]) for r in ("vessels", "nuclei") if r in roles}
-        if self.rc.model.uni_branch == "nuclei":
-            if "nuclei" not in enc:
-                raise InputError(self.run.path, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel")
-            c_uni, c_multi = enc["nuclei"], enc.get("vessels")
-        else:
-            c_uni, c_multi = enc["vessels"], enc.get("nuclei")
+        c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
         k, b = self.cfg.samples, len(keys)
         if k > 1:
             c_uni = c_uni.repeat(k, 1, 1, 1)
@@ -146,7 +141,7 @@ class Predictor:
                 share.reshape(k, b).mean(0))
 
 
-def _condition_config(rc, cfg: PredictConfig) -> TileConfig:
+def _condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     p = int(rc.patch_size)
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
@@ -165,16 +160,18 @@ def run_predict(
 ) -> PredictionStore:
     cfg.validate()
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    d = setup_distributed(cfg.device)
+    ranks = setup_ranks(cfg.device)
     rc = load_run_config(RunDir(run_dir))
     for spec in specs:
         if "vessels" not in spec.roles:
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
-    predictor = Predictor(Path(run_dir), d.device, cfg)  # weights are checked before anything is written
+        if rc.model.uni_branch == "nuclei" and "nuclei" not in spec.roles:
+            raise InputError(run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel")
+    predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
-    if d.main:
-        prepare_output(out, partial, resume, overwrite, (cond_path, cond_path.with_name(cond_path.name + ".partial")))
+    partial = partial_path(out)
+    if ranks.main:
+        prepare_output(out, resume, overwrite, (cond_path, partial_path(cond_path)))
         if not cond_path.exists():
             run_tile(specs, cond_path, _condition_config(rc, cfg), resume=True, progress=progress)
         if not (partial / "zarr.json").exists():
@@ -182,31 +179,26 @@ def run_predict(
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
                      "nuclei": "nuclei" in conditions.roles, "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
             create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
-    if d.world > 1:
-        dist.barrier()
+    ranks.barrier()
     conditions = PatchStore.open(cond_path)
     root = zarr.open_group(str(partial), mode="r+")
-    _sample_shards(root, conditions, predictor, cfg, d, progress)
-    if d.world > 1:
-        dist.barrier()
-    if d.main:
+    _sample_shards(root, conditions, predictor, cfg, ranks, progress)
+    ranks.barrier()
+    if ranks.main:
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not predicted")
         root.attrs["complete"] = True
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+        publish(partial, out)
         shutil.rmtree(cond_path)
-    if d.world > 1:
-        dist.barrier()
+    ranks.barrier()
     return PredictionStore.open(out)
 
 
-def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, d, progress: bool) -> None:
+def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, progress: bool) -> None:
     s = int(root.attrs["shard_patches"])
     n = root["pred"].shape[0]
     done = np.asarray(root["shard_done"][:])
-    mine = [i for i in range(len(done)) if i % d.world == d.rank]
+    mine = [i for i in range(len(done)) if i % ranks.world == ranks.rank]
     todo = [i for i in mine if not done[i]]
     coords = conditions.coords
     ids = [sl["slide_id"] for sl in conditions.slides]
@@ -214,7 +206,7 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
     roles = conditions.roles
     group = max(1, cfg.batch_size // s)  # shards sampled together, so batches can exceed a shard
     bar = tqdm(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
-               desc="predicting", unit="patch", disable=None if (progress and d.main) else True)
+               desc="predicting", unit="patch", disable=None if (progress and ranks.main) else True)
     for g in range(0, len(todo), group):
         shards = todo[g : g + group]
         spans = [(i * s, min((i + 1) * s, n)) for i in shards]
@@ -238,3 +230,28 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
             pos += b - a
     bar.close()
 
+
+def default_map_path(pred_store: Path) -> Path:
+    """`PRED.zarr` → `PRED.ome.zarr`."""
+    pred_store = Path(pred_store)
+    return pred_store.with_name(pred_store.name.removesuffix(".zarr") + ".ome.zarr")
+
+
+@dataclass(frozen=True)
+class Predicted:
+    store: PredictionStore
+    maps: list[Path]  # one per slide; empty when not stitched (or on ranks other than 0)
+
+
+def predict_maps(run_dir: Path, specs: list[SlideSpec], out: Path, cfg: PredictConfig, stitch: bool = True,
+                 map_path: Path | None = None, blend: str = "gaussian", tiff: Path | None = None, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True) -> Predicted:
+    """Predict every tissue patch into `out`, then (rank 0) stitch the whole-slide maps: `map_path`,
+    by default `out` with `.ome.zarr`."""
+    if blend not in BLENDS:
+        raise InputError("--blend", f"unknown window {blend!r}; use {', '.join(BLENDS)}")
+    store = run_predict(run_dir, specs, out, cfg, resume, overwrite, progress)
+    if not stitch or int(os.environ.get("RANK", "0")) != 0:
+        return Predicted(store, [])
+    maps = run_stitch(out, map_path or default_map_path(out), blend, tiff, progress=progress, resume=resume)
+    return Predicted(store, maps)

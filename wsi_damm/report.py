@@ -1,19 +1,22 @@
-"""Figures and the self-contained HTML report of `wsi-damm evaluate`."""
+"""Figures and the self-contained HTML report of `wsi-damm evaluate`, drawn from what evaluation
+hands over (its metrics, patch rows, and each slide's map and measured slide); computes no score."""
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from skimage.transform import resize
 
-from .evaluate import Truth
 from .slide_map import COVERAGE, DIVERGENCE, MapImage
-from .tiling import low_resolution
+from .tiling import low_resolution, unit_range
+
+if TYPE_CHECKING:
+    from .evaluate import SlideEvaluation, Truth
 
 import matplotlib
 
@@ -55,7 +58,7 @@ def _panel(fig, ax, img, title, cmap, vmin, vmax, um_per_px, cbar_label):
     cb.ax.tick_params(labelsize=7)
 
 
-def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
+def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     """CD31, DAPI, measured NP, predicted NP, |error| and divergence on one field of view."""
     level = next((lv for lv in m.levels if max(lv.shape[1:]) <= THUMB * 1.5), m.levels[-1])
     h, w = truth.shape
@@ -66,10 +69,9 @@ def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
     low, _ = low_resolution(truth.slide, max(th, tw))
     plan = truth.plan
     chans = {}
-    for role in plan.spec.roles:
-        k = plan.spec.roles.index(role)
+    for k, role in enumerate(plan.spec.roles):
         raw = resize(low[k], (th, tw), order=1, anti_aliasing=True, preserve_range=True)
-        chans[role] = np.clip((raw - plan.lo[k]) / (plan.hi[k] - plan.lo[k]), 0, 1)
+        chans[role] = unit_range(raw, plan.lo[k], plan.hi[k])
     um = m.mpp / fy if m.mpp else None
     covered = pm[COVERAGE] > 0.5
     err = np.where(covered, np.abs(pred - chans["target"]), np.nan)
@@ -90,7 +92,7 @@ def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
     plt.close(fig)
 
 
-def zoom(path: Path, m: MapImage, truth: Truth, rows: list[dict]) -> None:
+def zoom(path: Path, m: MapImage, truth: "Truth", rows: list[dict]) -> None:
     """Full-resolution crops of the best, median and worst patches by SSIM."""
     if not rows:
         return
@@ -138,29 +140,22 @@ def histograms(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def divergence_scatter(path: Path, rows: list[dict], gamma: float = 0.5) -> None:
+def divergence_scatter(path: Path, rows: list[dict], gamma: float | None) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 5))
     usable = [r for r in rows if math.isfinite(r["divergence"])]
     if usable:
         sc = ax.scatter([r["divergence"] for r in usable], [r["mae"] for r in usable], c=[r["multimodal_share"] for r in usable],
                         cmap="viridis", vmin=0, vmax=1, s=12, alpha=0.8)
         fig.colorbar(sc, ax=ax, label="share of steps on the multi-modal branch")
-        ax.axvline(gamma, color="r", ls=":", label=f"γ = {gamma}: uni-modal at or above")
-        ax.legend(fontsize=8)
+        if gamma is not None:
+            ax.axvline(gamma, color="r", ls=":", label=f"γ = {gamma:g}: uni-modal at or above")
+            ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no divergence: uni-modal prediction (no nuclei)", ha="center", transform=ax.transAxes)
     ax.set(xlabel="mean divergence d of the patch", ylabel="mean |predicted − measured|", title="Where the gate doubted fusion, and the error")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_patches_csv(path: Path, rows: list[dict]) -> None:
-    fields = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _fmt(v) -> str:
@@ -175,9 +170,11 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}"
              ".note{color:#666;font-size:90%}</style></head><body><h1>NP distribution prediction — evaluation</h1>"]
+    percentiles = sorted({tuple(r["normalisation"]["percentiles"]) for r in metrics["slides"]})
+    rule = " or ".join(f"{lo:g} / {hi:g}" for lo, hi in percentiles)
     parts.append("<p class='note'>SSIM: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, 5-px border excluded — "
                  "the definition of scikit-image. PSNR = 10·log10(1 / MSE) on maps normalised to [0, 1] by the slide's "
-                 "0.5 / 99.8 percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>")
+                 f"{html.escape(rule)} percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>")
     for r in metrics["slides"]:
         wsi = r["wsi"]
         parts.append(f"<h2>{html.escape(r['slide'])}</h2>")
@@ -216,31 +213,20 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def run_evaluate(pairs: list[tuple[Path, object]], out: Path, clean: list[Path | None], use_mask: bool = True,
-                 progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None) -> dict:
-    """Evaluate (map, slide spec) pairs; write metrics.json, patches.csv, figures and report.html."""
-    from importlib.metadata import version
-
-    from .evaluate import evaluate_slide, pooled, write_json
-
+def write_report(out: Path, metrics: dict, evaluated: list["SlideEvaluation"]) -> list[Path]:
+    """overview and zoom figures per slide, patch histograms, divergence scatter and `report.html`
+    (every figure embedded) in `out`; returns the figures."""
     out = Path(out)
-    evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names)
-                 for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
-    out.mkdir(parents=True, exist_ok=True)  # only once every input has been read: a refused input leaves nothing
-    results, all_rows, figures = [], [], []
-    for result, rows, m, truth in evaluated:
-        results.append(result)
-        all_rows += rows
-        suffix = "" if len(pairs) == 1 else f"_{m.slide_id}"
-        for name, fn in ((f"overview{suffix}.png", lambda p: overview(p, m, truth, result)), (f"zoom{suffix}.png", lambda p: zoom(p, m, truth, rows))):
-            fn(out / name)
-            figures.append(out / name)
-    histograms(out / "metrics_hist.png", all_rows)
-    divergence_scatter(out / "divergence_vs_error.png", all_rows)
+    figures = []
+    for e in evaluated:
+        suffix = "" if len(evaluated) == 1 else f"_{e.map.slide_id}"
+        overview(out / f"overview{suffix}.png", e.map, e.truth, e.result)
+        zoom(out / f"zoom{suffix}.png", e.map, e.truth, e.rows)
+        figures += [out / f"overview{suffix}.png", out / f"zoom{suffix}.png"]
+    rows = [r for e in evaluated for r in e.rows]
+    histograms(out / "metrics_hist.png", rows)
+    gammas = {e.result.get("gamma") for e in evaluated} - {None}
+    divergence_scatter(out / "divergence_vs_error.png", rows, gammas.pop() if len(gammas) == 1 else None)
     figures += [out / "metrics_hist.png", out / "divergence_vs_error.png"]
-    metrics = {"slides": results, "pooled": pooled(results, all_rows),
-               "versions": {p: version(p) for p in ("wsi-damm", "numpy", "scikit-image", "torch", "zarr", "dask")}}
-    write_json(out / "metrics.json", metrics)
-    write_patches_csv(out / "patches.csv", all_rows)
     html_report(out / "report.html", metrics, figures)
-    return metrics
+    return figures

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .train import RunDir, _read_csv, build_autoencoder, build_unet, load_run_config
+from .run_dir import RunDir, build_autoencoder, build_unet, load_run_config, read_metrics
 
 AUTHORS_UNET_PARAMS = 112_800_000  # measured from the authors' code (paper preset)
 
@@ -15,7 +15,7 @@ def run_summary(path: Path) -> dict:
     cfg = load_run_config(run)
     counts = build_unet(cfg).parameter_counts()
     ae_params = sum(p.numel() for p in build_autoencoder(cfg).parameters())
-    rows = _read_csv(run.metrics)
+    rows = read_metrics(run.metrics)
     state = json.loads(run.state.read_text()) if run.state.exists() else {}
     last_val = next((r for r in reversed(rows) if r.get("val_loss") not in ("", None)), {})
     summary = {

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from .errors import InputError
-from .ome import build_pyramid, create_level, ome_zarr_attrs, pyramid_shapes
+from .ome import build_pyramid, create_level, halve, ome_zarr_attrs, pyramid_shapes
 from .tiling import nearest
 
 MAP_DTYPE = np.float16  # values live in [0, 1] where float16 is exact to 2.4e-4: half the bytes to write and read
@@ -38,6 +38,7 @@ PATCH_MAP_CHANNELS = [
     {"label": "coverage", "color": "FFFFFF", "min": 0.0, "max": 1.0},
 ]
 DIVERGENCE, SHARE, COVERAGE = range(3)
+DEFAULT_PERCENTILES = (0.5, 99.8)  # what maps written before the rule was recorded used
 
 
 def block_shape(height: int, width: int) -> tuple[int, int]:
@@ -51,6 +52,19 @@ def create_map(root: zarr.Group, height: int, width: int, n_values: int, n_level
     patch0 = create_level(root.require_group(PATCH_MAPS), "0", (len(PATCH_MAP_CHANNELS),) + block_shape(height, width),
                           MAP_DTYPE, BLOCK_LEVEL, DIMS)
     return levels, patch0
+
+
+def write_map_region(levels: list[zarr.Array], patch0: zarr.Array, y0: int, x0: int, values: np.ndarray, patch_maps: np.ndarray) -> None:
+    """Write a region's float32 values (C, h, w) at (y0, x0) into `levels` (0, 1, … halving, each from
+    the one before, so the pyramid never re-reads full resolution) and its patch maps into `patch0`.
+    The region must cover whole chunks of every level it writes (`y0`, `x0` on block edges)."""
+    for level, array in enumerate(levels):
+        if level:
+            values = halve(values)
+        y, x = y0 >> level, x0 >> level
+        array[:, y : y + values.shape[1], x : x + values.shape[2]] = values.astype(MAP_DTYPE)
+    by, bx = y0 // BLOCK, x0 // BLOCK
+    patch0[:, by : by + patch_maps.shape[1], bx : bx + patch_maps.shape[2]] = patch_maps.astype(MAP_DTYPE)
 
 
 def finish_map(root: zarr.Group, name: str, mpp: float | None, existing: int, info: dict) -> list[zarr.Array]:
@@ -74,6 +88,8 @@ class MapImage:
     slide_id: str
     patch_size: int
     nuclei: bool
+    percentiles: tuple[float, float]  # the normalisation rule of the run that made the map
+    gamma: float | None  # the DAMMP threshold of that run (None: no gate, e.g. the baseline)
 
     @property
     def level0(self) -> zarr.Array:
@@ -113,4 +129,5 @@ def open_map(path: str | Path) -> MapImage:
     mpp = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][1]) if unit == "micrometer" else None
     return MapImage(path, [root[d["path"]] for d in ms["datasets"]], [root[PATCH_MAPS][d["path"]] for d in pm["datasets"]],
                     int(info["patch_maps"]["block"]), mpp, info.get("slide", ms.get("name", path.stem)),
-                    int(info.get("patch_size", 256)), bool(info.get("nuclei", True)))
+                    int(info.get("patch_size", 256)), bool(info.get("nuclei", True)),
+                    tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"))

@@ -1,4 +1,4 @@
-"""The patch store (zarr v3) of DESIGN.md §3, and a torch Dataset over it.
+"""The patch store and the prediction store (zarr v3): what `tile` and `predict` write.
 
 Layout: `images` (N, C, P, P) one chunk per patch, S patches per shard; `coords` (N, 3)
 [slide, y, x]; `tissue` (N,); `shard_done` (n_shards,) — one flag per shard, set after the shard's
@@ -109,10 +109,6 @@ class PatchStore:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def shard_bounds(self, shard: int) -> tuple[int, int]:
-        s = int(self.attrs["shard_patches"])
-        return shard * s, min((shard + 1) * s, len(self))
-
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
@@ -145,31 +141,6 @@ def to_model_range(raw: np.ndarray):
     return torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / top).sub_(1.0)
 
 
-class PatchDataset:
-    """torch Dataset: item i → {role: float tensor (1, P, P) in [-1, 1], 'index': i}.
-
-    `in_memory=True` decodes the whole store once (use when it fits); otherwise each item
-    decodes one chunk, which is one patch.
-    """
-
-    def __init__(self, store: PatchStore | str | Path, indices: np.ndarray | None = None, in_memory: bool = False):
-        self.store = store if isinstance(store, PatchStore) else PatchStore.open(store)
-        self.roles = self.store.roles
-        self.indices = np.arange(len(self.store)) if indices is None else np.asarray(indices)
-        self._cache = np.asarray(self.store.images[:])[self.indices] if in_memory else None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        raw = self._cache[i] if self._cache is not None else np.asarray(self.store.images[int(self.indices[i])])
-        x = to_model_range(raw)
-        item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
-        item["index"] = int(self.indices[i])
-        return item
-
-
-
 def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dict, with_sd: bool = False) -> zarr.Group:
     """Same patches and shards as the conditions store; per-patch NP map (and, for several draws per
     patch, `pred_sd`: their standard deviation), divergence and gate share."""
@@ -186,7 +157,7 @@ def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dic
     root.attrs.update({
         "format": PRED_FORMAT, "format_version": FORMAT_VERSION, "shard_patches": s, "complete": False,
         "patch_size": p, "stride": conditions.attrs["stride"], "overlap": conditions.attrs["overlap"],
-        "mpp": conditions.attrs["mpp"], "slides": conditions.slides, **attrs,
+        "mpp": conditions.attrs["mpp"], "percentiles": conditions.attrs.get("percentiles"), "slides": conditions.slides, **attrs,
     })
     return root
 

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import InputError
-from .jobs import TaskProgress, check_resources, prepare_output
+from .files import prepare_output, publish
+from .jobs import TaskProgress, check_resources
 from .slides import SlideSpec
 from .store import PatchStore, create_patch_store
 from .tiling import (
@@ -36,6 +37,7 @@ from .tiling import (
     read_scaled,
     tissue_fractions,
     tissue_mask,
+    unit_range,
 )
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class SlidePlan:
     tissue_pixels: float = field(default=0.0)
     mask: np.ndarray | None = field(default=None, repr=False)  # low-resolution tissue mask
     mask_downsample: float = 1.0  # of the mask relative to level 0
+
+    def normalised(self, slide, role: str, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """One channel of the region (y, x, h, w) of the tiled grid in [0, 1] (float32), by the slide's range."""
+        k = self.spec.roles.index(role)
+        return unit_range(read_scaled(slide, self.choice, y, x, h, w)[k].astype(np.float32), self.lo[k], self.hi[k])
 
     def table_entry(self) -> dict:
         return {
@@ -168,8 +175,7 @@ def run_tile(
 ) -> PatchStore:
     cfg.validate()
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    prepare_output(out, partial, resume, overwrite)
+    partial = prepare_output(out, resume, overwrite)
     fingerprint = _config_fingerprint(cfg, specs)
     created = False
     try:
@@ -203,9 +209,7 @@ def run_tile(
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not written")
         root.attrs["complete"] = True
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
+        publish(partial, out)
     except InputError:
         if created or not resume:
             shutil.rmtree(partial, ignore_errors=True)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 from scipy import ndimage
 from skimage import filters, morphology
 
@@ -14,6 +16,7 @@ from .errors import InputError
 from .slides.base import Slide
 
 MPP_TOLERANCE = 0.05
+LAZY_BLOCK = 1024  # block side of the lazy whole-slide arrays read region by region
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,26 @@ def normalise(block: np.ndarray, lo: list[float], hi: list[float], dtype: np.dty
 
 
 def _scale(values: np.ndarray, lo, hi, top: int) -> np.ndarray:
+    return np.rint(unit_range(values, lo, hi, top))
+
+
+def unit_range(values: np.ndarray, lo, hi, top: float = 1.0) -> np.ndarray:
+    """The one normalisation rule of every stage: clip((x − lo) / (hi − lo), 0, 1) · `top`, in the
+    float dtype of `values` (the store keeps it as integers of `top` levels, models see [−1, 1],
+    evaluation and figures [0, 1])."""
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float32)
     out = (values - lo) * (values.dtype.type(top) / (hi - lo))
     np.clip(out, 0, top, out=out)
-    return np.rint(out)
+    return out
+
+
+def lazy_blocks(fn: Callable[[int, int, int, int], np.ndarray], shape: tuple[int, int], name: str, dtype=np.float32) -> da.Array:
+    """2-D dask array of `shape` whose LAZY_BLOCK² blocks at (y, x) of size (h, w) are `fn(y, x, h, w)`:
+    a whole slide (or anything computed from it region by region) that is never loaded whole."""
+    h, w = shape
+    ys, xs = list(range(0, h, LAZY_BLOCK)), list(range(0, w, LAZY_BLOCK))
+    key = f"{name}-{tokenize(name, shape)}"
+    graph = {(key, i, j): (fn, y, x, min(LAZY_BLOCK, h - y), min(LAZY_BLOCK, w - x)) for i, y in enumerate(ys) for j, x in enumerate(xs)}
+    chunks = (tuple(min(LAZY_BLOCK, h - y) for y in ys), tuple(min(LAZY_BLOCK, w - x) for x in xs))
+    return da.Array(graph, key, chunks, dtype=dtype)

@@ -1,9 +1,11 @@
-"""What training reads from a patch store: the slide-level split and deterministic batches."""
+"""What training reads from a patch store: the slide-level split, deterministic batches, and a torch
+`Dataset` for users who bring their own training loop."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,3 +72,28 @@ def batch_rows(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
     if n < global_batch:  # tiny stores: repeat the permutation to fill a batch
         perm = np.resize(perm, global_batch)
     return perm[pos * global_batch : (pos + 1) * global_batch]
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """A patch store as a torch Dataset: item i → {role: float tensor (1, P, P) in [-1, 1], "index": i}.
+
+    For your own training loop (`torch.utils.data.DataLoader(PatchDataset("STORE.zarr"), …)`).
+    `in_memory=True` decodes the whole store once (use when it fits); otherwise each item
+    decodes one chunk, which is one patch.
+    """
+
+    def __init__(self, store: PatchStore | str | Path, indices: np.ndarray | None = None, in_memory: bool = False):
+        self.store = store if isinstance(store, PatchStore) else PatchStore.open(store)
+        self.roles = self.store.roles
+        self.indices = np.arange(len(self.store)) if indices is None else np.asarray(indices)
+        self._cache = np.asarray(self.store.images[:])[self.indices] if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        raw = self._cache[i] if self._cache is not None else np.asarray(self.store.images[int(self.indices[i])])
+        x = to_model_range(raw)
+        item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
+        item["index"] = int(self.indices[i])
+        return item

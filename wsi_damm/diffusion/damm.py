@@ -29,14 +29,28 @@ def divergence(kappa: torch.Tensor) -> torch.Tensor:
     return 1.0 - kappa.float().mean(dim=tuple(range(1, kappa.ndim)))
 
 
-def use_multi(d: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(B,) bool: the gate picks the multi-modal branch where d < γ."""
-    return d < gamma
+def use_multi(d: torch.Tensor, gamma: float, dammp: bool = True) -> torch.Tensor:
+    """(B,) bool, the gate's decision: the multi-modal branch where d < γ (always, without DAMMP)."""
+    return d < gamma if dammp else torch.ones_like(d, dtype=torch.bool)
 
 
-def gate(eps_uni: torch.Tensor, eps_multi: torch.Tensor, d: torch.Tensor, gamma: float) -> torch.Tensor:
-    mask = use_multi(d, gamma).view((-1,) + (1,) * (eps_uni.ndim - 1))
-    return torch.where(mask, eps_multi, eps_uni)
+def select(eps_uni: torch.Tensor, eps_multi: torch.Tensor, multi: torch.Tensor) -> torch.Tensor:
+    """Per sample, the multi-modal output where `multi`, else the uni-modal one."""
+    return torch.where(multi.view((-1,) + (1,) * (eps_uni.ndim - 1)), eps_multi, eps_uni)
+
+
+def gate(eps_uni: torch.Tensor, eps_multi: torch.Tensor, d: torch.Tensor, gamma: float, dammp: bool = True) -> torch.Tensor:
+    return select(eps_uni, eps_multi, use_multi(d, gamma, dammp))
+
+
+def branch_conditions(vessels: torch.Tensor, nuclei: torch.Tensor | None, uni_branch: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uni-modal condition, multi-modal partner): vessels alone by default; nuclei alone for the
+    paper's Tab. 4 ablation (`uni_branch="nuclei"`). `nuclei` is None for slides without DAPI."""
+    if uni_branch == "nuclei":
+        if nuclei is None:
+            raise ValueError("the uni-modal branch reads nuclei, but there is no nuclei channel")
+        return nuclei, vessels
+    return vessels, nuclei
 
 
 def per_sample_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Counter-based Gaussian noise keyed per patch: noise(key, step) is the same whatever the batch.
 
-A patch's sampling noise must not depend on batch size, order or worker (DESIGN.md §3), and
+A patch's sampling noise must not depend on batch size, order or worker, and
 drawing it must not loop over samples. splitmix64 over (key, step, element index) gives
 independent uniforms, Box–Muller turns them into normals; all in vectorised int64 torch ops.
 """

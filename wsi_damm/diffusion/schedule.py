@@ -34,6 +34,12 @@ class NoiseSchedule:
             raise ValueError(f"unknown schedule {kind!r}; use scaled_linear, linear or cosine")
         return cls(torch.cumprod(1 - betas, dim=0))
 
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """λ_t = log α_t − log σ_t = ½ log(ᾱ_t / (1 − ᾱ_t)), decreasing in t: the samplers' time axis."""
+        a = self.alphas_cumprod
+        return 0.5 * (torch.log(a) - torch.log1p(-a))
+
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(√ᾱ_t, √(1−ᾱ_t)) shaped to broadcast over `like` (B, …)."""
         a = self.alphas_cumprod[t.cpu()].to(device=like.device, dtype=like.dtype)
@@ -47,8 +53,7 @@ class NoiseSchedule:
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ at integer or fractional t (log-SNR linear between steps, as the samplers assume)."""
-        a = self.alphas_cumprod
-        lam = 0.5 * (torch.log(a) - torch.log1p(-a))
+        lam = self.lambdas
         t = t.detach().double().cpu().clamp(0, self.T - 1)
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.T - 1)

@@ -1,4 +1,4 @@
-"""The two-branch DAMM U-Net (DESIGN.md §4): uni-modal branch on concat(z_t, c_uni), multi-modal
+"""The two-branch DAMM U-Net: uni-modal branch on concat(z_t, c_uni), multi-modal
 branch on concat(z_t, c_multi) with MMFM at every encoder stage and UAFM at the bottleneck.
 
 Both branches share one time embedding (the authors' code builds a second, unused one in the uni

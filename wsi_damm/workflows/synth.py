@@ -1,4 +1,4 @@
-"""Synthetic tumour sections with known ground truth (DESIGN.md §6).
+"""Synthetic tumour sections with known ground truth: the simulator behind `wsi-damm synth`.
 
 Physics, kept simple but causal: a branching vessel network with varying calibre and leakiness
 (CD31 on the endothelium, dimmer where the vessel leaks); nuclei whose density varies by region (DAPI); nanoparticles (NP) that
@@ -15,7 +15,6 @@ and the result does not depend on the tile size used.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -28,7 +27,8 @@ import zarr
 from scipy import ndimage, signal, special
 from tqdm.auto import tqdm
 
-from .ome import build_pyramid, fast_codec, write_ome_tiff
+from ..files import write_json
+from ..ome import build_pyramid, fast_codec, write_ome_tiff
 
 CHANNELS = ("CD31", "DAPI", "NP")
 DIVERGENCE_LABELS = {0: "informative", 1: "divergent"}  # values of truth/*.divergence.ome.tif
@@ -332,5 +332,5 @@ def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 
     results = []
     for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=None if (progress and n_slides > 1) else True):
         results.append(write_slide(out_dir, f"{prefix}_{i:03d}", i, cfg, workers, progress))
-    (out_dir / "truth" / "synth_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    write_json(out_dir / "truth" / "synth_config.json", asdict(cfg))
     return results

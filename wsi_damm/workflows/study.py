@@ -20,15 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import save_json
-from .config import RunConfig, merge, resolve
-from .demo import SyntheticData, synthetic_data
-from .evaluate import evaluate_slide, write_json
-from .predict import PredictConfig, run_predict
-from .stitch import run_stitch
+from ..config import RunConfig, merge, resolve
+from ..evaluate import evaluate_slide
+from ..files import write_json
+from ..metrics import psnr_from_mse
+from ..predict import PredictConfig, run_predict
+from ..run_dir import ROLES_NEEDED, RunDir
+from ..stitch import run_stitch
+from ..tile import TileConfig
+from ..train import run_training
+from . import baseline
+from .dataset import SyntheticData, synthetic_data
 from .synth import DIVERGENCE_LABELS
-from .tile import TileConfig
-from .train import RunDir, run_training
 
 REGIONS = DIVERGENCE_LABELS
 
@@ -80,7 +83,7 @@ def _variant_config(base: RunConfig, plan: StudyPlan, v: Variant, seed: int) -> 
 def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progress: bool, log) -> dict[tuple[str, int], Path]:
     base = merge(resolve(preset), {"autoencoder": {"steps": plan.ae_steps}, "train": {"val_fraction": 0.0}}, "study")
     shared = RunDir(out / "runs" / "autoencoders")
-    if not all(shared.autoencoder(r).exists() for r in ("vessels", "nuclei", "target")):
+    if not all(shared.autoencoder(r).exists() for r in ROLES_NEEDED):
         log(f"autoencoders ({plan.ae_steps} steps), shared by every model → {shared.path}")
         run_training(data.store, shared.path, base, stage="autoencoder", progress=progress)
     trained = RunConfig.from_dict(json.loads(shared.config.read_text()))  # patch size, roles, … filled in from the store
@@ -93,11 +96,11 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
                 continue
             log(f"training {v.label}, seed {seed} ({plan.steps} steps) → {run.path}")
             run.path.mkdir(parents=True, exist_ok=True)
-            for role in ("vessels", "nuclei", "target"):
+            for role in ROLES_NEEDED:
                 shutil.copyfile(shared.autoencoder(role), run.autoencoder(role))
             cfg = _variant_config(trained, plan, v, seed)
             if not run.config.exists():  # resume=True below continues the run this file describes
-                save_json(run.config, asdict(cfg))
+                write_json(run.config, asdict(cfg))
             run_training(data.store, run.path, cfg, resume=True, progress=progress)
     return runs
 
@@ -121,14 +124,12 @@ def _predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictCo
 
 
 def _score(map_path: Path, held, progress: bool) -> dict:
-    r, rows, _, _ = evaluate_slide(map_path, held.spec, held.clean, True, progress, held.divergence, REGIONS)
-    r["patch_rows"] = [{k: row[k] for k in ("ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in rows]
-    return r
+    e = evaluate_slide(map_path, held.spec, held.clean, True, progress, held.divergence, REGIONS)
+    e.result["patch_rows"] = [{k: row[k] for k in ("ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows]
+    return e.result
 
 
 def _baseline(data: SyntheticData, out: Path, tile_cfg: TileConfig, progress: bool) -> dict:
-    from . import baseline
-
     result_path = out / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
@@ -160,7 +161,7 @@ def _region_numbers(result: dict, key: str = "regions", oracle: bool = False) ->
         mse = sum(p[0] * p[2] for p in parts) / n
         rows = [r for s in result["slides"] for r in s["patch_rows"] if region == "tissue" or REGIONS.get(r.get("region")) == region]
         ps = [100 * r["oracle_ssim" if oracle else "ssim"] for r in rows]
-        out[region] = {"ssim": sum(p[0] * p[1] for p in parts) / n, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
+        out[region] = {"ssim": sum(p[0] * p[1] for p in parts) / n, "psnr": psnr_from_mse(mse),
                        "share": sum(p[0] * p[3] for p in parts) / n, "patch_ssim": ps,
                        "patch_psnr": [r["oracle_psnr" if oracle else "psnr"] for r in rows]}
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,16 +34,6 @@ def cli() -> None:
     """Predict whole-slide nanoparticle maps from CD31 + DAPI with DAMM-Diffusion."""
 
 
-def _planes(values: tuple[str, ...]) -> dict[str, int]:
-    planes = {}
-    for v in values:
-        axis, _, idx = v.partition("=")
-        if not axis or not idx.lstrip("-").isdigit():
-            raise InputError("--plane", f"{v!r} is not AXIS=INDEX", "e.g. --plane Z=0")
-        planes[axis.strip().upper()] = int(idx)
-    return planes
-
-
 def registration_options(fn):
     """--register / --size-tolerance: shared by every command that reads slides."""
     fn = click.option("--size-tolerance", default=0.0, type=click.FloatRange(0, 0.5),
@@ -64,9 +53,10 @@ def registration_options(fn):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergence: float, workers: int, quiet: bool) -> None:
     """Write synthetic tumour slides (pyramidal OME-TIFF: CD31, DAPI, NP) with ground truth."""
-    from wsi_damm.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.synth import SynthConfig, write_slides
 
-    results = write_slides(out_dir, slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence), workers, not quiet)
+    results = write_slides(out_dir, slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence), workers=workers,
+                           progress=not quiet)
     for r in results:
         click.echo(f"{r['slide']}  (truth: {r['clean'].name}, {r['divergence'].name}; preview: {r['preview'].name})")
 
@@ -98,8 +88,9 @@ def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_t
     from wsi_damm.tile import TileConfig, run_tile
 
     specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc)
-    cfg = TileConfig(patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches)
-    store = run_tile(specs, out, cfg, scheduler, workers, resume, overwrite, not quiet)
+    cfg = TileConfig(patch_size=patch_size, overlap=overlap, level=level, mpp=mpp, min_tissue=min_tissue, store_dtype=store_dtype,
+                     shard_patches=shard_patches)
+    store = run_tile(specs, out, cfg, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite, progress=not quiet)
     s = store.summary()
     click.echo(f"{out}: {s['patches']} patches of {s['patch_size']} px ({', '.join(s['roles'])}) from {len(s['patches_per_slide'])} slide(s), {s['disk_mb']} MB")
 
@@ -151,32 +142,18 @@ def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch
         damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction},
     )
     cfg = resolve(preset, config_file, flags)
-    run = run_training(store, out, cfg, stage, resume, not quiet)
+    run = run_training(store, out, cfg, stage=stage, resume=resume, progress=not quiet)
     click.echo(f"{run.path}: trained ({stage}); weights {run.unet.name if run.unet.exists() else 'autoencoders only'}, metrics {run.metrics.name}, plot loss.png")
 
 
-def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0,
-                 qc=None):
-    from dataclasses import replace
+def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0, qc=None):
+    from wsi_damm.inputs import parse_planes, resolve_slides
 
-    from wsi_damm.registration import register_specs
-    from wsi_damm.slides import parse_channel_map, specs_from_manifest, specs_from_paths
-
-    if bool(slides) == bool(manifest):
-        raise InputError(None, "give slide files or --manifest (exactly one of them)")
-    max_bytes = int(max_slide_gb * 2**30)
-    planes = _planes(plane)
-    if manifest:
-        if channels:
-            raise InputError("--channels", "cannot be combined with --manifest (the manifest names the channels)")
-        specs = specs_from_manifest(manifest, required=required, planes=planes, max_bytes=max_bytes)
-    else:
-        specs = specs_from_paths(list(slides), parse_channel_map(channels), required=required, planes=planes, max_bytes=max_bytes)
-    specs = [replace(s, size_tolerance=size_tolerance) for s in specs]
-    return register_specs(specs, register, qc, log=lambda msg: click.echo(f"registration: {msg}", err=True))
+    return resolve_slides(slides, manifest, channels, parse_planes(plane), max_slide_gb, required, register, size_tolerance, qc,
+                          log=lambda msg: click.echo(f"registration: {msg}", err=True))
 
 
-BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
+BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merge.BLENDS: not imported, so --help stays fast
 
 
 @cli.command(short_help="Predict whole-slide NP maps with a trained run.")
@@ -210,19 +187,18 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])
 def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, shard_patches,
             device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
-    from wsi_damm.predict import PredictConfig, run_predict
-    from wsi_damm.stitch import run_stitch
+    from wsi_damm.predict import PredictConfig, predict_maps
 
     specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance)
     if no_nuclei:
         specs = [s.without("nuclei") for s in specs]
-    cfg = PredictConfig(sampler, steps, eta, "logsnr", batch_size, seed, overlap, min_tissue, amp, device, shard_patches, samples)
-    store = run_predict(run_dir, specs, out, cfg, resume, overwrite, not quiet)
-    click.echo(f"{out}: {len(store)} patches predicted ({sampler}, {cfg.n_steps} steps)")
-    if do_stitch and int(os.environ.get("RANK", "0")) == 0:
-        target = map_path or out.with_name(out.name.removesuffix(".zarr") + ".ome.zarr")
-        for path in run_stitch(out, target, blend, tiff, progress=not quiet, resume=resume):
-            click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
+    cfg = PredictConfig(sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap, min_tissue=min_tissue,
+                        amp=amp, device=device, shard_patches=shard_patches, samples=samples)
+    done = predict_maps(run_dir, specs, out, cfg, stitch=do_stitch, map_path=map_path, blend=blend, tiff=tiff, resume=resume,
+                        overwrite=overwrite, progress=not quiet)
+    click.echo(f"{out}: {len(done.store)} patches predicted ({sampler}, {cfg.n_steps} steps)")
+    for path in done.maps:
+        click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
 
 @cli.command(short_help="Blend patch predictions into whole-slide maps.")
@@ -238,7 +214,8 @@ def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> Non
     """Blend overlapping patch predictions into whole-slide maps (OME-Zarr, optional OME-TIFF)."""
     from wsi_damm.stitch import run_stitch
 
-    for path in run_stitch(pred_store, out, blend, tiff, workers, not quiet, resume, band_mb * 2**20):
+    for path in run_stitch(pred_store, out, blend=blend, tiff=tiff, workers=workers, progress=not quiet, resume=resume,
+                           band_bytes=band_mb * 2**20):
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
 
@@ -256,7 +233,7 @@ def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> Non
 @click.option("--quiet", is_flag=True)
 def evaluate(maps, truths, channels, cleans, regions, mask, out, max_slide_gb, register, size_tolerance, quiet) -> None:
     """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
-    from wsi_damm.report import run_evaluate
+    from wsi_damm.evaluate import run_evaluate
 
     if len(truths) != len(maps):
         raise InputError("--truth", f"give one --truth per map ({len(maps)} maps, {len(truths)} slides)")
@@ -265,8 +242,8 @@ def evaluate(maps, truths, channels, cleans, regions, mask, out, max_slide_gb, r
     if regions and len(regions) != len(maps):
         raise InputError("--regions", f"give one --regions per map or none ({len(maps)} maps, {len(regions)} label images)")
     specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance)
-    metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), mask == "tissue", not quiet,
-                           list(regions) or None)
+    metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), use_mask=mask == "tissue", progress=not quiet,
+                           regions=list(regions) or None)
     for r in metrics["slides"]:
         w, pp = r["wsi"], r["patches"]
         click.echo(f"{r['slide']}: WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
@@ -297,9 +274,9 @@ def compare(a, b, data_range, as_json) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, preset, quick, quiet) -> None:
     """Synthetic slides → tile → train → predict → stitch → evaluate, with a baseline and an oracle."""
-    from wsi_damm.demo import run_demo
+    from wsi_damm.workflows.demo import run_demo
 
-    s = run_demo(out, preset, quick, not quiet, log=lambda msg: click.echo(msg, err=True))
+    s = run_demo(out, preset=preset, quick=quick, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
     d, b, o = s["damm"], s["blurred_vessel_baseline"], s["oracle"]
     click.echo(f"\nheld-out slide, tissue only ({s['seconds']} s in all):")
     click.echo(f"  DAMM-Diffusion          SSIM {d['wsi_ssim']:.4f}  PSNR {d['wsi_psnr']:6.2f} dB   patches {d['patch_ssim_percent']:.2f} % / {d['patch_psnr']:.2f} dB")
@@ -320,9 +297,9 @@ def demo(out, preset, quick, quiet) -> None:
 def study(out, preset, seeds, quick, quiet) -> None:
     """DAMM full vs uni-only, no DAMMP, no MMFM, cross-attention, blurred-vessel baseline and oracle,
     scored where nuclei are informative and where they mislead; plus a sampler comparison."""
-    from wsi_damm.study import run_study
+    from wsi_damm.workflows.study import run_study
 
-    s = run_study(out, preset, quick, seeds, not quiet, log=lambda msg: click.echo(msg, err=True))
+    s = run_study(out, preset=preset, quick=quick, seeds=seeds, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
     click.echo((out / "study.md").read_text(encoding="utf-8"))
     click.echo(f"table: {out / 'study.md'}  json: {out / 'study.json'}  figure: {out / 'study.png'}  ({s['seconds']} s)")
 

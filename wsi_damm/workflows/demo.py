@@ -6,21 +6,20 @@ blurred-vessel baseline and the noiseless oracle on the same held-out slide.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import resolve
-from .predict import PredictConfig, run_predict
-from .report import run_evaluate
-from .slides import SlideSpec, specs_from_paths
-from .store import PatchStore
-from .stitch import run_stitch
-from .synth import DIVERGENCE_LABELS, SynthConfig, write_slides
-from .tile import TileConfig, run_tile
-from .train import run_training
+from ..config import resolve
+from ..evaluate import run_evaluate
+from ..files import write_json
+from ..predict import PredictConfig, predict_maps
+from ..store import PatchStore
+from ..tile import TileConfig
+from ..train import run_training
+from . import baseline
+from .dataset import synthetic_data
+from .synth import DIVERGENCE_LABELS
 
 
 @dataclass(frozen=True)
@@ -39,46 +38,7 @@ FULL = DemoPlan(size=2048, train_slides=2, ae_steps=300, steps=1000, sample_step
 QUICK = DemoPlan(size=1024, train_slides=2, ae_steps=60, steps=150, sample_steps=10, samples=2)
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    spec: SlideSpec
-    clean: Path  # the simulator's noiseless NP field
-    divergence: Path  # 1 where the simulator made DAPI uninformative
-
-
-@dataclass(frozen=True)
-class SyntheticData:
-    train_specs: list[SlideSpec]
-    heldout: list[HeldOut]
-    store: Path  # patch store of the training slides
-
-
-def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log) -> SyntheticData:
-    """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present."""
-    out = Path(out)
-    cfg = SynthConfig(size=size, seed=1)
-    done = out / "synth_done.json"
-    names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
-    if not done.exists() or json.loads(done.read_text()) != {"size": size, "train": n_train, "heldout": n_heldout}:
-        log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {size}² px at {cfg.mpp} µm/px) → {out / 'slides'}")
-        write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
-        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001), progress=progress, prefix="heldout")
-        shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
-        done.write_text(json.dumps({"size": size, "train": n_train, "heldout": n_heldout}))
-    train_specs = specs_from_paths([str(out / "slides" / "train" / f"{n}.ome.tif") for n in names[0]], {})
-    held_dir = out / "slides" / "heldout"
-    heldout = [HeldOut(specs_from_paths([str(held_dir / f"{n}.ome.tif")], {})[0], held_dir / "truth" / f"{n}.np_clean.ome.tif",
-                       held_dir / "truth" / f"{n}.divergence.ome.tif") for n in names[1]]
-    store = out / "patches.zarr"
-    if not store.exists():
-        log(f"tiling → {store}")
-        run_tile(train_specs, store, tile_cfg, resume=True, progress=progress)
-    return SyntheticData(train_specs, heldout, store)
-
-
 def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: bool = True, log=print) -> dict:
-    from . import baseline
-
     plan = QUICK if quick else FULL
     out = Path(out)
     t0 = time.perf_counter()
@@ -93,9 +53,9 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
                   train=replace(cfg.train, steps=plan.steps, val_every=max(10, plan.steps // 10), checkpoint_every=plan.steps))
     run = run_training(out / "patches.zarr", out / "run", cfg, progress=progress)
     log(f"{stamp()} predicting the held-out slide (DPM-Solver++, {plan.sample_steps} steps, mean of {plan.samples} draws) → {out / 'prediction.zarr'}")
-    run_predict(run.path, [held_spec], out / "prediction.zarr", PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples),
-                overwrite=True, progress=progress)
-    [map_path] = run_stitch(out / "prediction.zarr", out / "prediction.ome.zarr", tiff=out / "prediction.ome.tif", progress=progress)
+    predicted = predict_maps(run.path, [held_spec], out / "prediction.zarr", PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples),
+                             map_path=out / "prediction.ome.zarr", tiff=out / "prediction.ome.tif", overwrite=True, progress=progress)
+    [map_path] = predicted.maps
 
     log(f"{stamp()} blurred-vessel baseline fitted on the training slides")
     fitted = baseline.fit(train_specs, tile_cfg)
@@ -118,5 +78,5 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
         "outputs": {"map": str(map_path), "tiff": str(out / "prediction.ome.tif"), "report": str(out / "report" / "report.html"),
                     "baseline_report": str(out / "report_baseline" / "report.html"), "run": str(run.path)},
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "demo_summary.json", summary)
     return summary

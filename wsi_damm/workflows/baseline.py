@@ -16,11 +16,12 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from .evaluate import lazy_blocks
-from .slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
-from .slides import SlideSpec
-from .tile import TileConfig, plan_slide
-from .tiling import low_resolution, nearest, read_scaled
+from ..errors import InputError
+from ..files import partial_path, publish
+from ..slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
+from ..slides import SlideSpec
+from ..tile import TileConfig, plan_slide
+from ..tiling import lazy_blocks, low_resolution, nearest, unit_range
 
 SIGMAS_UM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
@@ -33,14 +34,20 @@ class BlurBaseline:
     r2: float
 
 
+def _need_mpp(spec: SlideSpec, mpp: float | None) -> float:
+    if not mpp:
+        raise InputError(spec.paths[0], "has no µm/px in its metadata; the blurred-vessel baseline's σ is in µm",
+                         "export the slide with its pixel size")
+    return mpp
+
+
 def _normalised_low(spec: SlideSpec, cfg: TileConfig):
     plan = plan_slide(spec, cfg)
     with spec.open() as slide:
         low, low_ds = low_resolution(slide, cfg.mask_max_side)  # the grid the plan's mask is on
-        um_per_px = (slide.mpp or 0.5) * low_ds
+        um_per_px = _need_mpp(spec, slide.mpp) * low_ds
     k_v, k_t = plan.spec.roles.index("vessels"), plan.spec.roles.index("target")
-    norm = lambda k: np.clip((low[k] - plan.lo[k]) / (plan.hi[k] - plan.lo[k]), 0, 1)  # noqa: E731
-    return norm(k_v), norm(k_t), plan.mask, um_per_px
+    return unit_range(low[k_v], plan.lo[k_v], plan.hi[k_v]), unit_range(low[k_t], plan.lo[k_t], plan.hi[k_t]), plan.mask, um_per_px
 
 
 def fit(specs: list[SlideSpec], cfg: TileConfig) -> BlurBaseline:
@@ -68,24 +75,17 @@ def fit(specs: list[SlideSpec], cfg: TileConfig) -> BlurBaseline:
 def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) -> Path:
     """Full-resolution baseline map for one slide, OME-Zarr with the stitch layout."""
     plan = plan_slide(spec, cfg)
-    k = plan.spec.roles.index("vessels")
-    lo, hi = plan.lo[k], plan.hi[k]
     h, w = plan.choice.shape
     mpp = plan.choice.mpp
-    sigma_px = model.sigma_um / (mpp or 0.5)
+    sigma_px = model.sigma_um / _need_mpp(spec, mpp)
     depth = int(4 * sigma_px) + 1
     slide = spec.open()
-
-    def block(y: int, x: int, bh: int, bw: int) -> np.ndarray:
-        v = read_scaled(slide, plan.choice, y, x, bh, bw)[k].astype(np.float32)
-        return np.clip((v - lo) / (hi - lo), 0, 1)
-
-    vessels = lazy_blocks(block, (h, w), f"baseline-vessels-{spec.slide_id}")
+    vessels = lazy_blocks(lambda y, x, bh, bw: plan.normalised(slide, "vessels", y, x, bh, bw), (h, w), f"baseline-vessels-{spec.slide_id}")
     pred = da.map_overlap(lambda b: np.clip(model.a * ndimage.gaussian_filter(b, sigma_px, mode="nearest") + model.b, 0, 1),
                           vessels, depth=depth, boundary="nearest", dtype=np.float32)
     mask_step = plan.choice.downsample / plan.mask_downsample  # mask pixels per map pixel
     cover = lazy_blocks(lambda y, x, bh, bw: nearest(plan.mask, mask_step, y, x, bh, bw).astype(np.float32), (h, w), f"baseline-cover-{spec.slide_id}")
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
     [level0], patch0 = create_map(root, h, w, 1, 1)
@@ -96,9 +96,7 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     planes = [blocks if c == COVERAGE else da.zeros_like(blocks) for c in range(len(PATCH_MAP_CHANNELS))]
     da.stack(planes).astype(MAP_DTYPE).rechunk(patch0.chunks).store(patch0, lock=False, scheduler="threads")
     finish_map(root, spec.slide_id, mpp, 1, {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",
-                                            "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False})
+                                            "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False,
+                                            "percentiles": list(cfg.percentiles)})
     slide.close()
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return out
+    return publish(partial, out)

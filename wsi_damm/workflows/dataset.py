@@ -1,0 +1,52 @@
+"""The synthetic data set of the demo and the study: training and held-out slides of the simulator,
+with its truth (noiseless NP field, divergence mask), and the training patch store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..files import write_json
+from ..inputs import resolve_slides
+from ..slides import SlideSpec
+from ..tile import TileConfig, run_tile
+from .synth import SynthConfig, write_slides
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    spec: SlideSpec
+    clean: Path  # the simulator's noiseless NP field
+    divergence: Path  # 1 where the simulator made DAPI uninformative
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    train_specs: list[SlideSpec]
+    heldout: list[HeldOut]
+    store: Path  # patch store of the training slides
+
+
+def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log) -> SyntheticData:
+    """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present."""
+    out = Path(out)
+    cfg = SynthConfig(size=size, seed=1)
+    done = out / "synth_done.json"
+    names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
+    if not done.exists() or json.loads(done.read_text()) != {"size": size, "train": n_train, "heldout": n_heldout}:
+        log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {size}² px at {cfg.mpp} µm/px) → {out / 'slides'}")
+        write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
+        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001), progress=progress, prefix="heldout")
+        shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
+        write_json(done, {"size": size, "train": n_train, "heldout": n_heldout})
+    train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]])
+    held_dir = out / "slides" / "heldout"
+    heldout = [HeldOut(resolve_slides([held_dir / f"{n}.ome.tif"])[0], held_dir / "truth" / f"{n}.np_clean.ome.tif",
+                       held_dir / "truth" / f"{n}.divergence.ome.tif") for n in names[1]]
+    store = out / "patches.zarr"
+    if not store.exists():
+        log(f"tiling → {store}")
+        run_tile(train_specs, store, tile_cfg, resume=True, progress=progress)
+    return SyntheticData(train_specs, heldout, store)

@@ -50,8 +50,10 @@ def test_evaluate_writes_the_report_and_scores_a_perfect_map(perfect_map, tmp_pa
     assert r["wsi"]["ssim_tissue"] > 0.999 and r["wsi"]["psnr_tissue"] > 60  # float16 storage only
     assert r["patches"]["ssim_percent"]["mean"] > 99.9 and r["patches"]["ssim_percent"]["n"] > 10
     assert 0 < r["oracle_wsi"]["ssim_tissue"] < 0.999 and 10 < r["oracle_wsi"]["psnr_tissue"] < 60  # noise bounds the oracle
+    seams = r["seams"]  # the true patches stitched back: the map has the measured channel's seam score
+    assert seams["stride"] > 0 and seams["pairs"] > 10_000 and abs(seams["map"] - seams["measured"]) < 0.02 and seams["measured"] < 1.2
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "synth_000" in html
+    assert html.count("data:image/png;base64,") == 4 and "synth_000" in html and "Seam score" in html
     rows = (out / "patches.csv").read_text().splitlines()
     assert rows[0].startswith("slide,y,x,ssim,psnr") and len(rows) - 1 == r["patches"]["ssim_percent"]["n"]
     header = rows[0].split(",")

@@ -56,3 +56,29 @@ def test_masked_metrics_use_only_mask_pixels():
     assert m["pixels_tissue"] == mask.sum()
     smap_mean = _sk_ssim(a, b)
     assert m["ssim"] == pytest.approx(smap_mean, abs=1e-4)
+
+
+def _seam_brute(img: np.ndarray, covered: np.ndarray, stride: int) -> np.ndarray:
+    sums = np.zeros((2, stride))
+    for y in range(img.shape[0]):
+        for x in range(img.shape[1]):
+            for dy, dx, i in ((1, 0, y), (0, 1, x)):
+                if i > 0 and covered[y, x] and covered[y - dy, x - dx]:
+                    sums[0, i % stride] += abs(img[y, x] - img[y - dy, x - dx])
+                    sums[1, i % stride] += 1
+    return sums
+
+
+def test_seam_sums_equal_brute_force_and_add_up_over_bands():
+    from wsi_damm.metrics import seam_score, seam_sums
+
+    rng = np.random.default_rng(3)
+    img, covered = rng.random((37, 45)), rng.random((37, 45)) > 0.2
+    np.testing.assert_allclose(seam_sums(img, covered, 12), _seam_brute(img, covered, 12))
+    bands = seam_sums(img[:20], covered[:20], 12) + seam_sums(img[20:], covered[20:], 12, y0=20)
+    bands += seam_sums(img[19:21], covered[19:21], 12, y0=19, axes=(0,))  # the pairs across the band edge
+    np.testing.assert_allclose(bands, seam_sums(img, covered, 12))
+    smooth = np.add.outer(np.arange(96.0), np.arange(96.0)) / 96
+    assert seam_score(seam_sums(smooth, np.ones_like(smooth, bool), 24)) == pytest.approx(1.0)
+    steps = smooth + (np.arange(96) // 24)[None, :] * 0.5  # a jump at every 24th column
+    assert seam_score(seam_sums(steps, np.ones_like(steps, bool), 24)) > 10

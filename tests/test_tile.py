@@ -66,6 +66,10 @@ def test_grid_is_regular_and_flush(store_path):
     assert ys <= allowed
     assert grid_positions(2048, 256, 192).tolist()[-1] == 2048 - 256
     assert grid_positions(1000, 256, 192).tolist() == [0, 192, 384, 576, 744]
+    # on a latent canvas 4× smaller every origin is a multiple of 4: the last one as near the border as that allows
+    assert grid_positions(1001, 256, 192, align=4).tolist() == [0, 192, 384, 576, 744]
+    assert grid_positions(1003, 256, 192, align=4).tolist() == [0, 192, 384, 576, 744]
+    assert grid_positions(1004, 256, 192, align=4).tolist() == [0, 192, 384, 576, 748]
     assert len(store.coords) == len(np.unique(store.coords, axis=0))
 
 

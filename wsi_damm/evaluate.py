@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .files import write_csv, write_json
-from .metrics import psnr, psnr_from_mse, ssim, whole_slide_metrics
+from .metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
 from .report import write_report
 from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
 from .slides import SlideSpec, open_file
@@ -132,6 +132,27 @@ class Companion:
         return np.rint(self.raw(y, x, h, w)).astype(np.int32)
 
 
+def seam_numbers(m: MapImage, truth: Truth, progress: bool) -> dict:
+    """Seam score (`metrics.seam_score`) of the map and of the measured channel over the map's
+    covered pixels, at the map's patch stride, streamed in bands of rows."""
+    if not m.stride:
+        return {}
+    h, w = truth.shape
+    sums = {"map": np.zeros((2, m.stride)), "measured": np.zeros((2, m.stride))}
+    last = None
+    for y in tqdm(range(0, h, BLOCK), desc="seam score", unit="band", disable=None if progress else True):
+        y1 = min(h, y + BLOCK)
+        bands = {"map": np.asarray(m.level0[0, y:y1, :w]).astype(np.float64), "measured": truth.normalised("target", y, 0, y1 - y, w)}
+        covered = m.covered(y, 0, y1 - y, w)
+        for name, band in bands.items():
+            sums[name] += seam_sums(band, covered, m.stride, y)
+            if last is not None:  # the pairs across the band edge
+                sums[name] += seam_sums(np.stack([last[name], band[0]]), np.stack([last["covered"], covered[0]]), m.stride, y - 1, axes=(0,))
+        last = {**{name: band[-1] for name, band in bands.items()}, "covered": covered[-1]}
+    return {"stride": m.stride, "map": seam_score(sums["map"]), "measured": seam_score(sums["measured"]),
+            "pairs": int(sums["map"][1].sum())}
+
+
 def summarise(values: list[float]) -> dict:
     finite = [v for v in values if math.isfinite(v)]
     return {"mean": float(np.mean(finite)) if finite else math.nan, "sd": float(np.std(finite)) if finite else math.nan,
@@ -184,6 +205,8 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
                                                    "percentiles": list(m.percentiles)},
               "gamma": m.gamma, "uni_modal_only": not m.nuclei}
     result["wsi"] = whole_slide_metrics(pred, meas, mask)
+    result["sampling"] = m.sampling
+    result["seams"] = seam_numbers(m, truth, progress)
     clean = Companion.open(clean_path, truth) if clean_path is not None else None
     if clean is not None:
         oracle = lazy_blocks(clean.normalised, truth.shape, "clean").astype(np.float64)

@@ -98,3 +98,30 @@ def whole_slide_metrics(a: da.Array, b: da.Array, mask: da.Array | None = None, 
         out["psnr_tissue"] = psnr_from_mse(out["mse_tissue"], data_range) if n else math.nan
         out["pixels_tissue"] = n
     return out
+
+
+def seam_sums(img: np.ndarray, covered: np.ndarray, stride: int, y0: int = 0, x0: int = 0, axes: tuple[int, ...] = (0, 1)) -> np.ndarray:
+    """(2, stride): Σ |difference| and the number of pairs of adjacent covered pixels, by phase of the
+    patch stride, for the region of `img` whose first pixel sits at (y0, x0) of the map. A pair
+    (i − 1, i) along an axis has phase i mod stride; sums of regions add up."""
+    out = np.zeros((2, stride), np.float64)
+    img = img.astype(np.float64, copy=False)
+    for axis, origin in ((0, y0), (1, x0)):
+        if axis not in axes or img.shape[axis] < 2:
+            continue
+        diff = np.abs(np.diff(img, axis=axis))
+        pair = np.logical_and(covered[1:], covered[:-1]) if axis == 0 else np.logical_and(covered[:, 1:], covered[:, :-1])
+        phase = (origin + 1 + np.arange(diff.shape[axis])) % stride
+        per_line = (np.where(pair, diff, 0).sum(axis=1 - axis), pair.sum(axis=1 - axis))
+        for k, values in enumerate(per_line):
+            out[k] += np.bincount(phase, weights=values, minlength=stride)
+    return out
+
+
+def seam_score(sums: np.ndarray) -> float:
+    """Seams at the patch grid as one number: the mean adjacent-pixel difference of the worst phase of
+    the stride over the median phase's (1 for a map without a grid; NaN without pairs)."""
+    means = sums[0][sums[1] > 0] / sums[1][sums[1] > 0]
+    if not len(means) or np.median(means) == 0:
+        return math.nan
+    return float(means.max() / np.median(means))

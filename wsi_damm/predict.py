@@ -19,22 +19,25 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from .canvas import sample_canvases
 from .config import RunConfig
 from .diffusion.damm import branch_conditions, divergence, select, use_multi
 from .diffusion.noise import draw_keys, keyed_normal, patch_key
-from .diffusion.samplers import sample_ddim, sample_dpmpp_2m
+from .diffusion.samplers import make_plan, sample
 from .diffusion.schedule import NoiseSchedule
 from .distributed import Ranks, setup_ranks
 from .errors import InputError
 from .files import partial_path, prepare_output, publish
 from .merge import BLENDS
-from .run_dir import RunDir, build_schedule, load_autoencoders, load_run_config, load_unet
+from .run_dir import RunDir, build_schedule, latent_channels, load_autoencoders, load_run_config, load_unet
 from .slides import SlideSpec
 from .stitch import run_stitch
 from .store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
 from .tile import TileConfig, run_tile
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
+MICRO_BATCH = 16  # samples per U-Net call, whatever the batch size: see GatedDenoiser._model
+SAMPLING = ("canvas", "independent")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class PredictConfig:
     device: str = "auto"
     shard_patches: int = 64
     samples: int = 1  # K draws per patch: the map is their mean, and their sd is stored beside it
+    # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas (seamless, but with
+    # the tiny model it drifts brighter: see README, Seamless maps)
+    sampling: str = "independent"
 
     @property
     def n_steps(self) -> int:
@@ -67,6 +73,25 @@ class PredictConfig:
             raise InputError("--eta", f"must be in [0, 1], got {self.eta}")
         if self.samples < 1:
             raise InputError("--samples", f"must be at least 1, got {self.samples}")
+        if self.sampling not in SAMPLING:
+            raise InputError("--sampling", f"must be {' or '.join(SAMPLING)}, got {self.sampling!r}")
+
+
+def in_micro_batches(fn, *inputs: torch.Tensor | None):
+    """`fn(*inputs)` computed on chunks of exactly MICRO_BATCH samples (the last one zero-padded) and
+    joined: CPU kernels round differently for different batch sizes, so this keeps every sample's
+    numbers independent of `--batch-size`, of its neighbours and of the rank that computes it.
+    `fn` returns a tensor or a tuple of tensors (None passes through)."""
+    n, parts = len(inputs[0]), []
+    for a in range(0, n, MICRO_BATCH):
+        b = min(a + MICRO_BATCH, n)
+        chunk = [None if v is None else v[a:b] for v in inputs]
+        if b - a < MICRO_BATCH:
+            chunk = [None if v is None else torch.cat([v, v.new_zeros((MICRO_BATCH - (b - a),) + v.shape[1:])]) for v in chunk]
+        out = fn(*chunk)
+        parts.append(tuple(None if v is None else v[: b - a] for v in (out if isinstance(out, tuple) else (out,))))
+    joined = tuple(None if parts[0][i] is None else torch.cat([q[i] for q in parts]) for i in range(len(parts[0])))
+    return joined if len(joined) > 1 else joined[0]
 
 
 class GatedDenoiser:
@@ -83,7 +108,7 @@ class GatedDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.amp else torch.autocast(x.device.type, enabled=False)
         with ctx:
-            eps_uni, eps_multi, kappa = self.model(x, t, self.c_uni, self.c_multi)
+            eps_uni, eps_multi, kappa = in_micro_batches(self.model, x, t, self.c_uni, self.c_multi)
         if eps_multi is None:  # no nuclei: the multi-modal branch is never computed
             out = eps_uni.float()
         else:
@@ -113,32 +138,52 @@ class Predictor:
         self.model = load_unet(self.run, self.rc, device)
         self.schedule = build_schedule(self.rc.schedule)
 
+        self.plan = make_plan(cfg.sampler, self.schedule, cfg.n_steps, cfg.eta, cfg.spacing)
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent pixel."""
+        return self.rc.autoencoder.factor
+
+    @torch.inference_mode()
+    def conditions(self, images: torch.Tensor, roles: list[str]) -> torch.Tensor:
+        """images (B, C, P, P) in [-1, 1] → the U-Net's conditions (B, c_uni [+ c_multi] channels, p, p):
+        the uni-modal branch's latent first, the multi-modal partner's after it (absent without nuclei)."""
+        x = images.to(self.device)
+        enc = {r: in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) for r in ("vessels", "nuclei") if r in roles}
+        c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
+        return c_uni if c_multi is None else torch.cat([c_uni, c_multi], 1)
+
+    def denoiser(self, conditions: torch.Tensor, k: int) -> GatedDenoiser:
+        """The gated ε-model for K draws of each of the B patches whose `conditions` are given (draw-major)."""
+        c = latent_channels(self.rc)
+        c_uni = conditions[:, :c].repeat(k, 1, 1, 1)
+        c_multi = conditions[:, c:].repeat(k, 1, 1, 1) if conditions.shape[1] > c else None
+        return GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp,
+                             self.schedule if self.rc.schedule.objective == "v" else None)
+
+    @torch.inference_mode()
+    def decode(self, z0: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """K draws of B latents (draw-major) → NP map in [0, 1] (B, 1, P, P): mean and sd over the draws."""
+        img = (in_micro_batches(self.aes["target"].decode, z0.to(self.device)).float().clamp(-1, 1) + 1) / 2
+        img = img.view(k, -1, *img.shape[1:])
+        return img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy()
+
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """images (B, C, P, P) in [-1, 1] → NP map in [0, 1] (B, 1, P, P) — the mean of K draws —,
-        its sd over the draws (zeros for K = 1), mean divergence and multi-modal share per patch.
-        The K draws of every patch are sampled as one batch of K·B."""
-        x = images.to(self.device)
-        enc = {r: self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]) for r in ("vessels", "nuclei") if r in roles}
-        c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
+        """Independent sampling: images (B, C, P, P) in [-1, 1] → NP map in [0, 1] (B, 1, P, P) — the mean of
+        K draws —, its sd over the draws (zeros for K = 1), mean divergence and multi-modal share per patch.
+        The K draws of every patch are sampled as one batch of K·B from noise keyed per patch."""
+        cond = self.conditions(images, roles)
         k, b = self.cfg.samples, len(keys)
         if k > 1:
-            c_uni = c_uni.repeat(k, 1, 1, 1)
-            c_multi = c_multi.repeat(k, 1, 1, 1) if c_multi is not None else None
             keys = torch.cat([draw_keys(keys, i) for i in range(k)])
-        shape = tuple(c_uni.shape[1:])
-        x_t = keyed_normal(keys, 0, shape, self.device)
-        den = GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp,
-                            self.schedule if self.rc.schedule.objective == "v" else None)
-        if self.cfg.sampler == "ddim":
-            z0 = sample_ddim(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.eta, lambda i: keyed_normal(keys, i + 1, shape, self.device))
-        else:
-            z0 = sample_dpmpp_2m(den, x_t, self.schedule, self.cfg.n_steps, self.cfg.spacing)
-        img = (self.aes["target"].decode(z0).float().clamp(-1, 1) + 1) / 2
-        img = img.view(k, b, *img.shape[1:])
+        shape = (latent_channels(self.rc),) + tuple(cond.shape[2:])
+        den = self.denoiser(cond, k)
+        z0 = sample(den, keyed_normal(keys, 0, shape, self.device), self.plan, lambda i: keyed_normal(keys, i + 1, shape, self.device))
+        mean, sd = self.decode(z0, k)
         d, share = den.summary(k * b)
-        return (img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy(), d.reshape(k, b).mean(0),
-                share.reshape(k, b).mean(0))
+        return mean, sd, d.reshape(k, b).mean(0), share.reshape(k, b).mean(0)
 
 
 def _condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
@@ -146,7 +191,7 @@ def _condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
                       min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
-                      percentiles=tuple(rc.percentiles))
+                      percentiles=tuple(rc.percentiles), align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1)
 
 
 def run_predict(
@@ -182,11 +227,16 @@ def run_predict(
     ranks.barrier()
     conditions = PatchStore.open(cond_path)
     root = zarr.open_group(str(partial), mode="r+")
-    _sample_shards(root, conditions, predictor, cfg, ranks, progress)
+    if cfg.sampling == "canvas":
+        sample_canvases(root, partial, conditions, predictor, cfg, ranks, progress)
+    else:
+        _sample_shards(root, conditions, predictor, cfg, ranks, progress)
     ranks.barrier()
     if ranks.main:
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not predicted")
+        if "canvas" in root:
+            del root["canvas"]  # work state, not part of the store
         root.attrs["complete"] = True
         publish(partial, out)
         shutil.rmtree(cond_path)

@@ -191,6 +191,11 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
             o = r["oracle_wsi"]
             parts.append(f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>")
         parts.append("</table>")
+        seams = r.get("seams") or {}
+        if seams:
+            parts.append(f"<p>Seam score at the {seams['stride']}-px patch stride (worst phase's mean adjacent-pixel difference over the "
+                         f"median phase's; 1 = no grid): map <b>{_fmt(seams['map'])}</b>, measured NP {_fmt(seams['measured'])}"
+                         + (f" ({html.escape(r['sampling'])} sampling)" if r.get("sampling") else "") + ".</p>")
         if "regions" in r:
             parts.append("<table><tr><th>region</th><th>pixels</th><th>SSIM</th><th>PSNR (dB)</th><th>patch SSIM (%)</th>"
                          "<th>patch PSNR (dB)</th><th>multi-modal share</th></tr>")

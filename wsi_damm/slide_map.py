@@ -90,10 +90,17 @@ class MapImage:
     nuclei: bool
     percentiles: tuple[float, float]  # the normalisation rule of the run that made the map
     gamma: float | None  # the DAMMP threshold of that run (None: no gate, e.g. the baseline)
+    stride: int | None  # the patch grid's stride in pixels (None: unknown)
+    sampling: str | None  # "canvas", "independent", or None (not a diffusion map)
 
     @property
     def level0(self) -> zarr.Array:
         return self.levels[0]
+
+    def covered(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """(h, w) bool: pixels of the region whose block was fully predicted."""
+        b = self.block
+        return nearest(self.blocks(y, x, h, w)[COVERAGE] >= 1, 1 / b, y % b, x % b, h, w)
 
     def blocks(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """(3, …) patch-maps pixels of every block the full-resolution region touches."""
@@ -130,4 +137,5 @@ def open_map(path: str | Path) -> MapImage:
     return MapImage(path, [root[d["path"]] for d in ms["datasets"]], [root[PATCH_MAPS][d["path"]] for d in pm["datasets"]],
                     int(info["patch_maps"]["block"]), mpp, info.get("slide", ms.get("name", path.stem)),
                     int(info.get("patch_size", 256)), bool(info.get("nuclei", True)),
-                    tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"))
+                    tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"),
+                    int(info["stride"]) if info.get("stride") else None, info.get("sampling"))

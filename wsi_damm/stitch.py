@@ -157,7 +157,8 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
                         {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
                          "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True)),
                          "percentiles": store.attrs.get("percentiles") or list(DEFAULT_PERCENTILES),
-                         "gamma": store.attrs.get("model", {}).get("gamma")})
+                         "gamma": store.attrs.get("model", {}).get("gamma"),
+                         "sampling": store.attrs.get("predict", {}).get("sampling", "independent")})
     if tiff is not None:
         write_ome_tiff(tiff, levels, [VALUE_CHANNELS[0]["label"]], mpp, channels=[0], dtype=np.float32)
     return publish(partial, out)

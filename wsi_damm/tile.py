@@ -51,6 +51,7 @@ class TileConfig:
     shard_patches: int = 64
     percentiles: tuple[float, float] = (0.5, 99.8)
     mask_max_side: int = 2048
+    align: int = 1  # patch origins on multiples of this (canvas sampling: the autoencoder's factor)
 
     @property
     def stride(self) -> int:
@@ -65,6 +66,9 @@ class TileConfig:
             raise InputError("--store-dtype", f"must be uint8 or uint16, got {self.store_dtype}")
         if self.shard_patches <= 0:
             raise InputError("--shard-patches", f"must be positive, got {self.shard_patches}")
+        if self.stride % self.align or self.patch_size % self.align:
+            raise InputError("--overlap", f"patch size {self.patch_size} and stride {self.stride} must be multiples of {self.align} "
+                             "(the autoencoder's downsampling) to share a latent canvas", f"choose an overlap divisible by {self.align}")
         if not 0 <= self.min_tissue <= 1:
             raise InputError("--min-tissue", f"must be a fraction in [0, 1], got {self.min_tissue}")
         lo, hi = self.percentiles
@@ -122,8 +126,8 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         um_per_px = slide.mpp * low_ds if slide.mpp else None
         mask = tissue_mask(low, um_per_px)
         lo, hi = percentile_stats(low, mask, *cfg.percentiles)
-    ys = grid_positions(h, cfg.patch_size, cfg.stride)
-    xs = grid_positions(w, cfg.patch_size, cfg.stride)
+    ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.align)
+    xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.align)
     frac = tissue_fractions(mask, low_ds / choice.downsample, ys, xs, cfg.patch_size)
     keep_y, keep_x = np.nonzero(frac >= cfg.min_tissue) if mask.any() else (np.zeros(0, int), np.zeros(0, int))
     if not mask.any():

@@ -130,13 +130,15 @@ def tissue_mask(low: np.ndarray, um_per_px: float | None) -> np.ndarray:
     return mask
 
 
-def grid_positions(length: int, patch: int, stride: int) -> np.ndarray:
-    """0, stride, 2·stride, … with the last patch flush with the border."""
+def grid_positions(length: int, patch: int, stride: int, align: int = 1) -> np.ndarray:
+    """0, stride, 2·stride, … with the last patch flush with the border — or, with `align` > 1 (patch
+    windows on a latent canvas `align` times smaller), as close to it as a multiple of `align` goes."""
     if length < patch:
         return np.zeros(0, np.int64)
     pos = np.arange(0, length - patch + 1, stride, dtype=np.int64)
-    if pos[-1] != length - patch:
-        pos = np.append(pos, length - patch)
+    last = (length - patch) // align * align
+    if pos[-1] != last:
+        pos = np.append(pos, last)
     return pos
 
 

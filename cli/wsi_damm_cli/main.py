@@ -164,6 +164,9 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI (nuclei optional).")
 @click.option("--plane", multiple=True)
 @click.option("--no-nuclei", is_flag=True, help="Ignore the nuclei channel: uni-modal branch only.")
+@click.option("--sampling", default="independent", type=click.Choice(["independent", "canvas"]),
+              help="independent: each patch alone; canvas: all patches in lockstep on one latent canvas (no patch grid; "
+                   "see the README's Seamless maps for what it costs today).")
 @click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="dpm++ = DPM-Solver++(2M).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
 @click.option("--eta", default=0.0, type=float, help="DDIM η (the authors' code used 1).")
@@ -184,7 +187,7 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, shard_patches,
+def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, shard_patches,
             device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm.predict import PredictConfig, predict_maps
@@ -192,11 +195,11 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampler,
     specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance)
     if no_nuclei:
         specs = [s.without("nuclei") for s in specs]
-    cfg = PredictConfig(sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap, min_tissue=min_tissue,
-                        amp=amp, device=device, shard_patches=shard_patches, samples=samples)
+    cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
+                        min_tissue=min_tissue, amp=amp, device=device, shard_patches=shard_patches, samples=samples)
     done = predict_maps(run_dir, specs, out, cfg, stitch=do_stitch, map_path=map_path, blend=blend, tiff=tiff, resume=resume,
                         overwrite=overwrite, progress=not quiet)
-    click.echo(f"{out}: {len(done.store)} patches predicted ({sampler}, {cfg.n_steps} steps)")
+    click.echo(f"{out}: {len(done.store)} patches predicted ({sampling} sampling, {sampler}, {cfg.n_steps} steps)")
     for path in done.maps:
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
@@ -282,6 +285,8 @@ def demo(out, preset, quick, quiet) -> None:
     click.echo(f"  DAMM-Diffusion          SSIM {d['wsi_ssim']:.4f}  PSNR {d['wsi_psnr']:6.2f} dB   patches {d['patch_ssim_percent']:.2f} % / {d['patch_psnr']:.2f} dB")
     click.echo(f"  blurred-vessel baseline SSIM {b['wsi_ssim']:.4f}  PSNR {b['wsi_psnr']:6.2f} dB   patches {b['patch_ssim_percent']:.2f} % / {b['patch_psnr']:.2f} dB")
     click.echo(f"  noiseless oracle        SSIM {o['wsi_ssim']:.4f}  PSNR {o['wsi_psnr']:6.2f} dB   (the best any predictor can do)")
+    click.echo(f"  seam score (patch grid; 1 = none): DAMM map {d['seam_score']:.2f} ({d['sampling']} sampling), measured NP "
+               f"{s['measured_seam_score']:.2f}")
     outs = s["outputs"]
     click.echo(f"\nmap:    {outs['map']}   (napari: pip install napari napari-ome-zarr; napari {outs['map']} {outs['map']}/patch_maps)")
     click.echo(f"tiff:   {outs['tiff']}   (QuPath: File > Open)")

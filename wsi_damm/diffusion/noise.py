@@ -62,3 +62,34 @@ def draw_keys(keys: torch.Tensor, draw: int) -> torch.Tensor:
         return keys
     mixed = _splitmix64(keys.to(torch.int64) ^ _splitmix64(torch.tensor(draw, dtype=torch.int64) * 2))
     return _shr(mixed, 1)  # non-negative 63-bit, like patch_key
+
+
+def canvas_key(seed: int, slide_id: str) -> int:
+    """Stable 63-bit key of a slide's latent canvas (one per seed and slide)."""
+    digest = hashlib.blake2b(f"{seed}|{slide_id}|canvas".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+_POS_BITS = 21  # latent rows and columns below 2²¹ (an 8-million-pixel slide side at 4× downsampling)
+
+
+def canvas_normal(key: int, draws: int, step: int, channels: int, y0: int, y1: int, x0: int, x1: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """(draws, channels, y1 − y0, x1 − x0) standard normals of the canvas region [y0, y1) × [x0, x1):
+    element (k, c, y, x) depends only on (key, draw k, step, c, y, x), so any crop of the canvas —
+    in any batch, order, rank or resumed run — reads the same numbers there."""
+    keys = draw_keys(torch.tensor([key], dtype=torch.int64), 0)
+    keys = torch.cat([draw_keys(keys, k) for k in range(draws)])
+    c = torch.arange(channels, dtype=torch.int64)[:, None, None]
+    y = torch.arange(y0, y1, dtype=torch.int64)[None, :, None]
+    x = torch.arange(x0, x1, dtype=torch.int64)[None, None, :]
+    counter = ((c << (2 * _POS_BITS)) | (y << _POS_BITS) | x).reshape(-1)  # unique per (c, y, x)
+    base = _splitmix64(keys[:, None] ^ _splitmix64(torch.tensor(step, dtype=torch.int64) * 2 + 1))
+    u1 = _uniform(_splitmix64(base + (2 * counter)[None] * _GOLDEN))
+    u2 = _uniform(_splitmix64(base + (2 * counter + 1)[None] * _GOLDEN))
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    return z.float().reshape(draws, channels, y1 - y0, x1 - x0).to(device)
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    return (_shr(bits, 11).double() + 0.5) * 2.0**-53  # (0, 1)

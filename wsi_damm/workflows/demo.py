@@ -70,7 +70,9 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "damm": {"wsi_ssim": d["wsi"]["ssim_tissue"], "wsi_psnr": d["wsi"]["psnr_tissue"],
-                 "patch_ssim_percent": d["patches"]["ssim_percent"]["mean"], "patch_psnr": d["patches"]["psnr"]["mean"]},
+                 "patch_ssim_percent": d["patches"]["ssim_percent"]["mean"], "patch_psnr": d["patches"]["psnr"]["mean"],
+                 "seam_score": d["seams"]["map"], "sampling": d["sampling"]},
+        "measured_seam_score": d["seams"]["measured"],
         "blurred_vessel_baseline": {"wsi_ssim": b["wsi"]["ssim_tissue"], "wsi_psnr": b["wsi"]["psnr_tissue"],
                                     "patch_ssim_percent": b["patches"]["ssim_percent"]["mean"], "patch_psnr": b["patches"]["psnr"]["mean"],
                                     "sigma_um": fitted.sigma_um, "r2_train": fitted.r2},

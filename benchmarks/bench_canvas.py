@@ -1,0 +1,107 @@
+"""Canvas sampling vs independent sampling: time on the same slide at equal steps, and the peak
+memory of a canvas prediction on a large slide.
+
+Ours: `predict --sampling canvas` (every patch denoised in lockstep on the slide's latent canvas,
+x̂0 fused per step, state in zarr). Reference: `predict --sampling independent` (each patch alone),
+same run, slide, sampler, steps, draws, batch. Both are whole `predict` jobs (tiling the inputs,
+sampling, decoding; stitching left out), each in its own fresh subprocess, alternated. The weights
+of the run come from a few training steps: timing does not depend on them.
+
+Memory: `wsi-damm predict --steps 2` (canvas, then stitch) on a large synthetic slide, its peak PSS
+summed over the process tree, sampled every 50 ms.
+"""
+
+from __future__ import annotations
+
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+from _common import TreeMemory, machine, measure, peak_rss_mb  # noqa: E402
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PATCH, OVERLAP = 128, 32
+
+
+def _worker(sampling: str, run: str, slide: str, out: str, steps: str) -> None:
+    from wsi_damm.inputs import resolve_slides
+    from wsi_damm.predict import PredictConfig, run_predict
+
+    t0 = time.perf_counter()
+    store = run_predict(Path(run), resolve_slides([slide]), Path(out), PredictConfig(sampling=sampling, steps=int(steps), batch_size=32),
+                        overwrite=True, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "patches": len(store), "peak_rss_mb": peak_rss_mb()}))
+
+
+def _run_dir(work: Path) -> Path:
+    """A tiny-preset run trained for a few steps on one small synthetic slide."""
+    from wsi_damm.config import merge, resolve
+    from wsi_damm.inputs import resolve_slides
+    from wsi_damm.tile import TileConfig, run_tile
+    from wsi_damm.train import run_training
+    from wsi_damm.workflows.synth import SynthConfig, write_slides
+
+    write_slides(work / "train", 1, SynthConfig(size=1024, seed=5), progress=False)
+    run_tile(resolve_slides([work / "train" / "synth_000.ome.tif"]), work / "train.zarr", TileConfig(patch_size=PATCH, overlap=OVERLAP),
+             progress=False)
+    cfg = merge(resolve("tiny"), {"autoencoder": {"steps": 5}, "train": {"steps": 5, "val_fraction": 0.0, "checkpoint_every": 5}}, "bench")
+    return run_training(work / "train.zarr", work / "run", cfg, progress=False).path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="1024² and 4096² slides instead of 2048² and 16384²")
+    ap.add_argument("--steps", type=int, default=4, help="sampler steps of the time comparison")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker(*args.worker)
+        return
+    from wsi_damm.workflows.synth import SynthConfig, write_slides
+
+    size, big = (1024, 4096) if args.quick else (2048, 16384)
+    work = Path(tempfile.mkdtemp(prefix="bench_canvas."))
+    try:
+        run = _run_dir(work)
+        write_slides(work / "slide", 1, SynthConfig(size=size, seed=11), progress=False)
+        slide = str(work / "slide" / "synth_000.ome.tif")
+        runs: dict[str, list[dict]] = {"canvas": [], "independent": []}
+        for _ in range(args.repeats):
+            for sampling in ("independent", "canvas"):
+                runs[sampling].append(measure(__file__, sampling, str(run), slide, str(work / f"{sampling}.zarr"), str(args.steps)))
+        best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+        result = {
+            "name": f"predict, canvas vs independent sampling, {size}² slide, tiny preset, DPM++ {args.steps} steps, 1 draw",
+            "unit": "patches/s", "ours": best["canvas"]["patches"] / best["canvas"]["seconds"],
+            "reference": best["independent"]["patches"] / best["independent"]["seconds"],
+            "seconds": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},
+            "time_ratio_canvas_over_independent": best["canvas"]["seconds"] / best["independent"]["seconds"],
+            "target_time_ratio": "<= 1.3", "patches": best["canvas"]["patches"],
+            "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in best.items()}, **machine(),
+        }
+        result["ratio"] = result["ours"] / result["reference"]
+        if not args.skip_memory:
+            write_slides(work / "big", 1, SynthConfig(size=big, seed=12), progress=False)
+            t0 = time.perf_counter()
+            with TreeMemory() as mem:
+                subprocess.run([sys.executable, "-m", "wsi_damm_cli.main", "predict", str(run), str(work / "big" / "synth_000.ome.tif"),
+                                "--out", str(work / "big.zarr"), "--steps", "2", "--quiet"], check=True)
+            result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --steps 2 (canvas sampling, then stitch), all processes",
+                                "peak_pss_mb": round(mem.peak_mb, 1), "target_mb": 2048, "seconds": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

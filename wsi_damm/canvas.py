@@ -82,7 +82,7 @@ def fusion_weights(p: int) -> torch.Tensor:
 
 
 def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out, denoise: Denoise, noise: Noise,
-                write: bool = True, on_row: Callable[[int], None] | None = None) -> None:
+                write: bool = True) -> None:
     """Sampler step `i` over the canvas. Arrays are (K, C, H, W) (numpy or zarr): `x_in`, `x0_in` hold
     the state after step i − 1 (unread at i = 0: x_T is `noise(0, …)`), `x_out`, `x0_out` receive
     the state after step i and the fused x̂0. Pixels no window covers keep their value.
@@ -129,8 +129,6 @@ def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out
             den[y - lo : y - lo + p, x : x + p] += w
         end = lo + len(den)
         finalise(min(int(windows.yx[rows[r + 1][0], 0]), end) if r + 1 < len(rows) else end)
-        if on_row is not None:
-            on_row(b - a)
 
 
 # ---------------------------------------------------------------------------------------------

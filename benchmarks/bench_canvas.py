@@ -7,7 +7,7 @@ same run, slide, sampler, steps, draws, batch. Both are whole `predict` jobs (ti
 sampling, decoding; stitching left out), each in its own fresh subprocess, alternated. The weights
 of the run come from a few training steps: timing does not depend on them.
 
-Memory: `wsi-damm predict --steps 2` (canvas, then stitch) on a large synthetic slide, its peak PSS
+Memory: `wsi-damm predict --sampling canvas --steps 2` (then stitch) on a large synthetic slide, its peak PSS
 summed over the process tree, sampled every 50 ms.
 """
 
@@ -95,8 +95,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with TreeMemory() as mem:
                 subprocess.run([sys.executable, "-m", "wsi_damm_cli.main", "predict", str(run), str(work / "big" / "synth_000.ome.tif"),
-                                "--out", str(work / "big.zarr"), "--steps", "2", "--quiet"], check=True)
-            result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --steps 2 (canvas sampling, then stitch), all processes",
+                                "--out", str(work / "big.zarr"), "--steps", "2", "--sampling", "canvas", "--quiet"], check=True)
+            result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --sampling canvas --steps 2 (then stitch), all processes",
                                 "peak_pss_mb": round(mem.peak_mb, 1), "target_mb": 2048, "seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps(result, indent=2))
     finally:

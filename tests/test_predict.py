@@ -76,12 +76,40 @@ def test_slide_without_nuclei_predicts_uni_modal(tiny_run, synth_dir, tmp_path, 
     tifffile.imwrite(path, full[[0, 2]], ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "NP"]},
                      "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, tile=(256, 256), compression="zlib")
     store = _predict(tiny_run, str(path), tmp_path / "u.zarr", "--sampling", sampling, "--samples", "2")
-    assert store.attrs["nuclei"] is False and store.roles == ["vessels", "target"]
+    assert store.attrs["nuclei"] is False and store.roles == ["vessels"]  # the measured NP channel is never read
     assert float(np.asarray(store.root["pred_sd"][:]).astype(np.float32).max()) > 0  # two draws (two canvases) that differ
     assert np.isnan(np.asarray(store.root["divergence"][:])).all()
     assert (np.asarray(store.root["multimodal_fraction"][:]) == 0).all()
     m = zarr.open_group(str(tmp_path / "u.ome.zarr"), mode="r")
     assert m.attrs["wsi_damm"]["nuclei"] is False
+
+
+def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
+    """The measured NP channel must not change anything (mask, normalisation, patches, map), and `--no-nuclei`
+    must predict the same patches: every row of a comparison is then scored on the same pixels."""
+    full = tifffile.imread(_slide(synth_dir))
+    rng = np.random.default_rng(0)
+    targets = {"measured": full[2], "zeros": np.zeros_like(full[2]),
+               "noise": rng.integers(0, np.iinfo(full.dtype).max, full[2].shape, dtype=full.dtype)}
+    stores = {}
+    for name, target in targets.items():
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "slide.ome.tif"  # one slide id: the noise is keyed by it
+        tifffile.imwrite(path, np.stack([full[0], full[1], target]), ome=True, tile=(256, 256), compression="zlib",
+                         metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        stores[name] = _predict(tiny_run, str(path), tmp_path / f"{name}.zarr", "--no-stitch")
+    ref = stores["measured"]
+    assert ref.roles == ["vessels", "nuclei"] and len(ref.coords) > 20
+    for name in ("zeros", "noise"):
+        np.testing.assert_array_equal(ref.coords, stores[name].coords)
+        np.testing.assert_array_equal(np.asarray(ref.pred[:]), np.asarray(stores[name].pred[:]))
+        assert ref.slides[0]["normalisation"] == stores[name].slides[0]["normalisation"]
+    uni = _predict(tiny_run, str(tmp_path / "measured" / "slide.ome.tif"), tmp_path / "uni.zarr", "--no-stitch", "--no-nuclei")
+    np.testing.assert_array_equal(ref.coords, uni.coords)  # the same tissue mask and patches as with nuclei
+    assert uni.attrs["nuclei"] is False and np.isnan(np.asarray(uni.root["divergence"][:])).all()
+    # … by the uni-modal branch: patches on which the gate never chose the multi-modal branch agree bitwise, the others not
+    same = (np.asarray(ref.pred[:]) == np.asarray(uni.pred[:])).all(axis=(1, 2, 3))
+    np.testing.assert_array_equal(same, np.asarray(ref.root["multimodal_fraction"][:]) == 0)
 
 
 @pytest.mark.parametrize("sampling", ["canvas", "independent"])

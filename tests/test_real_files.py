@@ -65,3 +65,18 @@ def test_z_axis_refused_unless_plane_chosen(tmp_path):
     assert res.returncode == 0, res.stderr
     store = PatchStore.open(out)
     assert store.images.dtype == np.uint8 and len(store) > 0
+
+
+def test_measured_np_channel_does_not_change_the_patches_of_a_real_image():
+    """On a real fluorescence image the NP channel used to change the tissue mask (and so which patches
+    `predict` sampled); the mask now comes from CD31 and DAPI alone."""
+    from wsi_damm.slides import parse_channel_map, specs_from_paths
+    from wsi_damm.tile import TileConfig, plan_slide
+
+    path = fixture("fluorescence/pathml_small_vectra.qptiff")
+    (spec,) = specs_from_paths([path], parse_channel_map("vessels=FITC,nuclei=DAPI,target=Cy3"))
+    cfg = TileConfig(patch_size=64, overlap=16)
+    with_np, inputs_only = plan_slide(spec, cfg), plan_slide(spec.without("target"), cfg)
+    assert len(with_np.ys) > 0
+    np.testing.assert_array_equal(with_np.mask, inputs_only.mask)
+    np.testing.assert_array_equal(np.stack([with_np.ys, with_np.xs]), np.stack([inputs_only.ys, inputs_only.xs]))

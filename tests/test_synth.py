@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
 
 from wsi_damm.slides import open_file
-from wsi_damm.workflows.synth import SynthConfig, make_layout, render_window, write_slides
+from wsi_damm.workflows.synth import SIMULATOR_VERSION, SynthConfig, make_layout, render_window, simulator_version, write_slides
 
 
 def test_synth_is_deterministic_and_described(small, tmp_path):
@@ -21,6 +23,10 @@ def test_synth_is_deterministic_and_described(small, tmp_path):
         assert s.channel_names == ["CD31", "DAPI", "NP"] and s.mpp == pytest.approx(0.5)
     assert (small.parent / "truth" / "synth_000.np_clean.ome.tif").exists()
     assert (small.parent / "synth_000.preview.png").read_bytes()[:4] == b"\x89PNG"
+    # every image says which simulator wrote it (the yardstick's version), and so does the config beside them
+    for path in (small, small.parent / "truth" / "synth_000.np_clean.ome.tif", small.parent / "truth" / "synth_000.divergence.ome.tif"):
+        assert simulator_version(path) == SIMULATOR_VERSION
+    assert json.loads((small.parent / "truth" / "synth_config.json").read_text())["simulator_version"] == SIMULATOR_VERSION
 
 
 def test_synth_np_follows_leaky_vessels_and_density():

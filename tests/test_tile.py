@@ -151,3 +151,18 @@ def test_bad_options_exit_2(small, tmp_path):
         res = run_cli("tile", str(small), "--out", str(tmp_path / "x.zarr"), *args)
         assert res.returncode == 2 and text in res.stderr, res.stderr
         assert not (tmp_path / "x.zarr").exists()
+
+
+def test_tissue_mask_reads_the_inputs_only(small):
+    """CD31 and DAPI decide where tissue is; the measured NP channel (present or not, bright or blank) does not."""
+    from wsi_damm.slides import specs_from_paths
+    from wsi_damm.tile import TileConfig, plan_slide
+
+    (spec,) = specs_from_paths([small], {})
+    cfg = TileConfig(patch_size=64, overlap=16)
+    with_np, without_np = plan_slide(spec, cfg), plan_slide(spec.without("target"), cfg)
+    np.testing.assert_array_equal(with_np.mask, without_np.mask)
+    np.testing.assert_array_equal(with_np.ys, without_np.ys)
+    np.testing.assert_array_equal(with_np.xs, without_np.xs)
+    assert with_np.lo[:2] == without_np.lo and with_np.hi[:2] == without_np.hi  # input normalisation unchanged
+    assert spec.mask_channels == [0, 1] and spec.without("vessels").without("nuclei").mask_channels == [0]

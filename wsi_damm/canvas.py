@@ -171,13 +171,14 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
     s = int(root.attrs["shard_patches"])
     roles = conditions.roles
     plan = predictor.plan
-    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW}
+    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW,
+                 "nuclei": predictor.uses_nuclei(roles)}
     if ranks.main:
         work = root.require_group("canvas")
         if "plan" in work.attrs and dict(work.attrs)["plan"] != work_plan:
             raise InputError(source, "was started with other sampling options", "rerun with the same options, or --overwrite")
         work.attrs["plan"] = work_plan
-        cc = c * (2 if "nuclei" in roles else 1)
+        cc = c * (2 if predictor.uses_nuclei(roles) else 1)
         if "cond" not in work:
             work.create_array("cond", shape=(n, cc, p, p), dtype=np.float32, chunks=(1, cc, p, p), shards=(s, cc, p, p),
                               compressors=None, fill_value=0)
@@ -295,7 +296,7 @@ def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predicto
     s = int(root.attrs["shard_patches"])
     n = len(conditions)
     coords = conditions.coords
-    nuclei = "nuclei" in conditions.roles
+    nuclei = predictor.uses_nuclei(conditions.roles)
     halo = DECODE_HALO
     todo = _shards_of(ranks, np.asarray(root["shard_done"][:]))
     for shard in tqdm(todo, desc="decoding", unit="shard", disable=None if (progress and ranks.main) else True):

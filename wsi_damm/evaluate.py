@@ -205,6 +205,9 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
                                                    "percentiles": list(m.percentiles)},
               "gamma": m.gamma, "uni_modal_only": not m.nuclei}
     result["wsi"] = whole_slide_metrics(pred, meas, mask)
+    if mask is not None:  # tissue the map leaves unpredicted scores as 0: say how much there is
+        covered = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
+        result["wsi"]["tissue_uncovered_pixels"] = int((mask & ~covered).sum().compute(scheduler="threads"))
     result["sampling"] = m.sampling
     result["seams"] = seam_numbers(m, truth, progress)
     clean = Companion.open(clean_path, truth) if clean_path is not None else None

@@ -118,12 +118,16 @@ def write_ome_tiff(
     level: int = 4,
     channels: list[int] | None = None,
     dtype: np.dtype | None = None,
+    description: str | None = None,
 ) -> None:
-    """Tiled pyramidal OME-TIFF (SubIFDs) from zarr levels; written to a temp name, then renamed."""
+    """Tiled pyramidal OME-TIFF (SubIFDs) from zarr levels; written to a temp name, then renamed.
+    `description` becomes the OME Image's Description (provenance a viewer shows)."""
     channels = list(range(levels[0].shape[0])) if channels is None else list(channels)
     c, h, w = len(channels), levels[0].shape[1], levels[0].shape[2]
     dtype = np.dtype(dtype or levels[0].dtype)
     metadata: dict = {"axes": "CYX", "Channel": {"Name": list(channel_names)}}
+    if description:
+        metadata["Description"] = description
     resolution = None
     if mpp:
         metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")

@@ -57,6 +57,9 @@ class PredictConfig:
     # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas (seamless, but with
     # the tiny model it drifts brighter: see README, Seamless maps)
     sampling: str = "independent"
+    # False (`--no-nuclei`): the uni-modal branch only. The nuclei channel is still tiled when the slide has one,
+    # so the tissue mask, the patches and the scored pixels are the same as with nuclei
+    nuclei: bool = True
 
     @property
     def n_steps(self) -> int:
@@ -145,12 +148,17 @@ class Predictor:
         """Pixels per latent pixel."""
         return self.rc.autoencoder.factor
 
+    def uses_nuclei(self, roles: list[str]) -> bool:
+        """Whether the multi-modal branch runs: the tiled inputs hold nuclei and `--no-nuclei` was not given."""
+        return self.cfg.nuclei and "nuclei" in roles
+
     @torch.inference_mode()
     def conditions(self, images: torch.Tensor, roles: list[str]) -> torch.Tensor:
         """images (B, C, P, P) in [-1, 1] → the U-Net's conditions (B, c_uni [+ c_multi] channels, p, p):
         the uni-modal branch's latent first, the multi-modal partner's after it (absent without nuclei)."""
         x = images.to(self.device)
-        enc = {r: in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) for r in ("vessels", "nuclei") if r in roles}
+        used = ("vessels", "nuclei") if self.uses_nuclei(roles) else ("vessels",)
+        enc = {r: in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) for r in used if r in roles}
         c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
         return c_uni if c_multi is None else torch.cat([c_uni, c_multi], 1)
 
@@ -186,7 +194,8 @@ class Predictor:
         return mean, sd, d.reshape(k, b).mean(0), share.reshape(k, b).mean(0)
 
 
-def _condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
+def condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
+    """How `predict` tiles a slide for a run: the run's patch size, resolution and percentiles."""
     p = int(rc.patch_size)
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
@@ -207,22 +216,25 @@ def run_predict(
     out = Path(out)
     ranks = setup_ranks(cfg.device)
     rc = load_run_config(RunDir(run_dir))
+    # prediction reads its inputs only: a measured NP channel, when the slide has one, is never tiled, so it
+    # cannot change the tissue mask, the normalisation or which patches are predicted
+    specs = [spec.without("target") for spec in specs]
     for spec in specs:
         if "vessels" not in spec.roles:
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
-        if rc.model.uni_branch == "nuclei" and "nuclei" not in spec.roles:
-            raise InputError(run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel")
+        if rc.model.uni_branch == "nuclei" and not (cfg.nuclei and "nuclei" in spec.roles):
+            raise InputError(run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel (or --no-nuclei was given)")
     predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
     if ranks.main:
         prepare_output(out, resume, overwrite, (cond_path, partial_path(cond_path)))
         if not cond_path.exists():
-            run_tile(specs, cond_path, _condition_config(rc, cfg), resume=True, progress=progress)
+            run_tile(specs, cond_path, condition_config(rc, cfg), resume=True, progress=progress)
         if not (partial / "zarr.json").exists():
             conditions = PatchStore.open(cond_path)
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
-                     "nuclei": "nuclei" in conditions.roles, "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
+                     "nuclei": predictor.uses_nuclei(conditions.roles), "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
             create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
     ranks.barrier()
     conditions = PatchStore.open(cond_path)

@@ -25,7 +25,7 @@ from . import __version__
 from .errors import InputError
 from .files import prepare_output, publish
 from .jobs import TaskProgress, check_resources
-from .slides import SlideSpec
+from .slides import SlideSpec, open_file
 from .store import PatchStore, create_patch_store
 from .tiling import (
     LevelChoice,
@@ -39,6 +39,7 @@ from .tiling import (
     tissue_mask,
     unit_range,
 )
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -124,7 +125,7 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         if not np.isfinite(low).all():
             raise InputError(slide.path, "holds NaN or infinite values", "fix or mask them before tiling")
         um_per_px = slide.mpp * low_ds if slide.mpp else None
-        mask = tissue_mask(low, um_per_px)
+        mask = tissue_mask(low[spec.mask_channels], um_per_px)
         lo, hi = percentile_stats(low, mask, *cfg.percentiles)
     ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.align)
     xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.align)
@@ -263,3 +264,28 @@ def _compute(tasks: list, scheduler: str, workers: int | None, bar: tqdm) -> Non
         futures = client.compute(tasks)
         for fut in as_completed(futures):
             bar.update(int(fut.result()))
+
+
+def label_patches(store_path: Path, labels: dict[str, Path], names: dict[int, str]) -> np.ndarray:
+    """Give every patch of a store the majority label of its footprint in an integer label image
+    registered to its slide (`labels`: slide id → image; e.g. the simulator's divergence mask), so
+    training can report the gate per region. Writes the store's `region` array (−1: slide without
+    labels) and `region_names`; returns the labels."""
+    store = PatchStore.open(store_path, mode="r+")
+    coords, p = store.coords, int(store.attrs["patch_size"])
+    region = np.full(len(coords), -1, np.int16)
+    for si, entry in enumerate(store.slides):
+        path = labels.get(entry["slide_id"])
+        if path is None:
+            continue
+        rows = np.nonzero(coords[:, 0] == si)[0]
+        step = max(1, round(float(entry["downsample"])))  # label pixel per tiled pixel: nearest, labels are not averaged
+        with open_file(path) as image:
+            for r in rows:
+                y, x = int(coords[r, 1]) * step, int(coords[r, 2]) * step
+                block = np.asarray(image.read_region(0, y, x, p * step, p * step))[0, ::step, ::step]
+                region[r] = np.bincount(block.astype(np.int64).ravel().clip(0)).argmax()
+    store.root.create_array("region", shape=region.shape, dtype=np.int16, chunks=(max(1, len(region)),), fill_value=-1, overwrite=True)
+    store.root["region"][:] = region
+    store.root.attrs["region_names"] = {str(k): v for k, v in names.items()}
+    return region

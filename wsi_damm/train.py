@@ -26,15 +26,17 @@ from .diffusion.schedule import NoiseSchedule
 from .distributed import Ranks, average_gradients, data_parallel, parameter_checksums, setup_ranks
 from .errors import InputError
 from .files import write_csv, write_json
+from .gate_regions import GateByRegion
 from .models.autoencoder import Autoencoder
 from .models.damm_unet import DammUNet
-from .run_dir import (ROLES_NEEDED, RunDir, build_autoencoder, build_schedule, build_unet, load_autoencoders, load_run_config,
+from .run_dir import (METRIC_FIELDS, ROLES_NEEDED, RunDir, build_autoencoder, build_schedule, build_unet, load_autoencoders, load_run_config,
                       read_metrics, write_metrics)
 from .store import PatchStore
 from .training_data import PatchImages, batch_rows, split_by_slide, step_generator
 
 
-def _lr_at(step: int, cfg: RunConfig) -> float:
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate at `step`: linear warm-up, then cosine down to a tenth (or constant)."""
     t = cfg.train
     if step < t.lr_warmup_steps:
         return t.lr * (step + 1) / t.lr_warmup_steps
@@ -141,8 +143,13 @@ def train_diffusion(
     resume: bool,
     progress: bool,
     stop_after: int | None = None,
+    regions: tuple[torch.Tensor, dict[int, str]] | None = None,
 ) -> DammUNet:
+    """`regions`: a label per training patch and the labels' names; the DFL label rate and mean κ per
+    region are then logged with the metrics (rank 0's samples)."""
     t_cfg = cfg.train
+    by_region = GateByRegion(regions[1]) if regions is not None else None
+    fields = METRIC_FIELDS + (by_region.columns if by_region else [])
     sched = build_schedule(cfg.schedule)
     loss_cfg = DammLoss(cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl)
     torch.manual_seed(t_cfg.seed)
@@ -175,7 +182,7 @@ def train_diffusion(
     for step in bar:
         warm = step < warmup_steps
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg)
         sel = batch_rows(n, t_cfg.batch_size * ranks.world, step, t_cfg.seed)
         g = step_generator(t_cfg.seed, step, 1)
         t_all = torch.randint(0, sched.T, (len(sel),), generator=g)
@@ -196,6 +203,8 @@ def train_diffusion(
             with _autocast(ranks.device, amp):
                 eps_uni, eps_multi, kappa = fwd(z_t, t, c_uni, c_multi, use_confidence=not warm)
             loss, stats = damm_loss(eps_uni, eps_multi, kappa, target, loss_cfg, warmup=warm)
+            if by_region is not None and eps_multi is not None and kappa is not None:
+                by_region.add(regions[0][rows_b], eps_uni.detach(), eps_multi.detach(), kappa.detach(), target)
             (loss / t_cfg.grad_accum).backward()
             logs = stats
         if t_cfg.grad_clip > 0:
@@ -206,15 +215,16 @@ def train_diffusion(
         done = step + 1
         if ranks.main and (done % t_cfg.log_every == 0 or done == t_cfg.steps or done % t_cfg.val_every == 0):
             now = time.perf_counter()
-            row = {"step": done, "phase": "warmup" if warm else "dammp", "lr": _lr_at(step, cfg),
-                   "steps_per_s": (done - last_step) / max(now - last_t, 1e-9), **{k: float(v) for k, v in logs.items()}}
+            row = {"step": done, "phase": "warmup" if warm else "dammp", "lr": lr_at(step, cfg),
+                   "steps_per_s": (done - last_step) / max(now - last_t, 1e-9), **{k: float(v) for k, v in logs.items()},
+                   **(by_region.row() if by_region is not None else {})}
             last_t, last_step = now, done
             if done % t_cfg.val_every == 0 or done == t_cfg.steps:
                 row.update(validate(ema.eval(), val_latents, sched, cfg, ranks.device))
             rows.append(row)
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {})})
         if ranks.main and (done % t_cfg.checkpoint_every == 0 or done == end):
-            _checkpoint(run, model, ema, opt, done, rows)
+            _checkpoint(run, model, ema, opt, done, rows, fields)
     checksums = parameter_checksums(model, ranks) if ranks.world > 1 else None
     if ranks.main and end == t_cfg.steps:
         save_weights(run.unet, ema, {"steps": t_cfg.steps})
@@ -225,7 +235,7 @@ def train_diffusion(
     return ema
 
 
-def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict]) -> None:
+def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict], fields: list[str] = METRIC_FIELDS) -> None:
     """Step k's weights and state go into a folder of their own; `latest.json` is switched to it last
     (one atomic rename), so a kill at any instant leaves the previous checkpoint whole and named."""
     folder = run.ckpt / f"step_{step:09d}"
@@ -233,7 +243,7 @@ def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict]) -> No
     save_weights(folder / "unet.safetensors", model, {"step": step})
     save_weights(folder / "unet_ema.safetensors", ema, {"step": step})
     save_state(folder / "state.pt", {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
-    write_metrics(run.metrics, rows)  # rows beyond the named step are dropped on resume
+    write_metrics(run.metrics, rows, fields)  # rows beyond the named step are dropped on resume
     write_json(run.ckpt / "latest.json", {"step": step, "folder": folder.name})
     for old in run.ckpt.glob("step_*"):
         if old != folder:
@@ -241,7 +251,8 @@ def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict]) -> No
 
 
 def plot_losses(run: RunDir) -> None:
-    """loss.png: training and validation ε-loss per branch, the gate's multi-modal share, mean κ."""
+    """loss.png: training and validation ε-loss per branch, the gate's multi-modal share, mean κ, and —
+    for a store with region labels — the DFL label rate and mean κ per region."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +262,9 @@ def plot_losses(run: RunDir) -> None:
     if not rows:
         return
     col = lambda k: [(r["step"], r[k]) for r in rows if r.get(k) not in ("", None)]  # noqa: E731
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    regions = [k.removeprefix("dfl_label_rate_") for k in rows[0] if k.startswith("dfl_label_rate_")]
+    fig, axes = plt.subplots(1, 3 if regions else 2, figsize=(16.5 if regions else 11, 4))
+    ax1, ax2 = axes[:2]
     for key, label, style in (("loss", "train total", "-"), ("l_uni", "train uni", ":"), ("l_multi", "train multi", ":"),
                               ("val_loss", "val (gated)", "o-"), ("val_l_uni", "val uni", "s--"), ("val_l_multi", "val multi", "^--")):
         pts = col(key)
@@ -268,6 +281,15 @@ def plot_losses(run: RunDir) -> None:
         ax2.axvspan(0, max(warm), color="0.9", label="warm-up (plain cross-attention)")
     ax2.set(xlabel="step", ylim=(-0.05, 1.05), title="DAMMP gate")
     ax2.legend(fontsize=8)
+    for i, name in enumerate(regions):  # what the divergence feedback loss teaches the gate, per region
+        colour = f"C{i}"
+        for key, style, label in (("dfl_label_rate", "-", "DFL label rate (multi ≤ uni loss)"), ("mean_kappa", "--", "mean κ")):
+            pts = col(f"{key}_{name}")
+            if pts:
+                axes[2].plot(*zip(*pts), style, color=colour, label=f"{name}: {label}")
+    if regions:
+        axes[2].set(xlabel="step", ylim=(-0.05, 1.05), title="gate by region (training batches)")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run.path / "loss.png", dpi=110)
     plt.close(fig)
@@ -321,5 +343,9 @@ def run_training(
         ae.eval()
     latents = encode_all(images, roles, aes, ranks.device)
     val_latents = encode_all(PatchImages(store, val_idx), roles, aes, ranks.device) if len(val_idx) else {r: latents[r][:0] for r in ROLES_NEEDED}
-    train_diffusion(latents, val_latents, run, cfg, ranks, resume, progress, stop_after)
+    regions = None
+    if "region" in store.root and store.attrs.get("region_names"):
+        names = {int(k): v for k, v in store.attrs["region_names"].items()}
+        regions = (torch.from_numpy(np.asarray(store.root["region"][:])[train_idx].astype(np.int64)), names)
+    train_diffusion(latents, val_latents, run, cfg, ranks, resume, progress, stop_after, regions)
     return run

@@ -163,9 +163,9 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--manifest", type=click.Path(path_type=Path))
 @click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI (nuclei optional).")
 @click.option("--plane", multiple=True)
-@click.option("--no-nuclei", is_flag=True, help="Ignore the nuclei channel: uni-modal branch only.")
+@click.option("--no-nuclei", is_flag=True, help="Uni-modal branch only: the nuclei channel still shapes the tissue mask, not the prediction.")
 @click.option("--sampling", default="independent", type=click.Choice(["independent", "canvas"]),
-              help="independent: each patch alone; canvas: all patches in lockstep on one latent canvas (no patch grid; "
+              help="independent: each patch alone; canvas: all patches in lockstep on one latent canvas (meant to remove the patch grid; "
                    "see the README's Seamless maps for what it costs today).")
 @click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="dpm++ = DPM-Solver++(2M).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
@@ -193,10 +193,8 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
     from wsi_damm.predict import PredictConfig, predict_maps
 
     specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance)
-    if no_nuclei:
-        specs = [s.without("nuclei") for s in specs]
     cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
-                        min_tissue=min_tissue, amp=amp, device=device, shard_patches=shard_patches, samples=samples)
+                        min_tissue=min_tissue, amp=amp, device=device, shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
     done = predict_maps(run_dir, specs, out, cfg, stitch=do_stitch, map_path=map_path, blend=blend, tiff=tiff, resume=resume,
                         overwrite=overwrite, progress=not quiet)
     click.echo(f"{out}: {len(done.store)} patches predicted ({sampling} sampling, {sampler}, {cfg.n_steps} steps)")
@@ -296,12 +294,13 @@ def demo(out, preset, quick, quiet) -> None:
 @cli.command(short_help="Ablation study on synthetic slides, by region.")
 @click.option("--out", default=Path("study"), type=click.Path(file_okay=False, path_type=Path), help="Where everything goes (rerun to resume).")
 @click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
-@click.option("--seeds", type=click.IntRange(1), help="Training seeds per model (default 2; --quick 1).")
+@click.option("--seeds", type=click.IntRange(1), help="Training seeds per model (default 3; --quick 2).")
 @click.option("--quick", is_flag=True, help="Tiny budget: checks the pipeline, not the science.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def study(out, preset, seeds, quick, quiet) -> None:
-    """DAMM full vs uni-only, no DAMMP, no MMFM, cross-attention, blurred-vessel baseline and oracle,
-    scored where nuclei are informative and where they mislead; plus a sampler comparison."""
+    """DAMM full vs uni-only, no DAMMP, no MMFM, cross-attention and a regression U-Net, beside the
+    blurred-vessel baseline, the oracle and the autoencoder ceiling, one draw and a mean of draws, all on
+    the same pixels, scored where nuclei are informative and where they mislead; plus a sampler comparison."""
     from wsi_damm.workflows.study import run_study
 
     s = run_study(out, preset=preset, quick=quick, seeds=seeds, progress=not quiet, log=lambda msg: click.echo(msg, err=True))

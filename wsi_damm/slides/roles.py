@@ -13,6 +13,7 @@ from .base import DEFAULT_MAX_BYTES, Level, Slide
 from .open import open_file
 
 ROLES = ("vessels", "nuclei", "target")
+INPUT_ROLES = ("vessels", "nuclei")  # what prediction reads; the tissue mask comes from these alone
 AUTO_NAMES = {
     "vessels": ("cd31", "pecam1", "pecam-1", "pecam"),
     "nuclei": ("dapi", "hoechst", "hoechst33342"),
@@ -61,6 +62,14 @@ class SlideSpec:
     @property
     def paths(self) -> list[str]:
         return list(dict.fromkeys(ref.path for _, ref in self.channels))
+
+    @property
+    def mask_channels(self) -> list[int]:
+        """Channels the tissue mask is drawn from: the inputs (CD31, DAPI), never the measured target, so
+        a slide gets the same mask — and the same patches — whether or not its NP channel is given.
+        A slide with no input role (a target-only truth file) falls back to all its channels."""
+        inputs = [i for i, r in enumerate(self.roles) if r in INPUT_ROLES]
+        return inputs or list(range(len(self.channels)))
 
     def open(self) -> "RoleSlide":
         return RoleSlide(self)

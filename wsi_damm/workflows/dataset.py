@@ -11,8 +11,9 @@ from pathlib import Path
 from ..files import write_json
 from ..inputs import resolve_slides
 from ..slides import SlideSpec
-from ..tile import TileConfig, run_tile
-from .synth import SynthConfig, write_slides
+from ..store import PatchStore
+from ..tile import TileConfig, label_patches, run_tile
+from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, write_slides
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,13 @@ def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg:
     cfg = SynthConfig(size=size, seed=1)
     done = out / "synth_done.json"
     names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
-    if not done.exists() or json.loads(done.read_text()) != {"size": size, "train": n_train, "heldout": n_heldout}:
+    wanted = {"size": size, "train": n_train, "heldout": n_heldout, "simulator_version": SIMULATOR_VERSION}
+    if not done.exists() or json.loads(done.read_text()) != wanted:
         log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {size}² px at {cfg.mpp} µm/px) → {out / 'slides'}")
         write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
         write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001), progress=progress, prefix="heldout")
         shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
-        write_json(done, {"size": size, "train": n_train, "heldout": n_heldout})
+        write_json(done, wanted)
     train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]])
     held_dir = out / "slides" / "heldout"
     heldout = [HeldOut(resolve_slides([held_dir / f"{n}.ome.tif"])[0], held_dir / "truth" / f"{n}.np_clean.ome.tif",
@@ -49,4 +51,8 @@ def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg:
     if not store.exists():
         log(f"tiling → {store}")
         run_tile(train_specs, store, tile_cfg, resume=True, progress=progress)
+    if "region" not in PatchStore.open(store).root:
+        # the simulator's divergence mask as region labels: training then logs the gate per region
+        truth = {s.slide_id: out / "slides" / "train" / "truth" / f"{s.slide_id}.divergence.ome.tif" for s in train_specs}
+        label_patches(store, truth, DIVERGENCE_LABELS)
     return SyntheticData(train_specs, heldout, store)

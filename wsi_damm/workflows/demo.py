@@ -19,7 +19,7 @@ from ..tile import TileConfig
 from ..train import run_training
 from . import baseline
 from .dataset import synthetic_data
-from .synth import DIVERGENCE_LABELS
+from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     d, b = damm["slides"][0], ref["slides"][0]
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
+        "simulator_version": SIMULATOR_VERSION,
         "damm": {"wsi_ssim": d["wsi"]["ssim_tissue"], "wsi_psnr": d["wsi"]["psnr_tissue"],
                  "patch_ssim_percent": d["patches"]["ssim_percent"]["mean"], "patch_psnr": d["patches"]["psnr"]["mean"],
                  "seam_score": d["seams"]["map"], "sampling": d["sampling"]},

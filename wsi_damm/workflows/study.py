@@ -4,7 +4,9 @@ Same data, autoencoders and step budget for every model; only the DAMM part chan
 trained with every seed; every held-out map is scored over tissue, over the region where nuclei are
 informative and over the region where the simulator made them divergent (its truth mask). Two
 non-learned references sit beside them: the blurred-vessel baseline and the noiseless oracle.
-A sampler comparison (DDIM-150/50, DPM++-20/10, wall time) runs on the first seed of DAMM full.
+Every model is scored with a single draw and with the mean of K draws, and every row on the same
+pixels and patches (`same_pixels` refuses a table that is not). A sampler comparison (DDIM-150/50,
+DPM++-20/10, wall time) runs on the first seed of DAMM full.
 
 Every result is a file under OUT; rerunning skips what is done, so a killed study resumes.
 """
@@ -15,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +27,16 @@ from ..evaluate import evaluate_slide
 from ..files import write_json
 from ..metrics import psnr_from_mse
 from ..predict import PredictConfig, run_predict
-from ..run_dir import ROLES_NEEDED, RunDir
+from ..run_dir import ROLES_NEEDED, RunDir, read_metrics
 from ..stitch import run_stitch
 from ..tile import TileConfig
 from ..train import run_training
 from . import baseline
+from .ceiling import SOURCES, ceiling_map
 from .dataset import SyntheticData, synthetic_data
-from .synth import DIVERGENCE_LABELS
+from .regression import WEIGHTS as REGRESSION_WEIGHTS
+from .regression import regression_map, train_regression
+from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
 
 REGIONS = DIVERGENCE_LABELS
 
@@ -52,6 +57,7 @@ VARIANTS = (
     Variant("no_mmfm", "no MMFM", {"model": {"mmfm": False}}),
     Variant("cross_attention", "cross-attention instead of UAFM", {"model": {"fusion": "cross-attention"}}),
 )
+REGRESSION_LABEL = "regression U-Net (L1; pix2pix generator, no GAN)"
 SAMPLERS = (("ddim", 150), ("ddim", 50), ("dpm++", 20), ("dpm++", 10))
 
 
@@ -59,18 +65,19 @@ SAMPLERS = (("ddim", 150), ("ddim", 50), ("dpm++", 20), ("dpm++", 10))
 class StudyPlan:
     size: int
     train_slides: int
+    heldout_slides: int
     ae_steps: int
     steps: int
     seeds: tuple[int, ...]
     sample_steps: int = 20
-    samples: int = 4  # draws per patch; the map is their mean (the sampler comparison uses one draw)
+    samples: int = 4  # draws per patch of the mean-of-draws rows; every model also gets a single-draw row
     samplers: tuple[tuple[str, int], ...] = SAMPLERS
     patch: int = 128
     overlap: int = 32
 
 
-FULL = StudyPlan(size=2048, train_slides=3, ae_steps=300, steps=1000, seeds=(0, 1))
-QUICK = StudyPlan(size=1024, train_slides=2, ae_steps=30, steps=40, seeds=(0,), sample_steps=5, samples=2,
+FULL = StudyPlan(size=2048, train_slides=3, heldout_slides=2, ae_steps=300, steps=1000, seeds=(0, 1, 2))
+QUICK = StudyPlan(size=1024, train_slides=2, heldout_slides=2, ae_steps=30, steps=40, seeds=(0, 1), sample_steps=5, samples=2,
                   samplers=(("ddim", 10), ("dpm++", 5)))
 
 
@@ -88,6 +95,11 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
         run_training(data.store, shared.path, base, stage="autoencoder", progress=progress)
     trained = RunConfig.from_dict(json.loads(shared.config.read_text()))  # patch size, roles, … filled in from the store
     runs = {}
+    for seed in plan.seeds:  # the regression U-Net, at DAMM full's budget and batch order
+        path = out / "runs" / f"regression_seed{seed}"
+        if not (path / REGRESSION_WEIGHTS).exists():
+            log(f"training the regression U-Net, seed {seed} ({plan.steps} steps) → {path}")
+        runs["regression", seed] = train_regression(data.store, path, _variant_config(trained, plan, VARIANTS[0], seed), progress)
     for v in (v for v in VARIANTS if v.trained_as is None):
         for seed in plan.seeds:
             run = RunDir(out / "runs" / f"{v.name}_seed{seed}")
@@ -111,9 +123,8 @@ def _predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictCo
     if result_path.exists():
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    specs = [h.spec.without("nuclei") if no_nuclei else h.spec for h in data.heldout]
     t0 = time.perf_counter()
-    run_predict(run, specs, out / "prediction.zarr", cfg, overwrite=True, progress=progress)
+    run_predict(run, [h.spec for h in data.heldout], out / "prediction.zarr", replace(cfg, nuclei=not no_nuclei), overwrite=True, progress=progress)
     seconds = time.perf_counter() - t0
     maps = run_stitch(out / "prediction.zarr", out / "maps", progress=progress)
     slides = [_score(m, h, progress) for m, h in zip(maps, data.heldout)]
@@ -125,7 +136,7 @@ def _predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictCo
 
 def _score(map_path: Path, held, progress: bool) -> dict:
     e = evaluate_slide(map_path, held.spec, held.clean, True, progress, held.divergence, REGIONS)
-    e.result["patch_rows"] = [{k: row[k] for k in ("ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows]
+    e.result["patch_rows"] = [{k: row[k] for k in ("slide", "y", "x", "ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows]
     return e.result
 
 
@@ -138,6 +149,46 @@ def _baseline(data: SyntheticData, out: Path, tile_cfg: TileConfig, progress: bo
     result = {"sigma_um": fitted.sigma_um, "r2_train": fitted.r2, "slides": slides}
     write_json(result_path, result)
     return result
+
+
+def _regression(run: Path, data: SyntheticData, out: Path, progress: bool) -> dict:
+    result_path = out / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    maps = [regression_map(run, h.spec, out / f"{h.spec.slide_id}.ome.zarr", progress) for h in data.heldout]
+    seconds = time.perf_counter() - t0
+    result = {"predict_seconds": seconds, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
+    write_json(result_path, result)
+    return result
+
+
+def _ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress: bool) -> dict:
+    """The autoencoder ceiling (decode(encode(NP)) of the measured or noiseless field) on every held-out slide."""
+    result_path = out / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    shutil.rmtree(out, ignore_errors=True)  # maps of a killed run
+    slides = [_score(ceiling_map(ae_run, h.spec, h.clean, out / f"{h.spec.slide_id}.ome.zarr", source, progress), h, progress)
+              for h in data.heldout]
+    result = {"source": source, "slides": slides}
+    write_json(result_path, result)
+    return result
+
+
+def gate_in_training(metrics: list[dict]) -> dict[str, dict]:
+    """Per region, over the DAMMP phase of a run's metrics rows: the DFL label rate (share of samples on
+    which the multi-modal loss was no larger) and mean κ, weighted by the samples each row counted."""
+    out = {}
+    names = [k.removeprefix("samples_") for k in (metrics[0] if metrics else {}) if k.startswith("samples_")]
+    for name in names:
+        rows = [r for r in metrics if r.get("phase") == "dammp" and r.get(f"samples_{name}") not in ("", None, 0)]
+        n = sum(r[f"samples_{name}"] for r in rows)
+        if n:
+            out[name] = {"samples": int(n), "dfl_label_rate": sum(r[f"samples_{name}"] * r[f"dfl_label_rate_{name}"] for r in rows) / n,
+                         "mean_kappa": sum(r[f"samples_{name}"] * r[f"mean_kappa_{name}"] for r in rows) / n}
+    return out
 
 
 def _region_numbers(result: dict, key: str = "regions", oracle: bool = False) -> dict[str, dict]:
@@ -167,9 +218,42 @@ def _region_numbers(result: dict, key: str = "regions", oracle: bool = False) ->
     return out
 
 
-def _summarise_model(label: str, per_seed: list[dict], kind: str) -> dict:
-    """Mean and spread over seeds of WSI numbers; patch numbers pooled over seeds (mean ± sd over patches)."""
-    row = {"model": label, "kind": kind, "seeds": len(per_seed), "regions": {}}
+def sample_sd(values) -> float:
+    """Sample standard deviation (ddof = 1); NaN below two values — a spread is not measured from one."""
+    values = np.asarray(values, np.float64)
+    return float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def same_pixels(rows: dict[str, dict]) -> int:
+    """Score every row on the same pixels and patches: checks that each held-out slide's tissue and region
+    pixel counts are the same in every row (one mask per slide), keeps in every row only the patches every
+    row scored, and returns how many that is. Raises when the learned rows (same tiling) scored different
+    patches or when any pixel count differs — a comparison on other pixels is not a comparison."""
+    def pixel_counts(res: dict) -> list:
+        return [(s["slide"], s["wsi"]["pixels_tissue"], sorted((k, g["pixels"]) for k, g in s.get("regions", {}).items())) for s in res["slides"]]
+
+    def patches(res: dict) -> set:
+        return {(r["slide"], r["y"], r["x"]) for s in res["slides"] for r in s["patch_rows"]}
+
+    names = list(rows)
+    first = pixel_counts(rows[names[0]])
+    for name in names[1:]:
+        if pixel_counts(rows[name]) != first:
+            raise RuntimeError(f"study rows {names[0]!r} and {name!r} were scored on different pixels")
+    learned = [n for n in names if rows[n].get("kind") != "reference"]  # every row on predict's tiling
+    for name in learned[1:]:
+        if patches(rows[name]) != patches(rows[learned[0]]):
+            raise RuntimeError(f"study rows {learned[0]!r} and {name!r} scored different patches")
+    common = set.intersection(*(patches(rows[n]) for n in names))
+    for res in rows.values():
+        for s in res["slides"]:
+            s["patch_rows"] = [r for r in s["patch_rows"] if (r["slide"], r["y"], r["x"]) in common]
+    return len(common)
+
+
+def _summarise_model(label: str, per_seed: list[dict], kind: str, draws: int | None = None) -> dict:
+    """Mean and sample sd (ddof = 1) over seeds of WSI numbers; patch numbers pooled over seeds (mean ± sd over patches)."""
+    row = {"model": label, "kind": kind, "draws": draws, "seeds": len(per_seed), "regions": {}}
     for region in ("tissue", *REGIONS.values()):
         vals = [s[region] for s in per_seed if region in s]
         if not vals:
@@ -180,36 +264,50 @@ def _summarise_model(label: str, per_seed: list[dict], kind: str) -> dict:
         pp = pp[np.isfinite(pp)]
         share = [v["share"] for v in vals if math.isfinite(v["share"])] if kind == "learned" else []
         row["regions"][region] = {
-            "wsi_ssim": float(ssim.mean()), "wsi_ssim_sd": float(ssim.std()), "wsi_psnr": float(psnr.mean()), "wsi_psnr_sd": float(psnr.std()),
+            "wsi_ssim": float(ssim.mean()), "wsi_ssim_sd": sample_sd(ssim), "wsi_psnr": float(psnr.mean()), "wsi_psnr_sd": sample_sd(psnr),
             "wsi_ssim_per_seed": ssim.tolist(), "wsi_psnr_per_seed": psnr.tolist(),
-            "patch_ssim_percent": float(ps.mean()) if len(ps) else math.nan, "patch_ssim_percent_sd": float(ps.std()) if len(ps) else math.nan,
-            "patch_psnr": float(pp.mean()) if len(pp) else math.nan, "patch_psnr_sd": float(pp.std()) if len(pp) else math.nan,
-            "patches": int(len(ps)), "multimodal_share": float(np.mean(share)) if share else None,
+            "patch_ssim_percent": float(ps.mean()) if len(ps) else math.nan, "patch_ssim_percent_sd": sample_sd(ps),
+            "patch_psnr": float(pp.mean()) if len(pp) else math.nan, "patch_psnr_sd": sample_sd(pp),
+            "patches": int(len(ps)) // max(1, len(vals)), "multimodal_share": float(np.mean(share)) if share else None,
+            "multimodal_share_per_seed": [v["share"] for v in vals] if kind == "learned" else None,
         }
     return row
 
 
 def markdown_table(rows: list[dict], seeds: int) -> str:
-    head = ["model"]
+    head = ["model", "draws"]
     for region in ("tissue", *REGIONS.values()):
         head += [f"{region} WSI SSIM", f"{region} WSI PSNR", f"{region} patch SSIM %", f"{region} multi-modal share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"]]
+        cells = [r["model"], "–" if r.get("draws") is None else str(r["draws"])]
         for region in ("tissue", *REGIONS.values()):
             g = r["regions"].get(region)
             if g is None:
                 cells += ["–"] * 4
                 continue
-            sd = lambda v: f" ± {v:.3f}" if r["seeds"] > 1 else ""  # noqa: E731
+            sd = lambda v: f" ± {v:.3f}" if r["seeds"] > 1 else ""  # noqa: E731 (sd over seeds, ddof = 1)
             cells += [f"{g['wsi_ssim']:.4f}{sd(g['wsi_ssim_sd'])}", f"{g['wsi_psnr']:.2f}{sd(g['wsi_psnr_sd'])}",
                       f"{g['patch_ssim_percent']:.1f} ± {g['patch_ssim_percent_sd']:.1f}",
                       "–" if g["multimodal_share"] is None else f"{g['multimodal_share']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"WSI columns: mean ± sd over {seeds} training seed(s) (pixel-weighted over held-out slides); patch columns: "
+    lines.append(f"WSI columns: mean ± sample sd (ddof = 1) over {seeds} training seed(s) (pixel-weighted over held-out slides); patch columns: "
                  "mean ± sd over the paper's non-overlapping patches, pooled over seeds; a patch belongs to its majority region. "
                  "Multi-modal share: fraction of sampling steps on which the DAMMP gate chose the multi-modal branch.")
+    return "\n".join(lines)
+
+
+def gate_table(gate: dict[str, dict]) -> str:
+    """The DFL labels the gate was trained on, per run and region (DAMMP phase)."""
+    regions = list(dict.fromkeys(name for per in gate.values() for name in per))
+    head = ["run"] + [f"{g} {what}" for g in regions for what in ("DFL label rate", "mean κ")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, per in gate.items():
+        cells = [run] + [f"{per[g][k]:.3f}" if g in per else "–" for g in regions for k in ("dfl_label_rate", "mean_kappa")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "DFL label rate: share of training samples on which the multi-modal branch's loss was no larger than the "
+              "uni-modal one's — what the divergence feedback loss teaches the gate (1 = always trust nuclei)."]
     return "\n".join(lines)
 
 
@@ -223,6 +321,10 @@ def sampler_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _label(row: dict) -> str:
+    return row["model"] if row.get("draws") is None else f"{row['model']}, {row['draws']} draw{'s' if row['draws'] > 1 else ''}"
+
+
 def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     """Bars per model and region (seed spread as error bars), gate share, and SSIM vs sampling time."""
     import matplotlib
@@ -231,25 +333,26 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     regions = ("tissue", *REGIONS.values())
-    fig, axes = plt.subplots(1, 4, figsize=(22, 5.5), gridspec_kw={"width_ratios": [3, 3, 2, 2]})
+    fig, axes = plt.subplots(1, 4, figsize=(22, 6.5), gridspec_kw={"width_ratios": [3, 3, 2, 2]})
     width = 0.8 / len(rows)
     xs = np.arange(len(regions))
-    colours = plt.cm.tab10(np.arange(len(rows)))
+    colours = plt.cm.tab20(np.arange(len(rows)) % 20)
     for ax, key, title in ((axes[0], "wsi_ssim", "WSI SSIM"), (axes[1], "wsi_psnr", "WSI PSNR (dB)")):
         for i, r in enumerate(rows):
             vals = [r["regions"].get(g, {}).get(key, np.nan) for g in regions]
-            err = [r["regions"].get(g, {}).get(key + "_sd", 0.0) for g in regions]
-            ax.bar(xs + (i - len(rows) / 2 + 0.5) * width, vals, width, yerr=err, capsize=2, label=r["model"], color=colours[i])
+            err = np.nan_to_num([r["regions"].get(g, {}).get(key + "_sd", 0.0) for g in regions])
+            ax.bar(xs + (i - len(rows) / 2 + 0.5) * width, vals, width, yerr=err, capsize=2, label=_label(r), color=colours[i])
         ax.set_xticks(xs, regions)
         ax.set_title(title + " on held-out slides")
         lo = np.nanmin([r["regions"].get(g, {}).get(key, np.nan) for r in rows for g in regions])
         hi = np.nanmax([r["regions"].get(g, {}).get(key, np.nan) for r in rows for g in regions])
         ax.set_ylim(lo - 0.15 * (hi - lo), hi + 0.1 * (hi - lo))
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(rows), fontsize=9, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(rows), 6), fontsize=9, frameon=False)
     gated = [r for r in rows if r["regions"]["tissue"].get("multimodal_share") is not None and r["kind"] == "learned"]
     for i, r in enumerate(gated):
         axes[2].bar(np.arange(2) + (i - len(gated) / 2 + 0.5) * (0.8 / max(1, len(gated))),
-                    [r["regions"].get(g, {}).get("multimodal_share") or 0 for g in REGIONS.values()], 0.8 / max(1, len(gated)), label=r["model"])
+                    [r["regions"].get(g, {}).get("multimodal_share") or 0 for g in REGIONS.values()], 0.8 / max(1, len(gated)), label=_label(r),
+                    color=colours[rows.index(r)])  # the colours of the legend
     axes[2].set_xticks(np.arange(2), list(REGIONS.values()))
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("DAMMP: share of steps on the multi-modal branch")
@@ -259,7 +362,7 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     axes[3].set_xlabel("predict wall time (s)")
     axes[3].set_ylabel("WSI SSIM (tissue)")
     axes[3].set_title("samplers (DAMM full, seed 0)")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -271,23 +374,41 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     out = Path(out)
     t0 = time.perf_counter()
     tile_cfg = TileConfig(patch_size=plan.patch, overlap=plan.overlap)
-    data = synthetic_data(out / "data", plan.size, plan.train_slides, 1, tile_cfg, progress, log)
+    data = synthetic_data(out / "data", plan.size, plan.train_slides, plan.heldout_slides, tile_cfg, progress, log)
     runs = _train(data, out, plan, preset, progress, log)
 
-    default = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples)
-    rows = []
+    results: dict[str, dict] = {}  # every scored row, before summarising: (variant, draws, seed) → result
     for v in VARIANTS:
-        per_seed = []
-        for seed in plan.seeds:
-            log(f"predicting with {v.label}, seed {seed}")
-            run = runs[v.trained_as or v.name, seed]
-            res = _predict_and_score(run, data, out / "predictions" / f"{v.name}_seed{seed}_k{plan.samples}", default, v.no_nuclei, progress)
-            per_seed.append(_region_numbers(res))
-        rows.append(_summarise_model(v.label, per_seed, "learned"))
+        for draws in dict.fromkeys((1, plan.samples)):
+            cfg = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=draws)
+            for seed in plan.seeds:
+                log(f"predicting with {v.label}, seed {seed}, {draws} draw(s)")
+                res = _predict_and_score(runs[v.trained_as or v.name, seed], data, out / "predictions" / f"{v.name}_seed{seed}_k{draws}",
+                                         cfg, v.no_nuclei, progress)
+                results[f"{v.name}/k{draws}/seed{seed}"] = {**res, "kind": "learned"}
+    for seed in plan.seeds:
+        log(f"predicting with the regression U-Net, seed {seed}")
+        results[f"regression/seed{seed}"] = {**_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
+                                             "kind": "regression"}
     log("blurred-vessel baseline and oracle")
     base = _baseline(data, out / "predictions" / "baseline", tile_cfg, progress)
+    results["baseline"] = {**base, "kind": "reference"}
+    for source in SOURCES:
+        log(f"autoencoder ceiling: decode(encode({source} NP))")
+        results[f"ceiling/{source}"] = {**_ceiling(data, out / "runs" / "autoencoders", out / "predictions" / f"ceiling_{source}", source, progress),
+                                        "kind": "ceiling"}
+    scored_patches = same_pixels(results)
+
+    rows = []
+    for v in VARIANTS:
+        for draws in dict.fromkeys((1, plan.samples)):
+            per_seed = [_region_numbers(results[f"{v.name}/k{draws}/seed{seed}"]) for seed in plan.seeds]
+            rows.append(_summarise_model(v.label, per_seed, "learned", draws))
+    rows.append(_summarise_model(REGRESSION_LABEL, [_region_numbers(results[f"regression/seed{seed}"]) for seed in plan.seeds], "regression"))
     rows.append(_summarise_model(f"blurred-vessel baseline (σ = {base['sigma_um']:g} µm)", [_region_numbers(base)], "reference"))
     rows.append(_summarise_model("oracle (noiseless field)", [_region_numbers(base, "oracle_regions", oracle=True)], "reference"))
+    for source in SOURCES:
+        rows.append(_summarise_model(f"autoencoder ceiling: decode(encode({source} NP))", [_region_numbers(results[f"ceiling/{source}"])], "ceiling"))
 
     samplers = []
     for sampler, steps in plan.samplers:
@@ -297,14 +418,22 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
         tissue = _region_numbers(res)["tissue"]
         samplers.append({"sampler": sampler, "steps": steps, "wsi_ssim": tissue["ssim"], "wsi_psnr": tissue["psnr"], "seconds": res["predict_seconds"]})
 
-    summary = {"plan": asdict(plan), "preset": preset, "seconds": round(time.perf_counter() - t0, 1), "models": rows, "samplers": samplers,
-               "heldout": [h.spec.slide_id for h in data.heldout]}
+    first = results[f"damm/k1/seed{plan.seeds[0]}"]["slides"]
+    scored = {"tissue_pixels": sum(s["wsi"]["pixels_tissue"] for s in first), "patches": scored_patches,
+              "tissue_uncovered_pixels": {name: sum(s["wsi"].get("tissue_uncovered_pixels", 0) for s in r["slides"]) for name, r in results.items()}}
+    gate = {f"{v.name}_seed{seed}": gate_in_training(read_metrics(RunDir(runs[v.name, seed]).metrics))
+            for v in VARIANTS if v.trained_as is None for seed in plan.seeds}
+    summary = {"plan": asdict(plan), "preset": preset, "simulator_version": SIMULATOR_VERSION, "seconds": round(time.perf_counter() - t0, 1),
+               "scored": scored, "gate_in_training": gate, "models": rows, "samplers": samplers, "heldout": [h.spec.slide_id for h in data.heldout]}
     write_json(out / "study.json", summary)
     md = ["# DAMM-Diffusion ablation study on synthetic slides", "",
-          f"Preset `{preset}`, {plan.train_slides} training slides and 1 held-out slide of {plan.size}² px, "
-          f"{plan.steps} diffusion steps per model, seeds {list(plan.seeds)}; maps are the mean of {plan.samples} draws per patch "
-          f"(DPM-Solver++ {plan.sample_steps} steps).", "",
-          markdown_table(rows, len(plan.seeds)), "", "## Samplers (DAMM full, first seed)", "", sampler_table(samplers), "", "![study](study.png)", ""]
+          f"Simulator version {SIMULATOR_VERSION}. Preset `{preset}`, {plan.train_slides} training slides and {plan.heldout_slides} held-out "
+          f"slides of {plan.size}² px, {plan.steps} diffusion steps per model, seeds {list(plan.seeds)}; every model is scored with one draw "
+          f"per patch and with the mean of {plan.samples} draws (DPM-Solver++ {plan.sample_steps} steps). Every row is scored on the same "
+          f"{scored['tissue_pixels']} tissue pixels and the same {scored_patches} patches.", "",
+          markdown_table(rows, len(plan.seeds)), "", "## The gate in training", "", gate_table(gate), "",
+          "## Samplers (DAMM full, first seed, one draw)", "", sampler_table(samplers), "",
+          "![study](study.png)", ""]
     (out / "study.md").write_text("\n".join(md), encoding="utf-8")
     figure(out / "study.png", rows, samplers)
     return summary

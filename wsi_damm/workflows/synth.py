@@ -16,6 +16,7 @@ and the result does not depend on the tile size used.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import zarr
 from scipy import ndimage, signal, special
 from tqdm.auto import tqdm
@@ -30,6 +32,9 @@ from tqdm.auto import tqdm
 from ..files import write_json
 from ..ome import build_pyramid, fast_codec, write_ome_tiff
 
+# The simulator is the yardstick models are measured by. Any change to what it renders needs a physical reason
+# (README, "The simulator") and a new version; the version is written into every slide and every study.
+SIMULATOR_VERSION = 1
 CHANNELS = ("CD31", "DAPI", "NP")
 DIVERGENCE_LABELS = {0: "informative", 1: "divergent"}  # values of truth/*.divergence.ome.tif
 TILE = 1024
@@ -318,12 +323,24 @@ def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers:
         names = {"slide": list(CHANNELS), "clean": ["NP_clean"], "divergence": ["divergent"]}
         for key in ("slide", "clean", "divergence"):
             levels = build_pyramid(root, key)
-            write_ome_tiff(paths[key], levels, names[key], cfg.mpp)
+            write_ome_tiff(paths[key], levels, names[key], cfg.mpp, description=provenance(cfg, index))
             if key == "slide":
                 preview_png(levels, paths["preview"])
         return paths
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def provenance(cfg: SynthConfig, index: int) -> str:
+    """The line each synthetic image carries as its OME Description."""
+    return f"wsi-damm synth: simulator version {SIMULATOR_VERSION}, seed {cfg.seed}, slide {index}"
+
+
+def simulator_version(path: str | Path) -> int | None:
+    """The simulator version a synthetic OME-TIFF was written by (None: not written by `synth`)."""
+    with tifffile.TiffFile(path) as tif:
+        found = re.search(r"wsi-damm synth: simulator version (\d+)", tif.ome_metadata or "")
+    return int(found.group(1)) if found else None
 
 
 def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 2, progress: bool = True, prefix: str = "synth") -> list[dict[str, Path]]:
@@ -332,5 +349,5 @@ def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 
     results = []
     for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=None if (progress and n_slides > 1) else True):
         results.append(write_slide(out_dir, f"{prefix}_{i:03d}", i, cfg, workers, progress))
-    write_json(out_dir / "truth" / "synth_config.json", asdict(cfg))
+    write_json(out_dir / "truth" / "synth_config.json", {"simulator_version": SIMULATOR_VERSION, **asdict(cfg)})
     return results

@@ -1,0 +1,55 @@
+"""The study's bookkeeping: every row on the same pixels and patches, spreads over seeds with ddof = 1."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+
+import pytest
+
+from wsi_damm.workflows.study import markdown_table, same_pixels, sample_sd
+
+
+def _result(kind: str, patches: list[tuple[int, int]], tissue: int = 1000, divergent: int = 300) -> dict:
+    rows = [{"slide": "heldout_000", "y": y, "x": x, "ssim": 0.5, "psnr": 20.0, "region": 0} for y, x in patches]
+    slide = {"slide": "heldout_000", "wsi": {"pixels_tissue": tissue},
+             "regions": {"informative": {"pixels": tissue - divergent}, "divergent": {"pixels": divergent}}, "patch_rows": rows}
+    return {"kind": kind, "slides": [slide]}
+
+
+def test_rows_keep_only_the_patches_every_row_scored():
+    grid = [(0, 0), (0, 128), (128, 0)]
+    rows = {"damm": _result("learned", grid), "uni": _result("learned", grid), "baseline": _result("reference", grid + [(128, 128)])}
+    assert same_pixels(rows) == 3
+    for res in rows.values():  # the baseline's extra patch (the learned maps did not cover it) is not scored anywhere
+        assert [(r["y"], r["x"]) for r in res["slides"][0]["patch_rows"]] == grid
+
+
+def test_rows_on_other_pixels_are_refused():
+    grid = [(0, 0), (0, 128)]
+    rows = {"damm": _result("learned", grid), "uni": _result("learned", grid[:1])}  # uni-only predicted fewer patches
+    with pytest.raises(RuntimeError, match="different patches"):
+        same_pixels(copy.deepcopy(rows))
+    rows = {"damm": _result("learned", grid), "uni": _result("learned", grid, tissue=990)}  # another tissue mask
+    with pytest.raises(RuntimeError, match="different pixels"):
+        same_pixels(rows)
+    rows = {"damm": _result("learned", grid), "blur": _result("reference", grid, divergent=250)}  # another region split
+    with pytest.raises(RuntimeError, match="different pixels"):
+        same_pixels(rows)
+
+
+def test_spread_over_seeds_is_the_sample_sd():
+    values = [0.571, 0.566, 0.580]
+    assert sample_sd(values) == pytest.approx(statistics.stdev(values))  # ddof = 1, the textbook sample sd
+    assert math.isnan(sample_sd([0.57]))  # one seed measures no spread
+
+
+def test_table_shows_draws_and_spread():
+    region = {"wsi_ssim": 0.5, "wsi_ssim_sd": 0.01, "wsi_psnr": 17.0, "wsi_psnr_sd": 0.1, "patch_ssim_percent": 50.0,
+              "patch_ssim_percent_sd": 5.0, "multimodal_share": 0.5}
+    rows = [{"model": "DAMM full", "draws": 1, "seeds": 3, "regions": {"tissue": region}},
+            {"model": "DAMM full", "draws": 4, "seeds": 3, "regions": {"tissue": region}}]
+    table = markdown_table(rows, 3)
+    assert "| DAMM full | 1 | 0.5000 ± 0.010 | 17.00 ± 0.100 |" in table and "| DAMM full | 4 |" in table
+    assert "ddof = 1" in table

@@ -53,3 +53,11 @@ def test_table_shows_draws_and_spread():
     table = markdown_table(rows, 3)
     assert "| DAMM full | 1 | 0.5000 ± 0.010 | 17.00 ± 0.100 |" in table and "| DAMM full | 4 |" in table
     assert "ddof = 1" in table
+
+
+def test_gate_table_says_when_nothing_was_logged():
+    from wsi_damm.workflows.study import gate_table
+
+    assert "no region labels" in gate_table({"damm_seed0": {}})
+    table = gate_table({"damm_seed0": {"divergent": {"dfl_label_rate": 0.76, "mean_kappa": 0.72, "samples": 10}}})
+    assert "| damm_seed0 | 0.760 | 0.720 |" in table

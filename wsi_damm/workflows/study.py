@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -117,21 +118,32 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
     return runs
 
 
-def _predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictConfig, no_nuclei: bool, progress: bool) -> dict:
-    """Predict every held-out slide, stitch, score per region; cached in OUT/result.json."""
+def _cached(out: Path, compute: Callable[[], dict]) -> dict:
+    """A study row's result, from OUT/result.json when an earlier run finished it; otherwise OUT is
+    cleared (the leftovers of a killed run), `compute()` runs and its result is written last."""
     result_path = out / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    run_predict(run, [h.spec for h in data.heldout], out / "prediction.zarr", replace(cfg, nuclei=not no_nuclei), overwrite=True, progress=progress)
-    seconds = time.perf_counter() - t0
-    maps = run_stitch(out / "prediction.zarr", out / "maps", progress=progress)
-    slides = [_score(m, h, progress) for m, h in zip(maps, data.heldout)]
-    result = {"predict_seconds": seconds, "sampler": cfg.sampler, "steps": cfg.n_steps, "slides": slides}
-    shutil.rmtree(out / "prediction.zarr")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    result = compute()
     write_json(result_path, result)
     return result
+
+
+def _predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictConfig, no_nuclei: bool, progress: bool) -> dict:
+    """Predict every held-out slide, stitch, score per region."""
+    def compute() -> dict:
+        t0 = time.perf_counter()
+        run_predict(run, [h.spec for h in data.heldout], out / "prediction.zarr", replace(cfg, nuclei=not no_nuclei), overwrite=True,
+                    progress=progress)
+        seconds = time.perf_counter() - t0
+        maps = run_stitch(out / "prediction.zarr", out / "maps", progress=progress)
+        slides = [_score(m, h, progress) for m, h in zip(maps, data.heldout)]
+        shutil.rmtree(out / "prediction.zarr")
+        return {"predict_seconds": seconds, "sampler": cfg.sampler, "steps": cfg.n_steps, "slides": slides}
+
+    return _cached(out, compute)
 
 
 def _score(map_path: Path, held, progress: bool) -> dict:
@@ -141,40 +153,31 @@ def _score(map_path: Path, held, progress: bool) -> dict:
 
 
 def _baseline(data: SyntheticData, out: Path, tile_cfg: TileConfig, progress: bool) -> dict:
-    result_path = out / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    fitted = baseline.fit(data.train_specs, tile_cfg)
-    slides = [_score(baseline.write_map(h.spec, tile_cfg, fitted, out / f"{h.spec.slide_id}.ome.zarr"), h, progress) for h in data.heldout]
-    result = {"sigma_um": fitted.sigma_um, "r2_train": fitted.r2, "slides": slides}
-    write_json(result_path, result)
-    return result
+    def compute() -> dict:
+        fitted = baseline.fit(data.train_specs, tile_cfg)
+        slides = [_score(baseline.write_map(h.spec, tile_cfg, fitted, out / f"{h.spec.slide_id}.ome.zarr"), h, progress) for h in data.heldout]
+        return {"sigma_um": fitted.sigma_um, "r2_train": fitted.r2, "slides": slides}
+
+    return _cached(out, compute)
 
 
 def _regression(run: Path, data: SyntheticData, out: Path, progress: bool) -> dict:
-    result_path = out / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    maps = [regression_map(run, h.spec, out / f"{h.spec.slide_id}.ome.zarr", progress) for h in data.heldout]
-    seconds = time.perf_counter() - t0
-    result = {"predict_seconds": seconds, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
-    write_json(result_path, result)
-    return result
+    def compute() -> dict:
+        t0 = time.perf_counter()
+        maps = [regression_map(run, h.spec, out / f"{h.spec.slide_id}.ome.zarr", progress) for h in data.heldout]
+        seconds = time.perf_counter() - t0
+        return {"predict_seconds": seconds, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
+
+    return _cached(out, compute)
 
 
 def _ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress: bool) -> dict:
     """The autoencoder ceiling (decode(encode(NP)) of the measured or noiseless field) on every held-out slide."""
-    result_path = out / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    shutil.rmtree(out, ignore_errors=True)  # maps of a killed run
-    slides = [_score(ceiling_map(ae_run, h.spec, h.clean, out / f"{h.spec.slide_id}.ome.zarr", source, progress), h, progress)
-              for h in data.heldout]
-    result = {"source": source, "slides": slides}
-    write_json(result_path, result)
-    return result
+    def compute() -> dict:
+        maps = [ceiling_map(ae_run, h.spec, h.clean, out / f"{h.spec.slide_id}.ome.zarr", source, progress) for h in data.heldout]
+        return {"source": source, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
+
+    return _cached(out, compute)
 
 
 def gate_in_training(metrics: list[dict]) -> dict[str, dict]:
@@ -301,6 +304,8 @@ def markdown_table(rows: list[dict], seeds: int) -> str:
 def gate_table(gate: dict[str, dict]) -> str:
     """The DFL labels the gate was trained on, per run and region (DAMMP phase)."""
     regions = list(dict.fromkeys(name for per in gate.values() for name in per))
+    if not regions:
+        return "No run logged the gate per region (their patch store had no region labels when they trained)."
     head = ["run"] + [f"{g} {what}" for g in regions for what in ("DFL label rate", "mean κ")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, per in gate.items():

@@ -76,6 +76,38 @@ def test_killed_training_resumes_to_identical_weights(small_store, tmp_path):
     assert len(list((killed / "checkpoints").glob("step_*"))) == 1  # old checkpoints are cleaned up
 
 
+AE_KILL_TOML = TINY_TOML.replace("steps = 8", "steps = 300").replace("checkpoint_every = 3", "checkpoint_every = 7")
+
+
+def test_killed_autoencoder_stage_resumes_to_identical_weights(small_store, tmp_path):
+    """Killed between two autoencoder checkpoints, `--resume` continues the stage (it used to restart it)."""
+    toml = tmp_path / "kill.toml"
+    toml.write_text(AE_KILL_TOML)
+    common = ["--config", str(toml), "--quiet"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    res = run_cli("train", str(small_store), "--out", str(ref), *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    def checkpointed(n: int) -> bool:
+        try:
+            return json.loads((killed / "checkpoints_autoencoder" / "latest.json").read_text())["step"] >= n
+        except (OSError, ValueError):
+            return False
+
+    delay = float(np.random.default_rng(11).uniform(0, 0.3))
+    kill_when(["train", str(small_store), "--out", str(killed), *common], lambda: checkpointed(14), delay=delay)
+    assert not (killed / "autoencoder_target.safetensors").exists()
+    res = run_cli("train", str(small_store), "--out", str(killed), "--resume", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("autoencoder_vessels", "autoencoder_nuclei", "autoencoder_target", "unet_ema"):
+        a, b = load_file(str(ref / f"{name}.safetensors")), load_file(str(killed / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert (ref / "autoencoder_metrics.csv").read_text() == (killed / "autoencoder_metrics.csv").read_text()
+    assert not (killed / "checkpoints_autoencoder").exists()  # work state of a finished stage is removed
+
+
 @pytest.fixture(scope="module")
 def wide_prediction(tmp_path_factory):
     """A fake prediction store over a 3072² slide: nine 1024-px canvas tiles at --band-mb 1, to kill a stitch between them."""

@@ -47,26 +47,40 @@ def test_batch_size_does_not_change_the_prediction(tiny_run, synth_dir, tmp_path
     assert "canvas" not in a.root  # sampling state is not part of the store
 
 
-@pytest.mark.parametrize("sampling", ["canvas", "independent"])
-def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path, sampling):
+@pytest.mark.parametrize("sampling,phase", [("canvas", "sampling"), ("independent", "sampling"), ("independent", "tiling"),
+                                            ("independent", "stitching")])
+def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path, sampling, phase):
+    """Killed while tiling the inputs, sampling or writing the map, `--resume` finishes the same map bit for bit."""
     slide = _slide(synth_dir)
     common = ["--sampler", "ddim", "--steps", "40", "--batch-size", "4", "--shard-patches", "4", "--sampling", sampling, "--quiet"]
     ref = tmp_path / "ref.zarr"
     assert run_cli("predict", str(tiny_run), slide, "--out", str(ref), *common).returncode == 0
     out = tmp_path / "k.zarr"
     partial = out.with_name(out.name + ".partial")
-    if sampling == "canvas":  # killed while the canvas steps: at least one step done
+    if phase == "tiling":  # the inputs' patch store is being written
+        ready = lambda: count_files(tmp_path / "k.zarr.conditions.zarr.partial" / "shard_done" / "c") >= 1  # noqa: E731
+    elif phase == "stitching":  # the prediction store is published; the map is being written
+        ready = lambda: (tmp_path / "k.ome.zarr.partial").exists()  # noqa: E731
+    elif sampling == "canvas":  # killed while the canvas steps: at least one step done
         ready = lambda: (partial / "canvas" / "steps_done" / "c" / "0").exists()  # noqa: E731
     else:
         ready = lambda: count_files(partial / "shard_done" / "c") >= 3  # noqa: E731
-    kill_when(["predict", str(tiny_run), slide, "--out", str(out), *common], ready, delay=0.3)
-    assert not out.exists()
+    kill_when(["predict", str(tiny_run), slide, "--out", str(out), *common], ready, delay=0.0 if phase == "stitching" else 0.3)
+    assert not (tmp_path / "k.ome.zarr").exists()
     res = run_cli("predict", str(tiny_run), slide, "--out", str(out), "--resume", *common)
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(np.asarray(PredictionStore.open(ref).pred[:]), np.asarray(PredictionStore.open(out).pred[:]))
     ma = np.asarray(zarr.open_group(str(tmp_path / "ref.ome.zarr"), mode="r")["0"][:])
     mb = np.asarray(zarr.open_group(str(tmp_path / "k.ome.zarr"), mode="r")["0"][:])
     np.testing.assert_array_equal(ma, mb)
+
+
+def test_resume_refuses_a_finished_store_of_other_settings(tiny_run, synth_dir, tmp_path):
+    out = tmp_path / "p.zarr"
+    _predict(tiny_run, _slide(synth_dir), out, "--no-stitch")
+    res = run_cli("predict", str(tiny_run), _slide(synth_dir), "--out", str(out), "--steps", "5", "--resume", "--quiet")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "other settings" in res.stderr and f"wsi-damm stitch {out} --out <map> --resume" in res.stderr
 
 
 @pytest.mark.parametrize("sampling", ["independent", "canvas"])

@@ -81,6 +81,8 @@ class TrainConfig:
     compile: bool = False
     val_fraction: float = 0.2
     val_slides: tuple[str, ...] = ()
+    # "auto": by slide when the store holds several, else a held-out region of the slide ("slides" / "region")
+    val_split: str = "auto"
     val_every: int = 100
     checkpoint_every: int = 500
     log_every: int = 10
@@ -102,6 +104,7 @@ class RunConfig:
     level: int | None = None
     store_dtype: str = "uint8"
     percentiles: tuple[float, float] = (0.5, 99.8)
+    tissue: str = "auto"  # the tissue detection the store was tiled with; predict tiles the same way
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":

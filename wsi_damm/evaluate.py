@@ -59,7 +59,8 @@ class Truth:
 
 def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
     """Plan the truth slide at the map's resolution and check that both cover the same tissue."""
-    cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0, percentiles=m.percentiles)
+    cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0, percentiles=m.percentiles,
+                     tissue=m.tissue)
     plan = plan_slide(spec, cfg)
     mh, mw = m.level0.shape[1:]
     th, tw = plan.choice.shape

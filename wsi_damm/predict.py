@@ -9,6 +9,7 @@ prediction does not depend on batch size, order, resume or which rank computed i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -50,6 +51,7 @@ class PredictConfig:
     seed: int = 0
     overlap: int | None = None  # default: a quarter of the patch
     min_tissue: float = 0.05
+    tissue: str | None = None  # tissue detection; None: the one the run's training store was tiled with
     amp: bool = False
     device: str = "auto"
     shard_patches: int = 64
@@ -200,7 +202,7 @@ def condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
                       min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
-                      percentiles=tuple(rc.percentiles), align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1)
+                      percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1)
 
 
 def run_predict(
@@ -224,6 +226,8 @@ def run_predict(
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
         if rc.model.uni_branch == "nuclei" and not (cfg.nuclei and "nuclei" in spec.roles):
             raise InputError(run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel (or --no-nuclei was given)")
+    if resume and not overwrite and Path(out).exists():  # killed after sampling, while writing the map: the store is done
+        return _finished(out, run_dir, cfg)
     predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
@@ -254,6 +258,16 @@ def run_predict(
         shutil.rmtree(cond_path)
     ranks.barrier()
     return PredictionStore.open(out)
+
+
+def _finished(out: Path, run_dir: Path, cfg: PredictConfig) -> PredictionStore:
+    """A finished prediction store that `--resume` may reuse: same run, same settings; otherwise say what to do."""
+    store = PredictionStore.open(out)
+    same = store.attrs.get("run_dir") == str(Path(run_dir).resolve()) and store.attrs.get("predict") == json.loads(json.dumps(asdict(cfg)))
+    if not same:
+        raise InputError(out, "already holds a finished prediction made by another run or with other settings",
+                         f"pass --overwrite to predict again, or map it as it is: wsi-damm stitch {out} --out <map> --resume")
+    return store
 
 
 def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, progress: bool) -> None:

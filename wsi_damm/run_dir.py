@@ -38,18 +38,21 @@ class RunDir:
         self.metrics = self.path / "metrics.csv"
         self.ae_metrics = self.path / "autoencoder_metrics.csv"
         self.ckpt = self.path / "checkpoints"
+        self.ae_ckpt = self.path / "checkpoints_autoencoder"  # until the autoencoder stage is done
         self.state = self.path / "training_state.json"
+        self.validation = self.path / "validation.json"  # which patches validate, in words and numbers
 
     def autoencoder(self, role: str) -> Path:
         return self.path / f"autoencoder_{role}.safetensors"
 
-    def last_checkpoint(self) -> Path | None:
-        """The folder `latest.json` names: the newest checkpoint known to be complete."""
-        latest = self.ckpt / "latest.json"
+    def last_checkpoint(self, ckpt: Path | None = None) -> Path | None:
+        """The folder `latest.json` names in `ckpt` (default: the diffusion stage's): the newest checkpoint known to be complete."""
+        ckpt = ckpt or self.ckpt
+        latest = ckpt / "latest.json"
         if not latest.exists():
             return None
         try:
-            folder = self.ckpt / json.loads(latest.read_text())["folder"]
+            folder = ckpt / json.loads(latest.read_text())["folder"]
         except (json.JSONDecodeError, KeyError) as exc:
             raise InputError(latest, f"is not a checkpoint pointer ({exc})", "delete checkpoints/ to restart the diffusion stage") from exc
         if not folder.is_dir():

@@ -28,6 +28,7 @@ def run_summary(path: Path) -> dict:
         "steps_planned": cfg.train.steps,
         "steps_done": int(rows[-1]["step"]) if rows else 0,
         "last_val_loss": last_val.get("val_loss"),
+        "validation": json.loads(run.validation.read_text())["description"] if run.validation.exists() else None,
         "finished": run.unet.exists(),
         "ablations": {"mmfm": cfg.model.mmfm, "fusion": cfg.model.fusion, "dammp": cfg.damm.dammp, "dfl": cfg.damm.dfl,
                       "uni_branch": cfg.model.uni_branch, "gamma": cfg.damm.gamma},

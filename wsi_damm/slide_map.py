@@ -92,6 +92,7 @@ class MapImage:
     gamma: float | None  # the DAMMP threshold of that run (None: no gate, e.g. the baseline)
     stride: int | None  # the patch grid's stride in pixels (None: unknown)
     sampling: str | None  # "canvas", "independent", or None (not a diffusion map)
+    tissue: str = "auto"  # the tissue detection of the tiling that made the map; evaluate scores the same tissue
 
     @property
     def level0(self) -> zarr.Array:
@@ -138,4 +139,4 @@ def open_map(path: str | Path) -> MapImage:
                     int(info["patch_maps"]["block"]), mpp, info.get("slide", ms.get("name", path.stem)),
                     int(info.get("patch_size", 256)), bool(info.get("nuclei", True)),
                     tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"),
-                    int(info["stride"]) if info.get("stride") else None, info.get("sampling"))
+                    int(info["stride"]) if info.get("stride") else None, info.get("sampling"), info.get("tissue", "auto"))

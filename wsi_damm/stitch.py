@@ -157,6 +157,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
                         {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
                          "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True)),
                          "percentiles": store.attrs.get("percentiles") or list(DEFAULT_PERCENTILES),
+                         "tissue": store.attrs.get("tissue", "auto"),
                          "gamma": store.attrs.get("model", {}).get("gamma"),
                          "sampling": store.attrs.get("predict", {}).get("sampling", "independent")})
     if tiff is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from .errors import InputError
 
@@ -22,11 +22,12 @@ FORMAT_VERSION = 1
 PRED_FORMAT = "wsi-damm-prediction-store"
 
 
-def _codec(dtype: np.dtype) -> BloscCodec | ZstdCodec:
-    """zstd-1: half the raw size at ~1 GB/s; bit-shuffled first for 16-bit data, where it pays."""
+def _codec(dtype: np.dtype) -> list:
+    """zstd-1: half the raw size at ~1 GB/s; bit-shuffled first for 16-bit data, where it pays. Then a
+    crc32c of every patch chunk (4 bytes): a flipped bit on disk is an error, never a wrong map."""
     if np.dtype(dtype).itemsize > 1:
-        return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle)
-    return ZstdCodec(level=1)
+        return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
+    return [ZstdCodec(level=1), Crc32cCodec()]
 
 
 def create_patch_store(
@@ -149,7 +150,7 @@ def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dic
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name in ("pred", "pred_sd") if with_sd else ("pred",):
         root.create_array(name, shape=(n, 1, p, p), dtype=np.float16, chunks=(1, 1, p, p), shards=(s, 1, p, p),
-                          compressors=ZstdCodec(level=1), fill_value=0, dimension_names=("patch", "c", "y", "x"))
+                          compressors=[ZstdCodec(level=1), Crc32cCodec()], fill_value=0, dimension_names=("patch", "c", "y", "x"))
     for name in ("divergence", "multimodal_fraction"):
         root.create_array(name, shape=(n,), dtype=np.float32, chunks=(s,), fill_value=np.nan)
     root.create_array("coords", shape=(n, 3), dtype=np.int64, chunks=(max(n, 1), 3), fill_value=0)[:] = conditions.coords
@@ -157,7 +158,8 @@ def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dic
     root.attrs.update({
         "format": PRED_FORMAT, "format_version": FORMAT_VERSION, "shard_patches": s, "complete": False,
         "patch_size": p, "stride": conditions.attrs["stride"], "overlap": conditions.attrs["overlap"],
-        "mpp": conditions.attrs["mpp"], "percentiles": conditions.attrs.get("percentiles"), "slides": conditions.slides, **attrs,
+        "mpp": conditions.attrs["mpp"], "percentiles": conditions.attrs.get("percentiles"),
+        "tissue": conditions.attrs.get("tissue", "auto"), "slides": conditions.slides, **attrs,
     })
     return root
 
@@ -173,6 +175,24 @@ class PredictionStore(PatchStore):
 
     def __len__(self) -> int:
         return int(self.pred.shape[0])
+
+
+def _read_checked(array: zarr.Array, a: int, b: int) -> np.ndarray:
+    """array[a:b]; a chunk whose stored checksum does not match its bytes names the store, array and patch."""
+    try:
+        return np.asarray(array[a:b])
+    except ValueError as exc:
+        if "checksum" not in str(exc):
+            raise
+        for row in range(a, b):  # which patch: only on the error path
+            try:
+                array[row]
+            except ValueError:
+                store = str(array.store_path).removeprefix("file://").removesuffix("/" + array.path)
+                shard = row // array.shards[0] if array.shards else row
+                raise InputError(store, f"array {array.path!r}, patch {row} (shard {shard}) is corrupted: its crc32c checksum does not "
+                                 "match the bytes on disk", "re-create the store (rerun the command with --overwrite)") from exc
+        raise
 
 
 def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
@@ -191,7 +211,7 @@ def read_rows(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     breaks = np.nonzero(np.diff(sorted_rows) != 1)[0] + 1
     pos = 0
     for run in np.split(sorted_rows, breaks):
-        block = np.asarray(array[int(run[0]) : int(run[-1]) + 1])
+        block = _read_checked(array, int(run[0]), int(run[-1]) + 1)
         where = slice(pos, pos + len(run)) if in_order else order[pos : pos + len(run)]
         out[where] = block
         pos += len(run)

@@ -28,6 +28,7 @@ from .jobs import TaskProgress, check_resources
 from .slides import SlideSpec, open_file
 from .store import PatchStore, create_patch_store
 from .tiling import (
+    TISSUE_MODES,
     LevelChoice,
     choose_level,
     grid_positions,
@@ -48,6 +49,7 @@ class TileConfig:
     level: int | None = None
     mpp: float | None = None
     min_tissue: float = 0.05
+    tissue: str = "auto"  # tissue detection: "auto" (glass-aware, see tiling.tissue_mask) or "all"
     store_dtype: str = "uint8"
     shard_patches: int = 64
     percentiles: tuple[float, float] = (0.5, 99.8)
@@ -72,6 +74,8 @@ class TileConfig:
                              "(the autoencoder's downsampling) to share a latent canvas", f"choose an overlap divisible by {self.align}")
         if not 0 <= self.min_tissue <= 1:
             raise InputError("--min-tissue", f"must be a fraction in [0, 1], got {self.min_tissue}")
+        if self.tissue not in TISSUE_MODES:
+            raise InputError("--tissue", f"must be one of {', '.join(TISSUE_MODES)}, got {self.tissue!r}")
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise InputError("--percentiles", f"need 0 ≤ low < high ≤ 100, got {lo}, {hi}")
@@ -125,13 +129,14 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         if not np.isfinite(low).all():
             raise InputError(slide.path, "holds NaN or infinite values", "fix or mask them before tiling")
         um_per_px = slide.mpp * low_ds if slide.mpp else None
-        mask = tissue_mask(low[spec.mask_channels], um_per_px)
+        mask = tissue_mask(low[spec.mask_channels], um_per_px, cfg.tissue)
         lo, hi = percentile_stats(low, mask, *cfg.percentiles)
     ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.align)
     xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.align)
     frac = tissue_fractions(mask, low_ds / choice.downsample, ys, xs, cfg.patch_size)
-    keep_y, keep_x = np.nonzero(frac >= cfg.min_tissue) if mask.any() else (np.zeros(0, int), np.zeros(0, int))
-    if not mask.any():
+    every = cfg.min_tissue == 0  # `--min-tissue 0`: every patch, whatever the mask says
+    keep_y, keep_x = np.nonzero(frac >= cfg.min_tissue) if mask.any() or every else (np.zeros(0, int), np.zeros(0, int))
+    if not mask.any() and not every:
         warnings.warn(f"{spec.slide_id}: no tissue found; the slide contributes no patches", stacklevel=2)
     return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()), mask, low_ds)
 
@@ -242,6 +247,7 @@ def _create(path: Path, plans: list[SlidePlan], cfg: TileConfig, fingerprint: st
         "mpp": plans[0].choice.mpp,
         "percentiles": list(cfg.percentiles),
         "min_tissue": cfg.min_tissue,
+        "tissue": cfg.tissue,
         "slides": [p.table_entry() for p in plans],
         "fingerprint": fingerprint,
         "wsi_damm_version": __version__,

@@ -108,11 +108,23 @@ def low_resolution(slide: Slide, max_side: int = 2048) -> tuple[np.ndarray, floa
     return arr, lev.downsample * k
 
 
-def tissue_mask(low: np.ndarray, um_per_px: float | None) -> np.ndarray:
-    """Bright-on-dark tissue: Otsu on the smoothed max of robustly scaled channels, then clean-up.
+# Tissue detection, in the smoothed max of the channels scaled to their 1st–99.5th percentiles.
+# Fluorescence glass is the dark floor of that range. When the darker of Otsu's two classes sits there
+# (median below GLASS_LEVEL), the slide has glass around the section and Otsu's split is the mask.
+# Otherwise Otsu would split dim tissue from bright tissue, so only the floor itself (below
+# EMPTY_LEVEL: glass corners, tears, lumens) is left out.
+GLASS_LEVEL = 0.2
+TISSUE_MODES = ("auto", "all")  # "all": every pixel is tissue (`--tissue all`)
+EMPTY_LEVEL = 0.1
+
+
+def tissue_mask(low: np.ndarray, um_per_px: float | None, mode: str = "auto") -> np.ndarray:
+    """Bright-on-dark tissue (`mode` "auto", the rule above, then clean-up) or every pixel ("all").
 
     Morphology is sized in µm (assumes 0.5 µm/px at level 0 when the slide does not say).
     """
+    if mode == "all":
+        return np.ones(low.shape[1:], bool)
     um = um_per_px or 8.0
     scaled = []
     for ch in low:
@@ -121,7 +133,10 @@ def tissue_mask(low: np.ndarray, um_per_px: float | None) -> np.ndarray:
     signal = ndimage.gaussian_filter(np.max(scaled, axis=0), sigma=max(10.0 / um, 0.5))
     if float(signal.max() - signal.min()) < 1e-6:
         return np.zeros(signal.shape, bool)
-    mask = signal > filters.threshold_otsu(signal)
+    threshold = filters.threshold_otsu(signal)
+    if np.median(signal[signal <= threshold]) >= GLASS_LEVEL:  # no glass: the dark class is dim tissue
+        threshold = EMPTY_LEVEL
+    mask = signal > threshold
     radius = max(1, int(round(15.0 / um)))
     mask = morphology.closing(mask, morphology.disk(radius))
     min_area = max(1, int((60.0 / um) ** 2))

@@ -8,6 +8,7 @@ the curve an uninterrupted run would have followed. Rank 0 writes; others only c
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 import time
@@ -32,7 +33,7 @@ from .models.damm_unet import DammUNet
 from .run_dir import (METRIC_FIELDS, ROLES_NEEDED, RunDir, build_autoencoder, build_schedule, build_unet, load_autoencoders, load_run_config,
                       read_metrics, write_metrics)
 from .store import PatchStore
-from .training_data import PatchImages, batch_rows, split_by_slide, step_generator
+from .training_data import PatchImages, batch_rows, split_validation, step_generator
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -50,8 +51,10 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: RunConfig, ranks: Ranks, progress: bool) -> dict[str, Autoencoder]:
-    """Three autoencoders stepped together on the same batches; latents scaled to unit variance."""
+def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: RunConfig, ranks: Ranks, progress: bool,
+                       resume: bool = False) -> dict[str, Autoencoder]:
+    """Three autoencoders stepped together on the same batches; latents scaled to unit variance.
+    Checkpointed like the diffusion stage (every `checkpoint_every` steps), so a killed run resumes."""
     a = cfg.autoencoder
     torch.manual_seed(cfg.train.seed)
     aes = {r: build_autoencoder(cfg).to(ranks.device) for r in ROLES_NEEDED}
@@ -61,8 +64,18 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
                 save_weights(run.autoencoder(r), ae, {"role": r, "factor": 1})
         return aes
     opts = {r: torch.optim.AdamW(ae.parameters(), lr=a.lr) for r, ae in aes.items()}
-    rows = []
-    bar = tqdm(range(a.steps), desc="autoencoders", unit="step", disable=None if (progress and ranks.main) else True)
+    rows: list[dict] = []
+    start = 0
+    last = run.last_checkpoint(run.ae_ckpt) if resume else None
+    if last is not None:  # every step reseeds its own RNG: weights, optimisers and the step are the whole state
+        state = load_state(last / "state.pt")
+        for r in ROLES_NEEDED:
+            load_weights(last / f"autoencoder_{r}.safetensors", aes[r], ranks.device)
+            opts[r].load_state_dict(state[f"optimizer_{r}"])
+        start = int(state["step"])
+        rows = [r for r in read_metrics(run.ae_metrics) if int(r["step"]) < start]
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="autoencoders", unit="step",
+               disable=None if (progress and ranks.main) else True)
     for step in bar:
         sel = batch_rows(len(images), a.batch_size * ranks.world, step, cfg.train.seed + 17)
         x = images.get(sel[ranks.rank * a.batch_size : (ranks.rank + 1) * a.batch_size]).to(ranks.device)
@@ -81,6 +94,9 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
         rows.append(logs)
         if step % 10 == 0:
             bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in logs.items() if k != "step"})
+        if ranks.main and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < a.steps:
+            _checkpoint(run.ae_ckpt, step + 1, {f"autoencoder_{r}": aes[r] for r in ROLES_NEEDED},
+                        {f"optimizer_{r}": opts[r] for r in ROLES_NEEDED}, lambda: write_csv(run.ae_metrics, rows, list(rows[0])))
     with torch.no_grad():
         probe = images.get(np.arange(min(len(images), 512)))
         for r, ae in aes.items():
@@ -91,6 +107,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
         for r, ae in aes.items():
             save_weights(run.autoencoder(r), ae, {"role": r, "factor": a.factor})
         write_csv(run.ae_metrics, rows, list(rows[0]) if rows else ["step"])
+        shutil.rmtree(run.ae_ckpt, ignore_errors=True)  # the stage is done: its weights are the run's
     return aes
 
 
@@ -158,7 +175,7 @@ def train_diffusion(
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     start = 0
     rows: list[dict] = []
-    last = run.last_checkpoint() if resume else None
+    last = run.last_checkpoint(run.ckpt) if resume else None
     if last is not None:
         load_weights(last / "unet.safetensors", model, ranks.device)
         load_weights(last / "unet_ema.safetensors", ema, ranks.device)
@@ -224,7 +241,7 @@ def train_diffusion(
             rows.append(row)
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {})})
         if ranks.main and (done % t_cfg.checkpoint_every == 0 or done == end):
-            _checkpoint(run, model, ema, opt, done, rows, fields)
+            _checkpoint(run.ckpt, done, {"unet": model, "unet_ema": ema}, {"optimizer": opt}, lambda: write_metrics(run.metrics, rows, fields))
     checksums = parameter_checksums(model, ranks) if ranks.world > 1 else None
     if ranks.main and end == t_cfg.steps:
         save_weights(run.unet, ema, {"steps": t_cfg.steps})
@@ -235,17 +252,19 @@ def train_diffusion(
     return ema
 
 
-def _checkpoint(run: RunDir, model, ema, opt, step: int, rows: list[dict], fields: list[str] = METRIC_FIELDS) -> None:
+def _checkpoint(ckpt: Path, step: int, weights: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                write_rows) -> None:
     """Step k's weights and state go into a folder of their own; `latest.json` is switched to it last
-    (one atomic rename), so a kill at any instant leaves the previous checkpoint whole and named."""
-    folder = run.ckpt / f"step_{step:09d}"
+    (one atomic rename), so a kill at any instant leaves the previous checkpoint whole and named.
+    Both stages checkpoint this way: `weights` name → module, `optimizers` state key → optimiser."""
+    folder = ckpt / f"step_{step:09d}"
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(folder / "unet.safetensors", model, {"step": step})
-    save_weights(folder / "unet_ema.safetensors", ema, {"step": step})
-    save_state(folder / "state.pt", {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
-    write_metrics(run.metrics, rows, fields)  # rows beyond the named step are dropped on resume
-    write_json(run.ckpt / "latest.json", {"step": step, "folder": folder.name})
-    for old in run.ckpt.glob("step_*"):
+    for name, module in weights.items():
+        save_weights(folder / f"{name}.safetensors", module, {"step": step})
+    save_state(folder / "state.pt", {"step": step, **{k: o.state_dict() for k, o in optimizers.items()}, "torch_rng": torch.get_rng_state()})
+    write_rows()  # the metrics so far; rows beyond the named step are dropped on resume
+    write_json(ckpt / "latest.json", {"step": step, "folder": folder.name})
+    for old in ckpt.glob("step_*"):
         if old != folder:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -261,6 +280,7 @@ def plot_losses(run: RunDir) -> None:
     rows = read_metrics(run.metrics)
     if not rows:
         return
+    validation = json.loads(run.validation.read_text())["description"] if run.validation.exists() else None
     col = lambda k: [(r["step"], r[k]) for r in rows if r.get(k) not in ("", None)]  # noqa: E731
     regions = [k.removeprefix("dfl_label_rate_") for k in rows[0] if k.startswith("dfl_label_rate_")]
     fig, axes = plt.subplots(1, 3 if regions else 2, figsize=(16.5 if regions else 11, 4))
@@ -290,6 +310,8 @@ def plot_losses(run: RunDir) -> None:
     if regions:
         axes[2].set(xlabel="step", ylim=(-0.05, 1.05), title="gate by region (training batches)")
         axes[2].legend(fontsize=8)
+    if validation:
+        fig.suptitle(validation, fontsize=9)
     fig.tight_layout()
     fig.savefig(run.path / "loss.png", dpi=110)
     plt.close(fig)
@@ -316,7 +338,8 @@ def run_training(
     run = RunDir(out)
     a = store.attrs
     cfg = replace(cfg, patch_size=patch, roles=tuple(roles), mpp=a.get("mpp"), level=a.get("level"),
-                  store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))))
+                  store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))),
+                  tissue=a.get("tissue", "auto"))
     if run.config.exists():
         previous = load_run_config(run)
         if previous.patch_size != patch:
@@ -325,16 +348,20 @@ def run_training(
             cfg = previous  # a resumed run continues exactly the run it was
         elif stage == "diffusion":
             cfg = replace(cfg, autoencoder=previous.autoencoder)  # reuses the trained autoencoders
-    train_idx, val_idx = split_by_slide(store, cfg.train.val_fraction, tuple(cfg.train.val_slides), cfg.train.seed)
+    split = split_validation(store, cfg.train.val_fraction, tuple(cfg.train.val_slides), cfg.train.seed, cfg.train.val_split)
+    train_idx, val_idx = split.train, split.val
+    cfg = replace(cfg, train=replace(cfg.train, val_split=split.kind if split.kind != "none" else cfg.train.val_split))
     if cfg.train.epochs:
         steps = cfg.train.epochs * max(1, len(train_idx) // (cfg.train.batch_size * ranks.world))
         cfg = replace(cfg, train=replace(cfg.train, steps=steps, epochs=None))
     if ranks.main:
         run.path.mkdir(parents=True, exist_ok=True)
         write_json(run.config, asdict(cfg))
+        write_json(run.validation, {"kind": split.kind, "description": split.description, "cuts": split.cuts,
+                                                "train_patches": len(train_idx), "val_patches": len(val_idx)})
     images = PatchImages(store, train_idx)
     if stage in ("autoencoder", "all") and not (resume and all(run.autoencoder(r).exists() for r in ROLES_NEEDED)):
-        aes = train_autoencoders(images, roles, run, cfg, ranks, progress)
+        aes = train_autoencoders(images, roles, run, cfg, ranks, progress, resume)
     else:
         aes = load_autoencoders(run, cfg, ranks.device)
     if stage == "autoencoder":

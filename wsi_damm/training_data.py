@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +16,75 @@ from .store import PatchStore, read_rows, to_model_range
 IN_MEMORY_LIMIT = 4 * 2**30  # decode the whole store into RAM below this many raw bytes
 
 
-def split_by_slide(store: PatchStore, val_fraction: float, val_slides: tuple[str, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train / validation patch indices; a slide's patches are never on both sides."""
+VAL_SPLITS = ("auto", "slides", "region")
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    train: np.ndarray  # patch indices
+    val: np.ndarray
+    kind: str  # "slides", "region" or "none"
+    description: str  # one line for config readers and loss.png
+    cuts: dict = field(default_factory=dict)  # region split: slide id → (axis, first validation pixel)
+
+
+def split_validation(store: PatchStore, val_fraction: float, val_slides: tuple[str, ...], seed: int,
+                     how: str = "auto") -> ValidationSplit:
+    """Train / validation patch indices. By slide (a slide's patches are never on both sides) when the
+    store holds several; from one slide ("auto" with a single slide, or "region"), the last `val_fraction`
+    of each slide along its longer side is held out, and patches that would overlap both sides are left
+    out of both — no validation pixel is ever seen in training."""
+    if how not in VAL_SPLITS:
+        raise InputError("--val-split", f"must be one of {', '.join(VAL_SPLITS)}, got {how!r}")
     ids = [s["slide_id"] for s in store.slides]
     slide_of = store.coords[:, 0]
-    if val_slides:
-        unknown = sorted(set(val_slides) - set(ids))
-        if unknown:
-            raise InputError("--val-slides", f"not in the store: {', '.join(unknown)}; slides are {', '.join(ids)}")
-        val = [ids.index(v) for v in val_slides]
-    elif len(ids) < 2 or val_fraction <= 0:
-        if val_fraction > 0:
-            warnings.warn("the store holds one slide: no slide-level validation split is possible", stacklevel=2)
-        val = []
-    else:
-        order = np.random.default_rng(seed).permutation(len(ids))
-        val = sorted(order[: max(1, min(len(ids) - 1, math.ceil(val_fraction * len(ids))))].tolist())
-    is_val = np.isin(slide_of, val)
-    train_idx, val_idx = np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
-    if len(train_idx) == 0:
+    if val_fraction <= 0 and not val_slides:
+        return _checked(store, np.arange(len(slide_of)), np.zeros(0, np.int64), "none", "no validation (val_fraction = 0)")
+    if val_slides or (how == "slides") or (how == "auto" and len(ids) > 1):
+        if val_slides:
+            unknown = sorted(set(val_slides) - set(ids))
+            if unknown:
+                raise InputError("--val-slides", f"not in the store: {', '.join(unknown)}; slides are {', '.join(ids)}")
+            val = [ids.index(v) for v in val_slides]
+        elif len(ids) < 2:
+            raise InputError(store.path, "holds one slide: a validation split by slide is impossible", "use --val-split region")
+        else:
+            order = np.random.default_rng(seed).permutation(len(ids))
+            val = sorted(order[: max(1, min(len(ids) - 1, math.ceil(val_fraction * len(ids))))].tolist())
+        is_val = np.isin(slide_of, val)
+        return _checked(store, np.nonzero(~is_val)[0], np.nonzero(is_val)[0], "slides",
+                        f"validation slides: {', '.join(ids[v] for v in val)}")
+    return _region_split(store, val_fraction)
+
+
+def _region_split(store: PatchStore, fraction: float) -> ValidationSplit:
+    coords, patch = store.coords, int(store.attrs["patch_size"])
+    is_train = np.zeros(len(coords), bool)
+    is_val = np.zeros(len(coords), bool)
+    cuts, parts = {}, []
+    for k, entry in enumerate(store.slides):  # a few slides: one block each
+        rows = np.nonzero(coords[:, 0] == k)[0]
+        if not len(rows):
+            continue
+        ys, xs = coords[rows, 1], coords[rows, 2]
+        axis, origin = ("x", xs) if np.ptp(xs) >= np.ptp(ys) else ("y", ys)
+        values = np.unique(origin)
+        before = np.searchsorted(np.sort(origin), values, side="left")  # patches before each candidate cut
+        cut = int(values[1:][np.argmin(np.abs(before[1:] - (1 - fraction) * len(origin)))]) if len(values) > 1 else int(values[0])
+        is_val[rows[origin >= cut]] = True
+        is_train[rows[origin + patch <= cut]] = True
+        cuts[entry["slide_id"]] = (axis, cut)
+        parts.append(f"{entry['slide_id']} {axis} ≥ {cut} px")
+    dropped = int(len(coords) - is_train.sum() - is_val.sum())
+    description = (f"validation region: {', '.join(parts)} ({is_val.sum()} patches; {dropped} patches on the boundary "
+                   "left out of both)")
+    return _checked(store, np.nonzero(is_train)[0], np.nonzero(is_val)[0], "region", description, cuts)
+
+
+def _checked(store: PatchStore, train: np.ndarray, val: np.ndarray, kind: str, description: str, cuts: dict | None = None) -> ValidationSplit:
+    if len(train) == 0:
         raise InputError(store.path, "no training patches left after the validation split")
-    return train_idx, val_idx
+    return ValidationSplit(train, val, kind, description, cuts or {})
 
 
 class PatchImages:
@@ -45,7 +93,7 @@ class PatchImages:
     def __init__(self, store: PatchStore, indices: np.ndarray) -> None:
         self.store, self.indices = store, np.asarray(indices)
         nbytes = len(indices) * int(np.prod(store.images.shape[1:])) * store.images.dtype.itemsize
-        self._ram = np.asarray(store.images[:])[self.indices] if nbytes <= IN_MEMORY_LIMIT else None
+        self._ram = read_rows(store.images, self.indices) if nbytes <= IN_MEMORY_LIMIT else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -86,13 +134,13 @@ class PatchDataset(torch.utils.data.Dataset):
         self.store = store if isinstance(store, PatchStore) else PatchStore.open(store)
         self.roles = self.store.roles
         self.indices = np.arange(len(self.store)) if indices is None else np.asarray(indices)
-        self._cache = np.asarray(self.store.images[:])[self.indices] if in_memory else None
+        self._cache = read_rows(self.store.images, self.indices) if in_memory else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        raw = self._cache[i] if self._cache is not None else np.asarray(self.store.images[int(self.indices[i])])
+        raw = self._cache[i] if self._cache is not None else read_rows(self.store.images, self.indices[i:i + 1])[0]
         x = to_model_range(raw)
         item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
         item["index"] = int(self.indices[i])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +23,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except InputError as exc:
             click.echo(f"wsi-damm: error: {exc.one_line()}", err=True)
+            # reads still in flight on zarr's event loop when the error was raised (e.g. other chunks of a
+            # corrupted shard) are abandoned: asyncio's "Task was destroyed" notes at exit are not the user's business
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("wsi-damm: interrupted; rerun the same command with --resume to continue", err=True)
@@ -69,8 +73,10 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--patch-size", default=256, type=int)
 @click.option("--overlap", default=64, type=int, help="Pixels shared by neighbouring patches.")
 @click.option("--level", type=int, help="Pyramid level to tile (default 0).")
-@click.option("--mpp", type=float, help="Tile at this µm/px instead of a level.")
-@click.option("--min-tissue", default=0.05, type=float, help="Keep patches with at least this tissue fraction.")
+@click.option("--mpp", type=float, help="Tile at this µm/px instead of a level; for a plain JPEG / PNG image, its pixel size.")
+@click.option("--min-tissue", default=0.05, type=float, help="Keep patches with at least this tissue fraction (0: every patch).")
+@click.option("--tissue", default="auto", type=click.Choice(["auto", "all"]),
+              help="Tissue detection: auto (Otsu when there is glass, else all but the dark floor) or all (every pixel).")
 @click.option("--store-dtype", default="uint8", type=click.Choice(["uint8", "uint16"]))
 @click.option("--shard-patches", default=64, type=int, help="Patches per zarr shard (one file).")
 @click.option("--plane", multiple=True, help="Pick a plane of a Z/T axis, e.g. Z=0.")
@@ -82,14 +88,14 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--resume", is_flag=True, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, store_dtype, shard_patches,
+def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, tissue, store_dtype, shard_patches,
          plane, scheduler, workers, max_slide_gb, register, size_tolerance, qc, resume, overwrite, quiet) -> None:
     """Cut slides into tissue-only, overlapping, normalised patches in a zarr patch store."""
     from wsi_damm.tile import TileConfig, run_tile
 
-    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc)
-    cfg = TileConfig(patch_size=patch_size, overlap=overlap, level=level, mpp=mpp, min_tissue=min_tissue, store_dtype=store_dtype,
-                     shard_patches=shard_patches)
+    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc, mpp=mpp)
+    cfg = TileConfig(patch_size=patch_size, overlap=overlap, level=level, mpp=mpp, min_tissue=min_tissue, tissue=tissue,
+                     store_dtype=store_dtype, shard_patches=shard_patches)
     store = run_tile(specs, out, cfg, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite, progress=not quiet)
     s = store.summary()
     click.echo(f"{out}: {s['patches']} patches of {s['patch_size']} px ({', '.join(s['roles'])}) from {len(s['patches_per_slide'])} slide(s), {s['disk_mb']} MB")
@@ -114,8 +120,10 @@ def _flags(**groups: dict) -> dict:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the U-Net.")
-@click.option("--val-fraction", type=float, help="Share of slides held out for validation.")
+@click.option("--val-fraction", type=float, help="Share of slides (or, from one slide, of its patches) held out for validation.")
 @click.option("--val-slides", help="Comma-separated slide ids to hold out.")
+@click.option("--val-split", type=click.Choice(["auto", "slides", "region"]),
+              help="Validate on held-out slides, or on a held-out block of each slide (auto: slides when there are several).")
 @click.option("--checkpoint-every", type=click.IntRange(1))
 @click.option("--seed", type=int)
 @click.option("--no-mmfm", is_flag=True, default=None, help="Ablation: concat + 1×1 conv instead of MMFM.")
@@ -128,7 +136,7 @@ def _flags(**groups: dict) -> dict:
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
 @click.option("--quiet", is_flag=True)
 def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, compile_, val_fraction,
-          val_slides, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, resume, quiet) -> None:
+          val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, resume, quiet) -> None:
     """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
     from wsi_damm.config import resolve
     from wsi_damm.train import run_training
@@ -136,7 +144,7 @@ def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch
     flags = _flags(
         train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "amp": amp,
                "compile": compile_, "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
-               "val_slides": tuple(v.strip() for v in val_slides.split(",")) if val_slides else None},
+               "val_slides": tuple(v.strip() for v in val_slides.split(",")) if val_slides else None, "val_split": val_split},
         autoencoder={"steps": ae_steps},
         model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch},
         damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction},
@@ -146,11 +154,15 @@ def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch
     click.echo(f"{run.path}: trained ({stage}); weights {run.unet.name if run.unet.exists() else 'autoencoders only'}, metrics {run.metrics.name}, plot loss.png")
 
 
-def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0, qc=None):
+def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0, qc=None,
+                 mpp=None):
     from wsi_damm.inputs import parse_planes, resolve_slides
 
     return resolve_slides(slides, manifest, channels, parse_planes(plane), max_slide_gb, required, register, size_tolerance, qc,
-                          log=lambda msg: click.echo(f"registration: {msg}", err=True))
+                          log=lambda msg: click.echo(f"registration: {msg}", err=True), mpp=mpp)
+
+
+IMAGE_MPP = "Pixel size (µm) of slides that carry none: plain JPEG / PNG / BMP images need it."
 
 
 BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merge.BLENDS: not imported, so --help stays fast
@@ -175,6 +187,8 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--samples", default=1, type=click.IntRange(1), help="Draws per patch: the map is their mean, their sd a 5th channel.")
 @click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
 @click.option("--min-tissue", default=0.05, type=float)
+@click.option("--tissue", type=click.Choice(["auto", "all"]), help="Tissue detection (default: the one the run was trained with).")
+@click.option("--mpp", type=float, help=IMAGE_MPP)
 @click.option("--shard-patches", default=64, type=click.IntRange(1), help="Patches per shard (unit of resume).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
@@ -187,14 +201,14 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, shard_patches,
-            device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
+def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, tissue,
+            mpp, shard_patches, device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm.predict import PredictConfig, predict_maps
 
-    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance)
+    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp)
     cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
-                        min_tissue=min_tissue, amp=amp, device=device, shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
+                        min_tissue=min_tissue, tissue=tissue, amp=amp, device=device, shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
     done = predict_maps(run_dir, specs, out, cfg, stitch=do_stitch, map_path=map_path, blend=blend, tiff=tiff, resume=resume,
                         overwrite=overwrite, progress=not quiet)
     click.echo(f"{out}: {len(done.store)} patches predicted ({sampling} sampling, {sampler}, {cfg.n_steps} steps)")
@@ -228,11 +242,12 @@ def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> Non
 @click.option("--regions", "regions", multiple=True, type=click.Path(path_type=Path),
               help="Integer label image per map (annotations, synthetic divergence mask): metrics per region.")
 @click.option("--mask", default="tissue", type=click.Choice(["tissue", "none"]), help="Also report tissue-only metrics.")
+@click.option("--mpp", type=float, help=IMAGE_MPP)
 @click.option("--out", default=Path("report"), type=click.Path(path_type=Path), help="Report directory.")
 @click.option("--max-slide-gb", default=256.0, type=float)
 @registration_options
 @click.option("--quiet", is_flag=True)
-def evaluate(maps, truths, channels, cleans, regions, mask, out, max_slide_gb, register, size_tolerance, quiet) -> None:
+def evaluate(maps, truths, channels, cleans, regions, mask, mpp, out, max_slide_gb, register, size_tolerance, quiet) -> None:
     """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
     from wsi_damm.evaluate import run_evaluate
 
@@ -242,7 +257,8 @@ def evaluate(maps, truths, channels, cleans, regions, mask, out, max_slide_gb, r
         raise InputError("--clean", f"give one --clean per map or none ({len(maps)} maps, {len(cleans)} fields)")
     if regions and len(regions) != len(maps):
         raise InputError("--regions", f"give one --regions per map or none ({len(maps)} maps, {len(regions)} label images)")
-    specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance)
+    specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance,
+                         mpp=mpp)
     metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), use_mask=mask == "tissue", progress=not quiet,
                            regions=list(regions) or None)
     for r in metrics["slides"]:
@@ -308,17 +324,22 @@ def study(out, preset, seeds, quick, quiet) -> None:
     click.echo(f"table: {out / 'study.md'}  json: {out / 'study.json'}  figure: {out / 'study.png'}  ({s['seconds']} s)")
 
 
-@cli.command(short_help="Describe a patch store or a run directory.")
+@cli.command(short_help="Describe a slide file, a patch store or a run directory.")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, help="Pixel size (µm) of an image that carries none (JPEG, PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(path: Path, as_json: bool) -> None:
-    """Describe a patch store or a training run directory."""
+def info(path: Path, mpp: float | None, as_json: bool) -> None:
+    """Describe a slide file, a patch store or a training run directory."""
     from wsi_damm.store import PatchStore
 
     if (path / "config.json").exists():
         from wsi_damm.run_info import run_summary
 
         summary = run_summary(path)
+    elif path.is_file():
+        from wsi_damm.slides.summary import slide_summary
+
+        summary = slide_summary(path, mpp)
     else:
         summary = PatchStore.open(path, require_complete=False).summary()
     if as_json:

@@ -54,6 +54,7 @@ class SlideSpec:
     max_bytes: int = DEFAULT_MAX_BYTES
     transforms: tuple[tuple[str, Transform], ...] = ()  # (role, transform) of registered channels
     size_tolerance: float = 0.0  # per-channel files may differ in size by this fraction (then registered)
+    mpp: float | None = None  # declared pixel size (µm) of files that carry none, e.g. JPEG / PNG (`--mpp`)
 
     @property
     def roles(self) -> list[str]:
@@ -170,18 +171,19 @@ def specs_from_paths(
     required: tuple[str, ...] = ("vessels",),
     planes: dict[str, int] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    mpp: float | None = None,
 ) -> list[SlideSpec]:
     specs = []
     for p in paths:
         path = str(p)
-        with open_file(path, planes=planes, max_bytes=max_bytes) as slide:
+        with open_file(path, planes=planes, max_bytes=max_bytes, mpp=mpp) as slide:
             names = slide.channel_names
         indices = {role: select_channel(path, names, sel) for role, sel in channel_map.items()}
         if not channel_map:
             indices = auto_roles(path, names)
         mapping = {r: ChannelRef(path, i, names[i]) for r, i in indices.items()}
         _check_roles(path, mapping, ", ".join(names), required)
-        specs.append(_spec(slide_id_from_path(path), mapping, planes, max_bytes))
+        specs.append(_spec(slide_id_from_path(path), mapping, planes, max_bytes, mpp))
     _check_unique_ids(specs)
     return specs
 
@@ -191,6 +193,7 @@ def specs_from_manifest(
     required: tuple[str, ...] = ("vessels",),
     planes: dict[str, int] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    mpp: float | None = None,
 ) -> list[SlideSpec]:
     """CSV `slide_id,vessels,nuclei,target`; cells `path` or `path#channel`, relative to the CSV."""
     manifest = Path(manifest)
@@ -214,7 +217,7 @@ def specs_from_manifest(
             file_part, _, sel = cell.partition("#")
             path = Path(file_part)
             path = str(path if path.is_absolute() else manifest.parent / path)
-            with open_file(path, planes=planes, max_bytes=max_bytes) as slide:
+            with open_file(path, planes=planes, max_bytes=max_bytes, mpp=mpp) as slide:
                 names = slide.channel_names
             if sel:
                 index = select_channel(path, names, sel)
@@ -231,14 +234,14 @@ def specs_from_manifest(
             mapping[role] = ChannelRef(path, index, names[index])
         _check_roles(where, mapping, "see the manifest row", required)
         slide_id = (row.get("slide_id") or "").strip() or f"row{line}"
-        specs.append(_spec(slide_id, mapping, planes, max_bytes))
+        specs.append(_spec(slide_id, mapping, planes, max_bytes, mpp))
     _check_unique_ids(specs, manifest)
     return specs
 
 
-def _spec(slide_id: str, mapping: dict[str, ChannelRef], planes, max_bytes: int) -> SlideSpec:
+def _spec(slide_id: str, mapping: dict[str, ChannelRef], planes, max_bytes: int, mpp: float | None = None) -> SlideSpec:
     channels = tuple((r, mapping[r]) for r in ROLES if r in mapping)
-    return SlideSpec(slide_id, channels, tuple(sorted((planes or {}).items())), max_bytes)
+    return SlideSpec(slide_id, channels, tuple(sorted((planes or {}).items())), max_bytes, mpp=mpp)
 
 
 def _check_unique_ids(specs: list[SlideSpec], source: str | Path | None = None) -> None:
@@ -258,7 +261,7 @@ class RoleSlide(Slide):
         self._files: dict[str, Slide] = {}
         try:
             for p in spec.paths:
-                self._files[p] = open_file(p, planes=planes, max_bytes=spec.max_bytes)
+                self._files[p] = open_file(p, planes=planes, max_bytes=spec.max_bytes, mpp=spec.mpp)
             self._setup()
         except Exception:
             self.close()

@@ -97,6 +97,7 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     da.stack(planes).astype(MAP_DTYPE).rechunk(patch0.chunks).store(patch0, lock=False, scheduler="threads")
     finish_map(root, spec.slide_id, mpp, 1, {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",
                                             "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False,
-                                            "percentiles": list(cfg.percentiles), "stride": cfg.stride})
+                                            "percentiles": list(cfg.percentiles), "stride": cfg.stride,
+                                            "tissue": cfg.tissue})
     slide.close()
     return publish(partial, out)

@@ -30,17 +30,24 @@ class SyntheticData:
     store: Path  # patch store of the training slides
 
 
-def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log) -> SyntheticData:
-    """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present."""
+def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log,
+                   heldout_size: int | None = None) -> SyntheticData:
+    """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present.
+    `heldout_size` (default `size`): held-out slides may be smaller — every model predicts each of them,
+    so their area is what a study's prediction time scales with."""
     out = Path(out)
     cfg = SynthConfig(size=size, seed=1)
+    heldout_size = heldout_size or size
     done = out / "synth_done.json"
     names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
     wanted = {"size": size, "train": n_train, "heldout": n_heldout, "simulator_version": SIMULATOR_VERSION}
+    if heldout_size != size:
+        wanted["heldout_size"] = heldout_size
     if not done.exists() or json.loads(done.read_text()) != wanted:
-        log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {size}² px at {cfg.mpp} µm/px) → {out / 'slides'}")
+        sizes = f"{size}² px" if heldout_size == size else f"{size}² px; held out {heldout_size}² px"
+        log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {sizes} at {cfg.mpp} µm/px) → {out / 'slides'}")
         write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
-        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001), progress=progress, prefix="heldout")
+        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001, size=heldout_size), progress=progress, prefix="heldout")
         shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
         write_json(done, wanted)
     train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]])

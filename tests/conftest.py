@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parent / "data"  # reference numbers the tests n
 
 def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """Run `wsi-damm …` in a subprocess exactly as a user would."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **kw.pop("env", {})}
     return subprocess.run(
         [sys.executable, "-m", "wsi_damm_cli.main", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
     )
@@ -59,6 +59,30 @@ def small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("small")
     write_slides(out, 1, SynthConfig(size=1024, seed=7), progress=False)
     return out / "synth_000.ome.tif"
+
+
+@pytest.fixture(scope="session")
+def small_map(small, tmp_path_factory) -> Path:
+    """A map of the `small` slide without a model: its own CD31 channel as the 'prediction' (so it has
+    structure), a known divergence ramp and gate share; `c.zarr` (tiled), `p.zarr` (prediction store),
+    `m.ome.zarr` (stitched) in the returned folder."""
+    import numpy as np
+
+    from wsi_damm.store import PatchStore, create_prediction_store
+
+    d = tmp_path_factory.mktemp("small_map")
+    res = run_cli("tile", str(small), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
+    assert res.returncode == 0, res.stderr
+    cond = PatchStore.open(d / "c.zarr")
+    root = create_prediction_store(d / "p.zarr", cond, {"roles": cond.roles, "nuclei": True, "model": {"dammp": True, "gamma": 0.5}})
+    root["pred"][:] = (np.asarray(cond.images[:, :1]) / 255.0).astype(np.float16)
+    root["divergence"][:] = np.linspace(0, 1, len(cond)).astype(np.float32)
+    root["multimodal_fraction"][:] = 0.75
+    root["shard_done"][:] = 1
+    root.attrs["complete"] = True
+    res = run_cli("stitch", str(d / "p.zarr"), "--out", str(d / "m.ome.zarr"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    return d
 
 
 def fixture(rel: str) -> Path:

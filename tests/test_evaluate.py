@@ -53,7 +53,7 @@ def test_evaluate_writes_the_report_and_scores_a_perfect_map(perfect_map, tmp_pa
     seams = r["seams"]  # the true patches stitched back: the map has the measured channel's seam score
     assert seams["stride"] > 0 and seams["pairs"] > 10_000 and abs(seams["map"] - seams["measured"]) < 0.02 and seams["measured"] < 1.2
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "synth_000" in html and "Seam score" in html
+    assert html.count("data:image/png;base64,") == 5 and "synth_000" in html and "Seam score" in html  # 4 figures + the map thumbnail
     rows = (out / "patches.csv").read_text().splitlines()
     assert rows[0].startswith("slide,y,x,ssim,psnr") and len(rows) - 1 == r["patches"]["ssim_percent"]["n"]
     header = rows[0].split(",")

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import zarr
-from tqdm.auto import tqdm
 
 from .diffusion.noise import canvas_key, canvas_normal
 from .diffusion.samplers import Plan
@@ -40,6 +39,7 @@ from .distributed import Ranks
 from .errors import InputError
 from .merge import window
 from .ome import writable
+from .progress import progress_bar
 from .run_dir import latent_channels
 from .store import PatchStore, read_rows, to_model_range
 
@@ -191,7 +191,7 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
     _encode_conditions(work, conditions, predictor, s, ranks, progress)
     ranks.barrier()
     coords = conditions.coords
-    bar = tqdm(total=plan.steps * n, desc=f"sampling ({plan.kind}, {plan.steps} steps, canvas)", unit="patch-step",
+    bar = progress_bar(total=plan.steps * n, desc=f"sampling ({plan.kind}, {plan.steps} steps, canvas)", unit="patch-step",
                disable=None if (progress and ranks.main) else True)
     for si, entry in enumerate(conditions.slides):
         rows = np.nonzero(coords[:, 0] == si)[0]
@@ -206,7 +206,7 @@ def _encode_conditions(work: zarr.Group, conditions: PatchStore, predictor: Pred
     cond, done = work["cond"], work["cond_done"]
     n = cond.shape[0]
     todo = _shards_of(ranks, np.asarray(done[:]))
-    for shard in tqdm(todo, desc="encoding conditions", unit="shard", disable=None if (progress and ranks.main) else True):
+    for shard in progress_bar(todo, desc="encoding conditions", unit="shard", disable=None if (progress and ranks.main) else True):
         a, b = shard * s, min((shard + 1) * s, n)
         images = to_model_range(read_rows(conditions.images, np.arange(a, b)))
         cond[a:b] = predictor.conditions(images, conditions.roles).cpu().numpy()
@@ -299,7 +299,7 @@ def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predicto
     nuclei = predictor.uses_nuclei(conditions.roles)
     halo = DECODE_HALO
     todo = _shards_of(ranks, np.asarray(root["shard_done"][:]))
-    for shard in tqdm(todo, desc="decoding", unit="shard", disable=None if (progress and ranks.main) else True):
+    for shard in progress_bar(todo, desc="decoding", unit="shard", disable=None if (progress and ranks.main) else True):
         a, b = shard * s, min((shard + 1) * s, n)
         crops = []
         for si in np.unique(coords[a:b, 0]):

@@ -86,6 +86,7 @@ class TrainConfig:
     val_every: int = 100
     checkpoint_every: int = 500
     log_every: int = 10
+    metrics_every: int = 50  # metrics.csv is rewritten (atomically) this often, not only at checkpoints; 0: at checkpoints
     seed: int = 0
     device: str = "auto"
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
-from tqdm.auto import tqdm
 
+from .annotations import Annotations, read_regions
 from .errors import InputError
 from .files import write_csv, write_json
 from .metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
+from .progress import progress_bar
 from .report import write_report
 from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
 from .slides import SlideSpec, open_file
@@ -79,7 +80,7 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", region
     xs = np.arange(0, w - p + 1, p)
     frac = tissue_fractions(truth.plan.mask, truth.plan.mask_downsample / truth.plan.choice.downsample, ys, xs, p)
     rows = []
-    for i, y in enumerate(tqdm(ys, desc="patch protocol", unit="row", disable=None if progress else True)):
+    for i, y in enumerate(progress_bar(ys, desc="patch protocol", unit="row", disable=None if progress else True)):
         keep = np.nonzero(frac[i] >= 0.5)[0]
         if not len(keep):
             continue
@@ -133,6 +134,29 @@ class Companion:
         return np.rint(self.raw(y, x, h, w)).astype(np.int32)
 
 
+@dataclass
+class GeoJSONRegions:
+    """Regions drawn in QuPath (GeoJSON), rasterised on the map's grid block by block."""
+
+    annotations: Annotations
+    truth: Truth
+
+    @classmethod
+    def open(cls, path: Path, truth: Truth) -> "GeoJSONRegions":
+        h, w = truth.slide.levels[0].shape[1:]
+        return cls(read_regions(path, (w, h)), truth)
+
+    def labels(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.annotations.labels(y, x, h, w, self.truth.plan.choice.downsample)
+
+
+def open_regions(path: Path, truth: Truth) -> "Companion | GeoJSONRegions":
+    """`--regions`: an integer label image registered to the slide, or QuPath GeoJSON."""
+    if Path(path).suffix.lower() in (".geojson", ".json"):
+        return GeoJSONRegions.open(path, truth)
+    return Companion.open(path, truth)
+
+
 def seam_numbers(m: MapImage, truth: Truth, progress: bool) -> dict:
     """Seam score (`metrics.seam_score`) of the map and of the measured channel over the map's
     covered pixels, at the map's patch stride, streamed in bands of rows."""
@@ -141,7 +165,7 @@ def seam_numbers(m: MapImage, truth: Truth, progress: bool) -> dict:
     h, w = truth.shape
     sums = {"map": np.zeros((2, m.stride)), "measured": np.zeros((2, m.stride))}
     last = None
-    for y in tqdm(range(0, h, BLOCK), desc="seam score", unit="band", disable=None if progress else True):
+    for y in progress_bar(range(0, h, BLOCK), desc="seam score", unit="band", disable=None if progress else True):
         y1 = min(h, y + BLOCK)
         bands = {"map": np.asarray(m.level0[0, y:y1, :w]).astype(np.float64), "measured": truth.normalised("target", y, 0, y1 - y, w)}
         covered = m.covered(y, 0, y1 - y, w)
@@ -215,7 +239,9 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
     if clean is not None:
         oracle = lazy_blocks(clean.normalised, truth.shape, "clean").astype(np.float64)
         result["oracle_wsi"] = whole_slide_metrics(oracle, meas, mask)
-    regions = Companion.open(regions_path, truth) if regions_path is not None else None
+    regions = open_regions(regions_path, truth) if regions_path is not None else None
+    if isinstance(regions, GeoJSONRegions) and not region_names:
+        region_names = regions.annotations.names
     rows = _patch_protocol(m, truth, clean, regions, progress)
     result["patches"] = {"size": m.patch_size, "ssim_percent": summarise([100 * r["ssim"] for r in rows]),
                          "psnr": summarise([r["psnr"] for r in rows])}
@@ -284,9 +310,10 @@ def compare(a_path: Path, b_path: Path, data_range: float | None) -> dict:
 
 
 def run_evaluate(pairs: list[tuple[Path, SlideSpec]], out: Path, clean: list[Path | None], use_mask: bool = True,
-                 progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None) -> dict:
-    """Score (map, slide spec) pairs; write `metrics.json` and `patches.csv`, then the figures and
-    `report.html` (`report.write_report`). Returns the metrics."""
+                 progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None,
+                 viewer: bool = True) -> dict:
+    """Score (map, slide spec) pairs; write `metrics.json` and `patches.csv`, then the figures,
+    `report.html` and (with `viewer`) the deep-zoom pages (`report.write_report`). Returns the metrics."""
     out = Path(out)
     evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names)
                  for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
@@ -297,5 +324,5 @@ def run_evaluate(pairs: list[tuple[Path, SlideSpec]], out: Path, clean: list[Pat
                "versions": {p: version(p) for p in ("wsi-damm", "numpy", "scikit-image", "torch", "zarr", "dask")}}
     write_json(out / "metrics.json", metrics)
     write_csv(out / "patches.csv", rows, PATCH_FIELDS)
-    write_report(out, metrics, evaluated)
+    write_report(out, metrics, evaluated, viewer)
     return metrics

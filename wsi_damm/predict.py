@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
 
 from .canvas import sample_canvases
 from .config import RunConfig
@@ -30,6 +29,8 @@ from .distributed import Ranks, setup_ranks
 from .errors import InputError
 from .files import partial_path, prepare_output, publish
 from .merge import BLENDS
+from .progress import progress_bar
+from .qc import qc_folder
 from .run_dir import RunDir, build_schedule, latent_channels, load_autoencoders, load_run_config, load_unet
 from .slides import SlideSpec
 from .stitch import run_stitch
@@ -52,6 +53,7 @@ class PredictConfig:
     overlap: int | None = None  # default: a quarter of the patch
     min_tissue: float = 0.05
     tissue: str | None = None  # tissue detection; None: the one the run's training store was tiled with
+    roi: str | None = None  # QuPath GeoJSON: predict only the patches inside its regions
     amp: bool = False
     device: str = "auto"
     shard_patches: int = 64
@@ -202,7 +204,7 @@ def condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
                       min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
-                      percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1)
+                      percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, roi=cfg.roi, align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1)
 
 
 def run_predict(
@@ -234,7 +236,7 @@ def run_predict(
     if ranks.main:
         prepare_output(out, resume, overwrite, (cond_path, partial_path(cond_path)))
         if not cond_path.exists():
-            run_tile(specs, cond_path, condition_config(rc, cfg), resume=True, progress=progress)
+            run_tile(specs, cond_path, condition_config(rc, cfg), resume=True, progress=progress, qc=qc_folder(out))
         if not (partial / "zarr.json").exists():
             conditions = PatchStore.open(cond_path)
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
@@ -281,7 +283,7 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
     keys_all = torch.tensor([patch_key(cfg.seed, ids[c[0]], int(c[1]), int(c[2])) for c in coords], dtype=torch.int64)
     roles = conditions.roles
     group = max(1, cfg.batch_size // s)  # shards sampled together, so batches can exceed a shard
-    bar = tqdm(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
+    bar = progress_bar(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
                desc="predicting", unit="patch", disable=None if (progress and ranks.main) else True)
     for g in range(0, len(todo), group):
         shards = todo[g : g + group]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import html
 import math
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from skimage.transform import resize
 
+from .qc import pictures_of_map
 from .slide_map import COVERAGE, DIVERGENCE, MapImage
 from .tiling import low_resolution, unit_range
 
@@ -164,8 +166,8 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
-    """One offline page: headline numbers, per-slide tables, and every figure embedded."""
+def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[dict] = ()) -> None:
+    """One offline page: headline numbers, per-slide tables, every figure embedded, links to the viewers."""
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>wsi-damm evaluation</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}"
@@ -175,9 +177,15 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
     parts.append("<p class='note'>SSIM: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, 5-px border excluded — "
                  "the definition of scikit-image. PSNR = 10·log10(1 / MSE) on maps normalised to [0, 1] by the slide's "
                  f"{html.escape(rule)} percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>")
+    pages = {v["page"].removeprefix("viewer_").removesuffix(".html"): v for v in viewers}
     for r in metrics["slides"]:
         wsi = r["wsi"]
         parts.append(f"<h2>{html.escape(r['slide'])}</h2>")
+        if r["slide"] in pages:
+            v = pages[r["slide"]]
+            parts.append(f"<p><a href='{html.escape(v['page'])}'><b>Open the deep-zoom viewer</b></a>: {len(v['layers'])} layers "
+                         f"({html.escape(', '.join(v['layers']))}) side by side with linked pan and zoom, or overlaid; full resolution "
+                         "to the whole slide. Opens from disk, no server needed.</p>")
         if r.get("uni_modal_only"):
             parts.append("<p><b>Uni-modal prediction:</b> the slide had no nuclei channel; only the vessels branch was used.</p>")
         parts.append("<table><tr><th></th><th>SSIM</th><th>PSNR (dB)</th><th>pixels</th></tr>")
@@ -218,20 +226,27 @@ def html_report(path: Path, metrics: dict, figures: list[Path]) -> None:
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def write_report(out: Path, metrics: dict, evaluated: list["SlideEvaluation"]) -> list[Path]:
-    """overview and zoom figures per slide, patch histograms, divergence scatter and `report.html`
-    (every figure embedded) in `out`; returns the figures."""
+def write_report(out: Path, metrics: dict, evaluated: list["SlideEvaluation"], viewer: bool = True) -> list[Path]:
+    """overview and zoom figures per slide, patch histograms, divergence scatter, `report.html` (every
+    figure embedded) and, with `viewer`, a deep-zoom comparison page per slide, in `out`; returns the figures."""
+    from .viewer import write_viewer
+
     out = Path(out)
     figures = []
+    viewers = [write_viewer(out, e.map, e.truth) for e in evaluated] if viewer else []
     for e in evaluated:
         suffix = "" if len(evaluated) == 1 else f"_{e.map.slide_id}"
         overview(out / f"overview{suffix}.png", e.map, e.truth, e.result)
         zoom(out / f"zoom{suffix}.png", e.map, e.truth, e.rows)
         figures += [out / f"overview{suffix}.png", out / f"zoom{suffix}.png"]
+        for picture in pictures_of_map(e.map.path, e.map.slide_id):  # what was tiled, what stitch wrote
+            copy = out / f"qc_{e.map.slide_id}_{picture.name}"
+            shutil.copyfile(picture, copy)
+            figures.append(copy)
     rows = [r for e in evaluated for r in e.rows]
     histograms(out / "metrics_hist.png", rows)
     gammas = {e.result.get("gamma") for e in evaluated} - {None}
     divergence_scatter(out / "divergence_vs_error.png", rows, gammas.pop() if len(gammas) == 1 else None)
     figures += [out / "metrics_hist.png", out / "divergence_vs_error.png"]
-    html_report(out / "report.html", metrics, figures)
+    html_report(out / "report.html", metrics, figures, viewers)
     return figures

@@ -20,14 +20,26 @@ from pathlib import Path
 import dask
 import numpy as np
 import zarr
-from tqdm.auto import tqdm
 
+from .errors import InputError
 from .files import partial_path, publish
 from .jobs import TaskProgress, check_resources, process_pool
 from .merge import BlendMerger, window
 from .ome import pyramid_shapes, writable, write_ome_tiff
-from .slide_map import (DEFAULT_PERCENTILES, MAP_DTYPE, PATCH_MAP_CHANNELS, PATCH_MAPS, PYRAMID_MIN, VALUE_CHANNELS, block_shape, create_map, finish_map,
-                        write_map_region)
+from .progress import progress_bar
+from .qc import map_picture, thumbnail_path
+from .slide_map import (
+    DEFAULT_PERCENTILES,
+    MAP_DTYPE,
+    PATCH_MAP_CHANNELS,
+    PATCH_MAPS,
+    PYRAMID_MIN,
+    VALUE_CHANNELS,
+    block_shape,
+    create_map,
+    finish_map,
+    write_map_region,
+)
 from .store import PredictionStore, read_rows
 
 BAND_BYTES = 64 * 2**20  # float32 plane bytes per band; one band per worker in flight
@@ -142,14 +154,20 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     todo = np.nonzero(np.asarray(done[:]) == 0)[0]
     tasks = [dask.delayed(merge_band, pure=False, traverse=False)(str(store.path), bands[i], written, patch0, w, done, int(i), dask_key_name=f"merge-{i:08d}")
              for i in todo]
-    with tqdm(total=len(bands), initial=len(bands) - len(todo), desc=f"stitching {entry['slide_id']}", unit="band",
-              disable=None if progress else True) as bar:
-        with TaskProgress(bar, "merge-"):
-            if n_workers > 1 and len(tasks) > 1:
-                with process_pool(n_workers) as pool:
-                    dask.compute(*tasks, scheduler="processes", pool=pool)
-            else:
-                dask.compute(*tasks, scheduler="sync")
+    fresh = len(todo) == len(bands)
+    try:
+        with progress_bar(total=len(bands), initial=len(bands) - len(todo), desc=f"stitching {entry['slide_id']}", unit="band",
+                          disable=None if progress else True) as bar:
+            with TaskProgress(bar, "merge-"):
+                if n_workers > 1 and len(tasks) > 1:
+                    with process_pool(n_workers) as pool:
+                        dask.compute(*tasks, scheduler="processes", pool=pool)
+                else:
+                    dask.compute(*tasks, scheduler="sync")
+    except InputError:  # bad input (e.g. a corrupted prediction store): nothing half-written is left behind
+        if fresh or not resume:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     del root["bands_done"]  # resume bookkeeping is not part of the map
     del root.attrs["stitch_plan"]
     mpp = entry.get("mpp")
@@ -162,6 +180,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
                          "sampling": store.attrs.get("predict", {}).get("sampling", "independent")})
     if tiff is not None:
         write_ome_tiff(tiff, levels, [VALUE_CHANNELS[0]["label"]], mpp, channels=[0], dtype=np.float32)
+    map_picture(thumbnail_path(out), levels, entry["slide_id"], mpp)
     return publish(partial, out)
 
 

@@ -22,9 +22,12 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import __version__
+from .annotations import read_regions
 from .errors import InputError
 from .files import prepare_output, publish
 from .jobs import TaskProgress, check_resources
+from .progress import progress_bar
+from .qc import qc_folder, tiling_picture
 from .slides import SlideSpec, open_file
 from .store import PatchStore, create_patch_store
 from .tiling import (
@@ -50,6 +53,7 @@ class TileConfig:
     mpp: float | None = None
     min_tissue: float = 0.05
     tissue: str = "auto"  # tissue detection: "auto" (glass-aware, see tiling.tissue_mask) or "all"
+    roi: str | None = None  # QuPath GeoJSON: only patches inside its regions are kept (the normalisation still uses all tissue)
     store_dtype: str = "uint8"
     shard_patches: int = 64
     percentiles: tuple[float, float] = (0.5, 99.8)
@@ -131,11 +135,16 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         um_per_px = slide.mpp * low_ds if slide.mpp else None
         mask = tissue_mask(low[spec.mask_channels], um_per_px, cfg.tissue)
         lo, hi = percentile_stats(low, mask, *cfg.percentiles)
+        select = mask
+        if cfg.roi:  # annotated regions: the patches are those whose tissue lies inside them
+            h0, w0 = slide.levels[0].shape[1:]
+            select = mask & (read_regions(cfg.roi, (w0, h0)).labels(0, 0, *mask.shape, low_ds) > 0)
     ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.align)
     xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.align)
-    frac = tissue_fractions(mask, low_ds / choice.downsample, ys, xs, cfg.patch_size)
-    every = cfg.min_tissue == 0  # `--min-tissue 0`: every patch, whatever the mask says
-    keep_y, keep_x = np.nonzero(frac >= cfg.min_tissue) if mask.any() or every else (np.zeros(0, int), np.zeros(0, int))
+    frac = tissue_fractions(select, low_ds / choice.downsample, ys, xs, cfg.patch_size)
+    every = cfg.min_tissue == 0 and not cfg.roi  # `--min-tissue 0`: every patch, whatever the mask says
+    keep = np.ones(frac.shape, bool) if every else (frac >= cfg.min_tissue) & (frac > 0)
+    keep_y, keep_x = np.nonzero(keep)
     if not mask.any() and not every:
         warnings.warn(f"{spec.slide_id}: no tissue found; the slide contributes no patches", stacklevel=2)
     return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()), mask, low_ds)
@@ -182,7 +191,10 @@ def run_tile(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    qc: Path | None = None,
 ) -> PatchStore:
+    """Tile `specs` into the patch store `out`; a QC picture per slide (slide, tissue outline, patch
+    grid) goes to `qc` (default `STORE.qc/`)."""
     cfg.validate()
     out = Path(out)
     partial = prepare_output(out, resume, overwrite)
@@ -214,12 +226,14 @@ def run_tile(
             dask.delayed(write_shard, pure=False)(str(partial), shard, frozen, dask_key_name=f"write_shard-{shard:09d}")
             for shard in todo
         ]
-        with tqdm(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=None if progress else True) as bar:
+        with progress_bar(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=None if progress else True) as bar:
             _compute(tasks, scheduler, workers, bar)
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not written")
         root.attrs["complete"] = True
         publish(partial, out)
+        for plan in plans:
+            tiling_picture((qc or qc_folder(out)) / f"{plan.spec.slide_id}.png", plan, cfg.patch_size)
     except InputError:
         if created or not resume:
             shutil.rmtree(partial, ignore_errors=True)

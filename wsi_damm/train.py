@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import load_state, load_weights, save_state, save_weights
 from .config import RunConfig
@@ -30,8 +29,19 @@ from .files import write_csv, write_json
 from .gate_regions import GateByRegion
 from .models.autoencoder import Autoencoder
 from .models.damm_unet import DammUNet
-from .run_dir import (METRIC_FIELDS, ROLES_NEEDED, RunDir, build_autoencoder, build_schedule, build_unet, load_autoencoders, load_run_config,
-                      read_metrics, write_metrics)
+from .progress import progress_bar
+from .run_dir import (
+    METRIC_FIELDS,
+    ROLES_NEEDED,
+    RunDir,
+    build_autoencoder,
+    build_schedule,
+    build_unet,
+    load_autoencoders,
+    load_run_config,
+    read_metrics,
+    write_metrics,
+)
 from .store import PatchStore
 from .training_data import PatchImages, batch_rows, split_validation, step_generator
 
@@ -74,7 +84,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
             opts[r].load_state_dict(state[f"optimizer_{r}"])
         start = int(state["step"])
         rows = [r for r in read_metrics(run.ae_metrics) if int(r["step"]) < start]
-    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="autoencoders", unit="step",
+    bar = progress_bar(range(start, a.steps), initial=start, total=a.steps, desc="autoencoders", unit="step",
                disable=None if (progress and ranks.main) else True)
     for step in bar:
         sel = batch_rows(len(images), a.batch_size * ranks.world, step, cfg.train.seed + 17)
@@ -194,7 +204,7 @@ def train_diffusion(
     n = latents["target"].shape[0]
     micro = t_cfg.batch_size // t_cfg.grad_accum
     end = t_cfg.steps if stop_after is None else min(t_cfg.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=t_cfg.steps, desc="diffusion", unit="step", disable=None if (progress and ranks.main) else True)
+    bar = progress_bar(range(start, end), initial=start, total=t_cfg.steps, desc="diffusion", unit="step", disable=None if (progress and ranks.main) else True)
     t0, last_t, last_step = time.perf_counter(), time.perf_counter(), start
     for step in bar:
         warm = step < warmup_steps
@@ -242,6 +252,8 @@ def train_diffusion(
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {})})
         if ranks.main and (done % t_cfg.checkpoint_every == 0 or done == end):
             _checkpoint(run.ckpt, done, {"unet": model, "unet_ema": ema}, {"optimizer": opt}, lambda: write_metrics(run.metrics, rows, fields))
+        elif ranks.main and t_cfg.metrics_every and done % t_cfg.metrics_every == 0:
+            write_metrics(run.metrics, rows, fields)  # watchable between checkpoints; a resume drops rows past its checkpoint
     checksums = parameter_checksums(model, ranks) if ranks.world > 1 else None
     if ranks.main and end == t_cfg.steps:
         save_weights(run.unet, ema, {"steps": t_cfg.steps})

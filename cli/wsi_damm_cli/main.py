@@ -13,16 +13,68 @@ import click
 from wsi_damm import __version__
 from wsi_damm.errors import InputError
 
+LOG = logging.getLogger("wsi_damm")
+RECORD = logging.getLogger("wsi_damm.cli")  # the command line, warnings and errors: for --log-file only (stderr has them already)
+
+
+def _console() -> logging.Handler:
+    """stderr: the library's INFO lines (progress where no terminal is), DEBUG with -v."""
+    for h in LOG.handlers:
+        if getattr(h, "wsi_damm_console", False):
+            return h
+    h = logging.StreamHandler(sys.stderr)
+    h.wsi_damm_console = True
+    h.setFormatter(logging.Formatter("wsi-damm: %(message)s"))
+    h.addFilter(lambda r: not r.name.startswith(RECORD.name))
+    h.setLevel(logging.INFO)
+    LOG.addHandler(h)
+    LOG.setLevel(logging.DEBUG)
+    return h
+
+
+def _verbose(ctx, param, value: int) -> None:
+    _console().setLevel(logging.DEBUG if value else logging.INFO)
+
+
+def _log_file(ctx, param, value: Path | None) -> None:
+    if value is None:
+        return
+    value.parent.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(value, encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    LOG.addHandler(h)
+    LOG.setLevel(logging.DEBUG)
+    RECORD.info("wsi-damm " + " ".join(sys.argv[1:]))
+
+
+LOGGING_OPTIONS = (  # on every command (added by _Group.add_command)
+    click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_verbose, help="Debug messages on stderr too."),
+    click.Option(["--log-file"], type=click.Path(dir_okay=False, path_type=Path), expose_value=False, callback=_log_file,
+                 help="Append everything (progress lines, warnings, errors) with timestamps to this file."),
+)
+
 
 class _Group(click.Group):
-    """Turns InputError into one line on stderr and exit code 2; warnings into one line each."""
+    """Turns InputError into one line on stderr and exit code 2; warnings into one line each; gives every
+    command -v/--verbose and --log-file."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(LOGGING_OPTIONS)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
-        warnings.showwarning = lambda msg, *a, **k: click.echo(f"wsi-damm: warning: {msg}", err=True)
+        _console()
+
+        def warn(msg, *a, **k):
+            click.echo(f"wsi-damm: warning: {msg}", err=True)
+            RECORD.warning(str(msg))
+
+        warnings.showwarning = warn
         try:
             return super().invoke(ctx)
         except InputError as exc:
             click.echo(f"wsi-damm: error: {exc.one_line()}", err=True)
+            RECORD.error(exc.one_line())
             # reads still in flight on zarr's event loop when the error was raised (e.g. other chunks of a
             # corrupted shard) are abandoned: asyncio's "Task was destroyed" notes at exit are not the user's business
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -57,12 +109,11 @@ def registration_options(fn):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergence: float, workers: int, quiet: bool) -> None:
     """Write synthetic tumour slides (pyramidal OME-TIFF: CD31, DAPI, NP) with ground truth."""
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm import api
 
-    results = write_slides(out_dir, slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence), workers=workers,
-                           progress=not quiet)
-    for r in results:
-        click.echo(f"{r['slide']}  (truth: {r['clean'].name}, {r['divergence'].name}; preview: {r['preview'].name})")
+    made = api.synth(out_dir, slides=slides, size=size, mpp=mpp, seed=seed, divergence=divergence, workers=workers, quiet=quiet)
+    for slide, clean, div in zip(made.slides, made.clean, made.divergence):
+        click.echo(f"{slide}  (truth: {clean.name}, {div.name}; preview: {slide.name.removesuffix('.ome.tif')}.preview.png)")
 
 
 @cli.command(short_help="Cut slides into tissue patches (zarr store).")
@@ -77,6 +128,7 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--min-tissue", default=0.05, type=float, help="Keep patches with at least this tissue fraction (0: every patch).")
 @click.option("--tissue", default="auto", type=click.Choice(["auto", "all"]),
               help="Tissue detection: auto (Otsu when there is glass, else all but the dark floor) or all (every pixel).")
+@click.option("--roi", type=click.Path(dir_okay=False), help="QuPath GeoJSON: keep only patches inside its regions.")
 @click.option("--store-dtype", default="uint8", type=click.Choice(["uint8", "uint16"]))
 @click.option("--shard-patches", default=64, type=int, help="Patches per zarr shard (one file).")
 @click.option("--plane", multiple=True, help="Pick a plane of a Z/T axis, e.g. Z=0.")
@@ -88,22 +140,21 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--resume", is_flag=True, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, tissue, store_dtype, shard_patches,
+def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, tissue, roi, store_dtype, shard_patches,
          plane, scheduler, workers, max_slide_gb, register, size_tolerance, qc, resume, overwrite, quiet) -> None:
     """Cut slides into tissue-only, overlapping, normalised patches in a zarr patch store."""
-    from wsi_damm.tile import TileConfig, run_tile
+    from wsi_damm import api
 
-    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc, mpp=mpp)
-    cfg = TileConfig(patch_size=patch_size, overlap=overlap, level=level, mpp=mpp, min_tissue=min_tissue, tissue=tissue,
-                     store_dtype=store_dtype, shard_patches=shard_patches)
-    store = run_tile(specs, out, cfg, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite, progress=not quiet)
-    s = store.summary()
-    click.echo(f"{out}: {s['patches']} patches of {s['patch_size']} px ({', '.join(s['roles'])}) from {len(s['patches_per_slide'])} slide(s), {s['disk_mb']} MB")
+    t = api.tile(slides, out=out, manifest=manifest, channels=channels, patch_size=patch_size, overlap=overlap, level=level, mpp=mpp,
+                 min_tissue=min_tissue, tissue=tissue, roi=roi, store_dtype=store_dtype, shard_patches=shard_patches, plane=plane,
+                 scheduler=scheduler, workers=workers, max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc,
+                 resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
+    click.echo(f"{out}: {t.patches} patches of {t.patch_size} px ({', '.join(t.roles)}) from {len(t.patches_per_slide)} slide(s); "
+               f"what was tiled: {t.qc}/")
 
 
-def _flags(**groups: dict) -> dict:
-    """Nested overrides from flags that were actually given (None = not given)."""
-    return {section: {k: v for k, v in values.items() if v is not None} for section, values in groups.items() if any(v is not None for v in values.values())}
+def _registration_log(msg: str) -> None:
+    click.echo(f"registration: {msg}", err=True)
 
 
 @cli.command(short_help="Train the autoencoders and the DAMM U-Net.")
@@ -138,28 +189,14 @@ def _flags(**groups: dict) -> dict:
 def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, compile_, val_fraction,
           val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, resume, quiet) -> None:
     """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
-    from wsi_damm.config import resolve
-    from wsi_damm.train import run_training
+    from wsi_damm import api
 
-    flags = _flags(
-        train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "amp": amp,
-               "compile": compile_, "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
-               "val_slides": tuple(v.strip() for v in val_slides.split(",")) if val_slides else None, "val_split": val_split},
-        autoencoder={"steps": ae_steps},
-        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch},
-        damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction},
-    )
-    cfg = resolve(preset, config_file, flags)
-    run = run_training(store, out, cfg, stage=stage, resume=resume, progress=not quiet)
-    click.echo(f"{run.path}: trained ({stage}); weights {run.unet.name if run.unet.exists() else 'autoencoders only'}, metrics {run.metrics.name}, plot loss.png")
-
-
-def _slide_specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0, qc=None,
-                 mpp=None):
-    from wsi_damm.inputs import parse_planes, resolve_slides
-
-    return resolve_slides(slides, manifest, channels, parse_planes(plane), max_slide_gb, required, register, size_tolerance, qc,
-                          log=lambda msg: click.echo(f"registration: {msg}", err=True), mpp=mpp)
+    r = api.train(store, out=out, preset=preset, config=config_file, stage=stage, steps=steps, epochs=epochs, ae_steps=ae_steps,
+                  batch_size=batch_size, lr=lr, device=device, amp=amp, compile=compile_, val_fraction=val_fraction, val_slides=val_slides,
+                  val_split=val_split, checkpoint_every=checkpoint_every, seed=seed, no_mmfm=no_mmfm, fusion=fusion, no_dammp=no_dammp,
+                  uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, resume=resume, quiet=quiet)
+    click.echo(f"{r.run}: trained ({stage}); weights {r.weights.name if r.weights else 'autoencoders only'}, metrics {r.metrics.name}, "
+               f"plot {r.loss_plot.name}")
 
 
 IMAGE_MPP = "Pixel size (µm) of slides that carry none: plain JPEG / PNG / BMP images need it."
@@ -188,6 +225,7 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
 @click.option("--min-tissue", default=0.05, type=float)
 @click.option("--tissue", type=click.Choice(["auto", "all"]), help="Tissue detection (default: the one the run was trained with).")
+@click.option("--roi", type=click.Path(dir_okay=False), help="QuPath GeoJSON: predict only the patches inside its regions.")
 @click.option("--mpp", type=float, help=IMAGE_MPP)
 @click.option("--shard-patches", default=64, type=click.IntRange(1), help="Patches per shard (unit of resume).")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -202,16 +240,17 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, tissue,
-            mpp, shard_patches, device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
+            roi, mpp, shard_patches, device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
-    from wsi_damm.predict import PredictConfig, predict_maps
+    from wsi_damm import api
+    from wsi_damm.predict import DEFAULT_STEPS
 
-    specs = _slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp)
-    cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
-                        min_tissue=min_tissue, tissue=tissue, amp=amp, device=device, shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
-    done = predict_maps(run_dir, specs, out, cfg, stitch=do_stitch, map_path=map_path, blend=blend, tiff=tiff, resume=resume,
-                        overwrite=overwrite, progress=not quiet)
-    click.echo(f"{out}: {len(done.store)} patches predicted ({sampling} sampling, {sampler}, {cfg.n_steps} steps)")
+    done = api.predict(run_dir, slides, out=out, manifest=manifest, channels=channels, plane=plane, no_nuclei=no_nuclei, sampling=sampling,
+                       sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, samples=samples, overlap=overlap,
+                       min_tissue=min_tissue, tissue=tissue, roi=roi, mpp=mpp, shard_patches=shard_patches, device=device, amp=amp,
+                       max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, stitch=do_stitch, map=map_path,
+                       blend=blend, tiff=tiff, resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
+    click.echo(f"{out}: {done.patches} patches predicted ({sampling} sampling, {sampler}, {steps or DEFAULT_STEPS[sampler]} steps)")
     for path in done.maps:
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
@@ -227,10 +266,9 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
 @click.option("--quiet", is_flag=True)
 def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> None:
     """Blend overlapping patch predictions into whole-slide maps (OME-Zarr, optional OME-TIFF)."""
-    from wsi_damm.stitch import run_stitch
+    from wsi_damm import api
 
-    for path in run_stitch(pred_store, out, blend=blend, tiff=tiff, workers=workers, progress=not quiet, resume=resume,
-                           band_bytes=band_mb * 2**20):
+    for path in api.stitch(pred_store, out=out, blend=blend, tiff=tiff, workers=workers, band_mb=band_mb, resume=resume, quiet=quiet):
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
 
@@ -243,29 +281,41 @@ def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> Non
               help="Integer label image per map (annotations, synthetic divergence mask): metrics per region.")
 @click.option("--mask", default="tissue", type=click.Choice(["tissue", "none"]), help="Also report tissue-only metrics.")
 @click.option("--mpp", type=float, help=IMAGE_MPP)
+@click.option("--viewer/--no-viewer", default=True, help="Write the deep-zoom comparison page per slide (viewer_SLIDE.html).")
 @click.option("--out", default=Path("report"), type=click.Path(path_type=Path), help="Report directory.")
 @click.option("--max-slide-gb", default=256.0, type=float)
 @registration_options
 @click.option("--quiet", is_flag=True)
-def evaluate(maps, truths, channels, cleans, regions, mask, mpp, out, max_slide_gb, register, size_tolerance, quiet) -> None:
+def evaluate(maps, truths, channels, cleans, regions, mask, mpp, viewer, out, max_slide_gb, register, size_tolerance, quiet) -> None:
     """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
-    from wsi_damm.evaluate import run_evaluate
+    from wsi_damm import api
 
-    if len(truths) != len(maps):
-        raise InputError("--truth", f"give one --truth per map ({len(maps)} maps, {len(truths)} slides)")
-    if cleans and len(cleans) != len(maps):
-        raise InputError("--clean", f"give one --clean per map or none ({len(maps)} maps, {len(cleans)} fields)")
-    if regions and len(regions) != len(maps):
-        raise InputError("--regions", f"give one --regions per map or none ({len(maps)} maps, {len(regions)} label images)")
-    specs = _slide_specs(truths, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance,
-                         mpp=mpp)
-    metrics = run_evaluate(list(zip(maps, specs)), out, list(cleans) or [None] * len(maps), use_mask=mask == "tissue", progress=not quiet,
-                           regions=list(regions) or None)
-    for r in metrics["slides"]:
+    done = api.evaluate(maps, truth=truths, channels=channels, clean=cleans, regions=regions, mask=mask, mpp=mpp, viewer=viewer, out=out,
+                        max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, quiet=quiet, log=_registration_log)
+    for r in done.metrics["slides"]:
         w, pp = r["wsi"], r["patches"]
         click.echo(f"{r['slide']}: WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
                    f"± {pp['ssim_percent']['sd']:.2f} %, PSNR {pp['psnr']['mean']:.2f} ± {pp['psnr']['sd']:.2f} dB")
-    click.echo(f"report: {out / 'report.html'} (open it in a browser)")
+    click.echo(f"report: {done.report} (open it in a browser)" + (f"; deep-zoom viewer: {done.viewers[0]}" if done.viewers else ""))
+
+
+@cli.command(short_help="Export a map and its slide for QuPath (OME-TIFF, GeoJSON).")
+@click.argument("map_path", type=click.Path(path_type=Path))
+@click.option("--truth", required=True, type=click.Path(path_type=Path), help="The slide the map was predicted from.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the exported files.")
+@click.option("--channels", help="Role map of the slide, e.g. vessels=CD31,nuclei=DAPI,target=NP.")
+@click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="High-NP regions: predicted NP at least this (normalised).")
+@click.option("--mpp", type=float, help=IMAGE_MPP)
+def export(map_path, truth, out, channels, threshold, mpp) -> None:
+    """One aligned pyramidal OME-TIFF (CD31, DAPI, measured NP, predicted NP, |error|, sd; µm scale),
+    high-NP regions and per-patch divergence as GeoJSON — QuPath opens and imports them."""
+    from wsi_damm import api
+
+    done = api.export(map_path, truth=truth, out=out, channels=channels, threshold=threshold, mpp=mpp)
+    click.echo(f"{done['tiff']}: {', '.join(done['channels'])} (QuPath: File > Open)")
+    click.echo(f"{done['high_np']}: {done['high_np_regions']} high-NP regions (QuPath: File > Import objects)")
+    if "patches" in done:
+        click.echo(f"{done['patches']}: {done['patch_count']} patches with divergence and multi-modal share")
 
 
 @cli.command(short_help="SSIM / PSNR of two images as stored.")
@@ -275,9 +325,9 @@ def evaluate(maps, truths, channels, cleans, regions, mask, mpp, out, max_slide_
 @click.option("--json", "as_json", is_flag=True)
 def compare(a, b, data_range, as_json) -> None:
     """SSIM / PSNR of two single-channel images as stored (OME-Zarr, TIFF, .npy), streamed."""
-    from wsi_damm.evaluate import compare as compare_images
+    from wsi_damm import api
 
-    r = compare_images(a, b, data_range)
+    r = api.compare(a, b, data_range=data_range)
     if as_json:
         click.echo(json.dumps({k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()}, indent=2))
     else:

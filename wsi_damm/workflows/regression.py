@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..checkpoint import load_weights, save_weights
 from ..config import RunConfig
 from ..files import write_json
 from ..models.regression import RegressionUNet
+from ..progress import progress_bar
 from ..slides import SlideSpec
 from ..store import PatchStore
 from ..train import lr_at
@@ -53,7 +53,7 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     t0 = time.perf_counter()
     losses = []
-    for step in tqdm(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):
+    for step in progress_bar(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, rc)
         x = images.get(batch_rows(len(images), t.batch_size, step, t.seed))[:, cols]

@@ -27,10 +27,10 @@ import numpy as np
 import tifffile
 import zarr
 from scipy import ndimage, signal, special
-from tqdm.auto import tqdm
 
 from ..files import write_json
 from ..ome import build_pyramid, fast_codec, write_ome_tiff
+from ..progress import progress_bar
 
 # The simulator is the yardstick models are measured by. Any change to what it renders needs a physical reason
 # (README, "The simulator") and a new version; the version is written into every slide and every study.
@@ -312,7 +312,7 @@ def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers:
         tiles = [(ty, tx) for ty in range(0, size, TILE) for tx in range(0, size, TILE)]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             jobs = pool.map(lambda t: _render_tile(cfg, lay, index, t[0], t[1], root), tiles)
-            for _ in tqdm(jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=None if progress else True, leave=False):
+            for _ in progress_bar(jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=None if progress else True, leave=False):
                 pass
         paths = {
             "slide": out_dir / f"{name}.ome.tif",
@@ -347,7 +347,7 @@ def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for i in tqdm(range(n_slides), desc="slides", unit="slide", disable=None if (progress and n_slides > 1) else True):
+    for i in progress_bar(range(n_slides), desc="slides", unit="slide", disable=None if (progress and n_slides > 1) else True):
         results.append(write_slide(out_dir, f"{prefix}_{i:03d}", i, cfg, workers, progress))
     write_json(out_dir / "truth" / "synth_config.json", {"simulator_version": SIMULATOR_VERSION, **asdict(cfg)})
     return results

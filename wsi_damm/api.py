@@ -1,0 +1,207 @@
+"""wsi-damm from Python: one function per command, taking paths and keyword options with the CLI's
+names and defaults (`--patch-size` → `patch_size`), returning a small result object. The CLI is a
+thin layer over these.
+
+    import wsi_damm as wd
+    wd.synth("slides", slides=3, size=2048)
+    store = wd.tile(["slides/synth_000.ome.tif", "slides/synth_001.ome.tif"], out="s.zarr", patch_size=128, overlap=32)
+    run = wd.train(store.store, out="run", steps=1000)
+    pred = wd.predict(run.run, ["slides/synth_002.ome.tif"], out="p.zarr", samples=4)
+    report = wd.evaluate(pred.maps, truth=["slides/synth_002.ome.tif"], out="report")
+    report.metrics["slides"][0]["wsi"]["ssim_tissue"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+PathLike = str | Path
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    slides: list[Path]  # the OME-TIFFs (CD31, DAPI, NP)
+    clean: list[Path]  # noiseless NP fields (the oracle)
+    divergence: list[Path]  # where DAPI misleads (region labels)
+
+
+@dataclass(frozen=True)
+class TileResult:
+    store: Path
+    patches: int
+    patch_size: int
+    roles: list[str]
+    patches_per_slide: dict
+    qc: Path  # one picture per slide: tissue outline and patch grid
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: Path
+    weights: Path | None  # unet_ema.safetensors once the diffusion stage is done
+    metrics: Path
+    loss_plot: Path
+    config: Path
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    store: Path
+    patches: int
+    maps: list[Path]  # MAP.ome.zarr per slide (empty with stitch=False)
+    qc: Path
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    report: Path  # report.html
+    metrics_path: Path
+    metrics: dict = field(repr=False)
+    viewers: list[Path] = field(default_factory=list)
+
+
+def _specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0, qc=None,
+           mpp=None, log=None):
+    from .inputs import parse_planes, resolve_slides
+
+    if isinstance(slides, (str, Path)):
+        slides = [slides]
+    return resolve_slides(list(slides or ()), manifest, channels, parse_planes(plane), max_slide_gb, required, register, size_tolerance, qc,
+                          log=log, mpp=mpp)
+
+
+def synth(out_dir: PathLike, *, slides: int = 2, size: int = 4096, mpp: float = 0.5, seed: int = 0, divergence: float = 0.3,
+          workers: int = 2, quiet: bool = False) -> SynthResult:
+    """Synthetic tumour slides with ground truth (`wsi-damm synth`)."""
+    from .workflows.synth import SynthConfig, write_slides
+
+    written = write_slides(Path(out_dir), slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence), workers=workers,
+                           progress=not quiet)
+    return SynthResult([Path(r["slide"]) for r in written], [Path(r["clean"]) for r in written], [Path(r["divergence"]) for r in written])
+
+
+def tile(slides: Sequence[PathLike] | PathLike = (), *, out: PathLike, manifest: PathLike | None = None, channels: str | None = None,
+         patch_size: int = 256, overlap: int = 64, level: int | None = None, mpp: float | None = None, min_tissue: float = 0.05,
+         tissue: str = "auto", roi: PathLike | None = None, store_dtype: str = "uint8", shard_patches: int = 64, plane: Sequence[str] = (),
+         scheduler: str = "threads", workers: int | None = None, max_slide_gb: float = 256.0, register: str = "none",
+         size_tolerance: float = 0.0, qc: PathLike | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+         log=None) -> TileResult:
+    """Cut slides into tissue patches (`wsi-damm tile`). `qc`: registration overlays; the tiling pictures go to STORE.qc/."""
+    from .qc import qc_folder
+    from .tile import TileConfig, run_tile
+
+    specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance,
+                   qc=Path(qc) if qc else None, mpp=mpp, log=log)
+    cfg = TileConfig(patch_size=patch_size, overlap=overlap, level=level, mpp=mpp, min_tissue=min_tissue, tissue=tissue,
+                     roi=str(roi) if roi else None, store_dtype=store_dtype, shard_patches=shard_patches)
+    store = run_tile(specs, Path(out), cfg, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite, progress=not quiet)
+    s = store.summary()
+    return TileResult(Path(out), s["patches"], s["patch_size"], list(s["roles"]), s["patches_per_slide"], qc_folder(Path(out)))
+
+
+def _flags(**groups: dict) -> dict:
+    """Nested overrides from options that were actually given (None = not given)."""
+    return {section: {k: v for k, v in values.items() if v is not None} for section, values in groups.items()
+            if any(v is not None for v in values.values())}
+
+
+def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathLike | None = None, stage: str = "all",
+          steps: int | None = None, epochs: int | None = None, ae_steps: int | None = None, batch_size: int | None = None,
+          lr: float | None = None, device: str | None = None, amp: bool | None = None, compile: bool | None = None,
+          val_fraction: float | None = None, val_slides: str | Sequence[str] | None = None, val_split: str | None = None,
+          checkpoint_every: int | None = None, seed: int | None = None, no_mmfm: bool | None = None, fusion: str | None = None,
+          no_dammp: bool | None = None, uni_branch: str | None = None, gamma: float | None = None, no_dfl: bool | None = None,
+          warmup_fraction: float | None = None, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value."""
+    from .config import resolve
+    from .train import run_training
+
+    if isinstance(val_slides, str):
+        val_slides = [v.strip() for v in val_slides.split(",") if v.strip()]
+    flags = _flags(
+        train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "amp": amp, "compile": compile,
+               "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
+               "val_slides": tuple(val_slides) if val_slides else None, "val_split": val_split},
+        autoencoder={"steps": ae_steps},
+        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch},
+        damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction},
+    )
+    cfg = resolve(preset, Path(config) if config else None, flags)
+    run = run_training(Path(store), Path(out), cfg, stage=stage, resume=resume, progress=not quiet)
+    return TrainResult(run.path, run.unet if run.unet.exists() else None, run.metrics, run.path / "loss.png", run.config)
+
+
+def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, out: PathLike, manifest: PathLike | None = None,
+            channels: str | None = None, plane: Sequence[str] = (), no_nuclei: bool = False, sampling: str = "independent",
+            sampler: str = "dpm++", steps: int | None = None, eta: float = 0.0, batch_size: int = 16, seed: int = 0, samples: int = 1,
+            overlap: int | None = None, min_tissue: float = 0.05, tissue: str | None = None, roi: PathLike | None = None,
+            mpp: float | None = None, shard_patches: int = 64, device: str = "auto", amp: bool = False, max_slide_gb: float = 256.0,
+            register: str = "none", size_tolerance: float = 0.0, stitch: bool = True, map: PathLike | None = None,
+            blend: str = "gaussian", tiff: PathLike | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+            log=None) -> PredictResult:
+    """Predict whole-slide NP maps with a trained run (`wsi-damm predict`), stitched unless stitch=False."""
+    from .predict import PredictConfig, predict_maps
+    from .qc import qc_folder
+
+    specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp, log=log)
+    cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
+                        min_tissue=min_tissue, tissue=tissue, roi=str(roi) if roi else None, amp=amp, device=device,
+                        shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
+    done = predict_maps(Path(run_dir), specs, Path(out), cfg, stitch=stitch, map_path=Path(map) if map else None, blend=blend,
+                        tiff=Path(tiff) if tiff else None, resume=resume, overwrite=overwrite, progress=not quiet)
+    return PredictResult(Path(out), len(done.store), list(done.maps), qc_folder(Path(out)))
+
+
+def stitch(prediction: PathLike, *, out: PathLike, blend: str = "gaussian", tiff: PathLike | None = None, workers: int | None = None,
+           band_mb: int = 64, resume: bool = False, quiet: bool = False) -> list[Path]:
+    """Blend patch predictions into whole-slide maps (`wsi-damm stitch`); returns the maps."""
+    from .stitch import run_stitch
+
+    return run_stitch(Path(prediction), Path(out), blend=blend, tiff=Path(tiff) if tiff else None, workers=workers, progress=not quiet,
+                      resume=resume, band_bytes=band_mb * 2**20)
+
+
+def evaluate(maps: Sequence[PathLike] | PathLike, *, truth: Sequence[PathLike] | PathLike, channels: str | None = None,
+             clean: Sequence[PathLike] = (), regions: Sequence[PathLike] = (), mask: str = "tissue", mpp: float | None = None,
+             viewer: bool = True, out: PathLike = "report", max_slide_gb: float = 256.0, register: str = "none", size_tolerance: float = 0.0,
+             quiet: bool = False, log=None) -> EvaluateResult:
+    """Score maps against the measured NP channel (`wsi-damm evaluate`): metrics, figures, report, viewer."""
+    from .evaluate import run_evaluate
+
+    maps = [Path(maps)] if isinstance(maps, (str, Path)) else [Path(m) for m in maps]
+    truth = [truth] if isinstance(truth, (str, Path)) else list(truth)
+    clean, regions = [Path(c) for c in clean], [Path(r) for r in regions]
+    if len(truth) != len(maps):
+        raise InputError("--truth", f"give one --truth per map ({len(maps)} maps, {len(truth)} slides)")
+    if clean and len(clean) != len(maps):
+        raise InputError("--clean", f"give one --clean per map or none ({len(maps)} maps, {len(clean)} fields)")
+    if regions and len(regions) != len(maps):
+        raise InputError("--regions", f"give one --regions per map or none ({len(maps)} maps, {len(regions)} label images)")
+    specs = _specs(truth, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance,
+                   mpp=mpp, log=log)
+    out = Path(out)
+    metrics = run_evaluate(list(zip(maps, specs)), out, clean or [None] * len(maps), use_mask=mask == "tissue", progress=not quiet,
+                           regions=regions or None, viewer=viewer)
+    viewers = [out / f"viewer_{r['slide']}.html" for r in metrics["slides"]] if viewer else []
+    return EvaluateResult(out / "report.html", out / "metrics.json", metrics, viewers)
+
+
+def compare(a: PathLike, b: PathLike, *, data_range: float | None = None) -> dict:
+    """SSIM / PSNR of two single-channel images as stored (`wsi-damm compare`)."""
+    from .evaluate import compare as compare_images
+
+    return compare_images(Path(a), Path(b), data_range)
+
+
+def export(map_path: PathLike, *, truth: PathLike, out: PathLike, channels: str | None = None, threshold: float = 0.5,
+           mpp: float | None = None, max_slide_gb: float = 256.0) -> dict:
+    """A map and its slide for QuPath (`wsi-damm export`): the aligned six-channel OME-TIFF, high-NP
+    regions and per-patch gate values as GeoJSON. Returns what was written."""
+    from .export import export_for_qupath
+
+    [spec] = _specs([truth], None, channels, (), max_slide_gb, required=("vessels",), mpp=mpp)
+    return export_for_qupath(Path(map_path), spec, Path(out), threshold)

@@ -34,8 +34,8 @@ class DemoPlan:
     overlap: int = 32
 
 
-# 10 DPM-Solver++ steps and 200 autoencoder steps keep the full demo within 10 minutes on 2 cores
-FULL = DemoPlan(size=2048, train_slides=2, ae_steps=200, steps=1000, sample_steps=10, samples=4)
+# 900 diffusion, 150 autoencoder and 10 DPM-Solver++ steps keep the full demo within 10 minutes on 2 cores
+FULL = DemoPlan(size=2048, train_slides=2, ae_steps=150, steps=900, sample_steps=10, samples=4)
 QUICK = DemoPlan(size=1024, train_slides=2, ae_steps=60, steps=150, sample_steps=10, samples=2)
 
 

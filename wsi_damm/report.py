@@ -16,6 +16,7 @@ from skimage.transform import resize
 from .qc import pictures_of_map
 from .slide_map import COVERAGE, DIVERGENCE, MapImage
 from .tiling import low_resolution, unit_range
+from .viewer import LAYERS, write_viewer
 
 if TYPE_CHECKING:
     from .evaluate import SlideEvaluation, Truth
@@ -27,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
 THUMB = 1024
+LAYER_STYLE = {layer.key: layer for layer in LAYERS}  # one colour scale per layer, figures and viewer alike
 
 
 def _scale_bar(ax, um_per_px: float | None, width_px: int) -> None:
@@ -80,12 +82,13 @@ def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     div = np.where(covered, pm[DIVERGENCE], np.nan)
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
     blank = np.zeros((th, tw))
-    _panel(fig, axes[0, 0], chans.get("vessels", blank), "CD31 (vessels)", "magma", 0, 1, um, "normalised intensity")
-    _panel(fig, axes[0, 1], chans.get("nuclei", blank), "DAPI (nuclei)" if "nuclei" in chans else "DAPI: not in slide", "Blues_r", 0, 1, um, "normalised intensity")
-    _panel(fig, axes[0, 2], chans["target"], "NP measured", "viridis", 0, 1, um, "normalised NP")
-    _panel(fig, axes[1, 0], pred, "NP predicted", "viridis", 0, 1, um, "normalised NP")
-    _panel(fig, axes[1, 1], err, "|predicted − measured|", "inferno", 0, 0.5, um, "absolute error")
-    _panel(fig, axes[1, 2], div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only", "coolwarm", 0, 1, um, "d (gate uses uni-modal where d ≥ γ)")
+    scale = lambda key: (LAYER_STYLE[key].cmap, LAYER_STYLE[key].vmin, LAYER_STYLE[key].vmax)  # noqa: E731 - the viewer's colour scales
+    _panel(fig, axes[0, 0], chans.get("vessels", blank), "CD31 (vessels)", *scale("vessels"), um, "normalised intensity")
+    _panel(fig, axes[0, 1], chans.get("nuclei", blank), "DAPI (nuclei)" if "nuclei" in chans else "DAPI: not in slide", *scale("nuclei"), um, "normalised intensity")
+    _panel(fig, axes[0, 2], chans["target"], "NP measured", *scale("measured"), um, "normalised NP")
+    _panel(fig, axes[1, 0], pred, "NP predicted", *scale("predicted"), um, "normalised NP")
+    _panel(fig, axes[1, 1], err, "|predicted − measured|", *scale("error"), um, "absolute error")
+    _panel(fig, axes[1, 2], div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only", *scale("divergence"), um, "d (gate uses uni-modal where d ≥ γ)")
     wsi = result["wsi"]
     fig.suptitle(f"{m.slide_id} — WSI SSIM {wsi['ssim']:.3f}, PSNR {wsi['psnr']:.2f} dB"
                  + (f" (tissue: SSIM {wsi['ssim_tissue']:.3f}, PSNR {wsi['psnr_tissue']:.2f} dB)" if "ssim_tissue" in wsi else ""), fontsize=13)
@@ -229,8 +232,6 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
 def write_report(out: Path, metrics: dict, evaluated: list["SlideEvaluation"], viewer: bool = True) -> list[Path]:
     """overview and zoom figures per slide, patch histograms, divergence scatter, `report.html` (every
     figure embedded) and, with `viewer`, a deep-zoom comparison page per slide, in `out`; returns the figures."""
-    from .viewer import write_viewer
-
     out = Path(out)
     figures = []
     viewers = [write_viewer(out, e.map, e.truth) for e in evaluated] if viewer else []

@@ -39,7 +39,7 @@ class Layer:
     unit: str
 
 
-LAYERS = (  # the report figures' colour scales
+LAYERS = (  # colour scales of the viewer and the report's figures (report.LAYER_STYLE)
     Layer("measured", "NP measured", "viridis", 0, 1, "normalised NP"),
     Layer("predicted", "NP predicted", "viridis", 0, 1, "normalised NP"),
     Layer("error", "|predicted − measured|", "inferno", 0, 0.5, "absolute error"),

@@ -374,19 +374,20 @@ def study(out, preset, seeds, quick, quiet) -> None:
     click.echo(f"table: {out / 'study.md'}  json: {out / 'study.json'}  figure: {out / 'study.png'}  ({s['seconds']} s)")
 
 
-@cli.command(short_help="Describe a slide file, a patch store or a run directory.")
+@cli.command(short_help="Describe a slide (file or OME-Zarr), a patch store or a run directory.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--mpp", type=float, help="Pixel size (µm) of an image that carries none (JPEG, PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(path: Path, mpp: float | None, as_json: bool) -> None:
     """Describe a slide file, a patch store or a training run directory."""
+    from wsi_damm.slides.omezarr import is_ome_image
     from wsi_damm.store import PatchStore
 
     if (path / "config.json").exists():
         from wsi_damm.run_info import run_summary
 
         summary = run_summary(path)
-    elif path.is_file():
+    elif path.is_file() or is_ome_image(path):
         from wsi_damm.slides.summary import slide_summary
 
         summary = slide_summary(path, mpp)

@@ -7,30 +7,53 @@ from pathlib import Path
 from ..errors import InputError
 from .base import DEFAULT_MAX_BYTES, Slide
 
+#: Vendor formats we do not decode, by extension (a .vsi is a TIFF that holds only the overview; its
+#: pixels sit in .ets files beside it), and by signature where they have one.
+CONVERT_FIRST = {".czi": "a Zeiss CZI file", ".nd2": "a Nikon ND2 file", ".lif": "a Leica LIF file", ".vsi": "an Olympus/Evident VSI file"}
+SIGNATURES = {b"ZISRAWFILE": ".czi", b"\xda\xce\xbe\x0a": ".nd2"}
+CONVERTERS = "convert it with bioformats2raw (→ OME-Zarr) or bfconvert (→ OME-TIFF), both from the Bio-Formats project"
+
+
+def _vendor_format(p: Path) -> str | None:
+    with open(p, "rb") as f:
+        head = f.read(16)
+    suffix = next((ext for sig, ext in SIGNATURES.items() if head.startswith(sig)), p.suffix.lower())
+    return CONVERT_FIRST.get(suffix)
+
 
 def open_file(path: str | Path, planes: dict[str, int] | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
               mpp: float | None = None) -> Slide:
-    """Open one slide file with all its channels: TIFF family via tifffile, JPEG / PNG / BMP via Pillow,
-    else OpenSlide. `mpp` declares the pixel size of a file that carries none (plain images need it);
-    a file's own pixel size always wins."""
+    """Open one slide with all its channels: TIFF family via tifffile, OME-Zarr (a directory) via zarr,
+    JPEG / PNG / BMP via Pillow, else OpenSlide; vendor formats we cannot decode are refused with the
+    converter to use. `mpp` declares the pixel size of a slide that carries none (plain images need
+    it); a slide's own pixel size always wins."""
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file")
+    slide: Slide
     if p.is_dir():
-        raise InputError(p, "is a directory, not a slide file", "pass the slide file itself")
-    if p.stat().st_size == 0:
-        raise InputError(p, "is an empty file (0 bytes)")
-    from .plain import PlainImageSlide, plain_format
-    from .tiff import TiffSlide, is_tiff
+        from .omezarr import OmeZarrSlide, is_ome_zarr
 
-    if is_tiff(p):
-        slide: Slide = TiffSlide(p, planes=planes, max_bytes=max_bytes)
-    elif plain_format(p):
-        return PlainImageSlide(p, mpp, max_bytes=max_bytes)
+        if not is_ome_zarr(p):
+            raise InputError(p, "is a directory but not an OME-Zarr image (no zarr.json, .zgroup or .zattrs)", "pass the slide file itself")
+        slide = OmeZarrSlide(p, planes=planes, max_bytes=max_bytes)
     else:
-        from .openslide_reader import OpenSlideSlide
+        if p.stat().st_size == 0:
+            raise InputError(p, "is an empty file (0 bytes)")
+        vendor = _vendor_format(p)
+        if vendor:
+            raise InputError(p, f"is {vendor}, which wsi-damm does not read", CONVERTERS)
+        from .plain import PlainImageSlide, plain_format
+        from .tiff import TiffSlide, is_tiff
 
-        slide = OpenSlideSlide(p, max_bytes=max_bytes)
+        if is_tiff(p):
+            slide = TiffSlide(p, planes=planes, max_bytes=max_bytes)
+        elif plain_format(p):
+            return PlainImageSlide(p, mpp, max_bytes=max_bytes)
+        else:
+            from .openslide_reader import OpenSlideSlide
+
+            slide = OpenSlideSlide(p, max_bytes=max_bytes)
     if slide.mpp is None and mpp is not None:
         slide.mpp = float(mpp)
     return slide

@@ -13,6 +13,7 @@ thin layer over these.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +76,13 @@ def _specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",
 
 
 def synth(out_dir: PathLike, *, slides: int = 2, size: int = 4096, mpp: float = 0.5, seed: int = 0, divergence: float = 0.3,
-          workers: int = 2, quiet: bool = False) -> SynthResult:
-    """Synthetic tumour slides with ground truth (`wsi-damm synth`)."""
+          workers: int | None = None, quiet: bool = False) -> SynthResult:
+    """Synthetic tumour slides with ground truth (`wsi-damm synth`); `workers`: rendering threads (default: all cores;
+    the slides do not depend on it)."""
     from .workflows.synth import SynthConfig, write_slides
 
-    written = write_slides(Path(out_dir), slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence), workers=workers,
+    written = write_slides(Path(out_dir), slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence),
+                           workers=workers or os.cpu_count() or 1,
                            progress=not quiet)
     return SynthResult([Path(r["slide"]) for r in written], [Path(r["clean"]) for r in written], [Path(r["divergence"]) for r in written])
 
@@ -111,19 +114,22 @@ def _flags(**groups: dict) -> dict:
 
 def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathLike | None = None, stage: str = "all",
           steps: int | None = None, epochs: int | None = None, ae_steps: int | None = None, batch_size: int | None = None,
-          lr: float | None = None, device: str | None = None, amp: bool | None = None, compile: bool | None = None,
+          lr: float | None = None, device: str | None = None, amp: str | None = None, dist_timeout: float | None = None,
+          compile: bool | None = None,
           val_fraction: float | None = None, val_slides: str | Sequence[str] | None = None, val_split: str | None = None,
           checkpoint_every: int | None = None, seed: int | None = None, no_mmfm: bool | None = None, fusion: str | None = None,
           no_dammp: bool | None = None, uni_branch: str | None = None, gamma: float | None = None, no_dfl: bool | None = None,
           warmup_fraction: float | None = None, resume: bool = False, quiet: bool = False) -> TrainResult:
-    """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value."""
+    """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value.
+    `device`: auto | cpu | cuda | cuda:N | mps; `amp`: off | bf16 | fp16; `dist_timeout`: minutes (torchrun)."""
     from .config import resolve
     from .train import run_training
 
     if isinstance(val_slides, str):
         val_slides = [v.strip() for v in val_slides.split(",") if v.strip()]
     flags = _flags(
-        train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "amp": amp, "compile": compile,
+        train={"steps": steps, "epochs": epochs, "batch_size": batch_size, "lr": lr, "device": device, "amp": amp,
+               "dist_timeout_min": dist_timeout, "compile": compile,
                "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
                "val_slides": tuple(val_slides) if val_slides else None, "val_split": val_split},
         autoencoder={"steps": ae_steps},
@@ -139,17 +145,19 @@ def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, ou
             channels: str | None = None, plane: Sequence[str] = (), no_nuclei: bool = False, sampling: str = "independent",
             sampler: str = "dpm++", steps: int | None = None, eta: float = 0.0, batch_size: int = 16, seed: int = 0, samples: int = 1,
             overlap: int | None = None, min_tissue: float = 0.05, tissue: str | None = None, roi: PathLike | None = None,
-            mpp: float | None = None, shard_patches: int = 64, device: str = "auto", amp: bool = False, max_slide_gb: float = 256.0,
+            mpp: float | None = None, shard_patches: int = 64, device: str = "auto", amp: str = "off", dist_timeout: float = 30.0,
+            max_slide_gb: float = 256.0,
             register: str = "none", size_tolerance: float = 0.0, stitch: bool = True, map: PathLike | None = None,
             blend: str = "gaussian", tiff: PathLike | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
             log=None) -> PredictResult:
-    """Predict whole-slide NP maps with a trained run (`wsi-damm predict`), stitched unless stitch=False."""
+    """Predict whole-slide NP maps with a trained run (`wsi-damm predict`), stitched unless stitch=False.
+    `device`, `amp` and `dist_timeout` mean what they mean in `train`."""
     from .predict import PredictConfig, predict_maps
     from .qc import qc_folder
 
     specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp, log=log)
     cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
-                        min_tissue=min_tissue, tissue=tissue, roi=str(roi) if roi else None, amp=amp, device=device,
+                        min_tissue=min_tissue, tissue=tissue, roi=str(roi) if roi else None, amp=amp, device=device, dist_timeout_min=dist_timeout,
                         shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
     done = predict_maps(Path(run_dir), specs, Path(out), cfg, stitch=stitch, map_path=Path(map) if map else None, blend=blend,
                         tiff=Path(tiff) if tiff else None, resume=resume, overwrite=overwrite, progress=not quiet)
@@ -157,19 +165,21 @@ def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, ou
 
 
 def stitch(prediction: PathLike, *, out: PathLike, blend: str = "gaussian", tiff: PathLike | None = None, workers: int | None = None,
-           band_mb: int = 64, resume: bool = False, quiet: bool = False) -> list[Path]:
-    """Blend patch predictions into whole-slide maps (`wsi-damm stitch`); returns the maps."""
+           band_mb: int = 64, scheduler: str = "processes", resume: bool = False, quiet: bool = False) -> list[Path]:
+    """Blend patch predictions into whole-slide maps (`wsi-damm stitch`); returns the maps. `scheduler`: processes,
+    threads, sync or a dask.distributed address."""
     from .stitch import run_stitch
 
     return run_stitch(Path(prediction), Path(out), blend=blend, tiff=Path(tiff) if tiff else None, workers=workers, progress=not quiet,
-                      resume=resume, band_bytes=band_mb * 2**20)
+                      resume=resume, band_bytes=band_mb * 2**20, scheduler=scheduler)
 
 
 def evaluate(maps: Sequence[PathLike] | PathLike, *, truth: Sequence[PathLike] | PathLike, channels: str | None = None,
              clean: Sequence[PathLike] = (), regions: Sequence[PathLike] = (), mask: str = "tissue", mpp: float | None = None,
              viewer: bool = True, out: PathLike = "report", max_slide_gb: float = 256.0, register: str = "none", size_tolerance: float = 0.0,
-             quiet: bool = False, log=None) -> EvaluateResult:
-    """Score maps against the measured NP channel (`wsi-damm evaluate`): metrics, figures, report, viewer."""
+             scheduler: str = "threads", quiet: bool = False, log=None) -> EvaluateResult:
+    """Score maps against the measured NP channel (`wsi-damm evaluate`): metrics, figures, report, viewer.
+    `scheduler`: threads, sync or a dask.distributed address for the streamed whole-slide numbers."""
     from .evaluate import run_evaluate
 
     maps = [Path(maps)] if isinstance(maps, (str, Path)) else [Path(m) for m in maps]
@@ -185,7 +195,7 @@ def evaluate(maps: Sequence[PathLike] | PathLike, *, truth: Sequence[PathLike] |
                    mpp=mpp, log=log)
     out = Path(out)
     metrics = run_evaluate(list(zip(maps, specs)), out, clean or [None] * len(maps), use_mask=mask == "tissue", progress=not quiet,
-                           regions=regions or None, viewer=viewer)
+                           regions=regions or None, viewer=viewer, scheduler=scheduler)
     viewers = [out / f"viewer_{r['slide']}.html" for r in metrics["slides"]] if viewer else []
     return EvaluateResult(out / "report.html", out / "metrics.json", metrics, viewers)
 

@@ -10,7 +10,9 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from .devices import check_device_name
 from .errors import InputError
+from .precision import amp_mode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +78,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     grad_accum: int = 1
-    amp: bool = False  # bf16 autocast (on CUDA; on CPU only where bf16 is fast)
+    amp: str = "off"  # autocast of the U-Net: "off", "bf16" or "fp16" (fp16 with a gradient scaler); see precision.py
     channels_last: bool = True
     compile: bool = False
     val_fraction: float = 0.2
@@ -88,7 +90,11 @@ class TrainConfig:
     log_every: int = 10
     metrics_every: int = 50  # metrics.csv is rewritten (atomically) this often, not only at checkpoints; 0: at checkpoints
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dist_timeout_min: float = 30.0  # torchrun: how long a rank waits in a collective before the run fails
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "amp", amp_mode(self.amp))  # runs written before the modes stored True / False
 
 
 @dataclass(frozen=True)
@@ -187,5 +193,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--gamma", f"must be in (0, 1), got {d.gamma}")
     if cfg.autoencoder.factor not in (1, 2, 4, 8, 16):
         raise InputError("autoencoder.factor", f"must be 1, 2, 4, 8 or 16, got {cfg.autoencoder.factor}")
+    check_device_name(cfg.train.device)
+    if not cfg.train.dist_timeout_min > 0:
+        raise InputError("--dist-timeout", f"must be positive (minutes), got {cfg.train.dist_timeout_min}")
     if cfg.train.steps <= 0 or cfg.train.batch_size <= 0:
         raise InputError("--steps/--batch-size", "must be positive")

@@ -8,12 +8,15 @@ CUDA. Rank 0 writes outputs; every rank computes.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from .devices import resolve_device
 
 
 @dataclass
@@ -33,22 +36,27 @@ class Ranks:
         if self.world > 1:
             dist.barrier()
 
+    def wait_until(self, ready: Callable[[], bool], poll_s: float = 0.5) -> None:
+        """Wait, without any collective, until `ready()` holds: while rank 0 alone does work of unbounded
+        length (tiling a slide), the others must not sit in a barrier that the process-group timeout
+        would end. If rank 0 fails, torchrun stops every rank."""
+        while not ready():
+            time.sleep(poll_s)
 
-def setup_ranks(device_name: str) -> Ranks:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; otherwise a single process."""
+
+def setup_ranks(device_name: str, timeout_min: float = 30.0) -> Ranks:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; otherwise a single process. `timeout_min`: how long
+    a rank may wait in a collective (gloo / nccl) before the run fails."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", "cuda was requested but no CUDA device is available")
     if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-        if cuda:
+        device = resolve_device(device_name, local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
+        if device.type == "cuda":
             torch.cuda.set_device(device)
         return Ranks(dist.get_rank(), world, device)
-    return Ranks(0, 1, torch.device("cuda") if cuda else torch.device("cpu"))
+    return Ranks(0, 1, resolve_device(device_name))
 
 
 def data_parallel(module: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import zarr
 from .annotations import Annotations, read_regions
 from .errors import InputError
 from .files import write_csv, write_json
+from .jobs import compute_scheduler
 from .metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
 from .progress import progress_bar
 from .report import write_report
@@ -34,13 +35,35 @@ SIZE_TOLERANCE = 0.01
 PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
 
 
+class ReopensSlide:
+    """Holds an open slide for lazy reads, and travels to other processes (a dask cluster's workers)
+    as the recipe to open it again: open file handles do not pickle."""
+
+    _slide: object | None = None
+
+    def _open(self) -> object:
+        raise NotImplementedError
+
+    @property
+    def slide(self):
+        if self._slide is None:
+            self._slide = self._open()
+        return self._slide
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None}
+
+
 @dataclass
-class Truth:
+class Truth(ReopensSlide):
     """The measured slide on the map's grid: normalised channels, tissue mask, plan."""
 
     plan: SlidePlan
     shape: tuple[int, int]
-    slide: object  # RoleSlide, kept open for lazy reads
+    _slide: object | None = None  # RoleSlide, kept open for lazy reads
+
+    def _open(self) -> object:
+        return self.plan.spec.open()
 
     def index(self, role: str) -> int:
         return self.plan.spec.roles.index(role)
@@ -109,18 +132,22 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", region
 
 
 @dataclass
-class Companion:
+class Companion(ReopensSlide):
     """A single-channel image registered to the slide (noiseless field, region labels), read on the map's grid."""
 
-    slide: object
+    path: Path
     truth: Truth
+    _slide: object | None = None
+
+    def _open(self) -> object:
+        return open_file(self.path)
 
     @classmethod
     def open(cls, path: Path, truth: Truth) -> "Companion":
         slide = open_file(path)
         if slide.levels[0].shape[1:] != truth.slide.levels[0].shape[1:]:
             raise InputError(path, f"size {slide.levels[0].shape[1:]} differs from the slide's {truth.slide.levels[0].shape[1:]}")
-        return cls(slide, truth)
+        return cls(Path(path), truth, slide)
 
     def raw(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return read_scaled(self.slide, self.truth.plan.choice, y, x, h, w)[0]
@@ -185,14 +212,14 @@ def summarise(values: list[float]) -> dict:
 
 
 def region_metrics(pred: da.Array, meas: da.Array, share: da.Array, tissue: da.Array, labels: da.Array,
-                   names: dict[int, str], rows: list[dict]) -> dict:
+                   names: dict[int, str], rows: list[dict], scheduler="threads") -> dict:
     """WSI SSIM / PSNR, multi-modal share and patch-protocol numbers inside each labelled region of tissue."""
-    present = np.unique(labels[:: max(1, labels.shape[0] // 512), :: max(1, labels.shape[1] // 512)].compute())
+    present = np.unique(labels[:: max(1, labels.shape[0] // 512), :: max(1, labels.shape[1] // 512)].compute(scheduler=scheduler))
     out = {}
     for label in sorted(set(present.tolist()) | set(names)):
         inside = tissue & (labels == label)
-        w = whole_slide_metrics(pred, meas, inside)
-        n_in, share_sum = da.compute(inside.sum(), da.where(inside, share, 0).sum())
+        w = whole_slide_metrics(pred, meas, inside, scheduler=scheduler)
+        n_in, share_sum = da.compute(inside.sum(), da.where(inside, share, 0).sum(), scheduler=scheduler)
         if not n_in:
             continue
         sel = [r for r in rows if r.get("region") == label]
@@ -215,8 +242,9 @@ class SlideEvaluation:
 
 
 def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool,
-                   regions_path: Path | None = None, region_names: dict[int, str] | None = None) -> SlideEvaluation:
-    """`regions_path`: an integer label image registered to the slide (e.g. annotations); metrics per label."""
+                   regions_path: Path | None = None, region_names: dict[int, str] | None = None, scheduler="threads") -> SlideEvaluation:
+    """`regions_path`: an integer label image registered to the slide (e.g. annotations); metrics per label.
+    `scheduler`: where the streamed whole-slide reductions run (a local scheduler name or a dask Client)."""
     if "target" not in spec.roles:
         raise InputError(spec.paths[0], "has no target (NP) channel to evaluate against", "map it with --channels target=<name|index>")
     m = open_map(map_path)
@@ -229,16 +257,16 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
               "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")],
                                                    "percentiles": list(m.percentiles)},
               "gamma": m.gamma, "uni_modal_only": not m.nuclei}
-    result["wsi"] = whole_slide_metrics(pred, meas, mask)
+    result["wsi"] = whole_slide_metrics(pred, meas, mask, scheduler=scheduler)
     if mask is not None:  # tissue the map leaves unpredicted scores as 0: say how much there is
         covered = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
-        result["wsi"]["tissue_uncovered_pixels"] = int((mask & ~covered).sum().compute(scheduler="threads"))
+        result["wsi"]["tissue_uncovered_pixels"] = int((mask & ~covered).sum().compute(scheduler=scheduler))
     result["sampling"] = m.sampling
     result["seams"] = seam_numbers(m, truth, progress)
     clean = Companion.open(clean_path, truth) if clean_path is not None else None
     if clean is not None:
         oracle = lazy_blocks(clean.normalised, truth.shape, "clean").astype(np.float64)
-        result["oracle_wsi"] = whole_slide_metrics(oracle, meas, mask)
+        result["oracle_wsi"] = whole_slide_metrics(oracle, meas, mask, scheduler=scheduler)
     regions = open_regions(regions_path, truth) if regions_path is not None else None
     if isinstance(regions, GeoJSONRegions) and not region_names:
         region_names = regions.annotations.names
@@ -252,10 +280,10 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
         labels = lazy_blocks(regions.labels, truth.shape, f"regions-{regions_path}", np.int32)
         share = m.lazy_patch_map(SHARE, (h, w), BLOCK).astype(np.float64)
         tissue = mask if mask is not None else da.ones(truth.shape, bool, chunks=BLOCK)
-        result["regions"] = region_metrics(pred, meas, share, tissue, labels, region_names or {}, rows)
+        result["regions"] = region_metrics(pred, meas, share, tissue, labels, region_names or {}, rows, scheduler)
         if clean is not None:
             oracle_rows = [{**r, "ssim": r["oracle_ssim"], "psnr": r["oracle_psnr"]} for r in rows]
-            result["oracle_regions"] = region_metrics(oracle, meas, share, tissue, labels, region_names or {}, oracle_rows)
+            result["oracle_regions"] = region_metrics(oracle, meas, share, tissue, labels, region_names or {}, oracle_rows, scheduler)
     return SlideEvaluation(result, rows, m, truth)
 
 
@@ -311,12 +339,14 @@ def compare(a_path: Path, b_path: Path, data_range: float | None) -> dict:
 
 def run_evaluate(pairs: list[tuple[Path, SlideSpec]], out: Path, clean: list[Path | None], use_mask: bool = True,
                  progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None,
-                 viewer: bool = True) -> dict:
+                 viewer: bool = True, scheduler: str = "threads") -> dict:
     """Score (map, slide spec) pairs; write `metrics.json` and `patches.csv`, then the figures,
-    `report.html` and (with `viewer`) the deep-zoom pages (`report.write_report`). Returns the metrics."""
+    `report.html` and (with `viewer`) the deep-zoom pages (`report.write_report`). Returns the metrics.
+    `scheduler`: threads, sync or a dask.distributed address for the streamed whole-slide numbers."""
     out = Path(out)
-    evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names)
-                 for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
+    with compute_scheduler(scheduler) as sched:
+        evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names, sched)
+                     for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
     out.mkdir(parents=True, exist_ok=True)  # only once every input has been read: a refused input leaves nothing
     results = [e.result for e in evaluated]
     rows = [r for e in evaluated for r in e.rows]

@@ -1,5 +1,5 @@
-"""What every long-running stage shares: worker processes, resource checks before writing, and a
-dask progress bar."""
+"""What every long-running stage shares: where its tasks run (threads, worker processes, a dask
+cluster), resource checks before writing, and a dask progress bar."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask
@@ -84,3 +86,68 @@ def check_resources(out: Path, disk_bytes: int, workers: int, bytes_per_worker: 
     if avail is not None and workers * bytes_per_worker > avail:
         raise InputError("--workers", f"{workers} workers × {_gb(bytes_per_worker)} for {what} exceed the {_gb(avail)} of memory available",
                          memory_hint)
+
+
+#: `--scheduler` names that run on this machine; anything else is a dask.distributed scheduler address
+LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
+SCHEDULER_HELP = ("threads | processes | sync (this machine), or a dask.distributed scheduler address such as "
+                  "tcp://host:8786 (a cluster sharing this file system; install wsi-damm[cluster]).")
+
+
+def is_cluster(scheduler: str) -> bool:
+    return scheduler not in LOCAL_SCHEDULERS
+
+
+@contextmanager
+def cluster_client(address: str) -> Iterator:
+    """A dask.distributed Client for `address`, closed on exit; clear errors when the extra is missing or
+    the scheduler does not answer. Every worker needs wsi-damm installed and the same file system."""
+    try:
+        from dask.distributed import Client
+    except ImportError as exc:
+        raise InputError("--scheduler", f"{address!r} is a cluster address but dask.distributed is not installed",
+                         "pip install 'wsi-damm[cluster]'") from exc
+    try:
+        client = Client(address, timeout="10s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InputError("--scheduler", f"cannot reach a dask scheduler at {address}: {type(exc).__name__}: {exc}") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextmanager
+def compute_scheduler(scheduler: str) -> Iterator:
+    """What `dask.compute(..., scheduler=…)` takes for `--scheduler`: the name of a local scheduler, or a
+    connected Client (for lazy reductions such as evaluate's streamed metrics)."""
+    if not is_cluster(scheduler):
+        yield scheduler
+        return
+    with cluster_client(scheduler) as client:
+        yield client
+
+
+def run_tasks(tasks: list, scheduler: str, workers: int | None, bar: tqdm, prefix: str) -> None:
+    """Run independent delayed tasks whose keys start with `prefix` and whose results are integers that
+    advance `bar`: on threads, on our worker processes (`process_pool`), in this process, or on a
+    dask.distributed cluster. Tile, stitch and the like all schedule their work here."""
+    if not tasks:
+        return
+    if is_cluster(scheduler):
+        from dask.distributed import as_completed
+
+        with cluster_client(scheduler) as client:
+            futures = client.compute(tasks)
+            for fut in as_completed(futures, loop=client.loop):
+                bar.update(int(fut.result()))
+        return
+    n = workers or os.cpu_count() or 1
+    with TaskProgress(bar, prefix):
+        if scheduler == "processes" and n > 1 and len(tasks) > 1:
+            with process_pool(n) as pool:
+                dask.compute(*tasks, scheduler="processes", pool=pool)
+        elif scheduler == "threads" and n > 1:
+            dask.compute(*tasks, scheduler="threads", num_workers=n)
+        else:
+            dask.compute(*tasks, scheduler="sync")

@@ -21,6 +21,7 @@ import zarr
 
 from .canvas import sample_canvases
 from .config import RunConfig
+from .devices import check_device_name
 from .diffusion.damm import branch_conditions, divergence, select, use_multi
 from .diffusion.noise import draw_keys, keyed_normal, patch_key
 from .diffusion.samplers import make_plan, sample
@@ -29,17 +30,32 @@ from .distributed import Ranks, setup_ranks
 from .errors import InputError
 from .files import partial_path, prepare_output, publish
 from .merge import BLENDS
+from .precision import amp_mode, autocast
 from .progress import progress_bar
 from .qc import qc_folder
-from .run_dir import RunDir, build_schedule, latent_channels, load_autoencoders, load_run_config, load_unet
+from .run_dir import (
+    RunDir,
+    build_schedule,
+    latent_channels,
+    load_autoencoders,
+    load_run_config,
+    load_unet,
+)
 from .slides import SlideSpec
 from .stitch import run_stitch
-from .store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
+from .store import (
+    PatchStore,
+    PredictionStore,
+    create_prediction_store,
+    read_rows,
+    to_model_range,
+)
 from .tile import TileConfig, run_tile
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
 MICRO_BATCH = 16  # samples per U-Net call, whatever the batch size: see GatedDenoiser._model
 SAMPLING = ("canvas", "independent")
+RANKS_READY = "ranks_ready"
 
 
 @dataclass(frozen=True)
@@ -54,8 +70,9 @@ class PredictConfig:
     min_tissue: float = 0.05
     tissue: str | None = None  # tissue detection; None: the one the run's training store was tiled with
     roi: str | None = None  # QuPath GeoJSON: predict only the patches inside its regions
-    amp: bool = False
-    device: str = "auto"
+    amp: str = "off"  # autocast of the U-Net: off | bf16 | fp16 (precision.py; the same meaning as in train)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dist_timeout_min: float = 30.0  # torchrun: how long a rank waits in a collective
     shard_patches: int = 64
     samples: int = 1  # K draws per patch: the map is their mean, and their sd is stored beside it
     # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas (seamless, but with
@@ -82,6 +99,10 @@ class PredictConfig:
             raise InputError("--samples", f"must be at least 1, got {self.samples}")
         if self.sampling not in SAMPLING:
             raise InputError("--sampling", f"must be {' or '.join(SAMPLING)}, got {self.sampling!r}")
+        amp_mode(self.amp)
+        check_device_name(self.device)
+        if not self.dist_timeout_min > 0:
+            raise InputError("--dist-timeout", f"must be positive (minutes), got {self.dist_timeout_min}")
 
 
 def in_micro_batches(fn, *inputs: torch.Tensor | None):
@@ -104,7 +125,7 @@ def in_micro_batches(fn, *inputs: torch.Tensor | None):
 class GatedDenoiser:
     """ε(x, t) of the DAMM U-Net with the per-sample gate; remembers each sample's choices."""
 
-    def __init__(self, model, c_uni: torch.Tensor, c_multi: torch.Tensor | None, gamma: float, dammp: bool, amp: bool,
+    def __init__(self, model, c_uni: torch.Tensor, c_multi: torch.Tensor | None, gamma: float, dammp: bool, amp: str,
                  v_schedule: NoiseSchedule | None = None) -> None:
         self.model, self.c_uni, self.c_multi = model, c_uni, c_multi
         self.gamma, self.dammp, self.amp = gamma, dammp, amp
@@ -113,8 +134,7 @@ class GatedDenoiser:
         self.choices: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.amp else torch.autocast(x.device.type, enabled=False)
-        with ctx:
+        with autocast(x.device, self.amp):
             eps_uni, eps_multi, kappa = in_micro_batches(self.model, x, t, self.c_uni, self.c_multi)
         if eps_multi is None:  # no nuclei: the multi-modal branch is never computed
             out = eps_uni.float()
@@ -218,7 +238,7 @@ def run_predict(
 ) -> PredictionStore:
     cfg.validate()
     out = Path(out)
-    ranks = setup_ranks(cfg.device)
+    ranks = setup_ranks(cfg.device, cfg.dist_timeout_min)
     rc = load_run_config(RunDir(run_dir))
     # prediction reads its inputs only: a measured NP channel, when the slide has one, is never tiled, so it
     # cannot change the tissue mask, the normalisation or which patches are predicted
@@ -233,6 +253,10 @@ def run_predict(
     predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
+    ready = partial / RANKS_READY  # rank 0's set-up is done: the other ranks poll for it instead of waiting in a barrier
+    if ranks.main:
+        ready.unlink(missing_ok=True)  # left by a killed run
+    ranks.barrier()
     if ranks.main:
         prepare_output(out, resume, overwrite, (cond_path, partial_path(cond_path)))
         if not cond_path.exists():
@@ -242,6 +266,9 @@ def run_predict(
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
                      "nuclei": predictor.uses_nuclei(conditions.roles), "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
             create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
+        ready.touch()
+    else:  # tiling a large slide can outlast the process-group timeout
+        ranks.wait_until(ready.exists)
     ranks.barrier()
     conditions = PatchStore.open(cond_path)
     root = zarr.open_group(str(partial), mode="r+")
@@ -255,6 +282,7 @@ def run_predict(
             raise RuntimeError(f"{partial}: some shards were not predicted")
         if "canvas" in root:
             del root["canvas"]  # work state, not part of the store
+        ready.unlink()
         root.attrs["complete"] = True
         publish(partial, out)
         shutil.rmtree(cond_path)

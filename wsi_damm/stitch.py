@@ -23,7 +23,7 @@ import zarr
 
 from .errors import InputError
 from .files import partial_path, publish
-from .jobs import TaskProgress, check_resources, process_pool
+from .jobs import check_resources, is_cluster, run_tasks
 from .merge import BlendMerger, window
 from .ome import pyramid_shapes, writable, write_ome_tiff
 from .progress import progress_bar
@@ -127,10 +127,12 @@ def _open_partial(partial: Path, n_values: int, height: int, width: int, n_bands
 
 
 def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str = "gaussian", tiff: Path | None = None,
-                 workers: int | None = None, progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES) -> Path:
+                 workers: int | None = None, progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES,
+                 scheduler: str = "processes") -> Path:
     """Write one slide's map as OME-Zarr 0.5 (pyramid to ≤ 1024 px, patch maps), optionally OME-TIFF.
 
-    Bands are the unit of resume: a killed run continued with `resume` redoes only unfinished bands."""
+    Bands are the unit of resume: a killed run continued with `resume` redoes only unfinished bands.
+    `scheduler`: where the bands are merged (`jobs.run_tasks`): processes, threads, sync or a cluster."""
     entry = store.slides[slide_index]
     height, width = entry["shape"]
     patch = int(store.attrs["patch_size"])
@@ -146,7 +148,8 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     item = np.dtype(MAP_DTYPE).itemsize
     map_bytes = (n_values * height * width + len(PATCH_MAP_CHANNELS) * math.prod(block_shape(height, width))) * item * 4 // 3
     map_bytes += height * width * 4 * 4 // 3 if tiff else 0
-    check_resources(out, map_bytes, n_workers, band_bytes * 3 // 2 + WORKER_BYTES, "the map", "use fewer --workers or a smaller --band-mb")
+    check_resources(out, map_bytes, 1 if is_cluster(scheduler) else n_workers, band_bytes * 3 // 2 + WORKER_BYTES, "the map",
+                    "use fewer --workers or a smaller --band-mb")
     plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1, b.x0, b.x1] for b in bands]}
     root = _open_partial(partial, n_values, height, width, len(bands), plan, resume)
     n_written = min(BAND_LEVELS, len(pyramid_shapes(height, width, PYRAMID_MIN)))
@@ -158,12 +161,7 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     try:
         with progress_bar(total=len(bands), initial=len(bands) - len(todo), desc=f"stitching {entry['slide_id']}", unit="band",
                           disable=None if progress else True) as bar:
-            with TaskProgress(bar, "merge-"):
-                if n_workers > 1 and len(tasks) > 1:
-                    with process_pool(n_workers) as pool:
-                        dask.compute(*tasks, scheduler="processes", pool=pool)
-                else:
-                    dask.compute(*tasks, scheduler="sync")
+            run_tasks(tasks, scheduler, n_workers, bar, "merge-")
     except InputError:  # bad input (e.g. a corrupted prediction store): nothing half-written is left behind
         if fresh or not resume:
             shutil.rmtree(partial, ignore_errors=True)
@@ -185,13 +183,13 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
 
 
 def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path | None = None, workers: int | None = None,
-               progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES) -> list[Path]:
+               progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES, scheduler: str = "processes") -> list[Path]:
     """One map per slide: `out` itself for a one-slide store, else `out/<slide_id>.ome.zarr`."""
     window(blend, 8)  # validate the name before any work
     store = PredictionStore.open(pred_path)
     slides = store.slides
     if len(slides) == 1:
-        return [stitch_slide(store, 0, Path(out), blend, tiff, workers, progress, resume, band_bytes)]
+        return [stitch_slide(store, 0, Path(out), blend, tiff, workers, progress, resume, band_bytes, scheduler)]
     Path(out).mkdir(parents=True, exist_ok=True)
     written = []
     for i, entry in enumerate(slides):
@@ -199,5 +197,5 @@ def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path |
         t = Path(tiff) / f"{sid}.ome.tif" if tiff is not None else None
         if t is not None:
             t.parent.mkdir(parents=True, exist_ok=True)
-        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes))
+        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes, scheduler))
     return written

@@ -19,13 +19,12 @@ from pathlib import Path
 import dask
 import numpy as np
 import zarr
-from tqdm.auto import tqdm
 
 from . import __version__
 from .annotations import read_regions
 from .errors import InputError
 from .files import prepare_output, publish
-from .jobs import TaskProgress, check_resources
+from .jobs import check_resources, run_tasks
 from .progress import progress_bar
 from .qc import qc_folder, tiling_picture
 from .slides import SlideSpec, open_file
@@ -227,7 +226,7 @@ def run_tile(
             for shard in todo
         ]
         with progress_bar(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=None if progress else True) as bar:
-            _compute(tasks, scheduler, workers, bar)
+            run_tasks(tasks, scheduler, workers, bar, "write_shard")
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not written")
         root.attrs["complete"] = True
@@ -267,23 +266,6 @@ def _create(path: Path, plans: list[SlidePlan], cfg: TileConfig, fingerprint: st
         "wsi_damm_version": __version__,
     }
     return create_patch_store(path, coords, tissue, len(roles), cfg.patch_size, np.dtype(cfg.store_dtype), cfg.shard_patches, attrs)
-
-
-def _compute(tasks: list, scheduler: str, workers: int | None, bar: tqdm) -> None:
-    if not tasks:
-        return
-    if scheduler in ("threads", "processes", "sync", "synchronous"):
-        with TaskProgress(bar, "write_shard"):
-            dask.compute(*tasks, scheduler=scheduler, num_workers=workers)
-        return
-    try:
-        from dask.distributed import Client, as_completed
-    except ImportError as exc:
-        raise InputError("--scheduler", f"{scheduler!r} looks like a cluster address but dask.distributed is not installed", "pip install distributed") from exc
-    with Client(scheduler) as client:
-        futures = client.compute(tasks)
-        for fut in as_completed(futures):
-            bar.update(int(fut.result()))
 
 
 def label_patches(store_path: Path, labels: dict[str, Path], names: dict[int, str]) -> np.ndarray:

@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .files import write_csv, write_json
 from .gate_regions import GateByRegion
 from .models.autoencoder import Autoencoder
 from .models.damm_unet import DammUNet
+from .precision import autocast, grad_scaler
 from .progress import progress_bar
 from .run_dir import (
     METRIC_FIELDS,
@@ -55,10 +55,6 @@ def lr_at(step: int, cfg: RunConfig) -> float:
         return t.lr
     progress = (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps)
     return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: RunConfig, ranks: Ranks, progress: bool,
@@ -183,6 +179,8 @@ def train_diffusion(
     model = build_unet(cfg).to(ranks.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
+    scaler = grad_scaler(ranks.device, t_cfg.amp)  # fp16 only
+    states = {"optimizer": opt, **({"scaler": scaler} if scaler is not None else {})}  # checkpointed together
     start = 0
     rows: list[dict] = []
     last = run.last_checkpoint(run.ckpt) if resume else None
@@ -190,7 +188,8 @@ def train_diffusion(
         load_weights(last / "unet.safetensors", model, ranks.device)
         load_weights(last / "unet_ema.safetensors", ema, ranks.device)
         state = load_state(last / "state.pt")
-        opt.load_state_dict(state["optimizer"])
+        for key, obj in states.items():
+            obj.load_state_dict(state[key])
         start = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         rows = [r for r in read_metrics(run.metrics) if int(r["step"]) <= start]  # rows are logged after a step
@@ -227,16 +226,23 @@ def train_diffusion(
             c_uni, c_multi = branch_conditions(latents["vessels"][rows_b], latents["nuclei"][rows_b], cfg.model.uni_branch)
             if t_cfg.channels_last:
                 z_t, c_uni, c_multi = (x.contiguous(memory_format=torch.channels_last) for x in (z_t, c_uni, c_multi))
-            with _autocast(ranks.device, amp):
+            with autocast(ranks.device, amp):
                 eps_uni, eps_multi, kappa = fwd(z_t, t, c_uni, c_multi, use_confidence=not warm)
             loss, stats = damm_loss(eps_uni, eps_multi, kappa, target, loss_cfg, warmup=warm)
             if by_region is not None and eps_multi is not None and kappa is not None:
                 by_region.add(regions[0][rows_b], eps_uni.detach(), eps_multi.detach(), kappa.detach(), target)
-            (loss / t_cfg.grad_accum).backward()
+            scaled = loss / t_cfg.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
             logs = stats
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients
         if t_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)  # skipped when the scaled gradients overflowed
+            scaler.update()
+        else:
+            opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - t_cfg.ema_decay)
         done = step + 1
@@ -251,7 +257,7 @@ def train_diffusion(
             rows.append(row)
             bar.set_postfix({"loss": f"{row['loss']:.4f}", **({"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {})})
         if ranks.main and (done % t_cfg.checkpoint_every == 0 or done == end):
-            _checkpoint(run.ckpt, done, {"unet": model, "unet_ema": ema}, {"optimizer": opt}, lambda: write_metrics(run.metrics, rows, fields))
+            _checkpoint(run.ckpt, done, {"unet": model, "unet_ema": ema}, states, lambda: write_metrics(run.metrics, rows, fields))
         elif ranks.main and t_cfg.metrics_every and done % t_cfg.metrics_every == 0:
             write_metrics(run.metrics, rows, fields)  # watchable between checkpoints; a resume drops rows past its checkpoint
     checksums = parameter_checksums(model, ranks) if ranks.world > 1 else None
@@ -264,7 +270,7 @@ def train_diffusion(
     return ema
 
 
-def _checkpoint(ckpt: Path, step: int, weights: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+def _checkpoint(ckpt: Path, step: int, weights: dict[str, torch.nn.Module], optimizers: dict[str, "torch.optim.Optimizer | torch.amp.GradScaler"],
                 write_rows) -> None:
     """Step k's weights and state go into a folder of their own; `latest.json` is switched to it last
     (one atomic rename), so a kill at any instant leaves the previous checkpoint whole and named.
@@ -338,7 +344,7 @@ def run_training(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> RunDir:
-    ranks = setup_ranks(cfg.train.device)
+    ranks = setup_ranks(cfg.train.device, cfg.train.dist_timeout_min)
     store = PatchStore.open(store_path)
     roles = store.roles
     missing = [r for r in ROLES_NEEDED if r not in roles]

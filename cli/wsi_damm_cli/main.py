@@ -11,7 +11,11 @@ from pathlib import Path
 import click
 
 from wsi_damm import __version__
+from wsi_damm.config import PRESETS
+from wsi_damm.devices import DEVICE_HELP  # devices and precision import torch only when used: --help stays fast
 from wsi_damm.errors import InputError
+from wsi_damm.jobs import SCHEDULER_HELP
+from wsi_damm.precision import AMP_MODES
 
 LOG = logging.getLogger("wsi_damm")
 RECORD = logging.getLogger("wsi_damm.cli")  # the command line, warnings and errors: for --log-file only (stderr has them already)
@@ -98,14 +102,26 @@ def registration_options(fn):
                         help="Align nuclei and target channels to the vessels channel (separately scanned stains).")(fn)
 
 
+AMP = click.Choice(AMP_MODES)
+WORKERS_HELP = "Tasks run at once on this machine (default: all cores): {kind}."
+MAX_SLIDE_HELP = "Refuse slides declaring more pixel data than this (GiB): corrupt headers declare terabytes."
+BLEND_HELP = "Window that weights overlapping patches: gaussian, cosine, linear (taper to the edges) or mean (flat)."
+
+
+def preset_help(text: str, section: str, key: str) -> str:
+    """Help text with the value each preset resolves the option to, so `--help` shows real defaults."""
+    values = ", ".join(f"{name} {getattr(getattr(cfg, section), key)}" for name, cfg in PRESETS.items())
+    return f"{text} [preset defaults: {values}]."
+
+
 @cli.command(short_help="Write synthetic tumour slides with ground truth.")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--slides", default=2, type=click.IntRange(1), help="Number of slides.")
 @click.option("--size", default=4096, type=click.IntRange(256), help="Slide height and width in pixels.")
 @click.option("--mpp", default=0.5, type=click.FloatRange(0.05, 10), help="µm per pixel.")
-@click.option("--seed", default=0, type=int)
+@click.option("--seed", default=0, type=int, help="Simulator seed: the same seed writes the same slides.")
 @click.option("--divergence", default=0.3, type=click.FloatRange(0, 1), help="Share of tissue where DAPI misleads.")
-@click.option("--workers", default=2, type=click.IntRange(1), help="Rendering threads.")
+@click.option("--workers", type=click.IntRange(1), help=WORKERS_HELP.format(kind="threads"))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergence: float, workers: int, quiet: bool) -> None:
     """Write synthetic tumour slides (pyramidal OME-TIFF: CD31, DAPI, NP) with ground truth."""
@@ -121,7 +137,7 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Patch store to create (.zarr).")
 @click.option("--manifest", type=click.Path(path_type=Path), help="CSV: slide_id,vessels,nuclei,target (cells path or path#channel).")
 @click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI,target=NP (name, index or R/G/B).")
-@click.option("--patch-size", default=256, type=int)
+@click.option("--patch-size", default=256, type=int, help="Patch height and width in pixels (a run's model is trained on one size).")
 @click.option("--overlap", default=64, type=int, help="Pixels shared by neighbouring patches.")
 @click.option("--level", type=int, help="Pyramid level to tile (default 0).")
 @click.option("--mpp", type=float, help="Tile at this µm/px instead of a level; for a plain JPEG / PNG image, its pixel size.")
@@ -129,11 +145,12 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--tissue", default="auto", type=click.Choice(["auto", "all"]),
               help="Tissue detection: auto (Otsu when there is glass, else all but the dark floor) or all (every pixel).")
 @click.option("--roi", type=click.Path(dir_okay=False), help="QuPath GeoJSON: keep only patches inside its regions.")
-@click.option("--store-dtype", default="uint8", type=click.Choice(["uint8", "uint16"]))
+@click.option("--store-dtype", default="uint8", type=click.Choice(["uint8", "uint16"]),
+              help="Stored precision of the normalised patches (uint16: 4× less quantisation, twice the disk).")
 @click.option("--shard-patches", default=64, type=int, help="Patches per zarr shard (one file).")
 @click.option("--plane", multiple=True, help="Pick a plane of a Z/T axis, e.g. Z=0.")
-@click.option("--scheduler", default="threads", help="threads | processes | sync | a dask.distributed address.")
-@click.option("--workers", type=click.IntRange(1), help="Dask workers (default: all cores).")
+@click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
+@click.option("--workers", type=click.IntRange(1), help=WORKERS_HELP.format(kind="threads or processes, as --scheduler says; not used with a cluster"))
 @click.option("--max-slide-gb", default=256.0, type=float, help="Refuse slides declaring more pixel data than this.")
 @registration_options
 @click.option("--qc", type=click.Path(file_okay=False, path_type=Path), help="Write registration overlays (before/after) here.")
@@ -157,42 +174,49 @@ def _registration_log(msg: str) -> None:
     click.echo(f"registration: {msg}", err=True)
 
 
+AMP_HELP = "Autocast of the diffusion U-Net, the same in train and predict: bf16, fp16 (training adds a gradient scaler) or off."
+DIST_TIMEOUT_HELP = "torchrun: minutes a rank may wait in a collective before the run fails."
+
+
 @cli.command(short_help="Train the autoencoders and the DAMM U-Net.")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
-@click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
+@click.option("--preset", default="tiny", type=click.Choice(list(PRESETS)),
+              help="Model and training sizes; the defaults below are each preset's. tiny: CPU minutes; paper: the authors' sizes, GPU days.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML overrides ([model], [train], …).")
-@click.option("--stage", default="all", type=click.Choice(["autoencoder", "diffusion", "all"]))
-@click.option("--steps", type=click.IntRange(1), help="Diffusion training steps.")
+@click.option("--stage", default="all", type=click.Choice(["autoencoder", "diffusion", "all"]),
+              help="Train the autoencoders, the diffusion U-Net on their latents (needs a run with autoencoders), or both.")
+@click.option("--steps", type=click.IntRange(1), help=preset_help("Diffusion training steps", "train", "steps"))
 @click.option("--epochs", type=click.IntRange(1), help="Diffusion epochs (instead of --steps).")
-@click.option("--ae-steps", type=click.IntRange(0), help="Autoencoder training steps.")
-@click.option("--batch-size", type=click.IntRange(1))
-@click.option("--lr", type=float)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast.")
+@click.option("--ae-steps", type=click.IntRange(0), help=preset_help("Autoencoder training steps", "autoencoder", "steps"))
+@click.option("--batch-size", type=click.IntRange(1), help=preset_help("Diffusion batch size (per rank)", "train", "batch_size"))
+@click.option("--lr", type=float, help=preset_help("Diffusion peak learning rate (AdamW, warm-up then cosine)", "train", "lr"))
+@click.option("--device", help=DEVICE_HELP + " [default: auto]")
+@click.option("--amp", type=AMP, help=preset_help(AMP_HELP.rstrip("."), "train", "amp"))
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), help=preset_help(DIST_TIMEOUT_HELP.rstrip("."), "train", "dist_timeout_min"))
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the U-Net.")
 @click.option("--val-fraction", type=float, help="Share of slides (or, from one slide, of its patches) held out for validation.")
 @click.option("--val-slides", help="Comma-separated slide ids to hold out.")
 @click.option("--val-split", type=click.Choice(["auto", "slides", "region"]),
               help="Validate on held-out slides, or on a held-out block of each slide (auto: slides when there are several).")
-@click.option("--checkpoint-every", type=click.IntRange(1))
-@click.option("--seed", type=int)
+@click.option("--checkpoint-every", type=click.IntRange(1), help=preset_help("Steps between checkpoints (the unit of --resume)", "train", "checkpoint_every"))
+@click.option("--seed", type=int, help=preset_help("Training seed: weights, batch order and noise", "train", "seed"))
 @click.option("--no-mmfm", is_flag=True, default=None, help="Ablation: concat + 1×1 conv instead of MMFM.")
 @click.option("--fusion", type=click.Choice(["uafm", "cross-attention"]), help="Ablation: plain cross-attention.")
 @click.option("--no-dammp", is_flag=True, default=None, help="Ablation: always use the multi-modal branch.")
 @click.option("--uni-branch", type=click.Choice(["vessels", "nuclei"]), help="Modality of the uni-modal branch.")
-@click.option("--gamma", type=float, help="DAMMP divergence threshold γ.")
+@click.option("--gamma", type=float, help=preset_help("DAMMP divergence threshold γ", "damm", "gamma"))
 @click.option("--no-dfl", is_flag=True, default=None, help="Ablation: no divergence feedback loss.")
-@click.option("--warmup-fraction", type=float, help="Share of steps trained before the gate is used.")
+@click.option("--warmup-fraction", type=float, help=preset_help("Share of steps trained before the gate is used", "damm", "warmup_fraction"))
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
-@click.option("--quiet", is_flag=True)
-def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, compile_, val_fraction,
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, dist_timeout, compile_, val_fraction,
           val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, resume, quiet) -> None:
     """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
     from wsi_damm import api
 
     r = api.train(store, out=out, preset=preset, config=config_file, stage=stage, steps=steps, epochs=epochs, ae_steps=ae_steps,
-                  batch_size=batch_size, lr=lr, device=device, amp=amp, compile=compile_, val_fraction=val_fraction, val_slides=val_slides,
+                  batch_size=batch_size, lr=lr, device=device, amp=amp, dist_timeout=dist_timeout, compile=compile_, val_fraction=val_fraction, val_slides=val_slides,
                   val_split=val_split, checkpoint_every=checkpoint_every, seed=seed, no_mmfm=no_mmfm, fusion=fusion, no_dammp=no_dammp,
                   uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, resume=resume, quiet=quiet)
     click.echo(f"{r.run}: trained ({stage}); weights {r.weights.name if r.weights else 'autoencoders only'}, metrics {r.metrics.name}, "
@@ -209,9 +233,9 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("slides", nargs=-1)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Prediction store to create (.zarr).")
-@click.option("--manifest", type=click.Path(path_type=Path))
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV: slide_id,vessels,nuclei (cells path or path#channel).")
 @click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI (nuclei optional).")
-@click.option("--plane", multiple=True)
+@click.option("--plane", multiple=True, help="Pick a plane of a Z/T axis (or an OME-Zarr series, S=1), e.g. Z=0.")
 @click.option("--no-nuclei", is_flag=True, help="Uni-modal branch only: the nuclei channel still shapes the tissue mask, not the prediction.")
 @click.option("--sampling", default="independent", type=click.Choice(["independent", "canvas"]),
               help="independent: each patch alone; canvas: all patches in lockstep on one latent canvas (meant to remove the patch grid; "
@@ -219,28 +243,30 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="dpm++ = DPM-Solver++(2M).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
 @click.option("--eta", default=0.0, type=float, help="DDIM η (the authors' code used 1).")
-@click.option("--batch-size", default=16, type=click.IntRange(1))
-@click.option("--seed", default=0, type=int)
-@click.option("--samples", default=1, type=click.IntRange(1), help="Draws per patch: the map is their mean, their sd a 5th channel.")
+@click.option("--batch-size", default=16, type=click.IntRange(1), help="Patches sampled together (the map does not depend on it).")
+@click.option("--seed", default=0, type=int, help="Sampling seed: noise is keyed by seed, slide and position.")
+@click.option("--samples", default=1, type=click.IntRange(1),
+              help="Draws per patch: the map is their mean (first channel, index 0), their per-pixel sd its second channel (index 1).")
 @click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
-@click.option("--min-tissue", default=0.05, type=float)
+@click.option("--min-tissue", default=0.05, type=float, help="Predict patches with at least this tissue fraction (0: every patch).")
 @click.option("--tissue", type=click.Choice(["auto", "all"]), help="Tissue detection (default: the one the run was trained with).")
 @click.option("--roi", type=click.Path(dir_okay=False), help="QuPath GeoJSON: predict only the patches inside its regions.")
 @click.option("--mpp", type=float, help=IMAGE_MPP)
 @click.option("--shard-patches", default=64, type=click.IntRange(1), help="Patches per shard (unit of resume).")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--amp", is_flag=True, help="bf16 autocast.")
-@click.option("--max-slide-gb", default=256.0, type=float)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--amp", default="off", show_default=True, type=AMP, help=AMP_HELP)
+@click.option("--dist-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help=DIST_TIMEOUT_HELP)
+@click.option("--max-slide-gb", default=256.0, type=float, help=MAX_SLIDE_HELP)
 @registration_options
 @click.option("--stitch/--no-stitch", "do_stitch", default=True, help="Also write the whole-slide map.")
 @click.option("--map", "map_path", type=click.Path(path_type=Path), help="Map path (default: OUT with .ome.zarr).")
-@click.option("--blend", default="gaussian", type=BLENDS)
+@click.option("--blend", default="gaussian", type=BLENDS, help=BLEND_HELP)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
-@click.option("--resume", is_flag=True)
-@click.option("--overwrite", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted prediction (any phase).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing prediction store and map.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, tissue,
-            roi, mpp, shard_patches, device, amp, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
+            roi, mpp, shard_patches, device, amp, dist_timeout, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm import api
     from wsi_damm.predict import DEFAULT_STEPS
@@ -248,6 +274,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
     done = api.predict(run_dir, slides, out=out, manifest=manifest, channels=channels, plane=plane, no_nuclei=no_nuclei, sampling=sampling,
                        sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, samples=samples, overlap=overlap,
                        min_tissue=min_tissue, tissue=tissue, roi=roi, mpp=mpp, shard_patches=shard_patches, device=device, amp=amp,
+                       dist_timeout=dist_timeout,
                        max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, stitch=do_stitch, map=map_path,
                        blend=blend, tiff=tiff, resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
     click.echo(f"{out}: {done.patches} patches predicted ({sampling} sampling, {sampler}, {steps or DEFAULT_STEPS[sampler]} steps)")
@@ -258,17 +285,19 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
 @cli.command(short_help="Blend patch predictions into whole-slide maps.")
 @click.argument("pred_store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="MAP.ome.zarr (a folder of maps for many slides).")
-@click.option("--blend", default="gaussian", type=BLENDS)
+@click.option("--blend", default="gaussian", type=BLENDS, help=BLEND_HELP)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
-@click.option("--workers", type=click.IntRange(1), help="Worker processes (default: all cores; 1 runs in this process).")
+@click.option("--workers", type=click.IntRange(1), help=WORKERS_HELP.format(kind="processes; 1 runs in this process"))
+@click.option("--scheduler", default="processes", show_default=True, help=SCHEDULER_HELP)
 @click.option("--band-mb", default=64, type=click.IntRange(1), help="Float32 planes per canvas tile (peak ≈ workers × (1.5 × this + 130 MB)).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stitch; only unfinished bands are redone.")
-@click.option("--quiet", is_flag=True)
-def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> None:
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def stitch(pred_store, out, blend, tiff, workers, scheduler, band_mb, resume, quiet) -> None:
     """Blend overlapping patch predictions into whole-slide maps (OME-Zarr, optional OME-TIFF)."""
     from wsi_damm import api
 
-    for path in api.stitch(pred_store, out=out, blend=blend, tiff=tiff, workers=workers, band_mb=band_mb, resume=resume, quiet=quiet):
+    for path in api.stitch(pred_store, out=out, blend=blend, tiff=tiff, workers=workers, band_mb=band_mb, scheduler=scheduler, resume=resume,
+                           quiet=quiet):
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 
 
@@ -283,15 +312,17 @@ def stitch(pred_store, out, blend, tiff, workers, band_mb, resume, quiet) -> Non
 @click.option("--mpp", type=float, help=IMAGE_MPP)
 @click.option("--viewer/--no-viewer", default=True, help="Write the deep-zoom comparison page per slide (viewer_SLIDE.html).")
 @click.option("--out", default=Path("report"), type=click.Path(path_type=Path), help="Report directory.")
-@click.option("--max-slide-gb", default=256.0, type=float)
+@click.option("--max-slide-gb", default=256.0, type=float, help=MAX_SLIDE_HELP)
+@click.option("--scheduler", default="threads", show_default=True, help=SCHEDULER_HELP)
 @registration_options
-@click.option("--quiet", is_flag=True)
-def evaluate(maps, truths, channels, cleans, regions, mask, mpp, viewer, out, max_slide_gb, register, size_tolerance, quiet) -> None:
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate(maps, truths, channels, cleans, regions, mask, mpp, viewer, out, max_slide_gb, scheduler, register, size_tolerance, quiet) -> None:
     """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
     from wsi_damm import api
 
     done = api.evaluate(maps, truth=truths, channels=channels, clean=cleans, regions=regions, mask=mask, mpp=mpp, viewer=viewer, out=out,
-                        max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, quiet=quiet, log=_registration_log)
+                        max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, scheduler=scheduler, quiet=quiet,
+                        log=_registration_log)
     for r in done.metrics["slides"]:
         w, pp = r["wsi"], r["patches"]
         click.echo(f"{r['slide']}: WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
@@ -322,7 +353,7 @@ def export(map_path, truth, out, channels, threshold, mpp) -> None:
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option("--data-range", type=float, help="Default: the dtype's range for integers, 1.0 for floats.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(a, b, data_range, as_json) -> None:
     """SSIM / PSNR of two single-channel images as stored (OME-Zarr, TIFF, .npy), streamed."""
     from wsi_damm import api
@@ -336,7 +367,7 @@ def compare(a, b, data_range, as_json) -> None:
 
 @cli.command(short_help="The whole pipeline on synthetic slides.")
 @click.option("--out", default=Path("demo"), type=click.Path(file_okay=False, path_type=Path), help="Where everything goes.")
-@click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
+@click.option("--preset", default="tiny", type=click.Choice(list(PRESETS)), help="Model sizes (tiny: what 2 CPU cores train in minutes).")
 @click.option("--quick", is_flag=True, help="Smaller slides and fewer steps: a smoke test in a few minutes.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, preset, quick, quiet) -> None:
@@ -359,7 +390,7 @@ def demo(out, preset, quick, quiet) -> None:
 
 @cli.command(short_help="Ablation study on synthetic slides, by region.")
 @click.option("--out", default=Path("study"), type=click.Path(file_okay=False, path_type=Path), help="Where everything goes (rerun to resume).")
-@click.option("--preset", default="tiny", type=click.Choice(["tiny", "paper"]))
+@click.option("--preset", default="tiny", type=click.Choice(list(PRESETS)), help="Model sizes of every trained row.")
 @click.option("--seeds", type=click.IntRange(1), help="Training seeds per model (default 3; --quick 2).")
 @click.option("--quick", is_flag=True, help="Tiny budget: checks the pipeline, not the science.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import dask.array as da
-from dask.base import tokenize
 import numpy as np
+from dask.base import tokenize
 
 from ..errors import InputError
 

@@ -10,8 +10,8 @@ import logging
 import re
 import threading
 import warnings
-from collections import OrderedDict
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,14 @@ import tifffile
 import zarr
 
 from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_CHUNK_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
+from .base import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_CHUNK_BYTES,
+    MAX_CHANNELS,
+    Level,
+    Slide,
+    check_declared_size,
+)
 
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt tags are reported by our own errors
 

@@ -33,23 +33,10 @@ from .merge import BLENDS
 from .precision import amp_mode, autocast
 from .progress import progress_bar
 from .qc import qc_folder
-from .run_dir import (
-    RunDir,
-    build_schedule,
-    latent_channels,
-    load_autoencoders,
-    load_run_config,
-    load_unet,
-)
+from .run_dir import RunDir, build_schedule, latent_channels, load_autoencoders, load_run_config, load_unet
 from .slides import SlideSpec
 from .stitch import run_stitch
-from .store import (
-    PatchStore,
-    PredictionStore,
-    create_prediction_store,
-    read_rows,
-    to_model_range,
-)
+from .store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
 from .tile import TileConfig, run_tile
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}

@@ -19,14 +19,7 @@ import tifffile
 import zarr
 
 from ..errors import InputError
-from .base import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_CHUNK_BYTES,
-    MAX_CHANNELS,
-    Level,
-    Slide,
-    check_declared_size,
-)
+from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_CHUNK_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
 
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt tags are reported by our own errors
 

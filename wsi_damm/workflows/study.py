@@ -435,8 +435,8 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
                "scored": scored, "gate_in_training": gate, "models": rows, "samplers": samplers, "heldout": [h.spec.slide_id for h in data.heldout]}
     write_json(out / "study.json", summary)
     md = ["# DAMM-Diffusion ablation study on synthetic slides", "",
-          f"Simulator version {SIMULATOR_VERSION}. Preset `{preset}`, {plan.train_slides} training slides and {plan.heldout_slides} held-out "
-          f"slides of {plan.size}² px, {plan.steps} diffusion steps per model, seeds {list(plan.seeds)}; every model is scored with one draw "
+          f"Simulator version {SIMULATOR_VERSION}. Preset `{preset}`, {plan.train_slides} training slides of {plan.size}² px and "
+          f"{plan.heldout_slides} held-out slides of {plan.heldout_size or plan.size}² px, {plan.steps} diffusion steps per model, seeds {list(plan.seeds)}; every model is scored with one draw "
           f"per patch and with the mean of {plan.samples} draws (DPM-Solver++ {plan.sample_steps} steps). Every row is scored on the same "
           f"{scored['tissue_pixels']} tissue pixels and the same {scored_patches} patches.", "",
           markdown_table(rows, len(plan.seeds)), "", "## The gate in training", "", gate_table(gate), "",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import InputError
@@ -91,16 +91,26 @@ def tile(slides: Sequence[PathLike] | PathLike = (), *, out: PathLike, manifest:
          patch_size: int = 256, overlap: int = 64, level: int | None = None, mpp: float | None = None, min_tissue: float = 0.05,
          tissue: str = "auto", roi: PathLike | None = None, store_dtype: str = "uint8", shard_patches: int = 64, plane: Sequence[str] = (),
          scheduler: str = "threads", workers: int | None = None, max_slide_gb: float = 256.0, register: str = "none",
-         size_tolerance: float = 0.0, qc: PathLike | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+         size_tolerance: float = 0.0, qc: PathLike | None = None, np_norm: str = "slide", np_range: str | Sequence[float] | None = None,
+         np_reference: PathLike | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
          log=None) -> TileResult:
-    """Cut slides into tissue patches (`wsi-damm tile`). `qc`: registration overlays; the tiling pictures go to STORE.qc/."""
+    """Cut slides into tissue patches (`wsi-damm tile`). `qc`: registration overlays; the tiling pictures go to STORE.qc/.
+    `np_norm`: slide | fixed (`np_range=(lo, hi)` in raw intensity) | reference (the range of `np_reference`): see np_units."""
+    from .np_units import np_scale
     from .qc import qc_folder
-    from .tile import TileConfig, run_tile
+    from .tile import TileConfig, reference_range, run_tile
 
     specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance,
                    qc=Path(qc) if qc else None, mpp=mpp, log=log)
     cfg = TileConfig(patch_size=patch_size, overlap=overlap, level=level, mpp=mpp, min_tissue=min_tissue, tissue=tissue,
                      roi=str(roi) if roi else None, store_dtype=store_dtype, shard_patches=shard_patches)
+    ref = None
+    if np_norm == "reference":
+        if np_reference is None:
+            raise InputError("--np-reference", "--np-norm reference needs the reference slide (--np-reference SLIDE)")
+        [ref_spec] = _specs([np_reference], None, channels, plane, max_slide_gb, required=("target",), mpp=mpp, log=log)
+        ref = reference_range(ref_spec, cfg)
+    cfg = replace(cfg, np_scale=np_scale(np_norm, np_range, ref, str(np_reference) if np_reference else None))
     store = run_tile(specs, Path(out), cfg, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite, progress=not quiet)
     s = store.summary()
     return TileResult(Path(out), s["patches"], s["patch_size"], list(s["roles"]), s["patches_per_slide"], qc_folder(Path(out)))
@@ -148,8 +158,8 @@ def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, ou
             mpp: float | None = None, shard_patches: int = 64, device: str = "auto", amp: str = "off", dist_timeout: float = 30.0,
             max_slide_gb: float = 256.0,
             register: str = "none", size_tolerance: float = 0.0, stitch: bool = True, map: PathLike | None = None,
-            blend: str = "gaussian", tiff: PathLike | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-            log=None) -> PredictResult:
+            blend: str = "gaussian", tiff: PathLike | None = None, tiff_units: str = "normalised", resume: bool = False,
+            overwrite: bool = False, quiet: bool = False, log=None) -> PredictResult:
     """Predict whole-slide NP maps with a trained run (`wsi-damm predict`), stitched unless stitch=False.
     `device`, `amp` and `dist_timeout` mean what they mean in `train`."""
     from .predict import PredictConfig, predict_maps
@@ -160,18 +170,19 @@ def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, ou
                         min_tissue=min_tissue, tissue=tissue, roi=str(roi) if roi else None, amp=amp, device=device, dist_timeout_min=dist_timeout,
                         shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
     done = predict_maps(Path(run_dir), specs, Path(out), cfg, stitch=stitch, map_path=Path(map) if map else None, blend=blend,
-                        tiff=Path(tiff) if tiff else None, resume=resume, overwrite=overwrite, progress=not quiet)
+                        tiff=Path(tiff) if tiff else None, resume=resume, overwrite=overwrite, progress=not quiet, tiff_units=tiff_units)
     return PredictResult(Path(out), len(done.store), list(done.maps), qc_folder(Path(out)))
 
 
 def stitch(prediction: PathLike, *, out: PathLike, blend: str = "gaussian", tiff: PathLike | None = None, workers: int | None = None,
-           band_mb: int = 64, scheduler: str = "processes", resume: bool = False, quiet: bool = False) -> list[Path]:
+           band_mb: int = 64, scheduler: str = "processes", tiff_units: str = "normalised", resume: bool = False,
+           quiet: bool = False) -> list[Path]:
     """Blend patch predictions into whole-slide maps (`wsi-damm stitch`); returns the maps. `scheduler`: processes,
     threads, sync or a dask.distributed address."""
     from .stitch import run_stitch
 
     return run_stitch(Path(prediction), Path(out), blend=blend, tiff=Path(tiff) if tiff else None, workers=workers, progress=not quiet,
-                      resume=resume, band_bytes=band_mb * 2**20, scheduler=scheduler)
+                      resume=resume, band_bytes=band_mb * 2**20, scheduler=scheduler, tiff_units=tiff_units)
 
 
 def evaluate(maps: Sequence[PathLike] | PathLike, *, truth: Sequence[PathLike] | PathLike, channels: str | None = None,

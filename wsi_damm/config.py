@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .devices import check_device_name
 from .errors import InputError
+from .np_units import NpScale
 from .precision import amp_mode
 
 if sys.version_info >= (3, 11):
@@ -112,6 +113,7 @@ class RunConfig:
     store_dtype: str = "uint8"
     percentiles: tuple[float, float] = (0.5, 99.8)
     tissue: str = "auto"  # the tissue detection the store was tiled with; predict tiles the same way
+    np_scale: NpScale = field(default_factory=NpScale)  # the store's NP normalisation; maps carry it (np_units)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":

@@ -23,6 +23,7 @@ from .errors import InputError
 from .files import write_csv, write_json
 from .jobs import compute_scheduler
 from .metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
+from .np_units import MEASURED_UNIT, NpScale
 from .progress import progress_bar
 from .report import write_report
 from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
@@ -71,6 +72,10 @@ class Truth(ReopensSlide):
     def normalised(self, role: str, y: int, x: int, h: int, w: int) -> np.ndarray:
         return self.plan.normalised(self.slide, role, y, x, h, w)
 
+    def raw(self, role: str, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """One channel as measured (no normalisation), on the map's grid."""
+        return read_scaled(self.slide, self.plan.choice, y, x, h, w)[self.index(role)].astype(np.float64)
+
     def tissue(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return nearest(self.plan.mask, self.plan.choice.downsample / self.plan.mask_downsample, y, x, h, w)
 
@@ -84,7 +89,7 @@ class Truth(ReopensSlide):
 def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
     """Plan the truth slide at the map's resolution and check that both cover the same tissue."""
     cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0, percentiles=m.percentiles,
-                     tissue=m.tissue)
+                     tissue=m.tissue, np_scale=m.np_scale)  # a fixed / reference NP range normalises the truth the same way
     plan = plan_slide(spec, cfg)
     mh, mw = m.level0.shape[1:]
     th, tw = plan.choice.shape
@@ -205,6 +210,25 @@ def seam_numbers(m: MapImage, truth: Truth, progress: bool) -> dict:
             "pairs": int(sums["map"][1].sum())}
 
 
+def measured_units(pred: da.Array, truth: Truth, mask: da.Array | None, covered: da.Array | None, scale: NpScale, scheduler) -> dict:
+    """The map read back in measured NP intensity (`np_units`) beside the measured channel, over the
+    predicted tissue: mean intensities, their ratio (the uptake comparison across slides) and the MAE.
+    With per-slide normalisation the map has no common unit, and this says so."""
+    if not scale.comparable:
+        return {"comparable": False, "note": "NP normalised per slide: map values do not share a unit across slides"}
+    where = (mask & covered) if mask is not None else da.ones(truth.shape, bool, chunks=BLOCK)
+    meas = lazy_blocks(lambda y, x, h, w: truth.raw("target", y, x, h, w), truth.shape, "truth-raw-target", np.float64)
+    pred_m = pred * (scale.high - scale.low) + scale.low
+    n, s_pred, s_meas, s_abs = da.compute(where.sum(), da.where(where, pred_m, 0).sum(), da.where(where, meas, 0).sum(),
+                                          da.where(where, abs(pred_m - meas), 0).sum(), scheduler=scheduler)
+    if not n:
+        return {"comparable": True, "pixels": 0}
+    mean_pred, mean_meas = float(s_pred / n), float(s_meas / n)
+    return {"comparable": True, "unit": MEASURED_UNIT, "range": [scale.low, scale.high], "pixels": int(n),
+            "mean_predicted": mean_pred, "mean_measured": mean_meas,
+            "ratio_predicted_to_measured": mean_pred / mean_meas if mean_meas else math.nan, "mae": float(s_abs / n)}
+
+
 def summarise(values: list[float]) -> dict:
     finite = [v for v in values if math.isfinite(v)]
     return {"mean": float(np.mean(finite)) if finite else math.nan, "sd": float(np.std(finite)) if finite else math.nan,
@@ -255,12 +279,13 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
     mask = truth.lazy_tissue() if use_mask else None
     result = {"slide": m.slide_id, "map": str(map_path), "truth": spec.paths[0], "shape": [h, w], "mpp": m.mpp,
               "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")],
-                                                   "percentiles": list(m.percentiles)},
+                                                   "percentiles": list(m.percentiles), "np": m.np_scale.attrs()},
               "gamma": m.gamma, "uni_modal_only": not m.nuclei}
     result["wsi"] = whole_slide_metrics(pred, meas, mask, scheduler=scheduler)
     if mask is not None:  # tissue the map leaves unpredicted scores as 0: say how much there is
         covered = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
         result["wsi"]["tissue_uncovered_pixels"] = int((mask & ~covered).sum().compute(scheduler=scheduler))
+    result["measured_units"] = measured_units(pred, truth, mask, covered if mask is not None else None, m.np_scale, scheduler)
     result["sampling"] = m.sampling
     result["seams"] = seam_numbers(m, truth, progress)
     clean = Companion.open(clean_path, truth) if clean_path is not None else None

@@ -95,12 +95,14 @@ def build_pyramid(
     return levels[: len(shapes)]
 
 
-def _tiles(level: zarr.Array, tile: int, channels: list[int], dtype: np.dtype) -> Iterator[np.ndarray]:
-    """Tiles in TIFF order (channel, row, column), read one band of rows at a time."""
+def _tiles(level: zarr.Array, tile: int, channels: list[int], dtype: np.dtype, values=None) -> Iterator[np.ndarray]:
+    """Tiles in TIFF order (channel, row, column), read one band of rows at a time; `values` maps stored
+    values to written ones (e.g. normalised NP → measured intensity)."""
     _, h, w = level.shape
     for ch in channels:
         for y in range(0, h, tile):
-            band = np.asarray(level[ch, y : y + tile, :]).astype(dtype, copy=False)
+            band = np.asarray(level[ch, y : y + tile, :])
+            band = (values(band.astype(np.float64)) if values is not None else band).astype(dtype, copy=False)
             for x in range(0, w, tile):
                 t = band[:, x : x + tile]
                 if t.shape != (tile, tile):
@@ -119,9 +121,11 @@ def write_ome_tiff(
     channels: list[int] | None = None,
     dtype: np.dtype | None = None,
     description: str | None = None,
+    values=None,
 ) -> None:
     """Tiled pyramidal OME-TIFF (SubIFDs) from zarr levels; written to a temp name, then renamed.
-    `description` becomes the OME Image's Description (provenance a viewer shows)."""
+    `description` becomes the OME Image's Description (provenance a viewer shows); `values` transforms
+    the stored values as they are written (a callable over float64 arrays)."""
     channels = list(range(levels[0].shape[0])) if channels is None else list(channels)
     c, h, w = len(channels), levels[0].shape[1], levels[0].shape[2]
     dtype = np.dtype(dtype or levels[0].dtype)
@@ -142,12 +146,12 @@ def write_ome_tiff(
     def write(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             tif.write(
-                _tiles(levels[0], tile, channels, dtype), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
+                _tiles(levels[0], tile, channels, dtype, values), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
                 metadata=metadata, **opts,
             )
             for i, lev in enumerate(levels[1:], start=1):
                 res = (1e4 / (mpp * 2**i),) * 2 if mpp else None
-                tif.write(_tiles(lev, tile, channels, dtype), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
+                tif.write(_tiles(lev, tile, channels, dtype, values), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
 
     atomic_write(Path(path), write)
 

@@ -211,7 +211,8 @@ def condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
                       min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
-                      percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, roi=cfg.roi, align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1)
+                      percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, roi=cfg.roi,
+                      align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1, np_scale=rc.np_scale)
 
 
 def run_predict(
@@ -251,6 +252,7 @@ def run_predict(
         if not (partial / "zarr.json").exists():
             conditions = PatchStore.open(cond_path)
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
+                     "np_normalisation": rc.np_scale.attrs(),
                      "nuclei": predictor.uses_nuclei(conditions.roles), "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
             create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
         ready.touch()
@@ -338,7 +340,7 @@ class Predicted:
 
 def predict_maps(run_dir: Path, specs: list[SlideSpec], out: Path, cfg: PredictConfig, stitch: bool = True,
                  map_path: Path | None = None, blend: str = "gaussian", tiff: Path | None = None, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True) -> Predicted:
+                 overwrite: bool = False, progress: bool = True, tiff_units: str = "normalised") -> Predicted:
     """Predict every tissue patch into `out`, then (rank 0) stitch the whole-slide maps: `map_path`,
     by default `out` with `.ome.zarr`."""
     if blend not in BLENDS:
@@ -346,5 +348,5 @@ def predict_maps(run_dir: Path, specs: list[SlideSpec], out: Path, cfg: PredictC
     store = run_predict(run_dir, specs, out, cfg, resume, overwrite, progress)
     if not stitch or int(os.environ.get("RANK", "0")) != 0:
         return Predicted(store, [])
-    maps = run_stitch(out, map_path or default_map_path(out), blend, tiff, progress=progress, resume=resume)
+    maps = run_stitch(out, map_path or default_map_path(out), blend, tiff, progress=progress, resume=resume, tiff_units=tiff_units)
     return Predicted(store, maps)

@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from .errors import InputError
+from .np_units import NpScale
 from .ome import build_pyramid, create_level, halve, ome_zarr_attrs, pyramid_shapes
 from .tiling import nearest
 
@@ -93,6 +94,7 @@ class MapImage:
     stride: int | None  # the patch grid's stride in pixels (None: unknown)
     sampling: str | None  # "canvas", "independent", or None (not a diffusion map)
     tissue: str = "auto"  # the tissue detection of the tiling that made the map; evaluate scores the same tissue
+    np_scale: NpScale = NpScale()  # the NP normalisation of the run (per slide, or a common range with its inverse)
 
     @property
     def level0(self) -> zarr.Array:
@@ -139,4 +141,5 @@ def open_map(path: str | Path) -> MapImage:
                     int(info["patch_maps"]["block"]), mpp, info.get("slide", ms.get("name", path.stem)),
                     int(info.get("patch_size", 256)), bool(info.get("nuclei", True)),
                     tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"),
-                    int(info["stride"]) if info.get("stride") else None, info.get("sampling"), info.get("tissue", "auto"))
+                    int(info["stride"]) if info.get("stride") else None, info.get("sampling"), info.get("tissue", "auto"),
+                    NpScale.from_attrs(info.get("np_normalisation")))

@@ -25,6 +25,7 @@ from .errors import InputError
 from .files import partial_path, publish
 from .jobs import check_resources, is_cluster, run_tasks
 from .merge import BlendMerger, window
+from .np_units import NpScale
 from .ome import pyramid_shapes, writable, write_ome_tiff
 from .progress import progress_bar
 from .qc import map_picture, thumbnail_path
@@ -46,6 +47,8 @@ BAND_BYTES = 64 * 2**20  # float32 plane bytes per band; one band per worker in 
 WORKER_BYTES = 128 * 2**20  # a worker process's interpreter, numpy and zarr before its first band
 BAND_LEVELS = 4  # pyramid levels each band writes itself
 BAND_UNIT = 2048  # band sides: whole chunks of levels 0–3 (1024, 512, 256, 256 px) and of patch maps (256 blocks of 8 px)
+
+TIFF_UNITS = ("normalised", "measured")
 
 
 @dataclass(frozen=True)
@@ -128,13 +131,20 @@ def _open_partial(partial: Path, n_values: int, height: int, width: int, n_bands
 
 def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str = "gaussian", tiff: Path | None = None,
                  workers: int | None = None, progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES,
-                 scheduler: str = "processes") -> Path:
+                 scheduler: str = "processes", tiff_units: str = "normalised") -> Path:
     """Write one slide's map as OME-Zarr 0.5 (pyramid to ≤ 1024 px, patch maps), optionally OME-TIFF.
 
     Bands are the unit of resume: a killed run continued with `resume` redoes only unfinished bands.
-    `scheduler`: where the bands are merged (`jobs.run_tasks`): processes, threads, sync or a cluster."""
+    `scheduler`: where the bands are merged (`jobs.run_tasks`): processes, threads, sync or a cluster.
+    `tiff_units`: the OME-TIFF in normalised [0, 1] values, or in measured NP intensity (runs whose NP
+    normalisation is fixed or from a reference slide: `np_units`)."""
     entry = store.slides[slide_index]
     height, width = entry["shape"]
+    scale = NpScale.from_attrs(store.attrs.get("np_normalisation"))
+    if tiff is not None and tiff_units == "measured":
+        scale.to_measured(np.zeros(1))  # refuses before any work when the run's NP has no common unit
+    elif tiff_units not in TIFF_UNITS:
+        raise InputError("--tiff-units", f"must be {' or '.join(TIFF_UNITS)}, got {tiff_units!r}")
     patch = int(store.attrs["patch_size"])
     w = window(blend, patch)
     coords = store.coords
@@ -175,21 +185,25 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
                          "percentiles": store.attrs.get("percentiles") or list(DEFAULT_PERCENTILES),
                          "tissue": store.attrs.get("tissue", "auto"),
                          "gamma": store.attrs.get("model", {}).get("gamma"),
-                         "sampling": store.attrs.get("predict", {}).get("sampling", "independent")})
+                         "sampling": store.attrs.get("predict", {}).get("sampling", "independent"),
+                         "np_normalisation": scale.attrs(), "inverse_transform": scale.inverse_transform()})
     if tiff is not None:
-        write_ome_tiff(tiff, levels, [VALUE_CHANNELS[0]["label"]], mpp, channels=[0], dtype=np.float32)
+        measured = tiff_units == "measured"
+        write_ome_tiff(tiff, levels, [f"{VALUE_CHANNELS[0]['label']}{' (measured units)' if measured else ''}"], mpp, channels=[0],
+                       dtype=np.float32, values=scale.to_measured if measured else None)
     map_picture(thumbnail_path(out), levels, entry["slide_id"], mpp)
     return publish(partial, out)
 
 
 def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path | None = None, workers: int | None = None,
-               progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES, scheduler: str = "processes") -> list[Path]:
+               progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES, scheduler: str = "processes",
+               tiff_units: str = "normalised") -> list[Path]:
     """One map per slide: `out` itself for a one-slide store, else `out/<slide_id>.ome.zarr`."""
     window(blend, 8)  # validate the name before any work
     store = PredictionStore.open(pred_path)
     slides = store.slides
     if len(slides) == 1:
-        return [stitch_slide(store, 0, Path(out), blend, tiff, workers, progress, resume, band_bytes, scheduler)]
+        return [stitch_slide(store, 0, Path(out), blend, tiff, workers, progress, resume, band_bytes, scheduler, tiff_units)]
     Path(out).mkdir(parents=True, exist_ok=True)
     written = []
     for i, entry in enumerate(slides):
@@ -197,5 +211,6 @@ def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path |
         t = Path(tiff) / f"{sid}.ome.tif" if tiff is not None else None
         if t is not None:
             t.parent.mkdir(parents=True, exist_ok=True)
-        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes, scheduler))
+        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes, scheduler,
+                                    tiff_units))
     return written

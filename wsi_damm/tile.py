@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from .annotations import read_regions
 from .errors import InputError
 from .files import prepare_output, publish
 from .jobs import check_resources, run_tasks
+from .np_units import NpScale
 from .progress import progress_bar
 from .qc import qc_folder, tiling_picture
 from .slides import SlideSpec, open_file
@@ -58,6 +59,7 @@ class TileConfig:
     percentiles: tuple[float, float] = (0.5, 99.8)
     mask_max_side: int = 2048
     align: int = 1  # patch origins on multiples of this (canvas sampling: the autoencoder's factor)
+    np_scale: NpScale = field(default_factory=NpScale)  # NP normalisation: per slide, fixed or from a reference slide
 
     @property
     def stride(self) -> int:
@@ -118,6 +120,16 @@ class SlidePlan:
         }
 
 
+def reference_range(spec: SlideSpec, cfg: TileConfig) -> tuple[float, float]:
+    """`--np-norm reference`: the NP range of a reference slide by the per-slide rule (its percentiles
+    over its tissue), to be held fixed for every other slide."""
+    if "target" not in spec.roles:
+        raise InputError(spec.paths[0], "is the NP reference slide but has no target (NP) channel", "map it with --channels target=…")
+    plan = plan_slide(spec, replace(cfg, np_scale=NpScale(), roi=None))
+    k = spec.roles.index("target")
+    return float(plan.lo[k]), float(plan.hi[k])
+
+
 def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
     """Everything decided at low resolution: level, tissue, normalisation range, kept patches."""
     with spec.open() as slide:
@@ -134,6 +146,9 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         um_per_px = slide.mpp * low_ds if slide.mpp else None
         mask = tissue_mask(low[spec.mask_channels], um_per_px, cfg.tissue)
         lo, hi = percentile_stats(low, mask, *cfg.percentiles)
+        if cfg.np_scale.comparable and "target" in spec.roles:  # one NP range for every slide: maps compare across slides
+            k = spec.roles.index("target")
+            lo[k], hi[k] = cfg.np_scale.range
         select = mask
         if cfg.roi:  # annotated regions: the patches are those whose tissue lies inside them
             h0, w0 = slide.levels[0].shape[1:]
@@ -261,6 +276,7 @@ def _create(path: Path, plans: list[SlidePlan], cfg: TileConfig, fingerprint: st
         "percentiles": list(cfg.percentiles),
         "min_tissue": cfg.min_tissue,
         "tissue": cfg.tissue,
+        "np_normalisation": cfg.np_scale.attrs(),
         "slides": [p.table_entry() for p in plans],
         "fingerprint": fingerprint,
         "wsi_damm_version": __version__,

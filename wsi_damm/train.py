@@ -28,6 +28,7 @@ from .files import write_csv, write_json
 from .gate_regions import GateByRegion
 from .models.autoencoder import Autoencoder
 from .models.damm_unet import DammUNet
+from .np_units import NpScale
 from .precision import autocast, grad_scaler
 from .progress import progress_bar
 from .run_dir import (
@@ -357,7 +358,7 @@ def run_training(
     a = store.attrs
     cfg = replace(cfg, patch_size=patch, roles=tuple(roles), mpp=a.get("mpp"), level=a.get("level"),
                   store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))),
-                  tissue=a.get("tissue", "auto"))
+                  tissue=a.get("tissue", "auto"), np_scale=NpScale.from_attrs(a.get("np_normalisation")))
     if run.config.exists():
         previous = load_run_config(run)
         if previous.patch_size != patch:

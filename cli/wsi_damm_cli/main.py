@@ -154,17 +154,24 @@ def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergen
 @click.option("--max-slide-gb", default=256.0, type=float, help="Refuse slides declaring more pixel data than this.")
 @registration_options
 @click.option("--qc", type=click.Path(file_okay=False, path_type=Path), help="Write registration overlays (before/after) here.")
+@click.option("--np-norm", default="slide", show_default=True, type=click.Choice(["slide", "fixed", "reference"]),
+              help="NP normalisation: each slide's own percentiles (maps compare within a slide), one fixed raw range "
+                   "(--np-range), or the range of a reference slide (--np-reference): maps then compare across slides.")
+@click.option("--np-range", help="--np-norm fixed: the raw NP intensities LO,HI that map to 0 and 1.")
+@click.option("--np-reference", help="--np-norm reference: the slide whose NP range (its percentiles over tissue) every slide uses.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_tissue, tissue, roi, store_dtype, shard_patches,
-         plane, scheduler, workers, max_slide_gb, register, size_tolerance, qc, resume, overwrite, quiet) -> None:
+         plane, scheduler, workers, max_slide_gb, register, size_tolerance, qc, np_norm, np_range, np_reference, resume, overwrite,
+         quiet) -> None:
     """Cut slides into tissue-only, overlapping, normalised patches in a zarr patch store."""
     from wsi_damm import api
 
     t = api.tile(slides, out=out, manifest=manifest, channels=channels, patch_size=patch_size, overlap=overlap, level=level, mpp=mpp,
                  min_tissue=min_tissue, tissue=tissue, roi=roi, store_dtype=store_dtype, shard_patches=shard_patches, plane=plane,
                  scheduler=scheduler, workers=workers, max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, qc=qc,
+                 np_norm=np_norm, np_range=np_range, np_reference=np_reference,
                  resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
     click.echo(f"{out}: {t.patches} patches of {t.patch_size} px ({', '.join(t.roles)}) from {len(t.patches_per_slide)} slide(s); "
                f"what was tiled: {t.qc}/")
@@ -262,11 +269,14 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--map", "map_path", type=click.Path(path_type=Path), help="Map path (default: OUT with .ome.zarr).")
 @click.option("--blend", default="gaussian", type=BLENDS, help=BLEND_HELP)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
+@click.option("--tiff-units", default="normalised", show_default=True, type=click.Choice(["normalised", "measured"]),
+              help="The OME-TIFF's values: normalised [0, 1], or measured NP intensity (runs tiled with --np-norm fixed or reference).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted prediction (any phase).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing prediction store and map.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling, sampler, steps, eta, batch_size, seed, samples, overlap, min_tissue, tissue,
-            roi, mpp, shard_patches, device, amp, dist_timeout, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, resume, overwrite, quiet) -> None:
+            roi, mpp, shard_patches, device, amp, dist_timeout, max_slide_gb, register, size_tolerance, do_stitch, map_path, blend, tiff, tiff_units,
+            resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm import api
     from wsi_damm.predict import DEFAULT_STEPS
@@ -276,7 +286,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
                        min_tissue=min_tissue, tissue=tissue, roi=roi, mpp=mpp, shard_patches=shard_patches, device=device, amp=amp,
                        dist_timeout=dist_timeout,
                        max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, stitch=do_stitch, map=map_path,
-                       blend=blend, tiff=tiff, resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
+                       blend=blend, tiff=tiff, tiff_units=tiff_units, resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
     click.echo(f"{out}: {done.patches} patches predicted ({sampling} sampling, {sampler}, {steps or DEFAULT_STEPS[sampler]} steps)")
     for path in done.maps:
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
@@ -287,16 +297,19 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="MAP.ome.zarr (a folder of maps for many slides).")
 @click.option("--blend", default="gaussian", type=BLENDS, help=BLEND_HELP)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
+@click.option("--tiff-units", default="normalised", show_default=True, type=click.Choice(["normalised", "measured"]),
+              help="The OME-TIFF's values: normalised [0, 1], or measured NP intensity (runs tiled with --np-norm fixed or reference).")
 @click.option("--workers", type=click.IntRange(1), help=WORKERS_HELP.format(kind="processes; 1 runs in this process"))
 @click.option("--scheduler", default="processes", show_default=True, help=SCHEDULER_HELP)
 @click.option("--band-mb", default=64, type=click.IntRange(1), help="Float32 planes per canvas tile (peak ≈ workers × (1.5 × this + 130 MB)).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted stitch; only unfinished bands are redone.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def stitch(pred_store, out, blend, tiff, workers, scheduler, band_mb, resume, quiet) -> None:
+def stitch(pred_store, out, blend, tiff, tiff_units, workers, scheduler, band_mb, resume, quiet) -> None:
     """Blend overlapping patch predictions into whole-slide maps (OME-Zarr, optional OME-TIFF)."""
     from wsi_damm import api
 
-    for path in api.stitch(pred_store, out=out, blend=blend, tiff=tiff, workers=workers, band_mb=band_mb, scheduler=scheduler, resume=resume,
+    for path in api.stitch(pred_store, out=out, blend=blend, tiff=tiff, tiff_units=tiff_units, workers=workers, band_mb=band_mb, scheduler=scheduler,
+                           resume=resume,
                            quiet=quiet):
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 

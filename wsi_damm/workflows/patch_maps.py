@@ -44,7 +44,7 @@ def patch_function_map(rc: RunConfig, spec: SlideSpec, out: Path, fn: PatchFunct
         store = PatchStore.open(tiles)
         pred_path = work / "pred.zarr"
         partial = partial_path(pred_path)
-        root = create_prediction_store(partial, store, {"nuclei": False, **attrs})
+        root = create_prediction_store(partial, store, {"nuclei": False, "np_normalisation": rc.np_scale.attrs(), **attrs})
         s, n = int(store.attrs["shard_patches"]), len(store)
         for a in range(0, n, s):
             rows = np.arange(a, min(a + s, n))

@@ -49,8 +49,7 @@ def _scale_bar(ax, um_per_px: float | None, width_px: int) -> None:
 
 
 def _panel(fig, ax, img, title, cmap, vmin, vmax, um_per_px, cbar_label):
-    cmap = plt.get_cmap(cmap).copy()
-    cmap.set_bad("0.12")  # outside the predicted tissue: dark grey, so white labels stay legible
+    cmap = plt.get_cmap(cmap).with_extremes(bad="0.12")  # outside the predicted tissue: dark grey, so white labels stay legible
     im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])

@@ -32,8 +32,10 @@ def tiling(rc: RunConfig) -> TileConfig:
 
 
 @torch.inference_mode()
-def patch_function_map(rc: RunConfig, spec: SlideSpec, out: Path, fn: PatchFunction, attrs: dict, progress: bool = True) -> Path:
-    """Tile `spec` as `predict` would, apply `fn` shard by shard, stitch the map `out`. Returns the map path."""
+def patch_function_map(rc: RunConfig, spec: SlideSpec, out: Path, fn: PatchFunction, attrs: dict, progress: bool = True,
+                       tiff: Path | None = None, tiff_units: str = "normalised") -> Path:
+    """Tile `spec` as `predict` would, apply `fn` shard by shard, stitch the map `out` (and `tiff`, as
+    `stitch` writes it). Returns the map path."""
     out = Path(out)
     work = out.with_name(out.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
@@ -54,7 +56,7 @@ def patch_function_map(rc: RunConfig, spec: SlideSpec, out: Path, fn: PatchFunct
             root["shard_done"][a // s] = 1
         root.attrs["complete"] = True
         publish(partial, pred_path)
-        (made,) = run_stitch(pred_path, out, progress=progress)
+        (made,) = run_stitch(pred_path, out, tiff=tiff, progress=progress, tiff_units=tiff_units)
         return made
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -17,8 +17,6 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import TreeMemory, machine, measure, peak_rss_mb  # noqa: E402
-
 import argparse
 import json
 import shutil
@@ -28,12 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import TreeMemory, machine, measure, peak_rss_mb  # noqa: E402
+
 PATCH, OVERLAP = 128, 32
 
 
 def _worker(sampling: str, run: str, slide: str, out: str, steps: str) -> None:
     from wsi_damm.inputs import resolve_slides
-    from wsi_damm.predict import PredictConfig, run_predict
+    from wsi_damm.stages.predict import PredictConfig, run_predict
 
     t0 = time.perf_counter()
     store = run_predict(Path(run), resolve_slides([slide]), Path(out), PredictConfig(sampling=sampling, steps=int(steps), batch_size=32),
@@ -45,8 +45,8 @@ def _run_dir(work: Path) -> Path:
     """A tiny-preset run trained for a few steps on one small synthetic slide."""
     from wsi_damm.config import merge, resolve
     from wsi_damm.inputs import resolve_slides
-    from wsi_damm.tile import TileConfig, run_tile
-    from wsi_damm.train import run_training
+    from wsi_damm.stages.tile import TileConfig, run_tile
+    from wsi_damm.stages.train import run_training
     from wsi_damm.workflows.synth import SynthConfig, write_slides
 
     write_slides(work / "train", 1, SynthConfig(size=1024, seed=5), progress=False)

@@ -10,8 +10,6 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import machine, measure, peak_rss_mb  # noqa: E402
-
 import argparse
 import json
 import shutil
@@ -20,8 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
+from _common import machine, measure, peak_rss_mb  # noqa: E402
 
 
 def make_pair(d: Path, size: int) -> None:

@@ -15,8 +15,6 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import TreeMemory, machine, measure, peak_rss_mb  # noqa: E402
-
 import argparse
 import contextlib
 import json
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import TreeMemory, machine, measure, peak_rss_mb  # noqa: E402
 
 
 def make_store(path: Path, size: int, patch: int = 256, overlap: int = 64, shard: int = 64) -> None:
@@ -62,7 +61,7 @@ def _worker(kind: str, store: str, out: str, sample: str) -> None:
     import zarr
 
     from wsi_damm.merge import window
-    from wsi_damm.stitch import run_stitch
+    from wsi_damm.stages.stitch import run_stitch
 
     root = zarr.open_group(store, mode="r")
     size = root.attrs["slides"][0]["shape"][0]

@@ -11,8 +11,6 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import machine, measure, peak_rss_mb  # noqa: E402
-
 import argparse
 import json
 import shutil
@@ -20,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-
+from _common import machine, measure, peak_rss_mb  # noqa: E402
 
 
 def _worker(kind: str, slide: str, out: str) -> None:
     import tifffile
 
     from wsi_damm.slides import specs_from_paths
-    from wsi_damm.tile import TileConfig, run_tile
+    from wsi_damm.stages.tile import TileConfig, run_tile
 
     t0 = time.perf_counter()
     if kind == "reference":

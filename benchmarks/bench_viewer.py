@@ -12,9 +12,6 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
-from _common import machine, measure, peak_rss_mb  # noqa: E402
-from bench_stitch import make_store  # noqa: E402
-
 import argparse
 import json
 import os
@@ -24,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import machine, measure, peak_rss_mb  # noqa: E402
+from bench_stitch import make_store  # noqa: E402
 
 
 def _worker(kind: str, map_path: str, out: str) -> None:
@@ -65,7 +64,7 @@ def main() -> None:
     size = args.size or (4096 if args.quick else 16384)
     work = Path(tempfile.mkdtemp(prefix="bench_viewer.", dir=os.environ.get("BENCH_TMP")))
     try:
-        from wsi_damm.stitch import run_stitch
+        from wsi_damm.stages.stitch import run_stitch
 
         make_store(work / "pred.zarr", size)
         run_stitch(work / "pred.zarr", work / "map.ome.zarr", "gaussian", progress=False)

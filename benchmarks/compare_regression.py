@@ -21,9 +21,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/regression"))
     args = ap.parse_args()
 
-    from wsi_damm.evaluate import run_evaluate
     from wsi_damm.inputs import resolve_slides
     from wsi_damm.run_dir import RunDir, load_run_config
+    from wsi_damm.stages.evaluate import run_evaluate
     from wsi_damm.workflows.regression import regression_map, train_regression
     from wsi_damm.workflows.synth import DIVERGENCE_LABELS
 

@@ -24,10 +24,10 @@ def main() -> None:
     ap.add_argument("--no-reports", action="store_true")
     args = ap.parse_args()
 
-    from wsi_damm.evaluate import run_evaluate
     from wsi_damm.files import write_json
     from wsi_damm.inputs import resolve_slides
-    from wsi_damm.predict import PredictConfig, predict_maps
+    from wsi_damm.stages.evaluate import run_evaluate
+    from wsi_damm.stages.predict import PredictConfig, predict_maps
     from wsi_damm.workflows.synth import DIVERGENCE_LABELS
 
     held = args.demo / "slides" / "heldout"

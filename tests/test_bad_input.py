@@ -260,9 +260,9 @@ def test_tile_and_stitch_refuse_what_would_not_fit(limit, good, store, tmp_path,
     from wsi_damm import jobs
     from wsi_damm.errors import InputError
     from wsi_damm.slides import specs_from_paths
-    from wsi_damm.stitch import run_stitch
+    from wsi_damm.stages.stitch import run_stitch
+    from wsi_damm.stages.tile import TileConfig, run_tile
     from wsi_damm.store import PatchStore, create_prediction_store
-    from wsi_damm.tile import TileConfig, run_tile
 
     cond = PatchStore.open(store)
     pred = tmp_path / "pred.zarr"

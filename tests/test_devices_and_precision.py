@@ -17,9 +17,9 @@ from wsi_damm.devices import resolve_device
 from wsi_damm.distributed import Ranks
 from wsi_damm.errors import InputError
 from wsi_damm.precision import amp_mode
-from wsi_damm.predict import GatedDenoiser
 from wsi_damm.run_dir import RunDir, build_unet
-from wsi_damm.train import run_training
+from wsi_damm.stages.predict import GatedDenoiser
+from wsi_damm.stages.train import run_training
 
 from .conftest import count_files, run_cli
 

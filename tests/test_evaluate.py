@@ -11,7 +11,7 @@ import tifffile
 import zarr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from wsi_damm.stitch import run_stitch
+from wsi_damm.stages.stitch import run_stitch
 from wsi_damm.store import PatchStore, create_prediction_store
 
 from .conftest import run_cli

@@ -11,8 +11,8 @@ import tifffile
 
 from tests.conftest import run_cli
 from wsi_damm.annotations import Annotations, read_regions
-from wsi_damm.export import polygons_from_mask
 from wsi_damm.slide_map import open_map
+from wsi_damm.stages.export import polygons_from_mask
 from wsi_damm.store import PredictionStore
 
 

@@ -12,9 +12,9 @@ from wsi_damm.config import resolve
 from wsi_damm.diffusion.damm import divergence
 from wsi_damm.gate_regions import GateByRegion
 from wsi_damm.run_dir import RunDir, read_metrics
+from wsi_damm.stages.tile import label_patches
+from wsi_damm.stages.train import run_training
 from wsi_damm.store import PatchStore
-from wsi_damm.tile import label_patches
-from wsi_damm.train import run_training
 
 from .conftest import TINY_TOML, run_cli
 

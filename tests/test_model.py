@@ -113,6 +113,9 @@ def test_loss_selection_per_sample():
     with_dfl, s = damm_loss(eu, em, kappa, noise, DammLoss(alpha=1.0), warmup=False)
     without, _ = damm_loss(eu, em, kappa, noise, DammLoss(alpha=1.0, dfl=False), warmup=False)
     assert with_dfl.item() == pytest.approx(without.item() + s["dfl"].item())
+    # multi_loss "always": both branches learn from every sample; the gate's share and the DFL are as before
+    always, s_always = damm_loss(eu, em, kappa, noise, DammLoss(alpha=1.0, multi_always=True), warmup=False)
+    assert always.item() == pytest.approx(0.3 + s["dfl"].item()) and s_always["multi_share"].item() == 0.5
 
 
 def _inputs(b=3, seed=3):

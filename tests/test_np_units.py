@@ -13,7 +13,7 @@ from wsi_damm.config import RunConfig
 from wsi_damm.errors import InputError
 from wsi_damm.np_units import NpScale, np_scale
 from wsi_damm.slides import specs_from_paths
-from wsi_damm.tile import TileConfig, reference_range
+from wsi_damm.stages.tile import TileConfig, reference_range
 from wsi_damm.workflows.patch_maps import patch_function_map
 
 from .conftest import run_cli
@@ -36,7 +36,7 @@ def _measured_mean(scale: NpScale, truth, tmp_path, name, tiff=None) -> dict:
     [spec] = specs_from_paths([truth], CHANNELS)
     rc = RunConfig(patch_size=128, mpp=0.5, roles=spec.roles, np_scale=scale)
     k = spec.roles.index("target")
-    identity = lambda x, coords: (x[:, k : k + 1] + 1) / 2  # noqa: E731 (the measured NP patch: a perfect "model")
+    identity = lambda x, coords, context: (x[:, k : k + 1] + 1) / 2  # noqa: E731 (the measured NP patch: a perfect "model")
     m = patch_function_map(rc, spec, tmp_path / f"{name}.ome.zarr", identity, {}, progress=False, tiff=tiff,
                            tiff_units="measured" if tiff else "normalised")
     r = api.evaluate(m, truth=truth, out=tmp_path / f"{name}_report", viewer=False, quiet=True).metrics["slides"][0]

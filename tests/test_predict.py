@@ -11,17 +11,19 @@ import tifffile
 import zarr
 
 from wsi_damm.config import resolve
+from wsi_damm.stages.train import run_training
 from wsi_damm.store import PredictionStore
-from wsi_damm.train import run_training
 
 from .conftest import TINY_TOML, count_files, kill_when, run_cli
 
 
 @pytest.fixture(scope="module")
 def tiny_run(small_store, tmp_path_factory):
+    """Conditioned on context too, so every test below also checks that the context windows follow their
+    patches through batching, ranks, resume and canvas sampling."""
     d = tmp_path_factory.mktemp("run")
     (d / "tiny.toml").write_text(TINY_TOML)
-    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml"), progress=False).path
+    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", {"model": {"context_span": 4}}), progress=False).path
 
 
 def _slide(synth_dir):
@@ -150,7 +152,7 @@ def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
     import torch
 
     from wsi_damm.diffusion.noise import draw_keys
-    from wsi_damm.predict import PredictConfig, Predictor
+    from wsi_damm.stages.predict import PredictConfig, Predictor
 
     store = _predict(tiny_run, _slide(synth_dir), tmp_path / "k.zarr", "--samples", "3")
     sd = np.asarray(store.root["pred_sd"][:]).astype(np.float32)
@@ -162,10 +164,11 @@ def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
     # reference: the three draws one by one, with the keys the batched path derives
     images = torch.rand(6, 3, 64, 64) * 2 - 1
     keys = torch.arange(6, dtype=torch.int64) * 7919 + 11
+    ctx = np.random.default_rng(0).random((6, 2, 16, 16)).astype(np.float32)  # the run conditions on context windows too
     one = Predictor(tiny_run, torch.device("cpu"), PredictConfig(steps=4))
     three = Predictor(tiny_run, torch.device("cpu"), PredictConfig(steps=4, samples=3))
-    mean, sd3, _, _ = three.predict(images, ["vessels", "nuclei", "target"], keys)
-    draws = np.stack([one.predict(images, ["vessels", "nuclei", "target"], draw_keys(keys, i))[0] for i in range(3)])
+    mean, sd3, _, _ = three.predict(images, ["vessels", "nuclei", "target"], keys, ctx)
+    draws = np.stack([one.predict(images, ["vessels", "nuclei", "target"], draw_keys(keys, i), ctx)[0] for i in range(3)])
     np.testing.assert_allclose(mean, draws.mean(0), atol=2e-3)
     np.testing.assert_allclose(sd3, draws.std(0), atol=2e-3)
-    np.testing.assert_array_equal(one.predict(images, ["vessels", "nuclei", "target"], keys)[0], draws[0])
+    np.testing.assert_array_equal(one.predict(images, ["vessels", "nuclei", "target"], keys, ctx)[0], draws[0])

@@ -12,7 +12,7 @@ from skimage.measure import block_reduce
 
 from wsi_damm.merge import window
 from wsi_damm.slide_map import BLOCK, COVERAGE, DIVERGENCE, PATCH_MAPS, SHARE
-from wsi_damm.stitch import run_stitch
+from wsi_damm.stages.stitch import run_stitch
 from wsi_damm.store import PatchStore, create_prediction_store
 from wsi_damm.tiling import grid_positions
 

@@ -6,18 +6,19 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import tifffile
 import torch
 import zarr
 
 from wsi_damm.config import RunConfig, resolve
 from wsi_damm.models.regression import RegressionUNet
-from wsi_damm.predict import PredictConfig, condition_config
 from wsi_damm.slides import specs_from_paths
+from wsi_damm.stages.predict import PredictConfig, condition_config
+from wsi_damm.stages.tile import plan_slide
 from wsi_damm.store import PatchStore
-from wsi_damm.tile import plan_slide
 from wsi_damm.workflows.patch_maps import patch_function_map
-from wsi_damm.workflows.regression import regression_map, train_regression
+from wsi_damm.workflows.regression import build, regression_map, train_regression
 
 from .conftest import TINY_TOML
 
@@ -26,7 +27,7 @@ def test_a_patch_function_map_is_predicts_grid_stitched(small, tmp_path):
     """fn = the CD31 patch itself: the map must be the normalised CD31 channel wherever a patch landed."""
     rc = RunConfig(patch_size=128, mpp=None, level=0)
     (spec,) = specs_from_paths([small], {})
-    path = patch_function_map(rc, spec, tmp_path / "vessels.ome.zarr", lambda images, coords: (images[:, :1] + 1) / 2, {}, progress=False)
+    path = patch_function_map(rc, spec, tmp_path / "vessels.ome.zarr", lambda images, coords, context: (images[:, :1] + 1) / 2, {}, progress=False)
     m = np.asarray(zarr.open_group(str(path), mode="r")["0"][0]).astype(np.float64)
     plan = plan_slide(spec.without("target"), condition_config(rc, PredictConfig()))
     raw = tifffile.imread(small)[0].astype(np.float64)
@@ -45,10 +46,14 @@ def test_regression_unet_shapes_and_range():
     assert y.shape == (3, 1, 64, 64) and y.abs().max() <= 1
 
 
-def test_regression_row_trains_at_the_runs_budget_and_maps_predicts_patches(small_store, synth_dir, tmp_path):
+@pytest.mark.parametrize("span", [0, 4])
+def test_regression_row_trains_at_the_runs_budget_and_maps_predicts_patches(small_store, synth_dir, tmp_path, span):
+    """With the run's context (span 4) the regression U-Net gets the same surroundings as the diffusion model."""
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    rc = replace(resolve("tiny", tmp_path / "tiny.toml"), patch_size=64, mpp=2.0, roles=tuple(PatchStore.open(small_store).roles))
+    rc = replace(resolve("tiny", tmp_path / "tiny.toml", {"model": {"context_span": span}}), patch_size=64, mpp=2.0,
+                 roles=tuple(PatchStore.open(small_store).roles))
     run = train_regression(small_store, tmp_path / "reg", rc, progress=False)
+    assert build(rc).stem.in_channels == (4 if span else 2)
     info = json.loads((run / "config.json").read_text())
     assert info["run"]["train"]["steps"] == rc.train.steps and np.isfinite(info["final_l1"])
     slide = sorted(synth_dir.glob("*.ome.tif"))[1]

@@ -156,7 +156,7 @@ def test_bad_options_exit_2(small, tmp_path):
 def test_tissue_mask_reads_the_inputs_only(small):
     """CD31 and DAPI decide where tissue is; the measured NP channel (present or not, bright or blank) does not."""
     from wsi_damm.slides import specs_from_paths
-    from wsi_damm.tile import TileConfig, plan_slide
+    from wsi_damm.stages.tile import TileConfig, plan_slide
 
     (spec,) = specs_from_paths([small], {})
     cfg = TileConfig(patch_size=64, overlap=16)

@@ -10,7 +10,7 @@ import tifffile
 from tests.conftest import fixture
 from wsi_damm import tiling
 from wsi_damm.inputs import resolve_slides
-from wsi_damm.tile import TileConfig, plan_slide
+from wsi_damm.stages.tile import TileConfig, plan_slide
 from wsi_damm.tiling import tissue_mask
 
 N = 512

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from wsi_damm.config import resolve
 from wsi_damm.errors import InputError
 from wsi_damm.run_dir import RunDir
-from wsi_damm.train import run_training
+from wsi_damm.stages.train import run_training
 
 from .conftest import run_cli
 

@@ -74,7 +74,7 @@ def test_region_split_never_overlaps_training(small_store, fraction):
 def test_one_slide_trains_with_a_held_out_region(synth_dir, tmp_path):
     from wsi_damm.config import resolve
     from wsi_damm.run_dir import RunDir
-    from wsi_damm.train import run_training
+    from wsi_damm.stages.train import run_training
 
     store = tmp_path / "one.zarr"
     slide = sorted(synth_dir.glob("*.ome.tif"))[0]

@@ -98,7 +98,7 @@ def tile(slides: Sequence[PathLike] | PathLike = (), *, out: PathLike, manifest:
     `np_norm`: slide | fixed (`np_range=(lo, hi)` in raw intensity) | reference (the range of `np_reference`): see np_units."""
     from .np_units import np_scale
     from .qc import qc_folder
-    from .tile import TileConfig, reference_range, run_tile
+    from .stages.tile import TileConfig, reference_range, run_tile
 
     specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance,
                    qc=Path(qc) if qc else None, mpp=mpp, log=log)
@@ -129,11 +129,12 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
           val_fraction: float | None = None, val_slides: str | Sequence[str] | None = None, val_split: str | None = None,
           checkpoint_every: int | None = None, seed: int | None = None, no_mmfm: bool | None = None, fusion: str | None = None,
           no_dammp: bool | None = None, uni_branch: str | None = None, gamma: float | None = None, no_dfl: bool | None = None,
-          warmup_fraction: float | None = None, resume: bool = False, quiet: bool = False) -> TrainResult:
+          warmup_fraction: float | None = None, multi_loss: str | None = None, context_span: int | None = None, resume: bool = False,
+          quiet: bool = False) -> TrainResult:
     """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value.
     `device`: auto | cpu | cuda | cuda:N | mps; `amp`: off | bf16 | fp16; `dist_timeout`: minutes (torchrun)."""
     from .config import resolve
-    from .train import run_training
+    from .stages.train import run_training
 
     if isinstance(val_slides, str):
         val_slides = [v.strip() for v in val_slides.split(",") if v.strip()]
@@ -143,8 +144,9 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
                "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
                "val_slides": tuple(val_slides) if val_slides else None, "val_split": val_split},
         autoencoder={"steps": ae_steps},
-        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch},
-        damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction},
+        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch, "context_span": context_span},
+        damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction,
+              "multi_loss": multi_loss},
     )
     cfg = resolve(preset, Path(config) if config else None, flags)
     run = run_training(Path(store), Path(out), cfg, stage=stage, resume=resume, progress=not quiet)
@@ -162,8 +164,8 @@ def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, ou
             overwrite: bool = False, quiet: bool = False, log=None) -> PredictResult:
     """Predict whole-slide NP maps with a trained run (`wsi-damm predict`), stitched unless stitch=False.
     `device`, `amp` and `dist_timeout` mean what they mean in `train`."""
-    from .predict import PredictConfig, predict_maps
     from .qc import qc_folder
+    from .stages.predict import PredictConfig, predict_maps
 
     specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp, log=log)
     cfg = PredictConfig(sampling=sampling, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, overlap=overlap,
@@ -179,7 +181,7 @@ def stitch(prediction: PathLike, *, out: PathLike, blend: str = "gaussian", tiff
            quiet: bool = False) -> list[Path]:
     """Blend patch predictions into whole-slide maps (`wsi-damm stitch`); returns the maps. `scheduler`: processes,
     threads, sync or a dask.distributed address."""
-    from .stitch import run_stitch
+    from .stages.stitch import run_stitch
 
     return run_stitch(Path(prediction), Path(out), blend=blend, tiff=Path(tiff) if tiff else None, workers=workers, progress=not quiet,
                       resume=resume, band_bytes=band_mb * 2**20, scheduler=scheduler, tiff_units=tiff_units)
@@ -191,7 +193,7 @@ def evaluate(maps: Sequence[PathLike] | PathLike, *, truth: Sequence[PathLike] |
              scheduler: str = "threads", quiet: bool = False, log=None) -> EvaluateResult:
     """Score maps against the measured NP channel (`wsi-damm evaluate`): metrics, figures, report, viewer.
     `scheduler`: threads, sync or a dask.distributed address for the streamed whole-slide numbers."""
-    from .evaluate import run_evaluate
+    from .stages.evaluate import run_evaluate
 
     maps = [Path(maps)] if isinstance(maps, (str, Path)) else [Path(m) for m in maps]
     truth = [truth] if isinstance(truth, (str, Path)) else list(truth)
@@ -213,7 +215,7 @@ def evaluate(maps: Sequence[PathLike] | PathLike, *, truth: Sequence[PathLike] |
 
 def compare(a: PathLike, b: PathLike, *, data_range: float | None = None) -> dict:
     """SSIM / PSNR of two single-channel images as stored (`wsi-damm compare`)."""
-    from .evaluate import compare as compare_images
+    from .stages.evaluate import compare as compare_images
 
     return compare_images(Path(a), Path(b), data_range)
 
@@ -222,7 +224,7 @@ def export(map_path: PathLike, *, truth: PathLike, out: PathLike, channels: str 
            mpp: float | None = None, max_slide_gb: float = 256.0) -> dict:
     """A map and its slide for QuPath (`wsi-damm export`): the aligned six-channel OME-TIFF, high-NP
     regions and per-patch gate values as GeoJSON. Returns what was written."""
-    from .export import export_for_qupath
+    from .stages.export import export_for_qupath
 
     [spec] = _specs([truth], None, channels, (), max_slide_gb, required=("vessels",), mpp=mpp)
     return export_for_qupath(Path(map_path), spec, Path(out), threshold)

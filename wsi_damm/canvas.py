@@ -40,11 +40,11 @@ from .errors import InputError
 from .merge import window
 from .ome import writable
 from .progress import progress_bar
-from .run_dir import latent_channels
+from .run_dir import condition_channels, latent_channels
 from .store import PatchStore, read_rows, to_model_range
 
 if TYPE_CHECKING:
-    from .predict import PredictConfig, Predictor
+    from .stages.predict import PredictConfig, Predictor
 
 # denoise(window indices, crops (K·n, C, p, p) draw-major, step) → ε of the same shape
 Denoise = Callable[[np.ndarray, torch.Tensor, int], torch.Tensor]
@@ -178,7 +178,7 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
         if "plan" in work.attrs and dict(work.attrs)["plan"] != work_plan:
             raise InputError(source, "was started with other sampling options", "rerun with the same options, or --overwrite")
         work.attrs["plan"] = work_plan
-        cc = c * (2 if predictor.uses_nuclei(roles) else 1)
+        cc = condition_channels(predictor.rc) * (2 if predictor.uses_nuclei(roles) else 1)
         if "cond" not in work:
             work.create_array("cond", shape=(n, cc, p, p), dtype=np.float32, chunks=(1, cc, p, p), shards=(s, cc, p, p),
                               compressors=None, fill_value=0)
@@ -209,7 +209,8 @@ def _encode_conditions(work: zarr.Group, conditions: PatchStore, predictor: Pred
     for shard in progress_bar(todo, desc="encoding conditions", unit="shard", disable=None if (progress and ranks.main) else True):
         a, b = shard * s, min((shard + 1) * s, n)
         images = to_model_range(read_rows(conditions.images, np.arange(a, b)))
-        cond[a:b] = predictor.conditions(images, conditions.roles).cpu().numpy()
+        rows = np.arange(a, b)
+        cond[a:b] = predictor.conditions(images, conditions.roles, predictor.context(conditions, rows)).cpu().numpy()
         done[shard] = 1
 
 

@@ -44,6 +44,9 @@ class ModelConfig:
     confidence_input: str = "both"  # "uni" = authors' code: κ from the vessels feature only
     mmfm_reduction: int = 4
     uni_branch: str = "vessels"  # "nuclei": paper Tab. 4
+    # a low-resolution window this many patches wide around each patch, as an extra condition of each
+    # branch (vessels to the uni-modal one, nuclei to the multi-modal one); 0: the patch alone (the paper)
+    context_span: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class DammConfig:
     alpha: float = 1e-4
     beta: float = 0.1
     warmup_fraction: float = 0.4  # authors: 80 of 200 epochs
+    # after warm-up the paper trains the multi-modal branch only on samples the gate fuses ("gated"); a branch
+    # the gate stops choosing then stops learning, and the gate can lock into uni-only. "always": both
+    # branches learn from every sample; the gate still learns from the DFL and still picks at sampling
+    multi_loss: str = "gated"
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,10 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--fusion", f"must be uafm or cross-attention, got {m.fusion!r}")
     if m.uni_branch not in ("vessels", "nuclei"):
         raise InputError("--uni-branch", f"must be vessels or nuclei, got {m.uni_branch!r}")
+    if d.multi_loss not in ("gated", "always"):
+        raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
+    if not isinstance(m.context_span, int) or m.context_span < 0:
+        raise InputError("--context-span", f"must be a whole number of patches ≥ 0, got {m.context_span!r}")
     if m.confidence_input not in ("both", "uni"):
         raise InputError("confidence_input", f"must be both or uni, got {m.confidence_input!r}")
     if cfg.schedule.objective not in ("eps", "v"):

@@ -19,7 +19,7 @@ from .tiling import low_resolution, unit_range
 from .viewer import LAYERS, write_viewer
 
 if TYPE_CHECKING:
-    from .evaluate import SlideEvaluation, Truth
+    from .stages.evaluate import SlideEvaluation, Truth
 
 import matplotlib
 

@@ -73,9 +73,14 @@ def latent_channels(cfg: RunConfig) -> int:
     return 1 if cfg.autoencoder.factor == 1 else cfg.autoencoder.latent_channels
 
 
+def condition_channels(cfg: RunConfig) -> int:
+    """Channels of one branch's condition: its latent, plus one context channel when the run uses context."""
+    return latent_channels(cfg) + (1 if cfg.model.context_span else 0)
+
+
 def build_unet(cfg: RunConfig) -> DammUNet:
     m = cfg.model
-    shape = UNetShape(latent_channels(cfg), tuple(m.channels), m.res_blocks, m.heads, m.dropout)
+    shape = UNetShape(latent_channels(cfg), tuple(m.channels), m.res_blocks, m.heads, m.dropout, 1 if m.context_span else 0)
     return DammUNet(shape, m.mmfm, m.fusion, m.confidence_input, m.mmfm_reduction)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
+from .context import cut_windows, window_side
 from .errors import InputError
 
 FORMAT = "wsi-damm-patch-store"
@@ -109,6 +110,29 @@ class PatchStore:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def context_roles(self) -> list[str]:
+        """Roles of the stored context images (empty for stores tiled before there was context)."""
+        return list(self.attrs.get("context", {}).get("roles", [])) if "context" in self.root else []
+
+    def context_windows(self, rows: np.ndarray, span: int) -> np.ndarray:
+        """(B, C, s, s) float32 in [0, 1]: the context around patches `rows`, a window `span` patches wide."""
+        if not self.context_roles:
+            raise InputError(self.path, "has no context images (tiled by an older wsi-damm)", "tile the slides again")
+        rows = np.asarray(rows)
+        coords, patch = self.coords[rows], int(self.attrs["patch_size"])
+        out = np.zeros((len(rows), len(self.context_roles), window_side(patch, span), window_side(patch, span)), np.float32)
+        for si in np.unique(coords[:, 0]):
+            sel = coords[:, 0] == si
+            out[sel] = cut_windows(self._context_image(int(si)), coords[sel, 1:], patch, span)
+        return out
+
+    def _context_image(self, slide_index: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_context_cache", {})
+        if slide_index not in cache:
+            cache[slide_index] = np.asarray(self.root["context"][str(slide_index)][:], np.float32)
+        return cache[slide_index]
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -106,6 +106,10 @@ class PatchImages:
             raw = read_rows(self.store.images, self.indices[rows])
         return to_model_range(raw)
 
+    def context(self, rows: np.ndarray, span: int) -> np.ndarray:
+        """The context windows of the same rows (`PatchStore.context_windows`), in [0, 1]."""
+        return self.store.context_windows(self.indices[rows], span)
+
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A generator that depends only on (seed, step, stream): resume needs no RNG state."""

@@ -23,7 +23,7 @@ from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage
 from .tiling import nearest, unit_range
 
 if TYPE_CHECKING:
-    from .evaluate import Truth
+    from .stages.evaluate import Truth
 
 ASSETS = "viewer_assets"  # package data: openseadragon.min.js and its licence
 OSD_FILES = ("openseadragon.min.js", "OPENSEADRAGON_LICENSE.txt")

@@ -215,17 +215,24 @@ DIST_TIMEOUT_HELP = "torchrun: minutes a rank may wait in a collective before th
 @click.option("--gamma", type=float, help=preset_help("DAMMP divergence threshold γ", "damm", "gamma"))
 @click.option("--no-dfl", is_flag=True, default=None, help="Ablation: no divergence feedback loss.")
 @click.option("--warmup-fraction", type=float, help=preset_help("Share of steps trained before the gate is used", "damm", "warmup_fraction"))
+@click.option("--multi-loss", type=click.Choice(["gated", "always"]), help=preset_help(
+    "After warm-up, train the multi-modal branch only where the gate fuses (the paper) or on every sample", "damm", "multi_loss"))
+@click.option("--context-span", type=click.IntRange(0), help=preset_help(
+    "Condition each branch also on a low-resolution window this many patches wide around the patch (0: the patch alone)",
+    "model", "context_span"))
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, dist_timeout, compile_, val_fraction,
-          val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, resume, quiet) -> None:
+          val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, multi_loss, context_span,
+          resume, quiet) -> None:
     """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
     from wsi_damm import api
 
     r = api.train(store, out=out, preset=preset, config=config_file, stage=stage, steps=steps, epochs=epochs, ae_steps=ae_steps,
                   batch_size=batch_size, lr=lr, device=device, amp=amp, dist_timeout=dist_timeout, compile=compile_, val_fraction=val_fraction, val_slides=val_slides,
                   val_split=val_split, checkpoint_every=checkpoint_every, seed=seed, no_mmfm=no_mmfm, fusion=fusion, no_dammp=no_dammp,
-                  uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, resume=resume, quiet=quiet)
+                  uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, multi_loss=multi_loss, context_span=context_span, resume=resume,
+                  quiet=quiet)
     click.echo(f"{r.run}: trained ({stage}); weights {r.weights.name if r.weights else 'autoencoders only'}, metrics {r.metrics.name}, "
                f"plot {r.loss_plot.name}")
 
@@ -279,7 +286,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
             resume, overwrite, quiet) -> None:
     """Predict NP maps for whole slides with a trained run (every tissue patch, batched)."""
     from wsi_damm import api
-    from wsi_damm.predict import DEFAULT_STEPS
+    from wsi_damm.stages.predict import DEFAULT_STEPS
 
     done = api.predict(run_dir, slides, out=out, manifest=manifest, channels=channels, plane=plane, no_nuclei=no_nuclei, sampling=sampling,
                        sampler=sampler, steps=steps, eta=eta, batch_size=batch_size, seed=seed, samples=samples, overlap=overlap,

@@ -2,7 +2,8 @@
 
 d = 1 − mean(κ) per sample. Training after warm-up: loss_i = L_uni,i if d_i ≥ γ else
 (L_uni,i + L_multi,i)/2; y_i = 1 if L_multi,i ≤ L_uni,i; DFL = BCE(mean κ, y) + β(mean κ − (1−γ))²;
-total = mean(loss) + α·DFL. Warm-up (authors: 80 of 200 epochs): plain cross-attention and
+total = mean(loss) + α·DFL (with multi_always, loss_i = (L_uni,i + L_multi,i)/2 for every sample: the
+gate then steers sampling only, never which branch learns). Warm-up (authors: 80 of 200 epochs): plain cross-attention and
 (L_uni + L_multi)/2. Sampling: ε = where(d < γ, ε_multi, ε_uni) per sample. The authors loop
 over samples one at a time; here every step is one batched expression.
 """
@@ -22,6 +23,7 @@ class DammLoss:
     beta: float = 0.1
     dammp: bool = True  # False: always fuse (ablation "no DAMMP")
     dfl: bool = True
+    multi_always: bool = False  # True: both branches learn from every sample (config damm.multi_loss = "always")
 
 
 def divergence(kappa: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,7 @@ def damm_loss(
         stats["multi_share"] = torch.ones((), device=loss.device)
     else:
         chosen = use_multi(d, cfg.gamma)
-        loss = torch.where(chosen, both, l_uni).mean()
+        loss = (both if cfg.multi_always else torch.where(chosen, both, l_uni)).mean()
         stats["multi_share"] = chosen.float().mean().detach()
         if cfg.dfl:
             feedback = dfl(kappa, l_uni, l_multi, cfg.gamma, cfg.beta)

@@ -24,6 +24,7 @@ class UNetShape:
     res_blocks: int
     heads: int = 4
     dropout: float = 0.0
+    context_channels: int = 0  # per branch: its condition's low-resolution surroundings, beside its latent
 
 
 class Branch(nn.Module):
@@ -32,7 +33,7 @@ class Branch(nn.Module):
     def __init__(self, shape: UNetShape, emb_dim: int) -> None:
         super().__init__()
         chs, nb = shape.channels, shape.res_blocks
-        self.inp = nn.Conv2d(2 * shape.latent_channels, chs[0], 3, padding=1)
+        self.inp = nn.Conv2d(2 * shape.latent_channels + shape.context_channels, chs[0], 3, padding=1)
         self.enc = nn.ModuleList()
         self.down = nn.ModuleList()
         prev = chs[0]
@@ -80,7 +81,8 @@ class Branch(nn.Module):
 
 
 class DammUNet(nn.Module):
-    """forward(z_t, t, c_uni, c_multi) → (ε_uni, ε_multi, κ); c_multi None → uni branch only."""
+    """forward(z_t, t, c_uni, c_multi) → (ε_uni, ε_multi, κ); c_multi None → uni branch only. Each condition is
+    its modality's latent, followed by its context channels when the shape has them."""
 
     def __init__(
         self,

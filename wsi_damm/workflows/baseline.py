@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..files import partial_path, publish
 from ..slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
 from ..slides import SlideSpec
-from ..tile import TileConfig, plan_slide
+from ..stages.tile import TileConfig, plan_slide
 from ..tiling import lazy_blocks, low_resolution, nearest, unit_range
 
 SIGMAS_UM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

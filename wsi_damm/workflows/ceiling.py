@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..predict import in_micro_batches
 from ..run_dir import RunDir, load_autoencoders, load_run_config
 from ..slides import SlideSpec, open_file
-from ..tile import plan_slide
+from ..stages.predict import in_micro_batches
+from ..stages.tile import plan_slide
 from ..tiling import read_scaled, unit_range
 from .patch_maps import patch_function_map, tiling
 
@@ -35,7 +35,7 @@ def ceiling_map(run_dir: Path, spec: SlideSpec, clean: Path | None, out: Path, s
     field = open_file(clean) if source == "noiseless" else None
     plan = plan_slide(spec, tiling(rc)) if field is not None else None
 
-    def reconstruct(images: torch.Tensor, coords: np.ndarray) -> torch.Tensor:
+    def reconstruct(images: torch.Tensor, coords: np.ndarray, context: np.ndarray | None) -> torch.Tensor:
         if field is None:
             x = images[:, k : k + 1]
         else:

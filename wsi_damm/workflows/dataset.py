@@ -11,8 +11,8 @@ from pathlib import Path
 from ..files import write_json
 from ..inputs import resolve_slides
 from ..slides import SlideSpec
+from ..stages.tile import TileConfig, label_patches, run_tile
 from ..store import PatchStore
-from ..tile import TileConfig, label_patches, run_tile
 from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, write_slides
 
 

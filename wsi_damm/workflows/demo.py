@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import resolve
-from ..evaluate import run_evaluate
 from ..files import write_json
-from ..predict import PredictConfig, predict_maps
+from ..stages.evaluate import run_evaluate
+from ..stages.predict import PredictConfig, predict_maps
+from ..stages.tile import TileConfig
+from ..stages.train import run_training
 from ..store import PatchStore
-from ..tile import TileConfig
-from ..train import run_training
 from . import baseline
 from .dataset import synthetic_data
 from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION

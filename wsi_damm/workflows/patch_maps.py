@@ -16,14 +16,15 @@ import torch
 
 from ..config import RunConfig
 from ..files import partial_path, publish
-from ..predict import PredictConfig, condition_config
 from ..slides import SlideSpec
-from ..stitch import run_stitch
+from ..stages.predict import PredictConfig, condition_config
+from ..stages.stitch import run_stitch
+from ..stages.tile import TileConfig, run_tile
 from ..store import PatchStore, create_prediction_store, read_rows, to_model_range
-from ..tile import TileConfig, run_tile
 
-# (patches (B, C, P, P) in [-1, 1] with the store's roles, their coords (B, 3)) → NP (B, 1, P, P) in [0, 1]
-PatchFunction = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+# (patches (B, C, P, P) in [-1, 1] with the store's roles, their coords (B, 3), their context windows in [0, 1] when the
+# run conditions on context, else None) → NP (B, 1, P, P) in [0, 1]
+PatchFunction = Callable[[torch.Tensor, np.ndarray, np.ndarray | None], torch.Tensor]
 
 
 def tiling(rc: RunConfig) -> TileConfig:
@@ -50,7 +51,8 @@ def patch_function_map(rc: RunConfig, spec: SlideSpec, out: Path, fn: PatchFunct
         s, n = int(store.attrs["shard_patches"]), len(store)
         for a in range(0, n, s):
             rows = np.arange(a, min(a + s, n))
-            pred = fn(to_model_range(read_rows(store.images, rows)), store.coords[rows])
+            context = store.context_windows(rows, rc.model.context_span) if rc.model.context_span else None
+            pred = fn(to_model_range(read_rows(store.images, rows)), store.coords[rows], context)
             root["pred"][a : a + len(rows)] = pred.float().clamp(0, 1).numpy().astype(np.float16)
             root["multimodal_fraction"][a : a + len(rows)] = 0.0
             root["shard_done"][a // s] = 1

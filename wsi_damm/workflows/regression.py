@@ -19,12 +19,14 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_weights, save_weights
 from ..config import RunConfig
+from ..context import to_latent_grid
+from ..errors import InputError
 from ..files import write_json
 from ..models.regression import RegressionUNet
 from ..progress import progress_bar
 from ..slides import SlideSpec
+from ..stages.train import lr_at
 from ..store import PatchStore
-from ..train import lr_at
 from ..training_data import PatchImages, batch_rows
 from .patch_maps import patch_function_map
 
@@ -32,8 +34,17 @@ INPUTS = ("vessels", "nuclei")
 WEIGHTS, CONFIG = "regression_ema.safetensors", "config.json"
 
 
-def build() -> RegressionUNet:
-    return RegressionUNet(len(INPUTS))
+def build(rc: RunConfig) -> RegressionUNet:
+    """Its inputs: CD31 and DAPI, and with the run's `context_span` their context windows brought to the
+    patch's grid — the same information the diffusion model conditions on."""
+    return RegressionUNet(len(INPUTS) * (2 if rc.model.context_span else 1))
+
+
+def _inputs(images: torch.Tensor, cols: list[int], context: np.ndarray | None, rc: RunConfig) -> torch.Tensor:
+    x = images[:, cols]
+    if not rc.model.context_span:
+        return x
+    return torch.cat([x, to_latent_grid(context, x.shape[-1], x.device)], 1)
 
 
 def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: bool = True) -> Path:
@@ -46,9 +57,12 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     t = rc.train
     torch.manual_seed(t.seed)
     store = PatchStore.open(store_path)
-    cols = [store.roles.index(r) for r in (*INPUTS, "target")]
+    cols = [store.roles.index(r) for r in INPUTS]
+    target = store.roles.index("target")
+    if rc.model.context_span and store.context_roles != list(INPUTS):
+        raise InputError(store_path, "has no context images of CD31 and DAPI, which model.context_span needs", "tile the slides again")
     images = PatchImages(store, np.arange(len(store)))
-    model = build()
+    model = build(rc)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     t0 = time.perf_counter()
@@ -56,8 +70,10 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     for step in progress_bar(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, rc)
-        x = images.get(batch_rows(len(images), t.batch_size, step, t.seed))[:, cols]
-        loss = F.l1_loss(model(x[:, : len(INPUTS)]), x[:, len(INPUTS) :])
+        rows = batch_rows(len(images), t.batch_size, step, t.seed)
+        x = images.get(rows)
+        context = images.context(rows, rc.model.context_span) if rc.model.context_span else None
+        loss = F.l1_loss(model(_inputs(x, cols, context, rc)), x[:, target : target + 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
@@ -76,13 +92,13 @@ def regression_map(run_dir: Path, spec: SlideSpec, out: Path, progress: bool = T
     """The regression U-Net's whole-slide map of one slide (needs CD31 and DAPI)."""
     run_dir = Path(run_dir)
     rc = RunConfig.from_dict(json.loads((run_dir / CONFIG).read_text())["run"])
-    model = build()
+    model = build(rc)
     load_weights(run_dir / WEIGHTS, model)
     model.eval()
     roles = [r for r in spec.roles if r != "target"]  # the order `predict`'s tiling keeps
     cols = [roles.index(r) for r in INPUTS]
 
-    def predict(images: torch.Tensor, coords: np.ndarray) -> torch.Tensor:
-        return (model(images[:, cols]) + 1) / 2
+    def predict(images: torch.Tensor, coords: np.ndarray, context: np.ndarray | None) -> torch.Tensor:
+        return (model(_inputs(images, cols, context, rc)) + 1) / 2
 
     return patch_function_map(rc, spec.without("target"), out, predict, {"regression": str(run_dir)}, progress)

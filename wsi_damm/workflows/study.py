@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig, merge, resolve
-from ..evaluate import evaluate_slide
 from ..files import write_json
 from ..metrics import psnr_from_mse
-from ..predict import PredictConfig, run_predict
 from ..run_dir import ROLES_NEEDED, RunDir, read_metrics
-from ..stitch import run_stitch
-from ..tile import TileConfig
-from ..train import run_training
+from ..stages.evaluate import evaluate_slide
+from ..stages.predict import PredictConfig, run_predict
+from ..stages.stitch import run_stitch
+from ..stages.tile import TileConfig
+from ..stages.train import run_training
 from . import baseline
 from .ceiling import SOURCES, ceiling_map
 from .dataset import SyntheticData, synthetic_data

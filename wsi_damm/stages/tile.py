@@ -20,17 +20,18 @@ import dask
 import numpy as np
 import zarr
 
-from . import __version__
-from .annotations import read_regions
-from .errors import InputError
-from .files import prepare_output, publish
-from .jobs import check_resources, run_tasks
-from .np_units import NpScale
-from .progress import progress_bar
-from .qc import qc_folder, tiling_picture
-from .slides import SlideSpec, open_file
-from .store import PatchStore, create_patch_store
-from .tiling import (
+from .. import __version__
+from ..annotations import read_regions
+from ..context import CONTEXT_DOWNSAMPLE, context_image, context_roles
+from ..errors import InputError
+from ..files import prepare_output, publish
+from ..jobs import check_resources, run_tasks
+from ..np_units import NpScale
+from ..progress import progress_bar
+from ..qc import qc_folder, tiling_picture
+from ..slides import SlideSpec, open_file
+from ..store import PatchStore, create_patch_store
+from ..tiling import (
     TISSUE_MODES,
     LevelChoice,
     choose_level,
@@ -98,6 +99,7 @@ class SlidePlan:
     tissue_pixels: float = field(default=0.0)
     mask: np.ndarray | None = field(default=None, repr=False)  # low-resolution tissue mask
     mask_downsample: float = 1.0  # of the mask relative to level 0
+    context: np.ndarray | None = field(default=None, repr=False)  # (C, h, w) the condition channels around the patches (`context`)
 
     def normalised(self, slide, role: str, y: int, x: int, h: int, w: int) -> np.ndarray:
         """One channel of the region (y, x, h, w) of the tiled grid in [0, 1] (float32), by the slide's range."""
@@ -161,7 +163,8 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
     keep_y, keep_x = np.nonzero(keep)
     if not mask.any() and not every:
         warnings.warn(f"{spec.slide_id}: no tissue found; the slide contributes no patches", stacklevel=2)
-    return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()), mask, low_ds)
+    ctx = context_image(low, low_ds, choice.downsample, choice.shape, lo, hi, [spec.roles.index(r) for r in context_roles(spec.roles)])
+    return SlidePlan(spec, choice, lo, hi, ys[keep_y], xs[keep_x], frac[keep_y, keep_x], float(mask.mean()), mask, low_ds, ctx)
 
 
 @lru_cache(maxsize=8)
@@ -277,11 +280,16 @@ def _create(path: Path, plans: list[SlidePlan], cfg: TileConfig, fingerprint: st
         "min_tissue": cfg.min_tissue,
         "tissue": cfg.tissue,
         "np_normalisation": cfg.np_scale.attrs(),
+        "context": {"downsample": CONTEXT_DOWNSAMPLE, "roles": context_roles(roles)},
         "slides": [p.table_entry() for p in plans],
         "fingerprint": fingerprint,
         "wsi_damm_version": __version__,
     }
-    return create_patch_store(path, coords, tissue, len(roles), cfg.patch_size, np.dtype(cfg.store_dtype), cfg.shard_patches, attrs)
+    root = create_patch_store(path, coords, tissue, len(roles), cfg.patch_size, np.dtype(cfg.store_dtype), cfg.shard_patches, attrs)
+    group = root.create_group("context")
+    for i, p in enumerate(plans):
+        group.create_array(str(i), shape=p.context.shape, dtype=np.float16, chunks=(p.context.shape[0], 1024, 1024))[:] = p.context
+    return root
 
 
 def label_patches(store_path: Path, labels: dict[str, Path], names: dict[int, str]) -> np.ndarray:

@@ -18,20 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_state, load_weights, save_state, save_weights
-from .config import RunConfig
-from .diffusion.damm import DammLoss, branch_conditions, damm_loss, divergence, per_sample_l1, select, use_multi
-from .diffusion.schedule import NoiseSchedule
-from .distributed import Ranks, average_gradients, data_parallel, parameter_checksums, setup_ranks
-from .errors import InputError
-from .files import write_csv, write_json
-from .gate_regions import GateByRegion
-from .models.autoencoder import Autoencoder
-from .models.damm_unet import DammUNet
-from .np_units import NpScale
-from .precision import autocast, grad_scaler
-from .progress import progress_bar
-from .run_dir import (
+from ..checkpoint import load_state, load_weights, save_state, save_weights
+from ..config import RunConfig
+from ..context import to_latent_grid
+from ..diffusion.damm import DammLoss, branch_conditions, damm_loss, divergence, per_sample_l1, select, use_multi
+from ..diffusion.schedule import NoiseSchedule
+from ..distributed import Ranks, average_gradients, data_parallel, parameter_checksums, setup_ranks
+from ..errors import InputError
+from ..files import write_csv, write_json
+from ..gate_regions import GateByRegion
+from ..models.autoencoder import Autoencoder
+from ..models.damm_unet import DammUNet
+from ..np_units import NpScale
+from ..precision import autocast, grad_scaler
+from ..progress import progress_bar
+from ..run_dir import (
     METRIC_FIELDS,
     ROLES_NEEDED,
     RunDir,
@@ -43,8 +44,8 @@ from .run_dir import (
     read_metrics,
     write_metrics,
 )
-from .store import PatchStore
-from .training_data import PatchImages, batch_rows, split_validation, step_generator
+from ..store import PatchStore
+from ..training_data import PatchImages, batch_rows, split_validation, step_generator
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -119,13 +120,21 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
 
 
 @torch.no_grad()
-def encode_all(images: PatchImages, roles: list[str], aes: dict[str, Autoencoder], device: torch.device, batch: int = 64) -> dict[str, torch.Tensor]:
-    """Latents of every patch, per role, kept on `device` (encoded once: the big stage-2 speed-up)."""
+def encode_all(images: PatchImages, roles: list[str], aes: dict[str, Autoencoder], device: torch.device, batch: int = 64,
+               context_span: int = 0) -> dict[str, torch.Tensor]:
+    """Latents of every patch, per role, kept on `device` (encoded once: the big stage-2 speed-up). With
+    `context_span`, each condition role's latent is followed by its context channel (`wsi_damm.context`)."""
     out: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES_NEEDED}
     for i in range(0, len(images), batch):
-        x = images.get(np.arange(i, min(i + batch, len(images)))).to(device)
+        rows = np.arange(i, min(i + batch, len(images)))
+        x = images.get(rows).to(device)
+        z = {r: aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]) for r in ROLES_NEEDED}
+        if context_span:
+            ctx = to_latent_grid(images.context(rows, context_span), z["target"].shape[-1], device)
+            for k, r in enumerate(images.store.context_roles):
+                z[r] = torch.cat([z[r], ctx[:, k : k + 1]], 1)
         for r in ROLES_NEEDED:
-            out[r].append(aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]))
+            out[r].append(z[r])
     return {r: torch.cat(v) for r, v in out.items()}
 
 
@@ -175,7 +184,7 @@ def train_diffusion(
     by_region = GateByRegion(regions[1]) if regions is not None else None
     fields = METRIC_FIELDS + (by_region.columns if by_region else [])
     sched = build_schedule(cfg.schedule)
-    loss_cfg = DammLoss(cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl)
+    loss_cfg = DammLoss(cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl, cfg.damm.multi_loss == "always")
     torch.manual_seed(t_cfg.seed)
     model = build_unet(cfg).to(ranks.device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -351,6 +360,8 @@ def run_training(
     missing = [r for r in ROLES_NEEDED if r not in roles]
     if missing:
         raise InputError(store_path, f"has no {', '.join(missing)} channel; training needs vessels, nuclei and target")
+    if cfg.model.context_span and not store.context_roles:
+        raise InputError(store_path, "has no context images, which model.context_span needs (tiled by an older wsi-damm)", "tile the slides again")
     patch = int(store.attrs["patch_size"])
     if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
@@ -387,8 +398,10 @@ def run_training(
         return run
     for ae in aes.values():
         ae.eval()
-    latents = encode_all(images, roles, aes, ranks.device)
-    val_latents = encode_all(PatchImages(store, val_idx), roles, aes, ranks.device) if len(val_idx) else {r: latents[r][:0] for r in ROLES_NEEDED}
+    span = cfg.model.context_span
+    latents = encode_all(images, roles, aes, ranks.device, context_span=span)
+    val_latents = (encode_all(PatchImages(store, val_idx), roles, aes, ranks.device, context_span=span) if len(val_idx)
+                   else {r: latents[r][:0] for r in ROLES_NEEDED})
     regions = None
     if "region" in store.root and store.attrs.get("region_names"):
         names = {int(k): v for k, v in store.attrs["region_names"].items()}

@@ -18,19 +18,19 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .annotations import Annotations, read_regions
-from .errors import InputError
-from .files import write_csv, write_json
-from .jobs import compute_scheduler
-from .metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
-from .np_units import MEASURED_UNIT, NpScale
-from .progress import progress_bar
-from .report import write_report
-from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
-from .slides import SlideSpec, open_file
+from ..annotations import Annotations, read_regions
+from ..errors import InputError
+from ..files import write_csv, write_json
+from ..jobs import compute_scheduler
+from ..metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
+from ..np_units import MEASURED_UNIT, NpScale
+from ..progress import progress_bar
+from ..report import write_report
+from ..slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
+from ..slides import SlideSpec, open_file
+from ..tiling import LAZY_BLOCK as BLOCK
+from ..tiling import lazy_blocks, nearest, read_scaled, tissue_fractions, unit_range
 from .tile import SlidePlan, TileConfig, plan_slide
-from .tiling import LAZY_BLOCK as BLOCK
-from .tiling import lazy_blocks, nearest, read_scaled, tissue_fractions, unit_range
 
 SIZE_TOLERANCE = 0.01
 PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]

@@ -19,24 +19,25 @@ import numpy as np
 import torch
 import zarr
 
-from .canvas import sample_canvases
-from .config import RunConfig
-from .devices import check_device_name
-from .diffusion.damm import branch_conditions, divergence, select, use_multi
-from .diffusion.noise import draw_keys, keyed_normal, patch_key
-from .diffusion.samplers import make_plan, sample
-from .diffusion.schedule import NoiseSchedule
-from .distributed import Ranks, setup_ranks
-from .errors import InputError
-from .files import partial_path, prepare_output, publish
-from .merge import BLENDS
-from .precision import amp_mode, autocast
-from .progress import progress_bar
-from .qc import qc_folder
-from .run_dir import RunDir, build_schedule, latent_channels, load_autoencoders, load_run_config, load_unet
-from .slides import SlideSpec
+from ..canvas import sample_canvases
+from ..config import RunConfig
+from ..context import context_roles, to_latent_grid
+from ..devices import check_device_name
+from ..diffusion.damm import branch_conditions, divergence, select, use_multi
+from ..diffusion.noise import draw_keys, keyed_normal, patch_key
+from ..diffusion.samplers import make_plan, sample
+from ..diffusion.schedule import NoiseSchedule
+from ..distributed import Ranks, setup_ranks
+from ..errors import InputError
+from ..files import partial_path, prepare_output, publish
+from ..merge import BLENDS
+from ..precision import amp_mode, autocast
+from ..progress import progress_bar
+from ..qc import qc_folder
+from ..run_dir import RunDir, build_schedule, condition_channels, latent_channels, load_autoencoders, load_run_config, load_unet
+from ..slides import SlideSpec
+from ..store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
 from .stitch import run_stitch
-from .store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
 from .tile import TileConfig, run_tile
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
@@ -159,23 +160,35 @@ class Predictor:
         """Pixels per latent pixel."""
         return self.rc.autoencoder.factor
 
+    def context(self, store: PatchStore, rows: np.ndarray) -> np.ndarray | None:
+        """The context windows the run conditions on for these rows of a conditions store (None: no context)."""
+        span = self.rc.model.context_span
+        return store.context_windows(rows, span) if span else None
+
     def uses_nuclei(self, roles: list[str]) -> bool:
         """Whether the multi-modal branch runs: the tiled inputs hold nuclei and `--no-nuclei` was not given."""
         return self.cfg.nuclei and "nuclei" in roles
 
     @torch.inference_mode()
-    def conditions(self, images: torch.Tensor, roles: list[str]) -> torch.Tensor:
+    def conditions(self, images: torch.Tensor, roles: list[str], context: np.ndarray | None = None) -> torch.Tensor:
         """images (B, C, P, P) in [-1, 1] → the U-Net's conditions (B, c_uni [+ c_multi] channels, p, p):
-        the uni-modal branch's latent first, the multi-modal partner's after it (absent without nuclei)."""
+        the uni-modal branch's latent first, the multi-modal partner's after it (absent without nuclei);
+        each followed by its context channel when the run uses context (`context`: the patches'
+        windows, `PatchStore.context_windows`)."""
         x = images.to(self.device)
         used = ("vessels", "nuclei") if self.uses_nuclei(roles) else ("vessels",)
         enc = {r: in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) for r in used if r in roles}
+        if self.rc.model.context_span:
+            if context is None:
+                raise ValueError("this run conditions on context: pass the patches' context windows")
+            ctx = to_latent_grid(context, enc["vessels"].shape[-1], self.device)
+            enc = {r: torch.cat([z, ctx[:, context_roles(roles).index(r)][:, None]], 1) for r, z in enc.items()}
         c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
         return c_uni if c_multi is None else torch.cat([c_uni, c_multi], 1)
 
     def denoiser(self, conditions: torch.Tensor, k: int) -> GatedDenoiser:
         """The gated ε-model for K draws of each of the B patches whose `conditions` are given (draw-major)."""
-        c = latent_channels(self.rc)
+        c = condition_channels(self.rc)
         c_uni = conditions[:, :c].repeat(k, 1, 1, 1)
         c_multi = conditions[:, c:].repeat(k, 1, 1, 1) if conditions.shape[1] > c else None
         return GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp,
@@ -189,11 +202,12 @@ class Predictor:
         return img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy()
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor,
+                context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Independent sampling: images (B, C, P, P) in [-1, 1] → NP map in [0, 1] (B, 1, P, P) — the mean of
         K draws —, its sd over the draws (zeros for K = 1), mean divergence and multi-modal share per patch.
         The K draws of every patch are sampled as one batch of K·B from noise keyed per patch."""
-        cond = self.conditions(images, roles)
+        cond = self.conditions(images, roles, context)
         k, b = self.cfg.samples, len(keys)
         if k > 1:
             keys = torch.cat([draw_keys(keys, i) for i in range(k)])
@@ -308,10 +322,11 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
         raw = read_rows(conditions.images, rows)
         images = to_model_range(raw)
+        context = predictor.context(conditions, rows)
         parts = []
         for k in range(0, len(rows), cfg.batch_size):
             sl = slice(k, k + cfg.batch_size)
-            parts.append(predictor.predict(images[sl], roles, keys_all[rows[sl]]))
+            parts.append(predictor.predict(images[sl], roles, keys_all[rows[sl]], None if context is None else context[sl]))
             bar.update(len(rows[sl]))
         pred, sd, dv, sh = (np.concatenate(x) for x in zip(*parts))
         pos = 0

@@ -21,15 +21,15 @@ import dask
 import numpy as np
 import zarr
 
-from .errors import InputError
-from .files import partial_path, publish
-from .jobs import check_resources, is_cluster, run_tasks
-from .merge import BlendMerger, window
-from .np_units import NpScale
-from .ome import pyramid_shapes, writable, write_ome_tiff
-from .progress import progress_bar
-from .qc import map_picture, thumbnail_path
-from .slide_map import (
+from ..errors import InputError
+from ..files import partial_path, publish
+from ..jobs import check_resources, is_cluster, run_tasks
+from ..merge import BlendMerger, window
+from ..np_units import NpScale
+from ..ome import pyramid_shapes, writable, write_ome_tiff
+from ..progress import progress_bar
+from ..qc import map_picture, thumbnail_path
+from ..slide_map import (
     DEFAULT_PERCENTILES,
     MAP_DTYPE,
     PATCH_MAP_CHANNELS,
@@ -41,7 +41,7 @@ from .slide_map import (
     finish_map,
     write_map_region,
 )
-from .store import PredictionStore, read_rows
+from ..store import PredictionStore, read_rows
 
 BAND_BYTES = 64 * 2**20  # float32 plane bytes per band; one band per worker in flight
 WORKER_BYTES = 128 * 2**20  # a worker process's interpreter, numpy and zarr before its first band

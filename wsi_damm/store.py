@@ -121,7 +121,10 @@ class PatchStore:
         if not self.context_roles:
             raise InputError(self.path, "has no context images (tiled by an older wsi-damm)", "tile the slides again")
         rows = np.asarray(rows)
-        coords, patch = self.coords[rows], int(self.attrs["patch_size"])
+        every = self.__dict__.get("_coords")
+        if every is None:  # read once: training asks for a few rows at a time, over and over
+            every = self.__dict__.setdefault("_coords", self.coords)
+        coords, patch = every[rows], int(self.attrs["patch_size"])
         out = np.zeros((len(rows), len(self.context_roles), window_side(patch, span), window_side(patch, span)), np.float32)
         for si in np.unique(coords[:, 0]):
             sel = coords[:, 0] == si

@@ -6,6 +6,7 @@ import copy
 import math
 import statistics
 
+import numpy as np
 import pytest
 
 from wsi_damm.workflows.study import markdown_table, same_pixels, sample_sd
@@ -61,3 +62,25 @@ def test_gate_table_says_when_nothing_was_logged():
     assert "no region labels" in gate_table({"damm_seed0": {}})
     table = gate_table({"damm_seed0": {"divergent": {"dfl_label_rate": 0.76, "mean_kappa": 0.72, "samples": 10}}})
     assert "| damm_seed0 | 0.760 | 0.720 |" in table
+
+
+def test_the_gate_panel_shows_every_seed_and_redraws_from_the_json(tmp_path):
+    """A seed-mean bar of 0.67 hides seeds at 1, 0 and 1 (a gate locked into the uni-modal branch): the dots show them."""
+    from wsi_damm.files import write_json
+    from wsi_damm.workflows.study import gate_points, redraw
+
+    def row(name, shares):
+        regions = {g: {"wsi_ssim": 0.6, "wsi_psnr": 18.0, "multimodal_share": float(np.mean(shares)), "multimodal_share_per_seed": shares}
+                   for g in ("tissue", "informative", "divergent")}
+        return {"model": name, "kind": "learned", "draws": 1, "seeds": 3, "regions": regions}
+
+    rows = [row("DAMM full", [1.0, 0.0, 1.0]), row("no MMFM", [1.0, 1.0, 0.0])]
+    rows[0]["regions"]["tissue"]["wsi_ssim_sd"] = float("nan")  # one seed: no spread, stored as "nan" by write_json
+    xs, ys = gate_points(rows)
+    assert len(xs) == len(ys) == 2 * 2 * 3  # regions × models × seeds
+    assert ys[:3].tolist() == [1.0, 0.0, 1.0] and ys[3:6].tolist() == [1.0, 1.0, 0.0]
+    assert xs[:3].max() < xs[3:6].min() and xs[:6].max() < 0.5 < xs[6:].min()  # each model's dots over its own bar, each region by its tick
+    write_json(tmp_path / "study.json", {"models": rows, "samplers": [{"sampler": "dpm++", "steps": 10, "wsi_ssim": 0.6, "wsi_psnr": 18.0,
+                                                                         "seconds": 5.0}]})
+    png = redraw(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -413,13 +413,20 @@ def demo(out, preset, quick, quiet) -> None:
 @click.option("--preset", default="tiny", type=click.Choice(list(PRESETS)), help="Model sizes of every trained row.")
 @click.option("--seeds", type=click.IntRange(1), help="Training seeds per model (default 3; --quick 2).")
 @click.option("--quick", is_flag=True, help="Tiny budget: checks the pipeline, not the science.")
+@click.option("--redraw", is_flag=True, help="Only draw OUT/study.png again from OUT/study.json (nothing is recomputed).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def study(out, preset, seeds, quick, quiet) -> None:
+def study(out, preset, seeds, quick, redraw, quiet) -> None:
     """DAMM full vs uni-only, no DAMMP, no MMFM, cross-attention and a regression U-Net, beside the
     blurred-vessel baseline, the oracle and the autoencoder ceiling, one draw and a mean of draws, all on
     the same pixels, scored where nuclei are informative and where they mislead; plus a sampler comparison."""
+    from wsi_damm.workflows.study import redraw as redraw_figure
     from wsi_damm.workflows.study import run_study
 
+    if redraw:
+        if not (out / "study.json").exists():
+            raise click.UsageError(f"{out / 'study.json'}: no study results to draw (run the study first)")
+        click.echo(f"figure: {redraw_figure(out)}")
+        return
     s = run_study(out, preset=preset, quick=quick, seeds=seeds, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
     click.echo((out / "study.md").read_text(encoding="utf-8"))
     click.echo(f"table: {out / 'study.md'}  json: {out / 'study.json'}  figure: {out / 'study.png'}  ({s['seconds']} s)")

@@ -333,6 +333,32 @@ def _label(row: dict) -> str:
     return row["model"] if row.get("draws") is None else f"{row['model']}, {row['draws']} draw{'s' if row['draws'] > 1 else ''}"
 
 
+def gate_points(gated: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of one dot per seed on the gate panel: a seed-mean bar hides a gate that locked into one
+    branch for some seeds and not for others, the dots show it. Bars of `gated` rows sit side by side
+    around each region's tick; a bar's seeds are spread across its width in seed order."""
+    width = 0.8 / max(1, len(gated))
+    xs, ys = [], []
+    for j, g in enumerate(REGIONS.values()):
+        for i, r in enumerate(gated):
+            shares = r["regions"].get(g, {}).get("multimodal_share_per_seed") or []
+            centre = j + (i - len(gated) / 2 + 0.5) * width
+            offsets = np.linspace(-width / 3, width / 3, len(shares)) if len(shares) > 1 else np.zeros(len(shares))
+            xs += list(centre + offsets)
+            ys += [float(v) for v in shares]
+    return np.asarray(xs), np.asarray(ys)
+
+
+def redraw(out: Path) -> Path:
+    """study.png again from OUT/study.json (after a change to the figure; nothing is recomputed)."""
+    # write_json stores non-finite floats as strings ("nan" for a one-seed spread): numbers again
+    nonfinite = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
+    data = json.loads((Path(out) / "study.json").read_text(encoding="utf-8"),
+                      object_hook=lambda d: {k: nonfinite.get(v, v) if isinstance(v, str) else v for k, v in d.items()})
+    figure(Path(out) / "study.png", data["models"], data["samplers"])
+    return Path(out) / "study.png"
+
+
 def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     """Bars per model and region (seed spread as error bars), gate share, and SSIM vs sampling time."""
     import matplotlib
@@ -360,10 +386,12 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     for i, r in enumerate(gated):
         axes[2].bar(np.arange(2) + (i - len(gated) / 2 + 0.5) * (0.8 / max(1, len(gated))),
                     [r["regions"].get(g, {}).get("multimodal_share") or 0 for g in REGIONS.values()], 0.8 / max(1, len(gated)), label=_label(r),
-                    color=colours[rows.index(r)])  # the colours of the legend
+                    color=colours[rows.index(r)], alpha=0.6)  # the colours of the legend
+    xs_dots, ys_dots = gate_points(gated)
+    axes[2].scatter(xs_dots, ys_dots, s=14, color="black", zorder=3)
     axes[2].set_xticks(np.arange(2), list(REGIONS.values()))
-    axes[2].set_ylim(0, 1.05)
-    axes[2].set_title("DAMMP: share of steps on the multi-modal branch")
+    axes[2].set_ylim(-0.03, 1.05)
+    axes[2].set_title("DAMMP: share of steps on the multi-modal branch\n(bars: mean over seeds; dots: each seed)", fontsize=10)
     for s in samplers:
         axes[3].scatter(s["seconds"], s["wsi_ssim"], s=40)
         axes[3].annotate(f"{s['sampler']}-{s['steps']}", (s["seconds"], s["wsi_ssim"]), fontsize=9, xytext=(4, 4), textcoords="offset points")

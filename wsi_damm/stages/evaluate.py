@@ -218,7 +218,7 @@ def measured_units(pred: da.Array, truth: Truth, mask: da.Array | None, covered:
         return {"comparable": False, "note": "NP normalised per slide: map values do not share a unit across slides"}
     where = (mask & covered) if mask is not None else da.ones(truth.shape, bool, chunks=BLOCK)
     meas = lazy_blocks(lambda y, x, h, w: truth.raw("target", y, x, h, w), truth.shape, "truth-raw-target", np.float64)
-    pred_m = pred * (scale.high - scale.low) + scale.low
+    pred_m = scale.to_measured(pred)
     n, s_pred, s_meas, s_abs = da.compute(where.sum(), da.where(where, pred_m, 0).sum(), da.where(where, meas, 0).sum(),
                                           da.where(where, abs(pred_m - meas), 0).sum(), scheduler=scheduler)
     if not n:

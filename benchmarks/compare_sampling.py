@@ -1,4 +1,4 @@
-"""Canvas vs independent sampling on the demo's held-out slide: seam score, WSI SSIM / PSNR over
+"""Canvas (fused or shifted grid) vs independent sampling on the demo's held-out slide: seam score, WSI SSIM / PSNR over
 tissue, wall time — same run, slide, sampler, steps, draws and batch, scored on the same pixels.
 
 Run `wsi-damm demo --out DEMO` first (it trains the run and writes the held-out slide), then
@@ -19,8 +19,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("demo", type=Path, help="output folder of `wsi-damm demo`")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sampling"))
+    ap.add_argument("--run", type=Path, help="the run to sample from (default: the demo's own run)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 4], help="draws per patch; one row per value and sampling")
+    ap.add_argument("--sampling", nargs="+", default=["independent", "canvas", "shifted"], help="the rows, per value of --samples")
     ap.add_argument("--no-reports", action="store_true")
     args = ap.parse_args()
 
@@ -35,10 +37,10 @@ def main() -> None:
     work = args.out / "work"
     rows = []
     for k in args.samples:
-        for sampling in ("independent", "canvas"):
+        for sampling in args.sampling:
             name = f"{sampling}_k{k}"
             t0 = time.perf_counter()
-            done = predict_maps(args.demo / "run", [spec], work / f"{name}.zarr",
+            done = predict_maps(args.run or args.demo / "run", [spec], work / f"{name}.zarr",
                                 PredictConfig(sampling=sampling, steps=args.steps, batch_size=32, samples=k), overwrite=True, progress=False)
             seconds = time.perf_counter() - t0
             m = run_evaluate([(done.maps[0], spec)], args.out / "reports" / name, [held / "truth" / "heldout_000.np_clean.ome.tif"],
@@ -52,7 +54,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     if args.no_reports:
         shutil.rmtree(args.out / "reports", ignore_errors=True)
-    write_json(args.out / "sampling.json", {"demo": str(args.demo), "slide": spec.slide_id, "rows": rows})
+    write_json(args.out / "sampling.json", {"demo": str(args.demo), "run": str(args.run or args.demo / "run"), "slide": spec.slide_id, "rows": rows})
 
 
 if __name__ == "__main__":

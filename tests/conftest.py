@@ -102,6 +102,7 @@ def small_store(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
+# the paper's recipe (patch latents, GroupNorm autoencoders); the canvas recipe has fixtures of its own
 TINY_TOML = """
 [autoencoder]
 factor = 4
@@ -109,11 +110,13 @@ latent_channels = 2
 channels = [8, 16]
 steps = 8
 batch_size = 8
+local = false
 
 [model]
 channels = [8, 16]
 res_blocks = 1
 heads = 2
+latents = "patch"
 
 [train]
 steps = 6

@@ -95,3 +95,72 @@ def test_decode_crops_carry_canvas_context_and_zeros_elsewhere():
     for j, (y, x) in enumerate(windows[[1, 2]]):
         np.testing.assert_array_equal(crops[:, j].numpy(), want[:, :, y : y + 14, x : x + 14])
     assert crops[:, 0, :, 3:11, :3].min() > 0  # the neighbouring window (0, 0) is context
+
+
+def test_shifted_grids_leave_no_seams_without_fusion():
+    """The same stand-in denoiser on a grid of non-overlapping windows: kept in place every step, its
+    windows disagree at their borders and the map shows the grid; shifted at random every step
+    (DiffInfinite), every border is crossed by some window most steps, the last step fuses two grids
+    half a cell apart, and the grid is gone."""
+    from scipy import ndimage
+
+    from wsi_damm.canvas import step_windows
+
+    p, size = 16, 96
+    truth = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=(size, size)), 3).astype(np.float32) * 4
+    tissue = Windows(np.array([(y, x) for y in range(0, size, p) for x in range(0, size, p)]), p)
+    plan = dpm_plan(SCHEDULE, 16)
+
+    def eps_of(x, t, yx):
+        g = torch.stack([torch.from_numpy(truth[y : y + p, x : x + p]) for y, x in yx])[:, None]
+        a = SCHEDULE.alpha_bar_at(t).float().view(-1, 1, 1, 1)
+        x0 = g + torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=True) / a.sqrt().clamp_min(0.05)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def run(shift: bool) -> np.ndarray:
+        shape = (1, 1, size, size)
+        xs, x0s = [np.zeros(shape, np.float32) for _ in range(2)], [np.zeros(shape, np.float32) for _ in range(2)]
+        noise = lambda step, y0, y1: canvas_normal(3, 1, step, 1, y0, y1, 0, size)  # noqa: E731
+        for i in range(plan.steps):
+            w = step_windows(tissue, size, size, 3, i, plan.steps) if shift else tissue
+            denoise = lambda idx, crops, i=i, w=w: eps_of(crops, plan.t_batch(i, len(crops), "cpu"), w.yx[idx])  # noqa: E731
+            canvas_step(plan, i, w, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoise, noise)
+        return xs[plan.steps % 2][0, 0]
+
+    covered = np.ones((size, size), bool)
+    fixed, shifted = seam_score(seam_sums(run(False), covered, p)), seam_score(seam_sums(run(True), covered, p))
+    assert fixed > 1.5, fixed
+    assert shifted <= 1.15, shifted
+
+
+def test_shifted_windows_tile_the_tissue_and_its_margin():
+    """Brute force: the windows of a shifted grid lie in the canvas, cover every pixel of the tissue
+    windows grown by the margin, overlap only where clipped at the canvas edge, and skip cells that
+    touch no grown tissue; `owner` finds a window holding each point; `coverage` matches painting."""
+    from wsi_damm.canvas import owner, shifted_windows
+    from wsi_damm.latent_canvas import coverage
+
+    rng = np.random.default_rng(4)
+    h, w, p, m = 90, 131, 16, 3
+    yx = np.array(sorted({(int(y), int(x)) for y, x in zip(rng.integers(0, h - p, 14) // 4 * 4, rng.integers(0, w - p, 14) // 4 * 4)}))
+    grown = np.zeros((h, w), bool)
+    plain = np.zeros((h, w), bool)
+    for y, x in yx:
+        grown[max(0, y - m) : y + p + m, max(0, x - m) : x + p + m] = True
+        plain[y : y + p, x : x + p] = True
+    np.testing.assert_array_equal(coverage(yx, p, 0, h, w).numpy(), plain)
+    np.testing.assert_array_equal(coverage(yx, p, 20, 61, w).numpy(), plain[20:61])
+    for dy, dx in ((0, 0), (5, 11), (15, 1)):
+        win = shifted_windows(Windows(yx, p), h, w, dy, dx, margin=m)
+        assert (win.yx >= 0).all() and (win.yx[:, 0] + p <= h).all() and (win.yx[:, 1] + p <= w).all()
+        count = np.zeros((h, w), int)
+        for y, x in win.yx:
+            count[y : y + p, x : x + p] += 1
+            assert grown[y : y + p, x : x + p].any()  # every window touches the grown tissue
+        assert (count[grown] >= 1).all()
+        yy, xx = np.nonzero(count > 1)  # cells overlap only where clipped into the canvas
+        assert ((yy < p) | (yy >= h - p) | (xx < p) | (xx >= w - p)).all()
+        points = np.argwhere(grown)
+        o = owner(win, points)
+        held = win.yx[o]
+        assert ((held <= points) & (points < held + p)).all()

@@ -1,4 +1,4 @@
-"""Whole-slide prediction, independent and canvas sampling: batch-size and rank invariance, kill + resume, nuclei-free slides."""
+"""Whole-slide prediction, independent, canvas and shifted-grid sampling: batch-size and rank invariance, kill + resume, nuclei-free slides."""
 
 from __future__ import annotations
 
@@ -26,6 +26,20 @@ def tiny_run(small_store, tmp_path_factory):
     return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", {"model": {"context_span": 4}}), progress=False).path
 
 
+@pytest.fixture(scope="module")
+def canvas_run(small_store, tmp_path_factory):
+    """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops."""
+    d = tmp_path_factory.mktemp("canvas_run")
+    (d / "tiny.toml").write_text(TINY_TOML)
+    flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas"}}
+    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", flags), progress=False).path
+
+
+def _run(request, sampling: str):
+    """The run each sampling needs: shifted grids sample runs trained on canvas latents."""
+    return request.getfixturevalue("canvas_run" if sampling == "shifted" else "tiny_run")
+
+
 def _slide(synth_dir):
     return str(sorted(synth_dir.glob("*.ome.tif"))[1])
 
@@ -36,8 +50,9 @@ def _predict(run, slide, out, *extra):
     return PredictionStore.open(out)
 
 
-@pytest.mark.parametrize("sampling", ["canvas", "independent"])
-def test_batch_size_does_not_change_the_prediction(tiny_run, synth_dir, tmp_path, sampling):
+@pytest.mark.parametrize("sampling", ["canvas", "independent", "shifted"])
+def test_batch_size_does_not_change_the_prediction(request, synth_dir, tmp_path, sampling):
+    tiny_run = _run(request, sampling)
     a = _predict(tiny_run, _slide(synth_dir), tmp_path / "a.zarr", "--batch-size", "4", "--no-stitch", "--sampling", sampling)
     b = _predict(tiny_run, _slide(synth_dir), tmp_path / "b.zarr", "--batch-size", "32", "--no-stitch", "--sampling", sampling)
     np.testing.assert_array_equal(a.coords, b.coords)
@@ -49,10 +64,11 @@ def test_batch_size_does_not_change_the_prediction(tiny_run, synth_dir, tmp_path
     assert "canvas" not in a.root  # sampling state is not part of the store
 
 
-@pytest.mark.parametrize("sampling,phase", [("canvas", "sampling"), ("independent", "sampling"), ("independent", "tiling"),
-                                            ("independent", "stitching")])
-def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path, sampling, phase):
+@pytest.mark.parametrize("sampling,phase", [("canvas", "sampling"), ("shifted", "sampling"), ("independent", "sampling"),
+                                            ("independent", "tiling"), ("independent", "stitching")])
+def test_kill_and_resume_gives_the_identical_map(request, synth_dir, tmp_path, sampling, phase):
     """Killed while tiling the inputs, sampling or writing the map, `--resume` finishes the same map bit for bit."""
+    tiny_run = _run(request, sampling)
     slide = _slide(synth_dir)
     common = ["--sampler", "ddim", "--steps", "40", "--batch-size", "4", "--shard-patches", "4", "--sampling", sampling, "--quiet"]
     ref = tmp_path / "ref.zarr"
@@ -63,7 +79,7 @@ def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path, 
         ready = lambda: count_files(tmp_path / "k.zarr.conditions.zarr.partial" / "shard_done" / "c") >= 1  # noqa: E731
     elif phase == "stitching":  # the prediction store is published; the map is being written
         ready = lambda: (tmp_path / "k.ome.zarr.partial").exists()  # noqa: E731
-    elif sampling == "canvas":  # killed while the canvas steps: at least one step done
+    elif sampling in ("canvas", "shifted"):  # killed while the canvas steps: at least one step done
         ready = lambda: (partial / "canvas" / "steps_done" / "c" / "0").exists()  # noqa: E731
     else:
         ready = lambda: count_files(partial / "shard_done" / "c") >= 3  # noqa: E731
@@ -77,6 +93,14 @@ def test_kill_and_resume_gives_the_identical_map(tiny_run, synth_dir, tmp_path, 
     np.testing.assert_array_equal(ma, mb)
 
 
+def test_each_run_refuses_the_sampling_it_was_not_trained_for(tiny_run, canvas_run, synth_dir, tmp_path):
+    for run, sampling, word in ((tiny_run, "shifted", "--latents canvas"), (canvas_run, "independent", "--sampling shifted")):
+        out = tmp_path / f"{sampling}.zarr"
+        res = run_cli("predict", str(run), _slide(synth_dir), "--out", str(out), "--sampling", sampling, "--quiet")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and word in res.stderr, res.stderr
+        assert not out.exists() and not list(tmp_path.glob(f"{sampling}*"))
+
+
 def test_resume_refuses_a_finished_store_of_other_settings(tiny_run, synth_dir, tmp_path):
     out = tmp_path / "p.zarr"
     _predict(tiny_run, _slide(synth_dir), out, "--no-stitch")
@@ -85,8 +109,9 @@ def test_resume_refuses_a_finished_store_of_other_settings(tiny_run, synth_dir, 
     assert "other settings" in res.stderr and f"wsi-damm stitch {out} --out <map> --resume" in res.stderr
 
 
-@pytest.mark.parametrize("sampling", ["independent", "canvas"])
-def test_slide_without_nuclei_predicts_uni_modal(tiny_run, synth_dir, tmp_path, sampling):
+@pytest.mark.parametrize("sampling", ["independent", "canvas", "shifted"])
+def test_slide_without_nuclei_predicts_uni_modal(request, synth_dir, tmp_path, sampling):
+    tiny_run = _run(request, sampling)
     full = tifffile.imread(_slide(synth_dir))
     path = tmp_path / "no_dapi.ome.tif"
     tifffile.imwrite(path, full[[0, 2]], ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "NP"]},
@@ -128,10 +153,11 @@ def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
     np.testing.assert_array_equal(same, np.asarray(ref.root["multimodal_fraction"][:]) == 0)
 
 
-@pytest.mark.parametrize("sampling", ["canvas", "independent"])
-def test_two_ranks_share_the_work_and_give_the_same_result(tiny_run, synth_dir, tmp_path, sampling):
+@pytest.mark.parametrize("sampling", ["canvas", "independent", "shifted"])
+def test_two_ranks_share_the_work_and_give_the_same_result(request, synth_dir, tmp_path, sampling):
     import subprocess as sp
 
+    tiny_run = _run(request, sampling)
     slide = _slide(synth_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # the same kernels in every process
     args = ["predict", str(tiny_run), slide, "--steps", "4", "--eta", "1", "--sampler", "ddim", "--shard-patches", "8", "--no-stitch",

@@ -55,6 +55,7 @@ class PredictResult:
     patches: int
     maps: list[Path]  # MAP.ome.zarr per slide (empty with stitch=False)
     qc: Path
+    sampling: str = "independent"  # the sampling used ("auto" resolved)
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
           val_fraction: float | None = None, val_slides: str | Sequence[str] | None = None, val_split: str | None = None,
           checkpoint_every: int | None = None, seed: int | None = None, no_mmfm: bool | None = None, fusion: str | None = None,
           no_dammp: bool | None = None, uni_branch: str | None = None, gamma: float | None = None, no_dfl: bool | None = None,
-          warmup_fraction: float | None = None, multi_loss: str | None = None, context_span: int | None = None, resume: bool = False,
-          quiet: bool = False) -> TrainResult:
+          warmup_fraction: float | None = None, multi_loss: str | None = None, context_span: int | None = None, latents: str | None = None,
+          ae_local: bool | None = None, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value.
     `device`: auto | cpu | cuda | cuda:N | mps; `amp`: off | bf16 | fp16; `dist_timeout`: minutes (torchrun)."""
     from .config import resolve
@@ -143,8 +144,9 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
                "dist_timeout_min": dist_timeout, "compile": compile,
                "val_fraction": val_fraction, "checkpoint_every": checkpoint_every, "seed": seed,
                "val_slides": tuple(val_slides) if val_slides else None, "val_split": val_split},
-        autoencoder={"steps": ae_steps},
-        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch, "context_span": context_span},
+        autoencoder={"steps": ae_steps, "local": ae_local},
+        model={"mmfm": False if no_mmfm else None, "fusion": fusion, "uni_branch": uni_branch, "context_span": context_span,
+               "latents": latents},
         damm={"dammp": False if no_dammp else None, "dfl": False if no_dfl else None, "gamma": gamma, "warmup_fraction": warmup_fraction,
               "multi_loss": multi_loss},
     )
@@ -154,7 +156,7 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
 
 
 def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, out: PathLike, manifest: PathLike | None = None,
-            channels: str | None = None, plane: Sequence[str] = (), no_nuclei: bool = False, sampling: str = "independent",
+            channels: str | None = None, plane: Sequence[str] = (), no_nuclei: bool = False, sampling: str = "auto",
             sampler: str = "dpm++", steps: int | None = None, eta: float = 0.0, batch_size: int = 16, seed: int = 0, samples: int = 1,
             overlap: int | None = None, min_tissue: float = 0.05, tissue: str | None = None, roi: PathLike | None = None,
             mpp: float | None = None, shard_patches: int = 64, device: str = "auto", amp: str = "off", dist_timeout: float = 30.0,
@@ -173,7 +175,7 @@ def predict(run_dir: PathLike, slides: Sequence[PathLike] | PathLike = (), *, ou
                         shard_patches=shard_patches, samples=samples, nuclei=not no_nuclei)
     done = predict_maps(Path(run_dir), specs, Path(out), cfg, stitch=stitch, map_path=Path(map) if map else None, blend=blend,
                         tiff=Path(tiff) if tiff else None, resume=resume, overwrite=overwrite, progress=not quiet, tiff_units=tiff_units)
-    return PredictResult(Path(out), len(done.store), list(done.maps), qc_folder(Path(out)))
+    return PredictResult(Path(out), len(done.store), list(done.maps), qc_folder(Path(out)), done.store.attrs["predict"]["sampling"])
 
 
 def stitch(prediction: PathLike, *, out: PathLike, blend: str = "gaussian", tiff: PathLike | None = None, workers: int | None = None,

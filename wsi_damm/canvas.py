@@ -23,6 +23,7 @@ overlapping patches decode alike and the decoder's edge effects stay outside the
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from .diffusion.noise import canvas_key, canvas_normal
 from .diffusion.samplers import Plan
 from .distributed import Ranks
 from .errors import InputError
+from .latent_canvas import ENCODE_HALO, ENCODE_TILE, check_aligned, coverage, encode_tiled, paste_patches
 from .merge import window
 from .ome import writable
 from .progress import progress_bar
@@ -52,6 +54,7 @@ Denoise = Callable[[np.ndarray, torch.Tensor, int], torch.Tensor]
 Noise = Callable[[int, int, int], torch.Tensor]
 LATENT_WINDOW = "gaussian"
 DECODE_HALO = 8  # latent pixels of canvas decoded around each window: past the tiny decoder's receptive field
+SHIFT_MARGIN = DECODE_HALO  # latent pixels around the tissue windows a shifted grid samples too: decoding reads sampled context
 
 
 @dataclass(frozen=True)
@@ -81,54 +84,125 @@ def fusion_weights(p: int) -> torch.Tensor:
     return torch.from_numpy(window(LATENT_WINDOW, p))
 
 
-def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out, denoise: Denoise, noise: Noise,
-                write: bool = True) -> None:
-    """Sampler step `i` over the canvas. Arrays are (K, C, H, W) (numpy or zarr): `x_in`, `x0_in` hold
-    the state after step i − 1 (unread at i = 0: x_T is `noise(0, …)`), `x_out`, `x0_out` receive
-    the state after step i and the fused x̂0. Pixels no window covers keep their value.
-    `write=False` (ranks other than the first) denoises its share and writes nothing."""
+def grid_shift(key: int, step: int, p: int) -> tuple[int, int]:
+    """The (dy, dx) offset in [0, p) of step `step`'s window grid: keyed by canvas and step only, so a
+    resumed or multi-rank run shifts alike."""
+    digest = hashlib.blake2b(f"{key}|{step}|shift".encode(), digest_size=8).digest()
+    v = int.from_bytes(digest, "little")
+    return v % p, (v >> 32) % p
+
+
+def shifted_windows(tissue: Windows, height: int, width: int, dy: int, dx: int, margin: int = 0) -> Windows:
+    """The windows of a grid of side-p cells whose lines pass through (dy, dx), clipped into the
+    canvas, that touch a tissue window grown by `margin`: together they cover every such pixel, each
+    (but for the clipped last row and column) exactly once (DiffInfinite's shifted tiling)."""
+    p, m = tissue.p, margin
+    ys = np.unique(np.clip(np.arange(dy - p, height, p), 0, height - p))
+    xs = np.unique(np.clip(np.arange(dx - p, width, p), 0, width - p))
+    ty, tx = tissue.yx[:, 0], tissue.yx[:, 1]
+    out = []
+    for y in ys:  # one pass per grid row: the grown tissue windows within reach, their columns as intervals
+        near = tx[(ty > y - p - m) & (ty < y + p + m)]
+        if not len(near):
+            continue
+        d = np.zeros(width + 1, np.int32)
+        np.add.at(d, np.clip(near - m - p + 1, 0, width), 1)
+        np.add.at(d, np.clip(near + p + m, 0, width), -1)
+        touching = d.cumsum()[xs] > 0
+        out.append(np.stack([np.full(touching.sum(), y), xs[touching]], 1))
+    return Windows(np.concatenate(out).astype(np.int64) if out else np.zeros((0, 2), np.int64), p)
+
+
+def step_windows(tissue: Windows, height: int, width: int, key: int, step: int, steps: int, margin: int = 0) -> Windows:
+    """The windows of shifted-grid step `step` of `steps`. The last step fuses two grids half a cell
+    apart: its x̂0 becomes the map, and one grid alone would leave the borders of its windows in it."""
+    p = tissue.p
+    dy, dx = grid_shift(key, step, p)
+    grid = shifted_windows(tissue, height, width, dy, dx, margin)
+    if step < steps - 1:
+        return grid
+    other = shifted_windows(tissue, height, width, (dy + p // 2) % p, (dx + p // 2) % p, margin)
+    return Windows(np.unique(np.concatenate([grid.yx, other.yx]), axis=0), p)
+
+
+def owner(windows: Windows, points: np.ndarray) -> np.ndarray:
+    """For each canvas point (m, 2), the index of a window of a shifted grid that contains it (the one
+    with the largest corner at or before it; the points must lie under the windows)."""
+    ys = np.unique(windows.yx[:, 0])
+    row = ys[np.searchsorted(ys, points[:, 0], side="right") - 1]
+    keys = windows.yx[:, 0] * (1 << 32) + windows.yx[:, 1]
+    return np.searchsorted(keys, row * (1 << 32) + points[:, 1], side="right") - 1
+
+
+def fuse_sweep(windows: Windows, width: int, values: Callable[[int, int], torch.Tensor],
+               emit: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
+    """Σ w·v and Σ w of every window's values over the canvas, swept window row by window row:
+    `values(a, b)` gives the (K, b − a, C, p, p) values of the row of windows [a, b); `emit(y0, y1,
+    num, den)` receives each band of canvas rows no later window touches. Only a band of rows is
+    ever held, so memory follows canvas width."""
     p = windows.p
     w = fusion_weights(p)
     rows = windows.rows()
-    lo, num, den = 0, None, None  # Σ w·x̂0 and Σ w over canvas rows [lo, lo + len(den))
+    lo, num, den = 0, None, None  # Σ w·v and Σ w over canvas rows [lo, lo + len(den))
+    for r, (a, b) in enumerate(rows):
+        y = int(windows.yx[a, 0])
+        v = values(a, b)
+        k, c = v.shape[0], v.shape[2]
+        if den is None or len(den) == 0:  # the rows above are all emitted
+            lo, num, den = y, torch.zeros(k, c, p, width), torch.zeros(p, width)
+        if y + p > lo + len(den):  # grow the band downwards
+            extra = y + p - (lo + len(den))
+            num = torch.cat([num, torch.zeros(k, c, extra, width)], 2)
+            den = torch.cat([den, torch.zeros(extra, width)], 0)
+        for j, x in enumerate(windows.yx[a:b, 1]):
+            num[:, :, y - lo : y - lo + p, x : x + p] += w * v[:, j]
+            den[y - lo : y - lo + p, x : x + p] += w
+        end = lo + len(den)
+        f1 = min(int(windows.yx[rows[r + 1][0], 0]), end) if r + 1 < len(rows) else end
+        emit(lo, f1, num[:, :, : f1 - lo], den[: f1 - lo])
+        num, den, lo = num[:, :, f1 - lo :], den[f1 - lo :], f1
+
+
+def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out, denoise: Denoise, noise: Noise,
+                write: bool = True, owned: Callable[[int, int], torch.Tensor] | None = None) -> None:
+    """Sampler step `i` over the canvas. Arrays are (K, C, H, W) (numpy or zarr): `x_in`, `x0_in` hold
+    the state after step i − 1 (unread at i = 0: x_T is `noise(0, …)`), `x_out`, `x0_out` receive
+    the state after step i and the fused x̂0. Pixels no window covers keep their value.
+    `owned(y0, y1)` (shifted grids): the pixels the sampler advances; a window reaching past them
+    reads there a zero x̂0 noised to step i's level, (σ_i / σ_0)·x_T, and nothing there is written.
+    `write=False` (ranks other than the first) denoises its share and writes nothing."""
+    p = windows.p
 
     def read(y0: int, y1: int) -> torch.Tensor:
-        return noise(0, y0, y1) if i == 0 else torch.from_numpy(np.asarray(x_in[:, :, y0:y1, :]))
+        x = noise(0, y0, y1) if i == 0 else torch.from_numpy(np.asarray(x_in[:, :, y0:y1, :]))
+        if owned is not None and i > 0:
+            x = torch.where(owned(y0, y1), x, noise(0, y0, y1) * (plan.sigma[i] / plan.sigma[0]))
+        return x
 
-    def finalise(f1: int) -> None:
+    def values(a: int, b: int) -> torch.Tensor:
+        y = int(windows.yx[a, 0])
+        band = read(y, y + p)
+        k, c = band.shape[:2]
+        xs = windows.yx[a:b, 1]
+        crops = torch.stack([band[:, :, :, x : x + p] for x in xs], 1).reshape(k * (b - a), c, p, p)
+        eps = denoise(np.arange(a, b), crops, i).to(crops.dtype)
+        return plan.x0(i, crops, eps).reshape(k, b - a, c, p, p)
+
+    def emit(lo: int, f1: int, num: torch.Tensor, den: torch.Tensor) -> None:
         """Rows [lo, f1) are complete: fused x̂0, then the sampler's update, written."""
-        nonlocal lo, num, den
         x = read(lo, f1)
-        n, d = num[:, :, : f1 - lo], den[: f1 - lo]
-        covered = d > 0
-        x0 = torch.where(covered, n / d.clamp_min(1e-30), x)
+        covered = den > 0
+        if owned is not None:
+            covered = covered & owned(lo, f1)
+        x0 = torch.where(covered, num / den.clamp_min(1e-30), x)
         prev = torch.from_numpy(np.asarray(x0_in[:, :, lo:f1, :])) if (plan.kind == "dpm++" and i > 0) else None
         eta_noise = noise(i + 1, lo, f1) if plan.needs_noise(i) else None
         x_next = torch.where(covered, plan.update(i, x, x0, prev, eta_noise), x)
         if write:
             x_out[:, :, lo:f1, :] = x_next.numpy()
             x0_out[:, :, lo:f1, :] = x0.numpy()
-        num, den, lo = num[:, :, f1 - lo :], den[f1 - lo :], f1
 
-    for r, (a, b) in enumerate(rows):
-        y = int(windows.yx[a, 0])
-        band = read(y, y + p)
-        k, c, _, width = band.shape
-        xs = windows.yx[a:b, 1]
-        crops = torch.stack([band[:, :, :, x : x + p] for x in xs], 1).reshape(k * (b - a), c, p, p)
-        eps = denoise(np.arange(a, b), crops, i).to(crops.dtype)
-        x0_w = plan.x0(i, crops, eps).reshape(k, b - a, c, p, p)
-        if den is None or len(den) == 0:  # the rows above are all written
-            lo, num, den = y, torch.zeros(k, c, p, width), torch.zeros(p, width)
-        if y + p > lo + len(den):  # grow the band downwards
-            extra = y + p - (lo + len(den))
-            num = torch.cat([num, torch.zeros(k, c, extra, width)], 2)
-            den = torch.cat([den, torch.zeros(extra, width)], 0)
-        for j, x in enumerate(xs):
-            num[:, :, y - lo : y - lo + p, x : x + p] += w * x0_w[:, j]
-            den[y - lo : y - lo + p, x : x + p] += w
-        end = lo + len(den)
-        finalise(min(int(windows.yx[rows[r + 1][0], 0]), end) if r + 1 < len(rows) else end)
+    fuse_sweep(windows, int(x_out.shape[-1]), values, emit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +245,7 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
     s = int(root.attrs["shard_patches"])
     roles = conditions.roles
     plan = predictor.plan
-    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW,
+    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW, "grid": "shifted" if cfg.sampling == "shifted" else "tissue",
                  "nuclei": predictor.uses_nuclei(roles)}
     if ranks.main:
         work = root.require_group("canvas")
@@ -188,7 +262,8 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
                 work.create_array(name, shape=(plan.steps, n), dtype=np.float32, chunks=(1, n), fill_value=np.nan)
     ranks.barrier()
     work = root["canvas"]
-    _encode_conditions(work, conditions, predictor, s, ranks, progress)
+    if predictor.rc.model.latents != "canvas":  # else the conditions are cut from each slide's condition canvas
+        _encode_conditions(work, conditions, predictor, s, ranks, progress)
     ranks.barrier()
     coords = conditions.coords
     bar = progress_bar(total=plan.steps * n, desc=f"sampling ({plan.kind}, {plan.steps} steps, canvas)", unit="patch-step",
@@ -197,7 +272,8 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
         rows = np.nonzero(coords[:, 0] == si)[0]
         if not len(rows):
             continue
-        _sample_slide(work, si, entry, rows, coords[rows, 1:] // f, p, c, int(conditions.attrs["stride"]) // f, predictor, cfg, ranks, bar)
+        _sample_slide(work, si, entry, conditions, rows, coords[rows, 1:] // f, p, c, int(conditions.attrs["stride"]) // f, predictor, cfg,
+                      ranks, bar)
     bar.close()
     _decode(root, work, conditions, predictor, cfg, p, c, ranks, progress)
 
@@ -214,16 +290,51 @@ def _encode_conditions(work: zarr.Group, conditions: PatchStore, predictor: Pred
         done[shard] = 1
 
 
-def _sample_slide(work: zarr.Group, si: int, entry: dict, rows: np.ndarray, yx: np.ndarray, p: int, c: int, stride_rows: int,
-                  predictor: Predictor, cfg: PredictConfig, ranks: Ranks, bar) -> None:
-    """Every step of one slide's canvas; `rows` its store rows (sorted by y, then x), `yx` their latent corners."""
+def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: np.ndarray, predictor: Predictor, height: int, width: int,
+                      stride_rows: int) -> None:
+    """The slide's conditions as one (1, C, H, W) latent canvas: its tiled inputs reassembled band by band
+    (glass where no patch lies) and encoded in tiles with a halo (`encode_tiled`), so any window cut
+    from it is what the run's canvas-latent training cut. Built once per slide, resumably."""
+    group = work[f"slide_{si}"]
+    f, patch = predictor.factor, int(conditions.attrs["patch_size"])
+    cc = condition_channels(predictor.rc) * (2 if predictor.uses_nuclei(conditions.roles) else 1)
+    canvas = _canvas_array(group, "cond", (1, cc, height, width), stride_rows)
+    if group.attrs.get("cond_canvas_done", False):
+        return
+    yx = conditions.coords[rows, 1:]
+    check_aligned(yx, f, conditions.path)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return predictor.conditions(x, conditions.roles)
+
+    for y0 in range(0, height, ENCODE_TILE):
+        y1 = min(height, y0 + ENCODE_TILE)
+        ya, yb = max(0, y0 - ENCODE_HALO), min(height, y1 + ENCODE_HALO)
+        near = (yx[:, 0] < yb * f) & (yx[:, 0] + patch > ya * f)
+        image = paste_patches(to_model_range(read_rows(conditions.images, rows[near])), yx[near], ya * f, yb * f, width * f)
+        with torch.inference_mode():
+            z = encode_tiled(image[None], encode, f)
+        canvas[:, :, y0:y1, :] = z[:, :, y0 - ya : y1 - ya].float().cpu().numpy()
+    group.attrs["cond_canvas_done"] = True
+
+
+def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore, rows: np.ndarray, yx: np.ndarray, p: int, c: int,
+                  stride_rows: int, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, bar) -> None:
+    """Every step of one slide's canvas; `rows` its store rows (sorted by y, then x), `yx` their latent corners.
+    `cfg.sampling` "canvas": every step denoises the tissue windows and fuses their overlaps;
+    "shifted": every step denoises the cells of a grid shifted by `grid_shift`, conditions cut from
+    the condition canvas, and the gate of the cell holding each patch's centre is that patch's."""
     f, k, plan = predictor.factor, cfg.samples, predictor.plan
     height, width = (int(v) // f for v in entry["shape"])
-    windows = Windows(yx.astype(np.int64), p)
+    tissue = Windows(yx.astype(np.int64), p)
+    shifted = cfg.sampling == "shifted"
+    from_canvas = predictor.rc.model.latents == "canvas"  # conditions cut from the condition canvas
     shape = (k, c, height, width)
     if ranks.main:
         for name in ("x_0", "x_1", "x0_0", "x0_1"):
             _canvas_array(work.require_group(f"slide_{si}"), name, shape, stride_rows)
+        if from_canvas:
+            _condition_canvas(work, si, conditions, rows, predictor, height, width, stride_rows)
     ranks.barrier()
     group = work[f"slide_{si}"]
     xs, x0s = [writable(group[f"x_{j}"]) for j in (0, 1)], [writable(group[f"x0_{j}"]) for j in (0, 1)]
@@ -231,57 +342,72 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, rows: np.ndarray, yx: 
     key = canvas_key(cfg.seed, entry["slide_id"])
     first = int(steps_done[si])
     bar.update(first * len(rows))
+    centres = yx + p // 2
 
     def noise(step: int, y0: int, y1: int) -> torch.Tensor:
         return canvas_normal(key, k, step, c, y0, y1, 0, width)
 
-    gate_d = np.full(len(rows), np.nan, np.float32)
-    gate_share = np.zeros(len(rows), np.float32)
+    def owned(y0: int, y1: int) -> torch.Tensor:
+        return coverage(tissue.yx - SHIFT_MARGIN, p + 2 * SHIFT_MARGIN, y0, y1, width)
 
-    def denoise(idx: np.ndarray, crops: torch.Tensor, i: int) -> torch.Tensor:
-        """ε of a window row's crops; ranks take equal shares of the windows and gather the results."""
-        m, tail = len(idx), tuple(crops.shape[1:])
-        share = -(-m // ranks.world)
-        mine = np.arange(ranks.rank * share, min(m, (ranks.rank + 1) * share))
-        crops = crops.view(k, m, *tail)
-        eps = torch.zeros((len(mine), k) + tail)  # window-major, to gather along windows
-        gate = torch.zeros((len(mine), 2))
-        for j in range(0, len(mine), cfg.batch_size):
-            sel = mine[j : j + cfg.batch_size]
-            den = predictor.denoiser(torch.from_numpy(read_rows(cond, rows[idx[sel]])).to(predictor.device), k)
-            x = crops[:, sel].reshape(k * len(sel), *tail).to(predictor.device)
-            with torch.inference_mode():
-                out = den(x, plan.t_batch(i, len(x), x.device)).float().cpu()
-            eps[j : j + len(sel)] = out.view(k, len(sel), *tail).transpose(0, 1)
-            d, sh = den.summary(k * len(sel))
-            gate[j : j + len(sel)] = torch.from_numpy(np.stack([d.reshape(k, -1).mean(0), sh.reshape(k, -1).mean(0)], 1))
-        eps, gate = _gather(ranks, eps, m), _gather(ranks, gate, m).numpy()
-        gate_d[idx], gate_share[idx] = gate[:, 0], gate[:, 1]
-        bar.update(m)
-        return eps.transpose(0, 1).reshape(k * m, *tail)
+    def conditions_of(windows: Windows, idx: np.ndarray) -> torch.Tensor:
+        """The condition latents of windows `idx` (one window row): patch encodings, or crops of the
+        condition canvas (a shifted grid, or a run trained on canvas latents)."""
+        if not from_canvas:
+            return torch.from_numpy(read_rows(cond, rows[idx]))
+        y = int(windows.yx[idx[0], 0])
+        band = torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :]))
+        return torch.stack([band[:, :, x : x + p] for x in windows.yx[idx, 1]])
+
+    def denoiser_over(windows: Windows, gate: np.ndarray):
+        def denoise(idx: np.ndarray, crops: torch.Tensor, i: int) -> torch.Tensor:
+            """ε of a window row's crops; ranks take equal shares of the windows and gather the results."""
+            m, tail = len(idx), tuple(crops.shape[1:])
+            share = -(-m // ranks.world)
+            mine = np.arange(ranks.rank * share, min(m, (ranks.rank + 1) * share))
+            crops = crops.view(k, m, *tail)
+            eps = torch.zeros((len(mine), k) + tail)  # window-major, to gather along windows
+            part = torch.zeros((len(mine), 2))
+            for j in range(0, len(mine), cfg.batch_size):
+                sel = mine[j : j + cfg.batch_size]
+                den = predictor.denoiser(conditions_of(windows, idx[sel]).to(predictor.device), k)
+                x = crops[:, sel].reshape(k * len(sel), *tail).to(predictor.device)
+                with torch.inference_mode():
+                    out = den(x, plan.t_batch(i, len(x), x.device)).float().cpu()
+                eps[j : j + len(sel)] = out.view(k, len(sel), *tail).transpose(0, 1)
+                d, sh = den.summary(k * len(sel))
+                part[j : j + len(sel)] = torch.from_numpy(np.stack([d.reshape(k, -1).mean(0), sh.reshape(k, -1).mean(0)], 1))
+            gate[idx] = _gather(ranks, part, m).numpy()
+            return _gather(ranks, eps, m).transpose(0, 1).reshape(k * m, *tail)
+
+        return denoise
 
     for i in range(first, plan.steps):
-        canvas_step(plan, i, windows, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoise, noise, write=ranks.main)
+        windows = step_windows(tissue, height, width, key, i, plan.steps, SHIFT_MARGIN) if shifted else tissue
+        gate = np.zeros((len(windows), 2), np.float32)
+        canvas_step(plan, i, windows, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoiser_over(windows, gate), noise,
+                    write=ranks.main, owned=owned if shifted else None)
+        if shifted:
+            gate = gate[owner(windows, centres)]
         if ranks.main:
-            work["gate_divergence"][i, rows[0] : rows[-1] + 1] = gate_d
-            work["gate_share"][i, rows[0] : rows[-1] + 1] = gate_share
+            work["gate_divergence"][i, rows[0] : rows[-1] + 1] = gate[:, 0]
+            work["gate_share"][i, rows[0] : rows[-1] + 1] = gate[:, 1]
             steps_done[si] = i + 1  # after the step's state: a flag never names unwritten data
+        bar.update(len(rows))
         ranks.barrier()
 
 
-def window_crops(canvas, windows: np.ndarray, all_windows: np.ndarray, p: int, halo: int) -> torch.Tensor:
+def window_crops(canvas, windows: np.ndarray, all_windows: np.ndarray, p: int, halo: int, margin: int = 0, mirror_edges: bool = False) -> torch.Tensor:
     """(K, n, C, p + 2·halo, p + 2·halo): the `windows` (n, 2) of a (K, C, H, W) canvas with `halo`
-    latent pixels of context around each; context no window of `all_windows` covers (outside the
-    tissue or the canvas) is zero, as the decoder saw at the borders of its training patches."""
+    latent pixels of context around each; context no window of `all_windows` (grown by `margin`, the
+    ring a shifted grid samples too) covers is zero; beyond the slide's edge it is zero, or the canvas
+    mirrored (`mirror_edges`, local autoencoders: the edge then decodes like the inside)."""
     k, c, height, width = canvas.shape
     y0, y1 = max(0, int(windows[:, 0].min()) - halo), min(height, int(windows[:, 0].max()) + p + halo)
     band = torch.from_numpy(np.asarray(canvas[:, :, y0:y1, :]))
-    covered = torch.zeros(y1 - y0, width, dtype=torch.bool)
-    for y, x in all_windows[(all_windows[:, 0] < y1) & (all_windows[:, 0] + p > y0)]:
-        covered[max(0, y - y0) : y + p - y0, x : x + p] = True
-    band = torch.where(covered, band, torch.zeros(()))
+    band = torch.where(coverage(all_windows - margin, p + 2 * margin, y0, y1, width), band, torch.zeros(()))
     top, bottom = halo - (int(windows[:, 0].min()) - y0), halo - (y1 - int(windows[:, 0].max()) - p)
-    band = torch.nn.functional.pad(band, (halo, halo, top, bottom))  # zeros beyond the canvas
+    band = torch.nn.functional.pad(band, (halo, halo, top, bottom), mode="reflect" if mirror_edges else "constant")  # beyond the canvas
     ys, xs = windows[:, 0] - y0 + top - halo, windows[:, 1]
     side = p + 2 * halo
     return torch.stack([band[:, :, y : y + side, x : x + side] for y, x in zip(ys, xs)], 1)
@@ -299,6 +425,7 @@ def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predicto
     coords = conditions.coords
     nuclei = predictor.uses_nuclei(conditions.roles)
     halo = DECODE_HALO
+    margin = SHIFT_MARGIN if cfg.sampling == "shifted" else 0  # sampled context around the tissue windows
     todo = _shards_of(ranks, np.asarray(root["shard_done"][:]))
     for shard in progress_bar(todo, desc="decoding", unit="shard", disable=None if (progress and ranks.main) else True):
         a, b = shard * s, min((shard + 1) * s, n)
@@ -306,7 +433,8 @@ def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predicto
         for si in np.unique(coords[a:b, 0]):
             sel = np.nonzero(coords[a:b, 0] == si)[0] + a
             slide_windows = coords[coords[:, 0] == si, 1:] // f
-            crops.append(window_crops(work[f"slide_{si}"][f"x_{steps % 2}"], coords[sel, 1:] // f, slide_windows, p, halo))
+            crops.append(window_crops(work[f"slide_{si}"][f"x_{steps % 2}"], coords[sel, 1:] // f, slide_windows, p, halo, margin,
+                                      mirror_edges=predictor.rc.autoencoder.local))
         z0 = torch.cat(crops, 1).reshape(k * (b - a), c, p + 2 * halo, p + 2 * halo)
         mean, sd = predictor.decode(z0, k)
         inner = np.s_[:, :, halo * f : (halo + p) * f, halo * f : (halo + p) * f]

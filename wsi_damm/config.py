@@ -31,6 +31,12 @@ class AutoencoderConfig:
     steps: int = 600
     batch_size: int = 12
     lr: float = 2e-3
+    # False: GroupNorm and nearest upsampling (the paper's kind: a latent depends on its whole patch); True: per-pixel
+    # norm and bilinear upsampling, so slides encode and decode in tiles without seams (model.latents = "canvas" needs it)
+    local: bool = False
+
+
+LATENT_KINDS = ("patch", "canvas")  # what the U-Net learns on: model.latents
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class ModelConfig:
     # a low-resolution window this many patches wide around each patch, as an extra condition of each
     # branch (vessels to the uni-modal one, nuclei to the multi-modal one); 0: the patch alone (the paper)
     context_span: int = 0
+    # "patch": the U-Net learns on patches encoded one by one (the paper); "canvas": on crops of each slide's latent
+    # canvas at random offsets, which is what shifted-grid canvas sampling feeds it (latent_canvas.py)
+    latents: str = "patch"
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,8 @@ class RunConfig:
 
 
 PRESETS: dict[str, RunConfig] = {
-    "tiny": RunConfig(schedule=ScheduleConfig(objective="v")),
+    # the CPU preset samples seamless maps: local autoencoders, the U-Net on canvas-latent crops (README, Seamless maps)
+    "tiny": RunConfig(schedule=ScheduleConfig(objective="v"), autoencoder=AutoencoderConfig(local=True), model=ModelConfig(latents="canvas")),
     "paper": RunConfig(
         autoencoder=AutoencoderConfig(factor=16, latent_channels=8, channels=(64, 128, 256, 256, 512), steps=20000, batch_size=16, lr=1e-4),
         model=ModelConfig(channels=(64, 128, 256, 512), res_blocks=2, heads=8),
@@ -188,6 +198,11 @@ def resolve(preset: str, toml_path: Path | None = None, flags: dict | None = Non
     return cfg
 
 
+def sampling_for(cfg: RunConfig) -> str:
+    """How `predict --sampling auto` samples a run: shifted grids for canvas latents, else patch by patch."""
+    return "shifted" if cfg.model.latents == "canvas" else "independent"
+
+
 def validate(cfg: RunConfig) -> None:
     m, d = cfg.model, cfg.damm
     if m.fusion not in ("uafm", "cross-attention"):
@@ -196,8 +211,15 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--uni-branch", f"must be vessels or nuclei, got {m.uni_branch!r}")
     if d.multi_loss not in ("gated", "always"):
         raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
+    if m.latents not in LATENT_KINDS:
+        raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
+    if m.latents == "canvas" and not cfg.autoencoder.local:
+        raise InputError("--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch")
     if not isinstance(m.context_span, int) or m.context_span < 0:
         raise InputError("--context-span", f"must be a whole number of patches ≥ 0, got {m.context_span!r}")
+    if m.latents == "canvas" and m.context_span:
+        raise InputError("--context-span", "a patch-centred context window does not follow canvas latents, which are cut at random offsets",
+                         "add --latents patch, or drop --context-span")
     if m.confidence_input not in ("both", "uni"):
         raise InputError("confidence_input", f"must be both or uni, got {m.confidence_input!r}")
     if cfg.schedule.objective not in ("eps", "v"):

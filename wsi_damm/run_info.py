@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import sampling_for
 from .run_dir import RunDir, build_autoencoder, build_unet, load_run_config, read_metrics
 
 AUTHORS_UNET_PARAMS = 112_800_000  # measured from the authors' code (paper preset)
@@ -32,6 +33,9 @@ def run_summary(path: Path) -> dict:
         "finished": run.unet.exists(),
         "ablations": {"mmfm": cfg.model.mmfm, "fusion": cfg.model.fusion, "dammp": cfg.damm.dammp, "dfl": cfg.damm.dfl,
                       "uni_branch": cfg.model.uni_branch, "gamma": cfg.damm.gamma},
+        # what `predict --sampling auto` will do with it
+        "recipe": {"latents": cfg.model.latents, "local_autoencoders": cfg.autoencoder.local,
+                   "sampling": sampling_for(cfg)},
     }
     if cfg.preset == "paper":
         summary["authors_unet_parameters"] = AUTHORS_UNET_PARAMS

@@ -92,7 +92,7 @@ class MapImage:
     percentiles: tuple[float, float]  # the normalisation rule of the run that made the map
     gamma: float | None  # the DAMMP threshold of that run (None: no gate, e.g. the baseline)
     stride: int | None  # the patch grid's stride in pixels (None: unknown)
-    sampling: str | None  # "canvas", "independent", or None (not a diffusion map)
+    sampling: str | None  # "shifted", "canvas", "independent", or None (not a diffusion map)
     tissue: str = "auto"  # the tissue detection of the tiling that made the map; evaluate scores the same tissue
     np_scale: NpScale = NpScale()  # the NP normalisation of the run (per slide, or a common range with its inverse)
 

@@ -220,19 +220,25 @@ DIST_TIMEOUT_HELP = "torchrun: minutes a rank may wait in a collective before th
 @click.option("--context-span", type=click.IntRange(0), help=preset_help(
     "Condition each branch also on a low-resolution window this many patches wide around the patch (0: the patch alone)",
     "model", "context_span"))
+@click.option("--latents", type=click.Choice(["patch", "canvas"]), help=preset_help(
+    "Train the U-Net on patches encoded one by one (the paper) or on crops of each slide's latent canvas at random offsets "
+    "(what --sampling shifted needs; with --ae-local)", "model", "latents"))
+@click.option("--ae-local/--no-ae-local", default=None, help=preset_help(
+    "Local autoencoders: per-pixel norm and bilinear upsampling instead of GroupNorm and nearest (slides then encode and decode in "
+    "tiles without seams; --latents canvas needs them)", "autoencoder", "local"))
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, dist_timeout, compile_, val_fraction,
           val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, multi_loss, context_span,
-          resume, quiet) -> None:
+          latents, ae_local, resume, quiet) -> None:
     """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
     from wsi_damm import api
 
     r = api.train(store, out=out, preset=preset, config=config_file, stage=stage, steps=steps, epochs=epochs, ae_steps=ae_steps,
                   batch_size=batch_size, lr=lr, device=device, amp=amp, dist_timeout=dist_timeout, compile=compile_, val_fraction=val_fraction, val_slides=val_slides,
                   val_split=val_split, checkpoint_every=checkpoint_every, seed=seed, no_mmfm=no_mmfm, fusion=fusion, no_dammp=no_dammp,
-                  uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, multi_loss=multi_loss, context_span=context_span, resume=resume,
-                  quiet=quiet)
+                  uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, multi_loss=multi_loss, context_span=context_span, latents=latents,
+                  ae_local=ae_local, resume=resume, quiet=quiet)
     click.echo(f"{r.run}: trained ({stage}); weights {r.weights.name if r.weights else 'autoencoders only'}, metrics {r.metrics.name}, "
                f"plot {r.loss_plot.name}")
 
@@ -251,9 +257,10 @@ BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merg
 @click.option("--channels", help="Role map, e.g. vessels=CD31,nuclei=DAPI (nuclei optional).")
 @click.option("--plane", multiple=True, help="Pick a plane of a Z/T axis (or an OME-Zarr series, S=1), e.g. Z=0.")
 @click.option("--no-nuclei", is_flag=True, help="Uni-modal branch only: the nuclei channel still shapes the tissue mask, not the prediction.")
-@click.option("--sampling", default="independent", type=click.Choice(["independent", "canvas"]),
-              help="independent: each patch alone; canvas: all patches in lockstep on one latent canvas (meant to remove the patch grid; "
-                   "see the README's Seamless maps for what it costs today).")
+@click.option("--sampling", default="auto", show_default=True, type=click.Choice(["auto", "independent", "canvas", "shifted"]),
+              help="independent: each patch alone; canvas: all patches in lockstep on one latent canvas, overlaps fused every step; "
+                   "shifted: on the canvas, a grid of patch-sized cells shifted at random every step (seamless; needs a run trained "
+                   "with --latents canvas); auto: shifted for such runs, independent otherwise.")
 @click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="dpm++ = DPM-Solver++(2M).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
 @click.option("--eta", default=0.0, type=float, help="DDIM η (the authors' code used 1).")
@@ -294,7 +301,7 @@ def predict(run_dir, slides, out, manifest, channels, plane, no_nuclei, sampling
                        dist_timeout=dist_timeout,
                        max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, stitch=do_stitch, map=map_path,
                        blend=blend, tiff=tiff, tiff_units=tiff_units, resume=resume, overwrite=overwrite, quiet=quiet, log=_registration_log)
-    click.echo(f"{out}: {done.patches} patches predicted ({sampling} sampling, {sampler}, {steps or DEFAULT_STEPS[sampler]} steps)")
+    click.echo(f"{out}: {done.patches} patches predicted ({done.sampling} sampling, {sampler}, {steps or DEFAULT_STEPS[sampler]} steps)")
     for path in done.maps:
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
 

@@ -1,6 +1,10 @@
 """Per-modality KL autoencoder: image (1, P, P) in [-1, 1] ↔ latent (c, P/f, P/f).
 
-f = 1 is the identity (pixel-space diffusion, used in tests). No perceptual loss (it would need
+f = 1 is the identity (pixel-space diffusion, used in tests). By default (the paper's kind) GroupNorm
+makes a patch's latents depend on the whole patch, and nearest-neighbour upsampling leaves a texture of
+period f in decoded maps. `local=True` normalises per pixel (`PixelNorm`) and upsamples bilinearly:
+encoder and decoder then act locally, so a slide encoded or decoded in tiles with a halo
+(`latent_canvas.encode_tiled`) equals the slide done whole — what canvas sampling needs. No perceptual loss (it would need
 downloaded weights): L1 + a small KL weight, optionally + (1 − SSIM).
 """
 
@@ -12,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Downsample, ResBlock, Upsample, group_norm
+from .blocks import Downsample, ResBlock, Upsample, norm_layer
 
 
 class Autoencoder(nn.Module):
-    def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64)) -> None:
+    def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64), local: bool = False) -> None:
         super().__init__()
         if factor not in (1, 2, 4, 8, 16):
             raise ValueError(f"downsampling factor must be 1, 2, 4, 8 or 16, got {factor}")
@@ -26,19 +30,20 @@ class Autoencoder(nn.Module):
         if factor == 1:
             return
         levels = int(math.log2(factor))
+        norm, up = ("pixel", "bilinear") if local else ("group", "nearest")
         chs = [channels[min(i, len(channels) - 1)] for i in range(levels + 1)]
         # resolution drops before width grows: full-resolution layers stay thin (CPU-friendly)
         enc: list[nn.Module] = [nn.Conv2d(1, chs[0], 3, padding=1)]
         for i in range(levels):
-            enc += [Downsample(chs[i]), ResBlock(chs[i], chs[i + 1])]
-        enc += [ResBlock(chs[-1], chs[-1]), group_norm(chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * latent_channels, 3, padding=1)]
+            enc += [Downsample(chs[i]), ResBlock(chs[i], chs[i + 1], norm=norm)]
+        enc += [ResBlock(chs[-1], chs[-1], norm=norm), norm_layer(norm, chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * latent_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
         with torch.no_grad():  # start with a narrow posterior: early training is not drowned in sampling noise
             self.encoder[-1].bias[latent_channels:].fill_(-6.0)
-        dec: list[nn.Module] = [nn.Conv2d(latent_channels, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1])]
+        dec: list[nn.Module] = [nn.Conv2d(latent_channels, chs[-1], 3, padding=1), ResBlock(chs[-1], chs[-1], norm=norm)]
         for i in reversed(range(levels)):
-            dec += [ResBlock(chs[i + 1], chs[i]), Upsample(chs[i])]
-        dec += [group_norm(chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 1, 3, padding=1)]
+            dec += [ResBlock(chs[i + 1], chs[i], norm=norm), Upsample(chs[i], up)]
+        dec += [norm_layer(norm, chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 1, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,31 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
+class PixelNorm(nn.Module):
+    """Layer norm over the channels of each pixel, with a per-channel scale and shift: unlike GroupNorm it
+    reads no statistic of the whole image, so a convolutional network built on it maps a crop of an
+    image as it maps that region inside the whole (up to its reach)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """"group": GroupNorm (statistics over the whole image); "pixel": PixelNorm (per pixel)."""
+    if kind == "group":
+        return group_norm(channels)
+    if kind == "pixel":
+        return PixelNorm(channels)
+    raise ValueError(f"unknown norm {kind!r}; use group or pixel")
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) integer or float timesteps → (B, dim)."""
     half = dim // 2
@@ -35,13 +60,13 @@ class TimeEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv ×2 with an additive time-embedding shift; 1×1 skip when widths differ."""
+    """Norm-SiLU-Conv ×2 (GroupNorm unless `norm` says otherwise) with an additive time-embedding shift; 1×1 skip when widths differ."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(self, cin: int, cout: int, emb_dim: int | None = None, dropout: float = 0.0, norm: str = "group") -> None:
         super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = norm_layer(norm, cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, cout) if emb_dim else None
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm_layer(norm, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -63,9 +88,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, ch: int) -> None:
+    """2× upsampling then a 3×3 conv; "bilinear" leaves no period-2 texture for the conv to smooth."""
+
+    def __init__(self, ch: int, mode: str = "nearest") -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if self.mode == "nearest":
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode=self.mode, align_corners=False))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 import zarr
 
 from ..canvas import sample_canvases
-from ..config import RunConfig
+from ..config import RunConfig, sampling_for
 from ..context import context_roles, to_latent_grid
 from ..devices import check_device_name
 from ..diffusion.damm import branch_conditions, divergence, select, use_multi
@@ -42,7 +42,8 @@ from .tile import TileConfig, run_tile
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
 MICRO_BATCH = 16  # samples per U-Net call, whatever the batch size: see GatedDenoiser._model
-SAMPLING = ("canvas", "independent")
+SAMPLING = ("auto", "canvas", "independent", "shifted")
+CANVAS_SAMPLING = ("canvas", "shifted")  # the ones that sample on a latent canvas
 RANKS_READY = "ranks_ready"
 
 
@@ -63,9 +64,10 @@ class PredictConfig:
     dist_timeout_min: float = 30.0  # torchrun: how long a rank waits in a collective
     shard_patches: int = 64
     samples: int = 1  # K draws per patch: the map is their mean, and their sd is stored beside it
-    # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas (seamless, but with
-    # the tiny model it drifts brighter: see README, Seamless maps)
-    sampling: str = "independent"
+    # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas, overlaps fused
+    # every step; "shifted": on the canvas, a grid of patch-sized cells shifted every step (runs trained on canvas
+    # latents); "auto": shifted for such runs, else independent (README, Seamless maps)
+    sampling: str = "auto"
     # False (`--no-nuclei`): the uni-modal branch only. The nuclei channel is still tiled when the slide has one,
     # so the tissue mask, the patches and the scored pixels are the same as with nuclei
     nuclei: bool = True
@@ -219,14 +221,20 @@ class Predictor:
         return mean, sd, d.reshape(k, b).mean(0), share.reshape(k, b).mean(0)
 
 
+def resolve_sampling(rc: RunConfig, sampling: str) -> str:
+    """"auto": what the run was trained for (`config.sampling_for`)."""
+    return sampling_for(rc) if sampling == "auto" else sampling
+
+
 def condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     """How `predict` tiles a slide for a run: the run's patch size, resolution and percentiles."""
+    cfg = replace(cfg, sampling=resolve_sampling(rc, cfg.sampling))
     p = int(rc.patch_size)
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
     return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
                       min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
                       percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, roi=cfg.roi,
-                      align=rc.autoencoder.factor if cfg.sampling == "canvas" else 1, np_scale=rc.np_scale)
+                      align=rc.autoencoder.factor if cfg.sampling in CANVAS_SAMPLING else 1, np_scale=rc.np_scale)
 
 
 def run_predict(
@@ -242,6 +250,7 @@ def run_predict(
     out = Path(out)
     ranks = setup_ranks(cfg.device, cfg.dist_timeout_min)
     rc = load_run_config(RunDir(run_dir))
+    cfg = replace(cfg, sampling=resolve_sampling(rc, cfg.sampling))
     # prediction reads its inputs only: a measured NP channel, when the slide has one, is never tiled, so it
     # cannot change the tissue mask, the normalisation or which patches are predicted
     specs = [spec.without("target") for spec in specs]
@@ -252,6 +261,11 @@ def run_predict(
             raise InputError(run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel (or --no-nuclei was given)")
     if resume and not overwrite and Path(out).exists():  # killed after sampling, while writing the map: the store is done
         return _finished(out, run_dir, cfg)
+    if rc.model.latents == "canvas" and cfg.sampling not in CANVAS_SAMPLING:
+        raise InputError(run_dir, "was trained on canvas latents, which patch-by-patch sampling does not give it", "use --sampling shifted")
+    if cfg.sampling == "shifted" and rc.model.latents != "canvas":
+        raise InputError(run_dir, "was trained on patch latents; shifted-grid sampling cuts windows anywhere on the canvas",
+                         "train with --latents canvas --ae-local")
     predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
@@ -275,7 +289,7 @@ def run_predict(
     ranks.barrier()
     conditions = PatchStore.open(cond_path)
     root = zarr.open_group(str(partial), mode="r+")
-    if cfg.sampling == "canvas":
+    if cfg.sampling in CANVAS_SAMPLING:
         sample_canvases(root, partial, conditions, predictor, cfg, ranks, progress)
     else:
         _sample_shards(root, conditions, predictor, cfg, ranks, progress)

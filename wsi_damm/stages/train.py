@@ -27,6 +27,7 @@ from ..distributed import Ranks, average_gradients, data_parallel, parameter_che
 from ..errors import InputError
 from ..files import write_csv, write_json
 from ..gate_regions import GateByRegion
+from ..latent_canvas import LatentCanvases, PatchLatents
 from ..models.autoencoder import Autoencoder
 from ..models.damm_unet import DammUNet
 from ..np_units import NpScale
@@ -139,24 +140,25 @@ def encode_all(images: PatchImages, roles: list[str], aes: dict[str, Autoencoder
 
 
 @torch.no_grad()
-def validate(model: DammUNet, latents: dict[str, torch.Tensor], sched: NoiseSchedule, cfg: RunConfig, device: torch.device) -> dict[str, float]:
-    """ε-loss on validation latents at fixed timesteps and noise (comparable across steps)."""
-    n = latents["target"].shape[0]
+def validate(model: DammUNet, latents: PatchLatents, sched: NoiseSchedule, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """ε-loss on validation latents at fixed timesteps and noise (comparable across steps; canvas crops unmoved)."""
+    n = len(latents)
     if n == 0:
         return {}
     g = step_generator(cfg.train.seed, 0, 99)
     t_all = torch.randint(0, sched.T, (n,), generator=g)
-    noise_all = torch.randn(latents["target"].shape, generator=g)
+    noise_all = torch.randn((n,) + latents.sample_shape, generator=g)
     totals = {"val_loss": 0.0, "val_l_uni": 0.0, "val_l_multi": 0.0, "val_multi_share": 0.0}
     for i in range(0, n, 64):
         rows = torch.arange(i, min(i + 64, n))
         noise = noise_all[rows].to(device)
         t = t_all[rows]
-        z0 = latents["target"][rows]
+        lat = latents.batch(rows.numpy())
+        z0 = lat["target"]
         z_t = sched.q_sample(z0, t.to(device), noise)
         if cfg.schedule.objective == "v":
             noise = sched.v_target(z0, t.to(device), noise)  # the regression target of this objective
-        c_uni, c_multi = branch_conditions(latents["vessels"][rows], latents["nuclei"][rows], cfg.model.uni_branch)
+        c_uni, c_multi = branch_conditions(lat["vessels"], lat["nuclei"], cfg.model.uni_branch)
         eps_uni, eps_multi, kappa = model(z_t, t.to(device), c_uni, c_multi)
         multi = use_multi(divergence(kappa), cfg.damm.gamma, cfg.damm.dammp)
         eps = select(eps_uni, eps_multi, multi)
@@ -168,8 +170,8 @@ def validate(model: DammUNet, latents: dict[str, torch.Tensor], sched: NoiseSche
 
 
 def train_diffusion(
-    latents: dict[str, torch.Tensor],
-    val_latents: dict[str, torch.Tensor],
+    latents: PatchLatents,
+    val_latents: PatchLatents,
     run: RunDir,
     cfg: RunConfig,
     ranks: Ranks,
@@ -210,7 +212,7 @@ def train_diffusion(
     fwd = torch.compile(net) if t_cfg.compile else net
     amp = t_cfg.amp
     warmup_steps = int(round(cfg.damm.warmup_fraction * t_cfg.steps))
-    n = latents["target"].shape[0]
+    n = len(latents)
     micro = t_cfg.batch_size // t_cfg.grad_accum
     end = t_cfg.steps if stop_after is None else min(t_cfg.steps, stop_after)
     bar = progress_bar(range(start, end), initial=start, total=t_cfg.steps, desc="diffusion", unit="step", disable=None if (progress and ranks.main) else True)
@@ -222,7 +224,8 @@ def train_diffusion(
         sel = batch_rows(n, t_cfg.batch_size * ranks.world, step, t_cfg.seed)
         g = step_generator(t_cfg.seed, step, 1)
         t_all = torch.randint(0, sched.T, (len(sel),), generator=g)
-        noise_all = torch.randn((len(sel),) + tuple(latents["target"].shape[1:]), generator=g)
+        noise_all = torch.randn((len(sel),) + latents.sample_shape, generator=g)
+        shifts = latents.offsets(sel, step_generator(t_cfg.seed, step, 5))  # canvas latents: where each crop is cut
         mine = slice(ranks.rank * t_cfg.batch_size, (ranks.rank + 1) * t_cfg.batch_size)
         opt.zero_grad(set_to_none=True)
         logs: dict[str, torch.Tensor] = {}
@@ -230,10 +233,11 @@ def train_diffusion(
             part = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
             rows_b = torch.from_numpy(sel[part])
             noise, t = noise_all[part].to(ranks.device), t_all[part].to(ranks.device)
-            z0 = latents["target"][rows_b]
+            lat = latents.batch(sel[part], shifts[part])
+            z0 = lat["target"]
             z_t = sched.q_sample(z0, t, noise)
             target = sched.v_target(z0, t, noise) if cfg.schedule.objective == "v" else noise
-            c_uni, c_multi = branch_conditions(latents["vessels"][rows_b], latents["nuclei"][rows_b], cfg.model.uni_branch)
+            c_uni, c_multi = branch_conditions(lat["vessels"], lat["nuclei"], cfg.model.uni_branch)
             if t_cfg.channels_last:
                 z_t, c_uni, c_multi = (x.contiguous(memory_format=torch.channels_last) for x in (z_t, c_uni, c_multi))
             with autocast(ranks.device, amp):
@@ -399,12 +403,21 @@ def run_training(
     for ae in aes.values():
         ae.eval()
     span = cfg.model.context_span
-    latents = encode_all(images, roles, aes, ranks.device, context_span=span)
-    val_latents = (encode_all(PatchImages(store, val_idx), roles, aes, ranks.device, context_span=span) if len(val_idx)
-                   else {r: latents[r][:0] for r in ROLES_NEEDED})
+    if cfg.model.latents == "canvas":
+        encoders, channel = {r: aes[r].encode for r in ROLES_NEEDED}, {r: roles.index(r) for r in ROLES_NEEDED}
+
+        def canvases(idx: np.ndarray, imgs: PatchImages) -> LatentCanvases:
+            return LatentCanvases(imgs.get, store.coords[idx], encoders, channel, cfg.autoencoder.factor, patch, ranks.device, store_path)
+
+        source, val_source = canvases(train_idx, images), canvases(val_idx, PatchImages(store, val_idx))
+    else:
+        latents = encode_all(images, roles, aes, ranks.device, context_span=span)
+        val_latents = (encode_all(PatchImages(store, val_idx), roles, aes, ranks.device, context_span=span) if len(val_idx)
+                       else {r: latents[r][:0] for r in ROLES_NEEDED})
+        source, val_source = PatchLatents(latents), PatchLatents(val_latents)
     regions = None
     if "region" in store.root and store.attrs.get("region_names"):
         names = {int(k): v for k, v in store.attrs["region_names"].items()}
         regions = (torch.from_numpy(np.asarray(store.root["region"][:])[train_idx].astype(np.int64)), names)
-    train_diffusion(latents, val_latents, run, cfg, ranks, resume, progress, stop_after, regions)
+    train_diffusion(source, val_source, run, cfg, ranks, resume, progress, stop_after, regions)
     return run

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import resolve
 from ..files import write_json
 from ..stages.evaluate import run_evaluate
-from ..stages.predict import PredictConfig, predict_maps
+from ..stages.predict import PredictConfig, predict_maps, resolve_sampling
 from ..stages.tile import TileConfig
 from ..stages.train import run_training
 from ..store import PatchStore
@@ -53,7 +53,8 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, steps=plan.ae_steps),
                   train=replace(cfg.train, steps=plan.steps, val_every=max(10, plan.steps // 10), checkpoint_every=plan.steps))
     run = run_training(out / "patches.zarr", out / "run", cfg, progress=progress)
-    log(f"{stamp()} predicting the held-out slide (DPM-Solver++, {plan.sample_steps} steps, mean of {plan.samples} draws) → {out / 'prediction.zarr'}")
+    log(f"{stamp()} predicting the held-out slide (DPM-Solver++, {plan.sample_steps} steps, mean of {plan.samples} draws, "
+        f"{resolve_sampling(cfg, 'auto')} sampling) → {out / 'prediction.zarr'}")
     predicted = predict_maps(run.path, [held_spec], out / "prediction.zarr", PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples),
                              map_path=out / "prediction.ome.zarr", tiff=out / "prediction.ome.tif", overwrite=True, progress=progress)
     [map_path] = predicted.maps

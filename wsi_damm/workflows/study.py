@@ -92,7 +92,9 @@ def _variant_config(base: RunConfig, plan: StudyPlan, v: Variant, seed: int) -> 
 
 
 def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progress: bool, log) -> dict[tuple[str, int], Path]:
-    base = merge(resolve(preset), {"autoencoder": {"steps": plan.ae_steps}, "train": {"val_fraction": 0.0}}, "study")
+    # the paper's recipe (GroupNorm autoencoders, patch latents, patch-by-patch sampling): its ablations are the paper's
+    base = merge(resolve(preset), {"autoencoder": {"steps": plan.ae_steps, "local": False}, "model": {"latents": "patch"},
+                                   "train": {"val_fraction": 0.0}}, "study")
     shared = RunDir(out / "runs" / "autoencoders")
     if not all(shared.autoencoder(r).exists() for r in ROLES_NEEDED):
         log(f"autoencoders ({plan.ae_steps} steps), shared by every model → {shared.path}")

@@ -1,0 +1,76 @@
+"""What the benchmarks that train at the demo's budget share: its synthetic data, the blurred-vessel
+baseline on the held-out slide, and scores of a map over tissue and per simulator region."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    plan: object  # workflows.demo.FULL
+    data: object  # workflows.dataset.SyntheticData
+    held: object  # its held-out slide
+    scoring: dict  # run_evaluate keywords: the simulator's regions
+    blur: dict  # the baseline's scores, with its fitted σ
+    simulator_version: int
+
+
+def scores(result: dict) -> dict:
+    """WSI SSIM / PSNR over tissue, seam score, and per region (with the gate's multi-modal share)."""
+    s = result["slides"][0]
+    return {"ssim": s["wsi"]["ssim_tissue"], "psnr": s["wsi"]["psnr_tissue"], "seam_score": s.get("seams", {}).get("map"),
+            "regions": {k: {"ssim": v["ssim"], "psnr": v["psnr"], "multimodal_share": v.get("multimodal_share")}
+                        for k, v in s.get("regions", {}).items()}}
+
+
+def summary(values: list[float]) -> dict:
+    a = np.asarray(values, float)
+    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else None, "n": len(a)}
+
+
+def demo_budget(work: Path) -> DemoBudget:
+    """The demo's data under `work/data` (reused if there) and the blurred-vessel baseline scored on its held-out slide."""
+    from wsi_damm.stages.evaluate import run_evaluate
+    from wsi_damm.stages.tile import TileConfig
+    from wsi_damm.workflows import baseline
+    from wsi_damm.workflows.dataset import synthetic_data
+    from wsi_damm.workflows.demo import FULL
+    from wsi_damm.workflows.synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
+
+    tile_cfg = TileConfig(patch_size=FULL.patch, overlap=FULL.overlap)
+    data = synthetic_data(work / "data", FULL.size, FULL.train_slides, 1, tile_cfg, False, print)
+    held = data.heldout[0]
+    scoring = dict(regions=[held.divergence], region_names=DIVERGENCE_LABELS, progress=False)
+    fitted = baseline.fit(data.train_specs, tile_cfg)
+    blur = scores(run_evaluate([(baseline.write_map(held.spec, tile_cfg, fitted, work / "blur.ome.zarr"), held.spec)], work / "blur_report",
+                               [held.clean], **scoring))
+    return DemoBudget(FULL, data, held, scoring, blur | {"sigma_um": fitted.sigma_um}, SIMULATOR_VERSION)
+
+
+def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict | None = None):
+    """The tiny preset at the demo's budget (`plan`: workflows.demo.FULL) with training seed `seed`."""
+    from wsi_damm.config import merge, resolve
+
+    return merge(resolve("tiny"), {"autoencoder": {"steps": plan.ae_steps, **(autoencoder or {})}, "model": model or {},
+                                   "train": {"steps": plan.steps, "seed": seed, "val_every": max(10, plan.steps // 10),
+                                             "checkpoint_every": plan.steps}}, "benchmark")
+
+
+def predict_and_score(demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto") -> dict:
+    """The held-out slide predicted by `run_dir` (DPM++ at the demo's steps, `draws` draws) and scored; with its seconds."""
+    import time
+
+    from wsi_damm.stages.evaluate import run_evaluate
+    from wsi_damm.stages.predict import PredictConfig, predict_maps
+
+    t = time.perf_counter()
+    maps = predict_maps(run_dir, [demo.held.spec], run_dir / f"pred{draws}.zarr",
+                        PredictConfig(sampling=sampling, steps=demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed),
+                        map_path=run_dir / f"pred{draws}.ome.zarr", overwrite=True, progress=False).maps
+    seconds = round(time.perf_counter() - t, 1)
+    return scores(run_evaluate([(maps[0], demo.held.spec)], run_dir / f"report{draws}", [demo.held.clean], **demo.scoring)) | {
+        "predict_seconds": seconds}

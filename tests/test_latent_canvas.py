@@ -1,0 +1,112 @@
+"""Latent canvases: tiled encoding and halo decoding equal whole-image coding for local autoencoders
+(and not for GroupNorm ones), training crops are crops of the slide's encoding, on tissue, and a
+canvas-latent run resumes bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wsi_damm.canvas import window_crops
+from wsi_damm.config import resolve
+from wsi_damm.errors import InputError
+from wsi_damm.latent_canvas import GLASS, LatentCanvases, coverage, encode_tiled, mirror
+from wsi_damm.models.autoencoder import Autoencoder
+from wsi_damm.run_dir import RunDir
+from wsi_damm.stages.train import run_training
+
+
+def _ae(local: bool) -> Autoencoder:
+    torch.manual_seed(0)
+    return Autoencoder(4, 3, (8, 16), local).eval()
+
+
+def test_tiled_encoding_is_whole_encoding_only_for_local_autoencoders():
+    x = torch.rand(1, 1, 4 * 70, 4 * 90) * 2 - 1
+    for local in (True, False):
+        ae = _ae(local)
+        with torch.no_grad():
+            whole = ae.encode(mirror(x, 4 * 8))[:, :, 8:-8, 8:-8]  # the mirrored image encoded in one piece
+            tiled = encode_tiled(x, ae.encode, 4, tile=32)
+        err = float((whole - tiled).abs().max())
+        if local:
+            assert err < 1e-5, err
+        else:  # GroupNorm: a latent depends on the whole tile
+            assert err > 1e-2, err
+
+
+def test_mirror_reflects_past_every_edge_even_for_small_images():
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)
+    m = mirror(x, 5)
+    assert m.shape == (1, 1, 13, 14)
+    np.testing.assert_array_equal(m[0, 0, 5:8, 5:9].numpy(), x[0, 0].numpy())
+    np.testing.assert_array_equal(m[0, 0, 4, 5:9].numpy(), x[0, 0, 1].numpy())  # edge row not repeated
+    np.testing.assert_array_equal(m[0, 0, 5:8, 4].numpy(), x[0, 0, :, 1].numpy())
+
+
+def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole():
+    """So a map decoded patch by patch from a canvas has no seam, not even at the slide's edge."""
+    ae = _ae(True)
+    z = torch.randn(2, 3, 40, 52)
+    halo, p = 8, 16
+    with torch.no_grad():
+        whole = ae.decode(mirror(z, halo))[:, :, 4 * halo : -4 * halo, 4 * halo : -4 * halo]
+        windows = np.array([[0, 0], [0, 36], [12, 20], [24, 36]])
+        crops = window_crops(z.numpy(), windows, windows - 100, p, halo, margin=200, mirror_edges=True)  # all covered
+        for j, (y, x) in enumerate(windows):
+            dec = ae.decode(crops[:, j])[:, :, 4 * halo : 4 * (halo + p), 4 * halo : 4 * (halo + p)]
+            np.testing.assert_allclose(dec.numpy(), whole[:, :, 4 * y : 4 * (y + p), 4 * x : 4 * (x + p)].numpy(), atol=1e-5)
+
+
+def test_training_crops_are_crops_of_the_slide_encoding_and_stay_on_tissue():
+    rng = np.random.default_rng(2)
+    size_y, size_x, patch, stride, f = 160, 208, 32, 24, 4
+    image = torch.from_numpy(rng.uniform(-1, 1, (3, size_y, size_x)).astype(np.float32))
+    corners = [(y, x) for y in range(0, size_y - patch + 1, stride) for x in range(0, size_x - patch + 1, stride)]
+    corners = [c for c in corners if not (c[0] in (48, 72) and c[1] in (72, 96))]  # a hole in the tissue
+    yx = np.array(corners)
+    coords = np.concatenate([np.zeros((len(yx), 1), int), yx], 1)
+    patches = torch.stack([image[:, y : y + patch, x : x + patch] for y, x in yx])
+    aes = {r: _ae(True) for r in ("vessels", "nuclei", "target")}
+    for k, ae in enumerate(aes.values()):  # three different encoders
+        torch.manual_seed(k)
+        for prm in ae.parameters():
+            prm.data.add_(0.1 * torch.randn_like(prm))
+    channel = {"vessels": 0, "nuclei": 1, "target": 2}
+    canv = LatentCanvases(lambda rows: patches[rows], coords, {r: ae.encode for r, ae in aes.items()}, channel, f, patch)
+    painted = np.zeros((size_y, size_x), bool)
+    for y, x in yx:
+        painted[y : y + patch, x : x + patch] = True
+    seen = torch.where(torch.from_numpy(painted), image, torch.full_like(image, GLASS))[:, : yx[:, 0].max() + patch, : yx[:, 1].max() + patch]
+    rows = np.arange(len(yx))
+    off = canv.offsets(rows, torch.Generator().manual_seed(0))
+    assert (np.abs(off) <= patch // f // 2).all() and (off != 0).any(axis=1).mean() > 0.3
+    lat = canv.batch(rows, off)
+    p = patch // f
+    cov = coverage(yx // f, p, 0, seen.shape[1] // f, seen.shape[2] // f).numpy()
+    with torch.no_grad():
+        for role, ae in aes.items():
+            want = encode_tiled(seen[None, channel[role] : channel[role] + 1], ae.encode, f)[0]
+            for j, ((y, x), (dy, dx)) in enumerate(zip(yx // f, off)):
+                torch.testing.assert_close(lat[role][j], want[:, y + dy : y + dy + p, x + dx : x + dx + p], atol=1e-5, rtol=0)
+                assert cov[y + dy : y + dy + p, x + dx : x + dx + p].all()  # the moved crop lies on tissue
+    assert canv.sample_shape == (3, p, p) and len(canv) == len(yx)
+
+
+def test_canvas_latents_need_local_autoencoders_and_no_context():
+    with pytest.raises(InputError, match="--ae-local"):
+        resolve("tiny", None, {"autoencoder": {"local": False}, "model": {"latents": "canvas"}})
+    with pytest.raises(InputError, match="context"):
+        resolve("tiny", None, {"model": {"context_span": 2}})  # the tiny preset trains on canvas latents
+
+
+def test_a_canvas_latent_run_resumes_bit_for_bit(small_store, tiny_toml, tmp_path):
+    cfg = resolve("tiny", tiny_toml, {"autoencoder": {"local": True}, "model": {"latents": "canvas"}})
+    full = run_training(small_store, tmp_path / "full", cfg, progress=False)
+    part = tmp_path / "part"
+    run_training(small_store, part, cfg, progress=False, stop_after=3)
+    run_training(small_store, part, cfg, resume=True, progress=False)
+    a, b = load_file(str(full.unet)), load_file(str(RunDir(part).unet))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -8,8 +8,13 @@ fusion, Bar-Tal et al. 2023, with Mixture-of-Diffusers weights that trust window
 and advances every pixel with the sampler's own rule (`Plan.update`) from the fused x̂0 — so the
 canvas holds one trajectory and neighbouring windows agree by construction. DPM-Solver++(2M)
 reads the previous step's fused x̂0 from the canvas, never a per-window history; DDIM's η noise
-is drawn per canvas pixel. The patch grid stays fixed (DiffInfinite's random shifts would need
-conditions re-encoded at every shift), so the cost per step equals independent sampling's.
+is drawn per canvas pixel.
+
+Two window layouts. "canvas": the tissue patches, overlapping, fused every step. "shifted"
+(DiffInfinite, Aversa et al. 2023): a grid of patch-sized windows at an offset drawn anew each step,
+so every pixel has one prediction per step and no window border stays put; the last step fuses two
+grids half a window apart. Shifted windows need conditions cut anywhere, so they sample runs
+trained on canvas latents (`latent_canvas`), whose conditions come from the slide encoded in tiles.
 
 The canvas is swept window row by window row: a row's windows are denoised as a batch, their
 x̂0 accumulated, and the latent rows no later window touches are finalised and written. Only a
@@ -237,16 +242,17 @@ def _gather(ranks: Ranks, part: torch.Tensor, total: int) -> torch.Tensor:
 def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks,
                     progress: bool) -> None:
     """Fill the prediction store `root` (rows = `conditions` rows) by canvas sampling, resumably:
-    condition latents per patch (once), then every slide's canvas step by step, then every patch
-    decoded from the final canvas. Work state lives in `root/canvas` until the store is complete."""
+    condition latents per patch, or per slide as one canvas (canvas-latent runs), once; then every
+    slide's canvas step by step, then every patch decoded from the final canvas. Work state lives in
+    `root/canvas` until the store is complete."""
     f, k = predictor.factor, cfg.samples
     n, p_px = len(conditions), int(conditions.attrs["patch_size"])
     p, c = p_px // f, latent_channels(predictor.rc)
     s = int(root.attrs["shard_patches"])
     roles = conditions.roles
     plan = predictor.plan
-    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW, "grid": "shifted" if cfg.sampling == "shifted" else "tissue",
-                 "nuclei": predictor.uses_nuclei(roles)}
+    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW,
+                 "grid": "shifted" if cfg.sampling == "shifted" else "tissue", "nuclei": predictor.uses_nuclei(roles)}
     if ranks.main:
         work = root.require_group("canvas")
         if "plan" in work.attrs and dict(work.attrs)["plan"] != work_plan:

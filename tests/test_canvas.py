@@ -117,20 +117,36 @@ def test_shifted_grids_leave_no_seams_without_fusion():
         x0 = g + torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=True) / a.sqrt().clamp_min(0.05)
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
-    def run(shift: bool) -> np.ndarray:
+    calls: list[np.ndarray] = []
+
+    def run(shift: bool, group: int = 1) -> np.ndarray:
         shape = (1, 1, size, size)
         xs, x0s = [np.zeros(shape, np.float32) for _ in range(2)], [np.zeros(shape, np.float32) for _ in range(2)]
         noise = lambda step, y0, y1: canvas_normal(3, 1, step, 1, y0, y1, 0, size)  # noqa: E731
         for i in range(plan.steps):
             w = step_windows(tissue, size, size, 3, i, plan.steps) if shift else tissue
-            denoise = lambda idx, crops, i=i, w=w: eps_of(crops, plan.t_batch(i, len(crops), "cpu"), w.yx[idx])  # noqa: E731
-            canvas_step(plan, i, w, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoise, noise)
+
+            def denoise(idx, crops, i=i, w=w):
+                calls.append((w.yx, idx))
+                return eps_of(crops, plan.t_batch(i, len(crops), "cpu"), w.yx[idx])
+
+            canvas_step(plan, i, w, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoise, noise, group=group)
         return xs[plan.steps % 2][0, 0]
 
     covered = np.ones((size, size), bool)
     fixed, shifted = seam_score(seam_sums(run(False), covered, p)), seam_score(seam_sums(run(True), covered, p))
     assert fixed > 1.5, fixed
     assert shifted <= 1.15, shifted
+    # several window rows per denoiser call (full batches) change nothing: the same windows, the same map
+    calls.clear()
+    grouped = run(True, group=15)
+    np.testing.assert_array_equal(grouped, run(True, group=1)[...])
+    sizes = [len(idx) for _, idx in calls]
+    assert max(sizes) <= 15 and max(sizes) > 7, sizes  # rows of 6 or 7 windows: two per call
+    for yx, idx in calls:  # whole rows, in order
+        assert (np.diff(idx) == 1).all()
+        for y in np.unique(yx[idx, 0]):
+            assert (yx[idx, 0] == y).sum() == (yx[:, 0] == y).sum()
 
 
 def test_shifted_windows_tile_the_tissue_and_its_margin():

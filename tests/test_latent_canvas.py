@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from wsi_damm.canvas import window_crops
 from wsi_damm.config import resolve
 from wsi_damm.errors import InputError
-from wsi_damm.latent_canvas import GLASS, LatentCanvases, coverage, encode_tiled, mirror
+from wsi_damm.latent_canvas import GLASS, LatentCanvases, coverage, decode_tiled, encode_tiled, mirror
 from wsi_damm.models.autoencoder import Autoencoder
 from wsi_damm.run_dir import RunDir
 from wsi_damm.stages.train import run_training
@@ -58,6 +58,41 @@ def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole():
         for j, (y, x) in enumerate(windows):
             dec = ae.decode(crops[:, j])[:, :, 4 * halo : 4 * (halo + p), 4 * halo : 4 * (halo + p)]
             np.testing.assert_allclose(dec.numpy(), whole[:, :, 4 * y : 4 * (y + p), 4 * x : 4 * (x + p)].numpy(), atol=1e-5)
+
+
+def test_a_region_decoded_in_tiles_is_the_canvas_decoded_whole():
+    """What `predict` does with a local decoder: each block of patch rows decoded once, in tiles with a
+    halo, edges mirrored: equal to decoding the whole canvas (so to decoding each window alone)."""
+    from wsi_damm.canvas import context_band
+
+    ae = _ae(True)
+    z = torch.randn(2, 3, 40, 52)
+    halo, p = 8, 16
+    windows = np.array([[0, 0], [0, 36], [12, 20], [24, 36]])
+    with torch.no_grad():
+        whole = ae.decode(mirror(z, halo))[:, :, 4 * halo : -4 * halo, 4 * halo : -4 * halo]
+        for y0, y1, x0, x1 in ((0, 40, 0, 52), (12, 40, 20, 52), (0, 28, 0, 36)):
+            band = context_band(z.numpy(), y0, y1, windows - 100, p, halo, margin=200, mirror_edges=True)[:, :, :, x0 : x1 + 2 * halo]
+            region = decode_tiled(band, ae.decode, 4, tile=12, halo=halo)
+            assert region.shape == (2, 1, 4 * (y1 - y0), 4 * (x1 - x0))
+            np.testing.assert_allclose(region.numpy(), whole[:, :, 4 * y0 : 4 * y1, 4 * x0 : 4 * x1].numpy(), atol=1e-5)
+
+
+def test_region_blocks_join_patch_rows_while_their_box_stays_tight():
+    from wsi_damm.canvas import region_blocks
+
+    p = 4
+    rows = [(0, range(0, 40, 3)), (3, range(0, 40, 3)), (6, range(0, 7, 3)), (30, range(30, 40, 3)), (33, range(30, 40, 3))]
+    windows = np.array([(y, x) for y, xs in rows for x in xs])
+    blocks = region_blocks(windows, p)
+    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(len(windows)))  # every window once, in order
+    for block in blocks:  # whole rows; the box within twice the rows' own area
+        ys = np.unique(windows[block, 0])
+        assert sum((windows[block, 0] == y).sum() for y in ys) == sum((windows[:, 0] == y).sum() for y in ys)
+        own = sum(p * (windows[windows[:, 0] == y, 1].max() + p - windows[windows[:, 0] == y, 1].min()) for y in ys)
+        box = np.ptp(windows[block, 0]) + p, np.ptp(windows[block, 1]) + p
+        assert box[0] * box[1] <= 2 * own
+    assert [np.unique(windows[b, 0]).tolist() for b in blocks] == [[0, 3, 6], [30, 33]]  # the gap between splits them
 
 
 def test_training_crops_are_crops_of_the_slide_encoding_and_stay_on_tissue():

@@ -60,6 +60,7 @@ Noise = Callable[[int, int, int], torch.Tensor]
 LATENT_WINDOW = "gaussian"
 DECODE_HALO = 8  # latent pixels of canvas decoded around each window: past the tiny decoder's receptive field
 SHIFT_MARGIN = DECODE_HALO  # latent pixels around the tissue windows a shifted grid samples too: decoding reads sampled context
+SWEEP_WINDOWS = 128  # windows per denoiser call (whole window rows): a row of 17 alone pads to 32, nearly half wasted
 
 
 @dataclass(frozen=True)
@@ -140,18 +141,27 @@ def owner(windows: Windows, points: np.ndarray) -> np.ndarray:
 
 
 def fuse_sweep(windows: Windows, width: int, values: Callable[[int, int], torch.Tensor],
-               emit: Callable[[int, int, torch.Tensor, torch.Tensor], None]) -> None:
+               emit: Callable[[int, int, torch.Tensor, torch.Tensor], None], group: int = 1) -> None:
     """Σ w·v and Σ w of every window's values over the canvas, swept window row by window row:
-    `values(a, b)` gives the (K, b − a, C, p, p) values of the row of windows [a, b); `emit(y0, y1,
-    num, den)` receives each band of canvas rows no later window touches. Only a band of rows is
-    ever held, so memory follows canvas width."""
+    `values(a, b)` gives the (K, b − a, C, p, p) values of windows [a, b) — whole window rows, as
+    many as fit in `group` windows (at least one), so the denoiser's batches are full, not padded
+    row by row;
+    `emit(y0, y1, num, den)` receives each band of canvas rows no later window touches. Only a band
+    of rows is ever held, so memory follows canvas width."""
     p = windows.p
     w = fusion_weights(p)
     rows = windows.rows()
     lo, num, den = 0, None, None  # Σ w·v and Σ w over canvas rows [lo, lo + len(den))
+    held, held_a, held_b = None, 0, 0  # values of windows [held_a, held_b)
     for r, (a, b) in enumerate(rows):
         y = int(windows.yx[a, 0])
-        v = values(a, b)
+        if b > held_b:  # fetch this row and the next ones, up to `group` windows
+            last = r
+            while last + 1 < len(rows) and rows[last + 1][1] - a <= max(group, b - a):
+                last += 1
+            held_a, held_b = a, rows[last][1]
+            held = values(held_a, held_b)
+        v = held[:, a - held_a : b - held_a]
         k, c = v.shape[0], v.shape[2]
         if den is None or len(den) == 0:  # the rows above are all emitted
             lo, num, den = y, torch.zeros(k, c, p, width), torch.zeros(p, width)
@@ -169,13 +179,14 @@ def fuse_sweep(windows: Windows, width: int, values: Callable[[int, int], torch.
 
 
 def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out, denoise: Denoise, noise: Noise,
-                write: bool = True, owned: Callable[[int, int], torch.Tensor] | None = None) -> None:
+                write: bool = True, owned: Callable[[int, int], torch.Tensor] | None = None, group: int = 1) -> None:
     """Sampler step `i` over the canvas. Arrays are (K, C, H, W) (numpy or zarr): `x_in`, `x0_in` hold
     the state after step i − 1 (unread at i = 0: x_T is `noise(0, …)`), `x_out`, `x0_out` receive
     the state after step i and the fused x̂0. Pixels no window covers keep their value.
     `owned(y0, y1)` (shifted grids): the pixels the sampler advances; a window reaching past them
     reads there a zero x̂0 noised to step i's level, (σ_i / σ_0)·x_T, and nothing there is written.
-    `write=False` (ranks other than the first) denoises its share and writes nothing."""
+    `write=False` (ranks other than the first) denoises its share and writes nothing. `denoise` gets
+    whole window rows, at least `group` windows where there are that many."""
     p = windows.p
 
     def read(y0: int, y1: int) -> torch.Tensor:
@@ -185,11 +196,12 @@ def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out
         return x
 
     def values(a: int, b: int) -> torch.Tensor:
-        y = int(windows.yx[a, 0])
-        band = read(y, y + p)
-        k, c = band.shape[:2]
-        xs = windows.yx[a:b, 1]
-        crops = torch.stack([band[:, :, :, x : x + p] for x in xs], 1).reshape(k * (b - a), c, p, p)
+        crops = []
+        for y in np.unique(windows.yx[a:b, 0]):  # window rows, in order
+            band = read(int(y), int(y) + p)
+            crops += [band[:, :, :, x : x + p] for x in windows.yx[a:b][windows.yx[a:b, 0] == y, 1]]
+        k, c = crops[0].shape[:2]
+        crops = torch.stack(crops, 1).reshape(k * (b - a), c, p, p)
         eps = denoise(np.arange(a, b), crops, i).to(crops.dtype)
         return plan.x0(i, crops, eps).reshape(k, b - a, c, p, p)
 
@@ -207,7 +219,7 @@ def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out
             x_out[:, :, lo:f1, :] = x_next.numpy()
             x0_out[:, :, lo:f1, :] = x0.numpy()
 
-    fuse_sweep(windows, int(x_out.shape[-1]), values, emit)
+    fuse_sweep(windows, int(x_out.shape[-1]), values, emit, group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +323,7 @@ def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: n
     check_aligned(yx, f, conditions.path)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return predictor.conditions(x, conditions.roles)
+        return predictor.conditions(x, conditions.roles, micro_batches=False)
 
     for y0 in range(0, height, ENCODE_TILE):
         y1 = min(height, y0 + ENCODE_TILE)
@@ -357,13 +369,15 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
         return coverage(tissue.yx - SHIFT_MARGIN, p + 2 * SHIFT_MARGIN, y0, y1, width)
 
     def conditions_of(windows: Windows, idx: np.ndarray) -> torch.Tensor:
-        """The condition latents of windows `idx` (one window row): patch encodings, or crops of the
-        condition canvas (a shifted grid, or a run trained on canvas latents)."""
+        """The condition latents of windows `idx` (sorted): patch encodings, or crops of the condition
+        canvas (a run trained on canvas latents)."""
         if not from_canvas:
             return torch.from_numpy(read_rows(cond, rows[idx]))
-        y = int(windows.yx[idx[0], 0])
-        band = torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :]))
-        return torch.stack([band[:, :, x : x + p] for x in windows.yx[idx, 1]])
+        out = []
+        for y in np.unique(windows.yx[idx, 0]):
+            band = torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :]))
+            out += [band[:, :, x : x + p] for x in windows.yx[idx][windows.yx[idx, 0] == y, 1]]
+        return torch.stack(out)
 
     def denoiser_over(windows: Windows, gate: np.ndarray):
         def denoise(idx: np.ndarray, crops: torch.Tensor, i: int) -> torch.Tensor:
@@ -392,7 +406,7 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
         windows = step_windows(tissue, height, width, key, i, plan.steps, SHIFT_MARGIN) if shifted else tissue
         gate = np.zeros((len(windows), 2), np.float32)
         canvas_step(plan, i, windows, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoiser_over(windows, gate), noise,
-                    write=ranks.main, owned=owned if shifted else None)
+                    write=ranks.main, owned=owned if shifted else None, group=SWEEP_WINDOWS)
         if shifted:
             gate = gate[owner(windows, centres)]
         if ranks.main:
@@ -403,50 +417,88 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
         ranks.barrier()
 
 
+def context_band(canvas, y0: int, y1: int, all_windows: np.ndarray, p: int, halo: int, margin: int = 0,
+                 mirror_edges: bool = False) -> torch.Tensor:
+    """(K, C, y1 − y0 + 2·halo, W + 2·halo): canvas rows [y0, y1) with `halo` latent pixels of context on
+    every side; context no window of `all_windows` (grown by `margin`, the ring a shifted grid samples
+    too) covers is zero; beyond the slide's edge it is zero, or the canvas mirrored (`mirror_edges`,
+    local autoencoders: the edge then decodes like the inside)."""
+    height, width = canvas.shape[-2:]
+    a, b = max(0, y0 - halo), min(height, y1 + halo)
+    band = torch.from_numpy(np.asarray(canvas[:, :, a:b, :]))
+    band = torch.where(coverage(all_windows - margin, p + 2 * margin, a, b, width), band, torch.zeros(()))
+    pad = (halo, halo, halo - (y0 - a), halo - (b - y1))  # beyond the canvas
+    return torch.nn.functional.pad(band, pad, mode="reflect" if mirror_edges else "constant")
+
+
 def window_crops(canvas, windows: np.ndarray, all_windows: np.ndarray, p: int, halo: int, margin: int = 0, mirror_edges: bool = False) -> torch.Tensor:
     """(K, n, C, p + 2·halo, p + 2·halo): the `windows` (n, 2) of a (K, C, H, W) canvas with `halo`
-    latent pixels of context around each; context no window of `all_windows` (grown by `margin`, the
-    ring a shifted grid samples too) covers is zero; beyond the slide's edge it is zero, or the canvas
-    mirrored (`mirror_edges`, local autoencoders: the edge then decodes like the inside)."""
-    k, c, height, width = canvas.shape
-    y0, y1 = max(0, int(windows[:, 0].min()) - halo), min(height, int(windows[:, 0].max()) + p + halo)
-    band = torch.from_numpy(np.asarray(canvas[:, :, y0:y1, :]))
-    band = torch.where(coverage(all_windows - margin, p + 2 * margin, y0, y1, width), band, torch.zeros(()))
-    top, bottom = halo - (int(windows[:, 0].min()) - y0), halo - (y1 - int(windows[:, 0].max()) - p)
-    band = torch.nn.functional.pad(band, (halo, halo, top, bottom), mode="reflect" if mirror_edges else "constant")  # beyond the canvas
-    ys, xs = windows[:, 0] - y0 + top - halo, windows[:, 1]
+    latent pixels of context around each, as `context_band` gives it."""
+    y0 = int(windows[:, 0].min())
+    band = context_band(canvas, y0, int(windows[:, 0].max()) + p, all_windows, p, halo, margin, mirror_edges)
     side = p + 2 * halo
-    return torch.stack([band[:, :, y : y + side, x : x + side] for y, x in zip(ys, xs)], 1)
+    return torch.stack([band[:, :, y - y0 : y - y0 + side, x : x + side] for y, x in windows], 1)
+
+
+def region_blocks(windows: np.ndarray, p: int, spare: float = 2.0) -> list[np.ndarray]:
+    """The indices of `windows` (n, 2; sorted by row) in blocks of consecutive window rows whose bounding
+    box is at most `spare` times the area of its rows' own spans (a block decoded as one region
+    then wastes little on what lies between)."""
+    blocks, cur, own = [], [], 0
+    for y in np.unique(windows[:, 0]):
+        idx = np.nonzero(windows[:, 0] == y)[0]
+        span = int(windows[idx, 1].max()) + p - int(windows[idx, 1].min())
+        if cur:
+            sel = np.concatenate(cur + [idx])
+            box = (int(windows[sel, 0].max()) + p - int(windows[sel, 0].min())) * (int(windows[sel, 1].max()) + p - int(windows[sel, 1].min()))
+            if box > spare * (own + span * p):
+                blocks.append(np.concatenate(cur))
+                cur, own = [], 0
+        cur.append(idx)
+        own += span * p
+    return blocks + ([np.concatenate(cur)] if cur else [])
 
 
 def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, p: int, c: int,
             ranks: Ranks, progress: bool) -> None:
-    """Every patch's NP map decoded from its window of the final canvas with DECODE_HALO latent pixels of
-    canvas around it (so overlapping patches decode alike and patch borders carry no decoder edge),
-    mean and sd over draws, with the gate's divergence and multi-modal share averaged over steps;
-    shard by shard."""
+    """Every patch's NP map decoded from the final canvas with DECODE_HALO latent pixels of canvas around
+    it (so overlapping patches decode alike and patch borders carry no decoder edge), mean and sd over
+    draws, with the gate's divergence and multi-modal share averaged over steps; shard by shard.
+    A local decoder decodes each block of the shard's patch rows as one region, in tiles
+    (`decode_tiled`: every pixel once, not once per overlapping patch); a GroupNorm decoder, whose
+    output depends on the whole input, decodes each patch's window alone."""
     f, k, steps = predictor.factor, cfg.samples, predictor.plan.steps
     s = int(root.attrs["shard_patches"])
     n = len(conditions)
     coords = conditions.coords
     nuclei = predictor.uses_nuclei(conditions.roles)
-    halo = DECODE_HALO
+    halo, local = DECODE_HALO, predictor.rc.autoencoder.local
     margin = SHIFT_MARGIN if cfg.sampling == "shifted" else 0  # sampled context around the tissue windows
     todo = _shards_of(ranks, np.asarray(root["shard_done"][:]))
     for shard in progress_bar(todo, desc="decoding", unit="shard", disable=None if (progress and ranks.main) else True):
         a, b = shard * s, min((shard + 1) * s, n)
-        crops = []
+        mean = np.zeros((b - a, 1, p * f, p * f), np.float32)
+        sd = np.zeros_like(mean)
         for si in np.unique(coords[a:b, 0]):
-            sel = np.nonzero(coords[a:b, 0] == si)[0] + a
-            slide_windows = coords[coords[:, 0] == si, 1:] // f
-            crops.append(window_crops(work[f"slide_{si}"][f"x_{steps % 2}"], coords[sel, 1:] // f, slide_windows, p, halo, margin,
-                                      mirror_edges=predictor.rc.autoencoder.local))
-        z0 = torch.cat(crops, 1).reshape(k * (b - a), c, p + 2 * halo, p + 2 * halo)
-        mean, sd = predictor.decode(z0, k)
-        inner = np.s_[:, :, halo * f : (halo + p) * f, halo * f : (halo + p) * f]
-        root["pred"][a:b] = mean[inner].astype(np.float16)
+            sel = np.nonzero(coords[a:b, 0] == si)[0]
+            canvas = work[f"slide_{si}"][f"x_{steps % 2}"]
+            windows, slide_windows = coords[a + sel, 1:] // f, coords[coords[:, 0] == si, 1:] // f
+            if not local:
+                z0 = window_crops(canvas, windows, slide_windows, p, halo, margin).reshape(-1, c, p + 2 * halo, p + 2 * halo)
+                m, d = predictor.decode(z0, k)
+                inner = np.s_[:, :, halo * f : (halo + p) * f, halo * f : (halo + p) * f]
+                mean[sel], sd[sel] = m[inner], d[inner]
+                continue
+            for block in region_blocks(windows, p):
+                (y0, x0), (y1, x1) = windows[block].min(0), windows[block].max(0) + p
+                z = context_band(canvas, int(y0), int(y1), slide_windows, p, halo, margin, mirror_edges=True)[:, :, :, x0 : x1 + 2 * halo]
+                m, d = predictor.decode_region(z, halo)
+                for j, (y, x) in zip(sel[block], windows[block]):
+                    mean[j], sd[j] = m[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f], \
+                        d[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f]
+        root["pred"][a:b] = mean.astype(np.float16)
         if "pred_sd" in root:
-            root["pred_sd"][a:b] = sd[inner].astype(np.float16)
+            root["pred_sd"][a:b] = sd.astype(np.float16)
         gate_d = np.asarray(work["gate_divergence"][:, a:b])
         root["divergence"][a:b] = gate_d.mean(0) if nuclei else np.full(b - a, np.nan, np.float32)
         root["multimodal_fraction"][a:b] = np.asarray(work["gate_share"][:, a:b]).mean(0) if nuclei else np.zeros(b - a, np.float32)

@@ -45,16 +45,31 @@ def encode_tiled(x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]
     `halo` latent pixels of image around each tile and the tile's interior kept: with a local encoder
     this equals encoding the whole image, in bounded memory. The image is mirrored `halo` latent
     pixels past its edges first, so latents at the edge look like latents inside (no zero-padding rim)."""
-    h, w = x.shape[-2] // factor, x.shape[-1] // factor
-    x = mirror(x, halo * factor)
+    return map_tiled(mirror(x, halo * factor), encode, tile, halo, factor, 1)
+
+
+def decode_tiled(z: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], factor: int, tile: int = ENCODE_TILE,
+                 halo: int = ENCODE_HALO) -> torch.Tensor:
+    """(B, c, h + 2·halo, w + 2·halo) latents, a region with `halo` latent pixels of context around it →
+    (B, C, h·f, w·f) the region decoded tile by tile, each tile with its halo: with a local decoder
+    this equals decoding the whole, and a region costs its area once, not once per overlapping patch."""
+    return map_tiled(z, decode, tile, halo, 1, factor)
+
+
+def map_tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, halo: int, scale_in: int, scale_out: int) -> torch.Tensor:
+    """`fn` over `x` (B, C, H, W) cell by cell: a cell is `scale_in` input pixels and `scale_out` output
+    pixels a side; `x` carries `halo` cells of context on every side. Tiles of `tile` cells are mapped
+    with their halo and their interiors joined: (B, c, (H/scale_in − 2·halo)·scale_out, …)."""
+    h, w = x.shape[-2] // scale_in - 2 * halo, x.shape[-1] // scale_in - 2 * halo
     out = None
     for ty in range(0, h, tile):
         for tx in range(0, w, tile):
-            th, tw = min(tile, h - ty), min(tile, w - tx)  # tile [ty, ty + th) sits at ty + halo in the mirrored image
-            z = encode(x[:, :, ty * factor : (ty + th + 2 * halo) * factor, tx * factor : (tx + tw + 2 * halo) * factor])
+            th, tw = min(tile, h - ty), min(tile, w - tx)  # tile [ty, ty + th) sits at ty + halo in x
+            y = fn(x[:, :, ty * scale_in : (ty + th + 2 * halo) * scale_in, tx * scale_in : (tx + tw + 2 * halo) * scale_in])
             if out is None:
-                out = torch.zeros((x.shape[0], z.shape[1], h, w), dtype=z.dtype, device=z.device)
-            out[:, :, ty : ty + th, tx : tx + tw] = z[:, :, halo : halo + th, halo : halo + tw]
+                out = torch.zeros((x.shape[0], y.shape[1], h * scale_out, w * scale_out), dtype=y.dtype, device=y.device)
+            out[:, :, ty * scale_out : (ty + th) * scale_out, tx * scale_out : (tx + tw) * scale_out] = \
+                y[:, :, halo * scale_out : (halo + th) * scale_out, halo * scale_out : (halo + tw) * scale_out]
     return out
 
 

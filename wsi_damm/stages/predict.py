@@ -30,6 +30,7 @@ from ..diffusion.schedule import NoiseSchedule
 from ..distributed import Ranks, setup_ranks
 from ..errors import InputError
 from ..files import partial_path, prepare_output, publish
+from ..latent_canvas import ENCODE_TILE, decode_tiled
 from ..merge import BLENDS
 from ..precision import amp_mode, autocast
 from ..progress import progress_bar
@@ -93,6 +94,13 @@ class PredictConfig:
         check_device_name(self.device)
         if not self.dist_timeout_min > 0:
             raise InputError("--dist-timeout", f"must be positive (minutes), got {self.dist_timeout_min}")
+
+
+def draw_stats(img: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded images (K·B, 1, …) in [-1, 1], draw-major → NP map in [0, 1]: mean and sd over the K draws."""
+    img = (img.float().clamp(-1, 1) + 1) / 2
+    img = img.view(k, -1, *img.shape[1:])
+    return img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy()
 
 
 def in_micro_batches(fn, *inputs: torch.Tensor | None):
@@ -172,14 +180,18 @@ class Predictor:
         return self.cfg.nuclei and "nuclei" in roles
 
     @torch.inference_mode()
-    def conditions(self, images: torch.Tensor, roles: list[str], context: np.ndarray | None = None) -> torch.Tensor:
+    def conditions(self, images: torch.Tensor, roles: list[str], context: np.ndarray | None = None, micro_batches: bool = True) -> torch.Tensor:
         """images (B, C, P, P) in [-1, 1] → the U-Net's conditions (B, c_uni [+ c_multi] channels, p, p):
         the uni-modal branch's latent first, the multi-modal partner's after it (absent without nuclei);
         each followed by its context channel when the run uses context (`context`: the patches'
-        windows, `PatchStore.context_windows`)."""
+        windows, `PatchStore.context_windows`). `micro_batches=False` encodes the batch as given: for
+        the condition canvas's large tiles, one at a time, which padding to MICRO_BATCH would
+        multiply sixteenfold."""
         x = images.to(self.device)
         used = ("vessels", "nuclei") if self.uses_nuclei(roles) else ("vessels",)
-        enc = {r: in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) for r in used if r in roles}
+        enc = {r: (in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) if micro_batches
+                   else self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]))
+               for r in used if r in roles}
         if self.rc.model.context_span:
             if context is None:
                 raise ValueError("this run conditions on context: pass the patches' context windows")
@@ -199,9 +211,15 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, z0: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """K draws of B latents (draw-major) → NP map in [0, 1] (B, 1, P, P): mean and sd over the draws."""
-        img = (in_micro_batches(self.aes["target"].decode, z0.to(self.device)).float().clamp(-1, 1) + 1) / 2
-        img = img.view(k, -1, *img.shape[1:])
-        return img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy()
+        return draw_stats(in_micro_batches(self.aes["target"].decode, z0.to(self.device)), k)
+
+    @torch.inference_mode()
+    def decode_region(self, z: torch.Tensor, halo: int) -> tuple[np.ndarray, np.ndarray]:
+        """K draws of one canvas region with `halo` latent pixels of context, (K, c, h + 2·halo, w + 2·halo)
+        → NP map in [0, 1] (1, h·f, w·f): mean and sd over the draws, decoded in tiles (local decoders)."""
+        img = decode_tiled(z.to(self.device), self.aes["target"].decode, self.factor, ENCODE_TILE, halo)
+        mean, sd = draw_stats(img, len(z))
+        return mean[0], sd[0]
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor,

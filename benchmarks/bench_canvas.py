@@ -108,7 +108,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with TreeMemory() as mem:
                 subprocess.run([sys.executable, "-m", "wsi_damm_cli.main", "predict", str(run["canvas"]), str(work / "big" / "synth_000.ome.tif"),
-                                "--out", str(work / "big.zarr"), "--steps", "2", "--sampling", "shifted", "--quiet"], check=True)
+                                "--out", str(work / "big.zarr"), "--steps", "2", "--sampling", "shifted", "--quiet"], check=True,
+                               stdout=sys.stderr)  # its report lines stay out of the JSON
             result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --sampling shifted --steps 2 (then stitch), all processes",
                                 "peak_pss_mb": round(mem.peak_mb, 1), "target_mb": 2048, "seconds": round(time.perf_counter() - t0, 1),
                                 "patches": int(zarr.open_group(str(work / "big.zarr"), mode="r")["pred"].shape[0])}

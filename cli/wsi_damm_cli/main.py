@@ -14,7 +14,6 @@ from wsi_damm import __version__
 from wsi_damm.config import PRESETS
 from wsi_damm.devices import DEVICE_HELP  # devices and precision import torch only when used: --help stays fast
 from wsi_damm.errors import InputError
-from wsi_damm.heap import bound_heap
 from wsi_damm.jobs import SCHEDULER_HELP
 from wsi_damm.precision import AMP_MODES
 
@@ -93,7 +92,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="wsi-damm")
 def cli() -> None:
     """Predict whole-slide nanoparticle maps from CD31 + DAPI with DAMM-Diffusion."""
-    bound_heap()  # streamed jobs must not keep what they freed: see wsi_damm.heap
 
 
 def registration_options(fn):

@@ -178,6 +178,16 @@ def fuse_sweep(windows: Windows, width: int, values: Callable[[int, int], torch.
         num, den, lo = num[:, :, f1 - lo :], den[f1 - lo :], f1
 
 
+def row_crops(yx: np.ndarray, p: int, band_at: Callable[[int], torch.Tensor], dim: int) -> torch.Tensor:
+    """The p × p windows at `yx` (sorted by row, then column) cut from the bands `band_at(y)` (…, p, W)
+    of their rows — one read per window row — stacked along `dim` in the order of `yx`."""
+    crops = []
+    for y in np.unique(yx[:, 0]):
+        band = band_at(int(y))
+        crops += [band[..., x : x + p] for x in yx[yx[:, 0] == y, 1]]
+    return torch.stack(crops, dim)
+
+
 def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out, denoise: Denoise, noise: Noise,
                 write: bool = True, owned: Callable[[int, int], torch.Tensor] | None = None, group: int = 1) -> None:
     """Sampler step `i` over the canvas. Arrays are (K, C, H, W) (numpy or zarr): `x_in`, `x0_in` hold
@@ -186,7 +196,7 @@ def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out
     `owned(y0, y1)` (shifted grids): the pixels the sampler advances; a window reaching past them
     reads there a zero x̂0 noised to step i's level, (σ_i / σ_0)·x_T, and nothing there is written.
     `write=False` (ranks other than the first) denoises its share and writes nothing. `denoise` gets
-    whole window rows, at least `group` windows where there are that many."""
+    whole window rows, up to `group` windows (at least one row)."""
     p = windows.p
 
     def read(y0: int, y1: int) -> torch.Tensor:
@@ -196,12 +206,9 @@ def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out
         return x
 
     def values(a: int, b: int) -> torch.Tensor:
-        crops = []
-        for y in np.unique(windows.yx[a:b, 0]):  # window rows, in order
-            band = read(int(y), int(y) + p)
-            crops += [band[:, :, :, x : x + p] for x in windows.yx[a:b][windows.yx[a:b, 0] == y, 1]]
-        k, c = crops[0].shape[:2]
-        crops = torch.stack(crops, 1).reshape(k * (b - a), c, p, p)
+        crops = row_crops(windows.yx[a:b], p, lambda y: read(y, y + p), dim=1)
+        k, c = crops.shape[0], crops.shape[2]
+        crops = crops.reshape(k * (b - a), c, p, p)
         eps = denoise(np.arange(a, b), crops, i).to(crops.dtype)
         return plan.x0(i, crops, eps).reshape(k, b - a, c, p, p)
 
@@ -373,11 +380,7 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
         canvas (a run trained on canvas latents)."""
         if not from_canvas:
             return torch.from_numpy(read_rows(cond, rows[idx]))
-        out = []
-        for y in np.unique(windows.yx[idx, 0]):
-            band = torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :]))
-            out += [band[:, :, x : x + p] for x in windows.yx[idx][windows.yx[idx, 0] == y, 1]]
-        return torch.stack(out)
+        return row_crops(windows.yx[idx], p, lambda y: torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :])), dim=0)
 
     def denoiser_over(windows: Windows, gate: np.ndarray):
         def denoise(idx: np.ndarray, crops: torch.Tensor, i: int) -> torch.Tensor:

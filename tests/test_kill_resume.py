@@ -18,14 +18,14 @@ from .conftest import TINY_TOML, count_files, kill_when, run_cli
 @pytest.fixture(scope="module")
 def big_slide(tmp_path_factory):
     out = tmp_path_factory.mktemp("big")
-    res = run_cli("synth", str(out), "--slides", "1", "--size", "8192", "--seed", "5", "--quiet")
+    res = run_cli("synth", str(out), "--slides", "1", "--size", "4096", "--seed", "5", "--quiet")
     assert res.returncode == 0, res.stderr
     return out / "synth_000.ome.tif"
 
 
 def test_kill_then_resume_is_identical(big_slide, tmp_path):
     ref, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
-    common = ["--patch-size", "256", "--overlap", "64", "--shard-patches", "32", "--workers", "1", "--quiet"]
+    common = ["--patch-size", "256", "--overlap", "64", "--shard-patches", "8", "--workers", "1", "--quiet"]
     assert run_cli("tile", str(big_slide), "--out", str(ref), *common).returncode == 0
 
     partial = killed.with_name(killed.name + ".partial")
@@ -46,9 +46,11 @@ def test_kill_then_resume_is_identical(big_slide, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)
 
 
-KILL_TOML = {  # per stage: a long enough stage, checkpoints every 7 steps
-    "diffusion": TINY_TOML.replace("steps = 6", "steps = 400").replace("checkpoint_every = 3", "checkpoint_every = 7"),
-    "autoencoder": TINY_TOML.replace("steps = 8", "steps = 300").replace("checkpoint_every = 3", "checkpoint_every = 7"),
+# per stage: checkpoints every 7 steps, killed after the second; the 46 steps left take seconds, far
+# longer than the kill's delay (0–0.3 s), so the kill always lands inside the stage
+KILL_TOML = {
+    "diffusion": TINY_TOML.replace("steps = 6", "steps = 60").replace("checkpoint_every = 3", "checkpoint_every = 7"),
+    "autoencoder": TINY_TOML.replace("steps = 8", "steps = 60").replace("checkpoint_every = 3", "checkpoint_every = 7"),
 }
 CHECKPOINTS = {"diffusion": "checkpoints", "autoencoder": "checkpoints_autoencoder"}
 WEIGHTS = {"diffusion": ["unet_ema"], "autoencoder": ["autoencoder_vessels", "autoencoder_nuclei", "autoencoder_target", "unet_ema"]}

@@ -103,3 +103,18 @@ def test_real_fields_of_tissue_are_tissue():
     assert tissue_mask(img[:, 400:1000, 300:900], 0.5).mean() >= 0.99  # inside the core: no glass in view
     inform = tifffile.imread(fixture("fluorescence/phenoptr_FIHC4__0929309_HP_IM3_2_component_data.tif")).astype(np.float32)
     assert tissue_mask(inform, 0.5).mean() >= 0.99
+
+
+@pytest.mark.parametrize("radius", [1, 4, 13])
+def test_gaps_close_as_a_disk_footprint_closes_them(radius):
+    """`close_gaps` (distance maps) against scikit-image's closing with a disk footprint (min/max filters),
+    on blobs that touch the border and leave gaps of every width."""
+    from scipy import ndimage
+    from skimage import morphology
+
+    rng = np.random.default_rng(radius)
+    mask = ndimage.gaussian_filter(rng.random((160, 190)), 3) > 0.52
+    expect = morphology.closing(mask, morphology.disk(radius))
+    got = tiling.close_gaps(mask, radius)
+    assert got.dtype == bool and 0 < mask.sum() < got.sum() < mask.size
+    np.testing.assert_array_equal(got, expect)

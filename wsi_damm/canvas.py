@@ -43,6 +43,7 @@ from .diffusion.noise import canvas_key, canvas_normal
 from .diffusion.samplers import Plan
 from .distributed import Ranks
 from .errors import InputError
+from .heap import release_free_memory
 from .latent_canvas import ENCODE_HALO, ENCODE_TILE, check_aligned, coverage, encode_tiled, paste_patches
 from .merge import window
 from .ome import writable
@@ -340,6 +341,8 @@ def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: n
         with torch.inference_mode():
             z = encode_tiled(image[None], encode, f)
         canvas[:, :, y0:y1, :] = z[:, :, y0 - ya : y1 - ya].float().cpu().numpy()
+        del image, z
+        release_free_memory()
     group.attrs["cond_canvas_done"] = True
 
 
@@ -416,6 +419,7 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
             work["gate_divergence"][i, rows[0] : rows[-1] + 1] = gate[:, 0]
             work["gate_share"][i, rows[0] : rows[-1] + 1] = gate[:, 1]
             steps_done[si] = i + 1  # after the step's state: a flag never names unwritten data
+        release_free_memory()
         bar.update(len(rows))
         ranks.barrier()
 
@@ -506,3 +510,4 @@ def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predicto
         root["divergence"][a:b] = gate_d.mean(0) if nuclei else np.full(b - a, np.nan, np.float32)
         root["multimodal_fraction"][a:b] = np.asarray(work["gate_share"][:, a:b]).mean(0) if nuclei else np.zeros(b - a, np.float32)
         root["shard_done"][shard] = 1
+        release_free_memory()

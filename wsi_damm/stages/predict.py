@@ -30,6 +30,7 @@ from ..diffusion.schedule import NoiseSchedule
 from ..distributed import Ranks, setup_ranks
 from ..errors import InputError
 from ..files import partial_path, prepare_output, publish
+from ..heap import release_free_memory
 from ..latent_canvas import ENCODE_TILE, decode_tiled
 from ..merge import BLENDS
 from ..precision import amp_mode, autocast
@@ -295,6 +296,7 @@ def run_predict(
         prepare_output(out, resume, overwrite, (cond_path, partial_path(cond_path)))
         if not cond_path.exists():
             run_tile(specs, cond_path, condition_config(rc, cfg), resume=True, progress=progress, qc=qc_folder(out))
+            release_free_memory()
         if not (partial / "zarr.json").exists():
             conditions = PatchStore.open(cond_path)
             attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
@@ -395,5 +397,6 @@ def predict_maps(run_dir: Path, specs: list[SlideSpec], out: Path, cfg: PredictC
     store = run_predict(run_dir, specs, out, cfg, resume, overwrite, progress)
     if not stitch or int(os.environ.get("RANK", "0")) != 0:
         return Predicted(store, [])
+    release_free_memory()  # what sampling freed, before the stitch's workers start
     maps = run_stitch(out, map_path or default_map_path(out), blend, tiff, progress=progress, resume=resume, tiff_units=tiff_units)
     return Predicted(store, maps)

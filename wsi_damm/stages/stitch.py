@@ -23,6 +23,7 @@ import zarr
 
 from ..errors import InputError
 from ..files import partial_path, publish
+from ..heap import release_free_memory
 from ..jobs import check_resources, is_cluster, run_tasks
 from ..merge import BlendMerger, window
 from ..np_units import NpScale
@@ -112,6 +113,8 @@ def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], patch_level
         merger.aggregate([read_rows(root[name], band.rows)[:, 0] for name in names], band.yx, band.gate)  # float16
     write_map_region(levels, patch_level, band.y0, band.x0, *merger.finalize())
     done[index] = 1
+    del merger
+    release_free_memory()  # a worker merges band after band: what one freed must not pile up
     return 1
 
 

@@ -26,13 +26,15 @@ def peak_rss_mb() -> float:
 class TreeMemory:
     """Peak memory of this process plus its worker processes, sampled every `interval` s: the
     sum of PSS (shared pages split between the processes sharing them, so nothing counts twice).
+    With `root`, the tree of that process instead (a job started with Popen), without this one:
+    a benchmark that wrote a large slide in-process holds memory of its own that is not the job's.
 
-    `peak_mb` is the larger of that sampled peak and this process's own VmHWM; a spike shorter
-    than `interval` in a worker can be missed.
+    `peak_mb` is the larger of that sampled peak and this process's own VmHWM (without `root`);
+    a spike shorter than `interval` in a worker can be missed.
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.sampled_mb = interval, 0.0
+    def __init__(self, interval: float = 0.05, root: int | None = None) -> None:
+        self.interval, self.sampled_mb, self.root = interval, 0.0, root
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -46,11 +48,12 @@ class TreeMemory:
 
     @property
     def peak_mb(self) -> float:
-        return max(self.sampled_mb, peak_rss_mb())
+        return self.sampled_mb if self.root is not None else max(self.sampled_mb, peak_rss_mb())
 
     def _run(self) -> None:
+        root = self.root if self.root is not None else os.getpid()
         while not self._stop.wait(self.interval):
-            self.sampled_mb = max(self.sampled_mb, sum(_pss_kb(p) for p in _tree(os.getpid())) / 1024)
+            self.sampled_mb = max(self.sampled_mb, sum(_pss_kb(p) for p in _tree(root)) / 1024)
 
 
 def _tree(pid: int) -> list[int]:

@@ -113,7 +113,7 @@ def main() -> None:
             with TreeMemory(root=job.pid) as mem:  # the job's processes only: this one still holds the slide it wrote
                 if job.wait() != 0:
                     raise subprocess.CalledProcessError(job.returncode, argv)
-            result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --sampling shifted --steps 2 (then stitch), all processes",
+            result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --sampling shifted --steps 2 (then stitch), the job's processes",
                                 "peak_pss_mb": round(mem.peak_mb, 1), "target_mb": 2048, "seconds": round(time.perf_counter() - t0, 1),
                                 "patches": int(zarr.open_group(str(work / "big.zarr"), mode="r")["pred"].shape[0])}
         print(json.dumps(result, indent=2))

@@ -48,3 +48,41 @@ def test_tiling_is_independent_of_tile_size_in_the_simulator():
     inner = (slice(264, 536), slice(364, 736))  # ≥ MARGIN inside the small window
     for name in ("CD31", "DAPI", "NP"):
         np.testing.assert_allclose(part[name][64:-64, 64:-64], big[name][inner], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("density, length_um", [(1.0, 8.0), (0.0, 60.0)])
+def test_np_spreads_from_a_point_as_a_gaussian_of_the_penetration_length(density, length_um):
+    """Closed form: one point source in uniform density spreads as the normalised Gaussian of that density's
+    penetration length (8 µm dense, 60 µm sparse) — the physics `fov_bound` relies on, linear in the sources."""
+    from wsi_damm.workflows.synth import np_spread
+
+    cfg, c, n = SynthConfig(), 4, 257
+    src = np.zeros((n, n))
+    src[n // 2, n // 2] = 1.0
+    field = np_spread(cfg, c, src, np.full((n, n), density))
+    sigma = length_um / (c * cfg.mpp)  # coarse px
+    r2 = ((np.arange(n) - n // 2)[:, None] ** 2 + (np.arange(n) - n // 2)[None, :] ** 2)
+    expected = np.exp(-r2 / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+    near = r2 < (3.5 * sigma) ** 2  # scipy truncates its Gaussians at 4 σ
+    np.testing.assert_allclose(field[near], expected[near], rtol=0.02, atol=1e-4 * expected.max())
+    assert field.sum() == pytest.approx(1.0, abs=1e-3)  # what leaks out stays in the tissue
+    other = np.zeros((n, n))
+    other[n // 2 + 5, n // 2 - 9] = 0.5
+    other_field = np_spread(cfg, c, other, np.full((n, n), density))
+    # linear: two sources give the sum of their fields
+    np.testing.assert_allclose(np_spread(cfg, c, src + other, np.full((n, n), density)), field + other_field, rtol=1e-9, atol=1e-15)
+
+
+def test_coarse_fields_are_read_as_bilinear_interpolation_of_the_whole_grid():
+    """`_sample` reads only the coarse pixels a window needs; brute-force reference: map_coordinates on the whole grid."""
+    from scipy import ndimage
+
+    from wsi_damm.workflows.synth import _sample
+
+    field = np.random.default_rng(0).random((64, 80))
+    for c in (4, 8):
+        for y0, x0, h, w in ((0, 0, 40, 50), (37, 101, 97, 33), (c * 64 - 30, c * 80 - 20, 30, 20), (5, 3, c * 64 - 5, c * 80 - 3)):
+            ys = (np.arange(y0, y0 + h) + 0.5) / c - 0.5
+            xs = (np.arange(x0, x0 + w) + 0.5) / c - 0.5
+            expected = ndimage.map_coordinates(field, np.meshgrid(ys, xs, indexing="ij"), order=1, mode="nearest")
+            np.testing.assert_allclose(_sample(field, c, y0, x0, h, w), expected, rtol=0, atol=1e-12)

@@ -349,6 +349,15 @@ def plot_losses(run: RunDir) -> None:
     plt.close(fig)
 
 
+def with_store_tiling(cfg: RunConfig, store: PatchStore) -> RunConfig:
+    """`cfg` with what the store's tiling fixed (patch size, roles, resolution, percentiles, NP units): what
+    `predict` later tiles new slides by."""
+    a = store.attrs
+    return replace(cfg, patch_size=int(a["patch_size"]), roles=tuple(store.roles), mpp=a.get("mpp"), level=a.get("level"),
+                   store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))),
+                   tissue=a.get("tissue", "auto"), np_scale=NpScale.from_attrs(a.get("np_normalisation")))
+
+
 def run_training(
     store_path: Path,
     out: Path,
@@ -370,10 +379,7 @@ def run_training(
     if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
     run = RunDir(out)
-    a = store.attrs
-    cfg = replace(cfg, patch_size=patch, roles=tuple(roles), mpp=a.get("mpp"), level=a.get("level"),
-                  store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))),
-                  tissue=a.get("tissue", "auto"), np_scale=NpScale.from_attrs(a.get("np_normalisation")))
+    cfg = with_store_tiling(cfg, store)
     if run.config.exists():
         previous = load_run_config(run)
         if previous.patch_size != patch:

@@ -75,6 +75,7 @@ class Layout:
     radius: np.ndarray  # px
     leak: np.ndarray
     bright: np.ndarray
+    np_scale: float  # the slide's 99.5th percentile of NP over tissue, which np_field is divided by
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -163,28 +164,46 @@ def make_layout(cfg: SynthConfig, index: int) -> Layout:
     # dimmer where leakage is high, so leakiness is visible to a model of CD31 (not to a blur)
     bright = np.clip(1.0 - 0.6 * leak + rng.normal(0, 0.08, len(p0)), 0.25, 1.1)
 
-    # NP: line sources on leaky vessels, spread by a length that shrinks with true cell density.
-    src = np.zeros((hc, wc), np.float64)
+    src = np_sources(cfg, c, (hc, wc), p0, p1, radius, leak)
+    field = np_spread(cfg, c, src, density)
+    scale = float(np.quantile(field[in_tissue], 0.995)) if in_tissue.any() else 1.0
+    np_field = (field / max(scale, 1e-12) * tissue).astype(np.float32)
+    return Layout(c, tissue, density, density_seen, divergent, np_field, p0, p1, radius, leak, bright, scale)
+
+
+def np_sources(cfg: SynthConfig, c: int, shape: tuple[int, int], p0: np.ndarray, p1: np.ndarray, radius: np.ndarray,
+               leak: np.ndarray) -> np.ndarray:
+    """NP released per coarse pixel: line sources on the vessel segments, by leakiness² × calibre."""
+    src = np.zeros(shape, np.float64)
     if len(p0):
         pts, idx = _segment_points(p0 / c, p1 / c, 0.5)
-        iy = np.clip(pts[:, 0].astype(int), 0, hc - 1)
-        ix = np.clip(pts[:, 1].astype(int), 0, wc - 1)
+        iy = np.clip(pts[:, 0].astype(int), 0, shape[0] - 1)
+        ix = np.clip(pts[:, 1].astype(int), 0, shape[1] - 1)
         np.add.at(src, (iy, ix), leak[idx] ** 2 * radius[idx] * cfg.mpp * 0.5)
+    return src
+
+
+def np_spread(cfg: SynthConfig, c: int, src: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """Extravasated NP (coarse, before the slide's scale): sources spread by a length that shrinks with the
+    true cell density, from `penetration_sparse` to `penetration_dense`. Linear in `src`, so the NP a pixel
+    owes to any subset of the sources is this of that subset."""
+    um = c * cfg.mpp
     lengths = np.geomspace(cfg.penetration_dense, cfg.penetration_sparse, 4)
     spread = np.stack([ndimage.gaussian_filter(src, lam / um) for lam in lengths])
     pos = (1 - density) * (len(lengths) - 1)
     lo = np.clip(np.floor(pos).astype(int), 0, len(lengths) - 2)
     frac = pos - lo
-    field = np.take_along_axis(spread, lo[None], 0)[0] * (1 - frac) + np.take_along_axis(spread, lo[None] + 1, 0)[0] * frac
-    scale = np.quantile(field[in_tissue], 0.995) if in_tissue.any() else 1.0
-    np_field = (field / max(scale, 1e-12) * tissue).astype(np.float32)
-    return Layout(c, tissue, density, density_seen, divergent, np_field, p0, p1, radius, leak, bright)
+    return np.take_along_axis(spread, lo[None], 0)[0] * (1 - frac) + np.take_along_axis(spread, lo[None] + 1, 0)[0] * frac
 
 
 def _sample(field: np.ndarray, c: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     """Bilinear read of a coarse field at full-res pixel centres of a window."""
     ys = (np.arange(y0, y0 + h) + 0.5) / c - 0.5
     xs = (np.arange(x0, x0 + w) + 0.5) / c - 0.5
+    # only the coarse pixels the window reads (c is a power of two, so the shifted coordinates are exact)
+    ya, yb = int(np.clip(np.floor(ys[0]), 0, field.shape[0] - 1)), int(np.clip(np.floor(ys[-1]) + 2, 1, field.shape[0]))
+    xa, xb = int(np.clip(np.floor(xs[0]), 0, field.shape[1] - 1)), int(np.clip(np.floor(xs[-1]) + 2, 1, field.shape[1]))
+    field, ys, xs = field[ya:yb, xa:xb], ys - ya, xs - xa
     # separable: interpolate rows, then columns
     rows = ndimage.map_coordinates(field, np.meshgrid(ys, np.arange(field.shape[1]), indexing="ij"), order=1, mode="nearest")
     return ndimage.map_coordinates(rows, np.meshgrid(np.arange(h), xs, indexing="ij"), order=1, mode="nearest")

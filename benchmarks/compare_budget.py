@@ -1,0 +1,104 @@
+"""Training budget: the canvas recipe (the demo's) trained with more diffusion steps, on the demo's data,
+scored on its held-out slide — does the distance to the oracle shrink with training?
+
+Same data, autoencoder steps, batch, sampler (DPM-Solver++, the demo's 10 steps) and scoring as
+`compare_seamless.py`'s canvas rows; only the diffusion steps change (`--steps`, default 1800 = twice
+the demo's 900; the DAMMP warm-up stays the same fraction of them). Each run predicts one draw and the
+mean of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
+(decode(encode(measured NP)), patch by patch: the best its latents allow). `budget.json` is rewritten
+after every run (mean ± sd with ddof = 1 over seeds, and per run); rerun with the same --work to resume.
+
+    python benchmarks/compare_budget.py --out benchmarks/results/budget [--steps 1800] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys as _sys
+import time
+from pathlib import Path
+
+_sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
+
+RECIPE = {"local": True, "latents": "canvas", "sampling": "shifted"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/budget"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/compare_seamless"), help="data (shared with compare_seamless), runs and maps; rerun to resume")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1800], help="diffusion training steps")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--draws", type=int, nargs="+", default=[1, 4])
+    args = ap.parse_args()
+
+    from wsi_damm.stages.train import run_training
+
+    t0 = time.perf_counter()
+    demo = demo_budget(args.work)
+    runs: list[dict] = []
+    for steps in args.steps:
+        plan = dataclasses.replace(demo.plan, steps=steps)
+        for seed in args.seeds:
+            run_dir = args.work / f"budget{steps}" / f"seed{seed}"
+            row = {"seed": seed, "diffusion_steps": steps, "autoencoder_steps": plan.ae_steps}
+            done = run_dir / "row.json"
+            if done.exists():
+                row = json.loads(done.read_text())
+                if "ceiling" not in row:
+                    row["ceiling"] = ceiling(demo, run_dir)
+                    done.write_text(json.dumps(row) + "\n")
+                runs.append(row)
+                continue
+            if not (run_dir / "unet_ema.safetensors").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                t = time.perf_counter()
+                cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"]})
+                run_training(demo.data.store, run_dir, cfg, stage="all", progress=False)
+                row["train_seconds"] = round(time.perf_counter() - t, 1)
+                print(f"{steps} steps, seed {seed}: trained in {row['train_seconds']:.0f} s", flush=True)
+            for draws in args.draws:
+                row[f"draws{draws}"] = predict_and_score(demo, run_dir, draws, seed, RECIPE["sampling"])
+            row["ceiling"] = ceiling(demo, run_dir)
+            done.write_text(json.dumps(row) + "\n")
+            runs.append(row)
+            print(json.dumps({"steps": steps, "seed": seed} | {
+                f"draws{d}": (round(row[f'draws{d}']['ssim'], 4), round(row[f'draws{d}']['psnr'], 2), round(row[f'draws{d}']['seam_score'], 3))
+                for d in args.draws}), flush=True)
+            write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
+    write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
+
+
+def ceiling(demo, run_dir: Path) -> dict:
+    """The run's autoencoder ceiling: decode(encode(measured NP)), patch by patch, scored like its maps."""
+    from wsi_damm.stages.evaluate import run_evaluate
+    from wsi_damm.workflows.ceiling import ceiling_map
+
+    made = ceiling_map(run_dir, demo.held.spec, demo.held.clean, run_dir / "ceiling.ome.zarr", "measured", progress=False)
+    return scores(run_evaluate([(made, demo.held.spec)], run_dir / "ceiling_report", [demo.held.clean], **demo.scoring))
+
+
+def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -> None:
+    table = {}
+    for steps in sorted({r["diffusion_steps"] for r in runs}):
+        mine = [r for r in runs if r["diffusion_steps"] == steps]
+        table[str(steps)] = {f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score")} for d in draws}
+        with_ceiling = [r for r in mine if "ceiling" in r]
+        if with_ceiling:
+            table[str(steps)]["ceiling"] = {m: summary([r["ceiling"][m] for r in with_ceiling]) for m in ("ssim", "psnr")}
+        for d in draws:
+            table[str(steps)][f"draws{d}"]["regions"] = {
+                g: {m: summary([r[f"draws{d}"]["regions"][g][m] for r in mine]) for m in ("ssim", "psnr", "multimodal_share")}
+                for g in mine[0][f"draws{d}"]["regions"]}
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"simulator_version": demo.simulator_version, "plan": demo.plan.__dict__, "recipe": RECIPE, "seconds_this_invocation": round(seconds, 1),
+              "blurred_vessels": demo.blur, "summary": table, "runs": runs}
+    (out / "budget.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

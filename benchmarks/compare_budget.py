@@ -9,6 +9,7 @@ mean of 4, scored on the same pixels as every other demo-budget benchmark, and i
 after every run (mean ± sd with ddof = 1 over seeds, and per run); rerun with the same --work to resume.
 
     python benchmarks/compare_budget.py --out benchmarks/results/budget [--steps 1800] [--seeds 0 1 2]
+    python benchmarks/compare_budget.py --autoencoder-steps 600   # the autoencoders alone: their ceiling
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[1800], help="diffusion training steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--draws", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--autoencoder-steps", type=int, nargs="*", default=[],
+                    help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
     args = ap.parse_args()
 
     from wsi_damm.stages.train import run_training
 
     t0 = time.perf_counter()
     demo = demo_budget(args.work)
+    if args.autoencoder_steps:
+        return autoencoder_ceilings(args, demo, t0)
     runs: list[dict] = []
     for steps in args.steps:
         plan = dataclasses.replace(demo.plan, steps=steps)
@@ -71,6 +76,34 @@ def main() -> None:
                 for d in args.draws}), flush=True)
             write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
     write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
+
+
+def autoencoder_ceilings(args, demo, t0: float) -> None:
+    """The autoencoder ceiling against the autoencoder's training steps: `autoencoders.json`."""
+    from wsi_damm.stages.train import run_training
+
+    rows = []
+    for steps in args.autoencoder_steps:
+        plan = dataclasses.replace(demo.plan, ae_steps=steps)
+        for seed in args.seeds:
+            run_dir = args.work / f"autoencoder{steps}" / f"seed{seed}"
+            done = run_dir / "row.json"
+            if not done.exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                t = time.perf_counter()
+                cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"]})
+                run_training(demo.data.store, run_dir, cfg, stage="autoencoder", progress=False)
+                row = {"seed": seed, "autoencoder_steps": steps, "train_seconds": round(time.perf_counter() - t, 1), "ceiling": ceiling(demo, run_dir)}
+                done.write_text(json.dumps(row) + "\n")
+            rows.append(json.loads(done.read_text()))
+            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps")} | {"ssim": round(rows[-1]["ceiling"]["ssim"], 4),
+                                                                                        "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
+            table = {str(n): {m: summary([r["ceiling"][m] for r in rows if r["autoencoder_steps"] == n]) for m in ("ssim", "psnr")}
+                     for n in sorted({r["autoencoder_steps"] for r in rows})}
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "autoencoders.json").write_text(json.dumps({"simulator_version": demo.simulator_version, "recipe": RECIPE, "summary": table,
+                                                                     "seconds_this_invocation": round(time.perf_counter() - t0, 1), "runs": rows},
+                                                                    indent=1) + "\n", encoding="utf-8")
 
 
 def ceiling(demo, run_dir: Path) -> dict:

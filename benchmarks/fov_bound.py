@@ -46,7 +46,7 @@ def main() -> None:
     from wsi_damm.stages.tile import TileConfig
     from wsi_damm.stages.train import with_store_tiling
     from wsi_damm.store import PatchStore
-    from wsi_damm.workflows.dataset import synthetic_data
+    from wsi_damm.workflows.dataset import HELDOUT_SEED, TRAIN_SEED, synthetic_data
     from wsi_damm.workflows.demo import FULL
     from wsi_damm.workflows.patch_maps import patch_function_map
     from wsi_damm.workflows.synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, make_layout
@@ -56,9 +56,9 @@ def main() -> None:
     held = data.heldout[0]
     # the tiling `predict` uses for a run of the demo's recipe on this store (its canvas sampling aligns the patch grid)
     rc = with_store_tiling(budget_config(FULL, 0, {"local": True}, {"latents": "canvas"}), PatchStore.open(data.store))
-    # the slides `dataset.synthetic_data` writes: training slides seed 1, held-out seed 1001, each by its index
-    train_layouts = [make_layout(SynthConfig(size=FULL.size, seed=1), i) for i in range(FULL.train_slides)]
-    held_cfg = SynthConfig(size=FULL.size, seed=1001)
+    # the layouts of the slides `dataset.synthetic_data` wrote
+    train_layouts = [make_layout(SynthConfig(size=FULL.size, seed=TRAIN_SEED), i) for i in range(FULL.train_slides)]
+    held_cfg = SynthConfig(size=FULL.size, seed=HELDOUT_SEED)
     held_lay = make_layout(held_cfg, 0)
     scales = {"train": [lay.np_scale for lay in train_layouts], "heldout": held_lay.np_scale}
     rows = []

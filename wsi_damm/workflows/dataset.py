@@ -15,6 +15,8 @@ from ..stages.tile import TileConfig, label_patches, run_tile
 from ..store import PatchStore
 from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, write_slides
 
+TRAIN_SEED, HELDOUT_SEED = 1, 1001  # simulator seeds: slide i of each set is `make_layout(SynthConfig(seed=…), i)`
+
 
 @dataclass(frozen=True)
 class HeldOut:
@@ -36,7 +38,7 @@ def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg:
     `heldout_size` (default `size`): held-out slides may be smaller — every model predicts each of them,
     so their area is what a study's prediction time scales with."""
     out = Path(out)
-    cfg = SynthConfig(size=size, seed=1)
+    cfg = SynthConfig(size=size, seed=TRAIN_SEED)
     heldout_size = heldout_size or size
     done = out / "synth_done.json"
     names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
@@ -47,7 +49,7 @@ def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg:
         sizes = f"{size}² px" if heldout_size == size else f"{size}² px; held out {heldout_size}² px"
         log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {sizes} at {cfg.mpp} µm/px) → {out / 'slides'}")
         write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
-        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=1001, size=heldout_size), progress=progress, prefix="heldout")
+        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=HELDOUT_SEED, size=heldout_size), progress=progress, prefix="heldout")
         shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
         write_json(done, wanted)
     train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]])

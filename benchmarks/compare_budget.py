@@ -1,14 +1,16 @@
-"""Training budget: the canvas recipe (the demo's) trained with more diffusion steps, on the demo's data,
-scored on its held-out slide — does the distance to the oracle shrink with training?
+"""Training budget and context: the canvas recipe (the demo's) trained with more diffusion steps, or
+given the context around each window, on the demo's data, scored on its held-out slide — does the
+distance to the oracle shrink?
 
 Same data, autoencoder steps, batch, sampler (DPM-Solver++, the demo's 10 steps) and scoring as
-`compare_seamless.py`'s canvas rows; only the diffusion steps change (`--steps`, default 1800 = twice
-the demo's 900; the DAMMP warm-up stays the same fraction of them). Each run predicts one draw and the
-mean of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
+`compare_seamless.py`'s canvas rows. A run is named by `--runs` entries STEPS or STEPS:SPAN: the
+diffusion steps (the demo's 900; the DAMMP warm-up stays the same fraction of them) and the context
+window in patches (`model.context_span`; none by default). Each run predicts one draw and the mean
+of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
 (decode(encode(measured NP)), patch by patch: the best its latents allow). `budget.json` is rewritten
 after every run (mean ± sd with ddof = 1 over seeds, and per run); rerun with the same --work to resume.
 
-    python benchmarks/compare_budget.py --out benchmarks/results/budget [--steps 1800] [--seeds 0 1 2]
+    python benchmarks/compare_budget.py --out benchmarks/results/budget [--runs 900 1800 900:4] [--seeds 0 1 2]
     python benchmarks/compare_budget.py --autoencoder-steps 600   # the autoencoders alone: their ceiling
 """
 
@@ -32,7 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/budget"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/compare_seamless"), help="data (shared with compare_seamless), runs and maps; rerun to resume")
-    ap.add_argument("--steps", type=int, nargs="+", default=[1800], help="diffusion training steps")
+    ap.add_argument("--runs", nargs="+", default=["900", "1800", "900:4"],
+                    help="STEPS (diffusion training steps) or STEPS:SPAN (and a context window SPAN patches wide)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--draws", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--autoencoder-steps", type=int, nargs="*", default=[],
@@ -46,14 +49,15 @@ def main() -> None:
     if args.autoencoder_steps:
         return autoencoder_ceilings(args, demo, t0)
     runs: list[dict] = []
-    for steps in args.steps:
+    for spec in args.runs:
+        steps, span = (int(v) for v in (spec.split(":") + ["0"])[:2])
         plan = dataclasses.replace(demo.plan, steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / f"budget{steps}" / f"seed{seed}"
-            row = {"seed": seed, "diffusion_steps": steps, "autoencoder_steps": plan.ae_steps}
+            run_dir = args.work / f"budget{steps}{f'_context{span}' if span else ''}" / f"seed{seed}"
+            row = {"seed": seed, "diffusion_steps": steps, "context_span": span, "autoencoder_steps": plan.ae_steps}
             done = run_dir / "row.json"
             if done.exists():
-                row = json.loads(done.read_text())
+                row = {"context_span": 0} | json.loads(done.read_text())
                 if "ceiling" not in row:
                     row["ceiling"] = ceiling(demo, run_dir)
                     done.write_text(json.dumps(row) + "\n")
@@ -62,16 +66,16 @@ def main() -> None:
             if not (run_dir / "unet_ema.safetensors").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
-                cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"]})
+                cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"], "context_span": span})
                 run_training(demo.data.store, run_dir, cfg, stage="all", progress=False)
                 row["train_seconds"] = round(time.perf_counter() - t, 1)
-                print(f"{steps} steps, seed {seed}: trained in {row['train_seconds']:.0f} s", flush=True)
+                print(f"{spec}, seed {seed}: trained in {row['train_seconds']:.0f} s", flush=True)
             for draws in args.draws:
                 row[f"draws{draws}"] = predict_and_score(demo, run_dir, draws, seed, RECIPE["sampling"])
             row["ceiling"] = ceiling(demo, run_dir)
             done.write_text(json.dumps(row) + "\n")
             runs.append(row)
-            print(json.dumps({"steps": steps, "seed": seed} | {
+            print(json.dumps({"run": spec, "seed": seed} | {
                 f"draws{d}": (round(row[f'draws{d}']['ssim'], 4), round(row[f'draws{d}']['psnr'], 2), round(row[f'draws{d}']['seam_score'], 3))
                 for d in args.draws}), flush=True)
             write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
@@ -115,16 +119,21 @@ def ceiling(demo, run_dir: Path) -> dict:
     return scores(run_evaluate([(made, demo.held.spec)], run_dir / "ceiling_report", [demo.held.clean], **demo.scoring))
 
 
+def run_name(row: dict) -> str:
+    """A run's key in the summary: its diffusion steps, with its context span if it has one."""
+    return f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "")
+
+
 def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -> None:
     table = {}
-    for steps in sorted({r["diffusion_steps"] for r in runs}):
-        mine = [r for r in runs if r["diffusion_steps"] == steps]
-        table[str(steps)] = {f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score")} for d in draws}
+    for name in dict.fromkeys(run_name(r) for r in runs):
+        mine = [r for r in runs if run_name(r) == name]
+        table[name] = {f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score")} for d in draws}
         with_ceiling = [r for r in mine if "ceiling" in r]
         if with_ceiling:
-            table[str(steps)]["ceiling"] = {m: summary([r["ceiling"][m] for r in with_ceiling]) for m in ("ssim", "psnr")}
+            table[name]["ceiling"] = {m: summary([r["ceiling"][m] for r in with_ceiling]) for m in ("ssim", "psnr")}
         for d in draws:
-            table[str(steps)][f"draws{d}"]["regions"] = {
+            table[name][f"draws{d}"]["regions"] = {
                 g: {m: summary([r[f"draws{d}"]["regions"][g][m] for r in mine]) for m in ("ssim", "psnr", "multimodal_share")}
                 for g in mine[0][f"draws{d}"]["regions"]}
     out.mkdir(parents=True, exist_ok=True)

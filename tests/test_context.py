@@ -96,3 +96,22 @@ def test_a_context_run_widens_each_branchs_input_and_refuses_a_store_without_con
     with pytest.raises(InputError, match="tile the slides again"):
         run_training(old, tmp_path / "run", resolve("tiny", tmp_path / "tiny.toml", {"model": {"context_span": 4}}), progress=False)
     assert not (tmp_path / "run" / "unet_ema.safetensors").exists()
+
+
+@pytest.mark.parametrize("uni_branch", ["vessels", "nuclei"])
+def test_each_branch_gets_the_context_of_its_own_channel(uni_branch):
+    """`with_context` puts each branch's context channel right after its latent, whichever role the
+    uni-modal branch reads (the paper's Tab. 4 swaps them)."""
+    from wsi_damm.stages.predict import PredictConfig, Predictor
+
+    rc = RunConfig.from_dict({"model": {"context_span": 4, "uni_branch": uni_branch}})
+    pred = object.__new__(Predictor)
+    pred.rc, pred.cfg, pred.device = rc, PredictConfig(), torch.device("cpu")
+    c, p = rc.autoencoder.latent_channels, 8
+    latents = torch.cat([torch.full((1, c, p, p), 10.0), torch.full((1, c, p, p), 20.0)], 1)  # uni, then multi
+    context = np.stack([np.full((1, 16, 16), 0.25, np.float32), np.full((1, 16, 16), 0.75, np.float32)], 1)  # vessels, nuclei
+    got = pred.with_context(latents, ["vessels", "nuclei"], context)
+    uni_ctx, multi_ctx = (-0.5, 0.5) if uni_branch == "vessels" else (0.5, -0.5)
+    assert got.shape == (1, 2 * (c + 1), p, p)
+    assert (got[:, :c] == 10).all() and torch.allclose(got[:, c], torch.full((1, p, p), uni_ctx))
+    assert (got[:, c + 1 : 2 * c + 1] == 20).all() and torch.allclose(got[:, 2 * c + 1], torch.full((1, p, p), multi_ctx))

@@ -1,6 +1,6 @@
 """Latent canvases: tiled encoding and halo decoding equal whole-image coding for local autoencoders
 (and not for GroupNorm ones), training crops are crops of the slide's encoding, on tissue, and a
-canvas-latent run resumes bit for bit."""
+canvas-latent run resumes bit for bit; a crop's context is cut where the crop was."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from safetensors.torch import load_file
 
 from wsi_damm.canvas import window_crops
 from wsi_damm.config import resolve
+from wsi_damm.context import CONTEXT_DOWNSAMPLE
 from wsi_damm.errors import InputError
 from wsi_damm.latent_canvas import GLASS, LatentCanvases, coverage, decode_tiled, encode_tiled, mirror
 from wsi_damm.models.autoencoder import Autoencoder
 from wsi_damm.run_dir import RunDir
 from wsi_damm.stages.train import run_training
+from wsi_damm.store import PatchStore, read_rows, to_model_range
 
 
 def _ae(local: bool) -> Autoencoder:
@@ -130,11 +132,48 @@ def test_training_crops_are_crops_of_the_slide_encoding_and_stay_on_tissue():
     assert canv.sample_shape == (3, p, p) and len(canv) == len(yx)
 
 
-def test_canvas_latents_need_local_autoencoders_and_no_context():
+def test_canvas_latents_need_local_autoencoders():
     with pytest.raises(InputError, match="--ae-local"):
         resolve("tiny", None, {"autoencoder": {"local": False}, "model": {"latents": "canvas"}})
-    with pytest.raises(InputError, match="context"):
-        resolve("tiny", None, {"model": {"context_span": 2}})  # the tiny preset trains on canvas latents
+    assert resolve("tiny", None, {"model": {"context_span": 2}}).model.latents == "canvas"  # context follows canvas crops
+
+
+def test_a_moved_crop_carries_the_context_of_where_it_was_cut(small_store):
+    """Each condition role gets one more channel: the stored context image cut around the crop's own
+    pixel position (patch position + offset), brute force here; the target gets none."""
+    store = PatchStore.open(small_store)
+    f, patch, span = 4, int(store.attrs["patch_size"]), 4
+    rows = np.arange(len(store))
+    coords = store.coords
+
+    def encode(x: torch.Tensor) -> torch.Tensor:  # any local encoder will do
+        return torch.nn.functional.avg_pool2d(x, f).repeat(1, 2, 1, 1)
+
+    roles = ("vessels", "nuclei", "target")
+    canv = LatentCanvases(lambda r: to_model_range(read_rows(store.images, r)), coords, {r: encode for r in roles},
+                          {r: store.roles.index(r) for r in roles}, f, patch,
+                          context=lambda r, origins: store.context_windows(r, span, origins), context_roles=tuple(store.context_roles))
+    off = canv.offsets(rows, torch.Generator().manual_seed(3))
+    lat = canv.batch(rows, off)
+    p, side = patch // f, round(span * patch / CONTEXT_DOWNSAMPLE)
+    assert side == p and lat["target"].shape[1] == 2 and lat["vessels"].shape[1] == lat["nuclei"].shape[1] == 3
+    moved = 0
+    for j in rows:
+        image = np.asarray(store.root["context"][str(coords[j, 0])][:], np.float32)
+        for origin, got in ((coords[j, 1:] + off[j] * f, lat), (coords[j, 1:], canv.batch(rows[j : j + 1]))):
+            centre = (origin + patch / 2) / CONTEXT_DOWNSAMPLE
+            top = np.rint(centre - side / 2).astype(int)
+            want = np.zeros((image.shape[0], side, side), np.float32)
+            for a in range(side):
+                for b in range(side):
+                    y, x = top[0] + a, top[1] + b
+                    if 0 <= y < image.shape[1] and 0 <= x < image.shape[2]:
+                        want[:, a, b] = image[:, y, x]
+            k = j if got is lat else 0
+            for c, role in enumerate(store.context_roles):
+                torch.testing.assert_close(got[role][k, -1], torch.from_numpy(want[c] * 2 - 1), atol=1e-6, rtol=0)
+        moved += not torch.equal(lat["vessels"][j, -1], canv.batch(rows[j : j + 1])["vessels"][0, -1])
+    assert moved > len(rows) // 4  # the offsets move the context with the crop
 
 
 def test_a_canvas_latent_run_resumes_bit_for_bit(small_store, tiny_toml, tmp_path):

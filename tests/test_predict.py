@@ -29,10 +29,11 @@ def tiny_run(small_store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def canvas_run(small_store, tmp_path_factory):
-    """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops."""
+    """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops; with
+    context 2 patches wide (resampled to the latent grid), cut where each window lies."""
     d = tmp_path_factory.mktemp("canvas_run")
     (d / "tiny.toml").write_text(TINY_TOML)
-    flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas"}}
+    flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas", "context_span": 2}}
     return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", flags), progress=False).path
 
 

@@ -323,7 +323,7 @@ def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: n
     from it is what the run's canvas-latent training cut. Built once per slide, resumably."""
     group = work[f"slide_{si}"]
     f, patch = predictor.factor, int(conditions.attrs["patch_size"])
-    cc = condition_channels(predictor.rc) * (2 if predictor.uses_nuclei(conditions.roles) else 1)
+    cc = latent_channels(predictor.rc) * (2 if predictor.uses_nuclei(conditions.roles) else 1)  # context is cut per window
     canvas = _canvas_array(group, "cond", (1, cc, height, width), stride_rows)
     if group.attrs.get("cond_canvas_done", False):
         return
@@ -331,7 +331,7 @@ def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: n
     check_aligned(yx, f, conditions.path)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return predictor.conditions(x, conditions.roles, micro_batches=False)
+        return predictor.latent_conditions(x, conditions.roles, micro_batches=False)
 
     for y0 in range(0, height, ENCODE_TILE):
         y1 = min(height, y0 + ENCODE_TILE)
@@ -379,11 +379,14 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
         return coverage(tissue.yx - SHIFT_MARGIN, p + 2 * SHIFT_MARGIN, y0, y1, width)
 
     def conditions_of(windows: Windows, idx: np.ndarray) -> torch.Tensor:
-        """The condition latents of windows `idx` (sorted): patch encodings, or crops of the condition
-        canvas (a run trained on canvas latents)."""
+        """The conditions of windows `idx` (sorted): patch encodings, or crops of the condition canvas (a
+        run trained on canvas latents) with the context around each window where it was cut."""
         if not from_canvas:
             return torch.from_numpy(read_rows(cond, rows[idx]))
-        return row_crops(windows.yx[idx], p, lambda y: torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :])), dim=0)
+        crops = row_crops(windows.yx[idx], p, lambda y: torch.from_numpy(np.asarray(group["cond"][0, :, y : y + p, :])), dim=0)
+        span = predictor.rc.model.context_span
+        context = conditions.context_at(si, windows.yx[idx] * f, span) if span else None
+        return predictor.with_context(crops, conditions.roles, context)
 
     def denoiser_over(windows: Windows, gate: np.ndarray):
         def denoise(idx: np.ndarray, crops: torch.Tensor, i: int) -> torch.Tensor:

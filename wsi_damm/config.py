@@ -217,9 +217,6 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch")
     if not isinstance(m.context_span, int) or m.context_span < 0:
         raise InputError("--context-span", f"must be a whole number of patches ≥ 0, got {m.context_span!r}")
-    if m.latents == "canvas" and m.context_span:
-        raise InputError("--context-span", "a patch-centred context window does not follow canvas latents, which are cut at random offsets",
-                         "add --latents patch, or drop --context-span")
     if m.confidence_input not in ("both", "uni"):
         raise InputError("confidence_input", f"must be both or uni, got {m.confidence_input!r}")
     if cfg.schedule.objective not in ("eps", "v"):

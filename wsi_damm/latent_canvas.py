@@ -10,7 +10,8 @@ past the encoder's reach (`encode_tiled`, equal to encoding the slide whole), an
 the U-Net (`model.latents = "canvas"`) on crops of those canvases — each at its patch's position moved
 by a random offset of up to half a patch wherever the whole crop stays on tissue, which also shows the
 model every position rather than the tiling grid. Offsets come from (seed, step): a resumed run draws
-the same crops.
+the same crops. A run conditioned on context (`model.context_span`) gets each crop's context window
+centred where the crop was cut, as shifted-grid sampling cuts it for its windows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .context import to_latent_grid
 from .errors import InputError
 
 ENCODE_HALO = 8  # latent pixels of image around each tile: past the tiny encoder's reach (≈ 28 px at f = 4)
@@ -127,12 +129,18 @@ class PatchLatents:
 class LatentCanvases(PatchLatents):
     """Training rows as crops of per-slide latent canvases. `images(rows)` gives patches (B, C, P, P) in
     model range, `coords` (n, 3) their slide and pixel corner, `encoders` {role: (B, 1, h, w) → latents}
-    per role with `channel` its image channel. Each slide's canvas spans its patches' bounding box."""
+    per role with `channel` its image channel. Each slide's canvas spans its patches' bounding box.
+    `context(rows, origins)`, if given, gives the context windows (B, len(context_roles), s, s) in [0, 1]
+    around patch-sized windows at pixel `origins` (B, 2) of those rows' slides; each role of
+    `context_roles` then gets its window as one more channel, on the latent grid."""
 
     def __init__(self, images: Callable[[np.ndarray], torch.Tensor], coords: np.ndarray, encoders: dict[str, Callable],
-                 channel: dict[str, int], factor: int, patch: int, device: torch.device | str = "cpu", source=None) -> None:
+                 channel: dict[str, int], factor: int, patch: int, device: torch.device | str = "cpu", source=None,
+                 context: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, context_roles: tuple[str, ...] = ()) -> None:
         coords = np.asarray(coords)
         self.roles = list(encoders)
+        self.factor, self.origin = factor, coords[:, 1:].astype(np.int64)
+        self.context, self.context_roles = context, list(context_roles)
         self.p = patch // factor
         self.shift = self.p // 2
         self.n = len(coords)
@@ -197,4 +205,9 @@ class LatentCanvases(PatchLatents):
             xs = torch.from_numpy(yx[m, 1])[:, None, None] + ar[None, None, :]
             out[torch.from_numpy(m).to(out.device)] = self.canvases[int(s)][:, ys.to(out.device), xs.to(out.device)].permute(1, 0, 2, 3)
         bounds = np.cumsum([0, *self.widths])
-        return {r: out[:, bounds[k] : bounds[k + 1]] for k, r in enumerate(self.roles)}
+        crops = {r: out[:, bounds[k] : bounds[k + 1]] for k, r in enumerate(self.roles)}
+        if self.context is not None:
+            moved = self.origin[rows] + (0 if offsets is None else offsets) * self.factor  # the crops' pixel corners
+            ctx = to_latent_grid(self.context(rows, moved), self.p, out.device)
+            crops |= {r: torch.cat([crops[r], ctx[:, k : k + 1]], 1) for k, r in enumerate(self.context_roles)}
+        return crops

@@ -116,20 +116,31 @@ class PatchStore:
         """Roles of the stored context images (empty for stores tiled before there was context)."""
         return list(self.attrs.get("context", {}).get("roles", [])) if "context" in self.root else []
 
-    def context_windows(self, rows: np.ndarray, span: int) -> np.ndarray:
-        """(B, C, s, s) float32 in [0, 1]: the context around patches `rows`, a window `span` patches wide."""
+    def context_windows(self, rows: np.ndarray, span: int, origins: np.ndarray | None = None) -> np.ndarray:
+        """(B, C, s, s) float32 in [0, 1]: the context around patches `rows`, a window `span` patches wide,
+        centred on each patch, or on a patch-sized window at `origins` (B, 2; tiled-grid pixels, the
+        same slide as the row: a canvas crop moved off the tiling grid)."""
         if not self.context_roles:
             raise InputError(self.path, "has no context images (tiled by an older wsi-damm)", "tile the slides again")
         rows = np.asarray(rows)
         every = self.__dict__.get("_coords")
         if every is None:  # read once: training asks for a few rows at a time, over and over
             every = self.__dict__.setdefault("_coords", self.coords)
-        coords, patch = every[rows], int(self.attrs["patch_size"])
-        out = np.zeros((len(rows), len(self.context_roles), window_side(patch, span), window_side(patch, span)), np.float32)
+        coords = every[rows]
+        yx = coords[:, 1:] if origins is None else np.asarray(origins)
+        side = window_side(int(self.attrs["patch_size"]), span)
+        out = np.zeros((len(rows), len(self.context_roles), side, side), np.float32)
         for si in np.unique(coords[:, 0]):
             sel = coords[:, 0] == si
-            out[sel] = cut_windows(self._context_image(int(si)), coords[sel, 1:], patch, span)
+            out[sel] = self.context_at(int(si), yx[sel], span)
         return out
+
+    def context_at(self, slide_index: int, origins: np.ndarray, span: int) -> np.ndarray:
+        """(B, C, s, s) float32 in [0, 1]: context windows `span` patches wide around patch-sized windows
+        at tiled-grid pixel `origins` (B, 2) of one slide: anywhere, not only at tiled patches."""
+        if not self.context_roles:
+            raise InputError(self.path, "has no context images (tiled by an older wsi-damm)", "tile the slides again")
+        return cut_windows(self._context_image(slide_index), np.asarray(origins), int(self.attrs["patch_size"]), span)
 
     def _context_image(self, slide_index: int) -> np.ndarray:
         cache = self.__dict__.setdefault("_context_cache", {})

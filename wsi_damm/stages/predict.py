@@ -171,35 +171,54 @@ class Predictor:
         """Pixels per latent pixel."""
         return self.rc.autoencoder.factor
 
-    def context(self, store: PatchStore, rows: np.ndarray) -> np.ndarray | None:
-        """The context windows the run conditions on for these rows of a conditions store (None: no context)."""
+    def context(self, store: PatchStore, rows: np.ndarray, origins: np.ndarray | None = None) -> np.ndarray | None:
+        """The context windows the run conditions on for these rows of a conditions store, centred on the
+        patches or on patch-sized windows at pixel `origins` (`PatchStore.context_windows`; None: no context)."""
         span = self.rc.model.context_span
-        return store.context_windows(rows, span) if span else None
+        return store.context_windows(rows, span, origins) if span else None
 
     def uses_nuclei(self, roles: list[str]) -> bool:
         """Whether the multi-modal branch runs: the tiled inputs hold nuclei and `--no-nuclei` was not given."""
         return self.cfg.nuclei and "nuclei" in roles
 
+    def branch_roles(self, roles: list[str]) -> list[str]:
+        """The role behind each branch's condition, in the U-Net's order (uni-modal first)."""
+        used = ["vessels", "nuclei"] if self.uses_nuclei(roles) else ["vessels"]
+        return used[::-1] if self.rc.model.uni_branch == "nuclei" else used
+
     @torch.inference_mode()
-    def conditions(self, images: torch.Tensor, roles: list[str], context: np.ndarray | None = None, micro_batches: bool = True) -> torch.Tensor:
-        """images (B, C, P, P) in [-1, 1] → the U-Net's conditions (B, c_uni [+ c_multi] channels, p, p):
-        the uni-modal branch's latent first, the multi-modal partner's after it (absent without nuclei);
-        each followed by its context channel when the run uses context (`context`: the patches'
-        windows, `PatchStore.context_windows`). `micro_batches=False` encodes the batch as given: for
-        the condition canvas's large tiles, one at a time, which padding to MICRO_BATCH would
-        multiply sixteenfold."""
+    def latent_conditions(self, images: torch.Tensor, roles: list[str], micro_batches: bool = True) -> torch.Tensor:
+        """images (B, C, P, P) in [-1, 1] → the branches' latents (B, c_lat [+ c_lat], p, p): the uni-modal
+        branch's first, the multi-modal partner's after it (absent without nuclei); no context.
+        `micro_batches=False` encodes the batch as given: for the condition canvas's large tiles, one
+        at a time, which padding to MICRO_BATCH would multiply sixteenfold."""
         x = images.to(self.device)
         used = ("vessels", "nuclei") if self.uses_nuclei(roles) else ("vessels",)
         enc = {r: (in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) if micro_batches
                    else self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]))
                for r in used if r in roles}
-        if self.rc.model.context_span:
-            if context is None:
-                raise ValueError("this run conditions on context: pass the patches' context windows")
-            ctx = to_latent_grid(context, enc["vessels"].shape[-1], self.device)
-            enc = {r: torch.cat([z, ctx[:, context_roles(roles).index(r)][:, None]], 1) for r, z in enc.items()}
         c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
         return c_uni if c_multi is None else torch.cat([c_uni, c_multi], 1)
+
+    @torch.inference_mode()
+    def with_context(self, latents: torch.Tensor, roles: list[str], context: np.ndarray | None) -> torch.Tensor:
+        """The U-Net's conditions: each branch's latent in `latents` (`latent_conditions`) followed by its
+        context channel when the run uses context (`context`: the windows, `PatchStore.context_windows`)."""
+        if not self.rc.model.context_span:
+            return latents
+        if context is None:
+            raise ValueError("this run conditions on context: pass the patches' context windows")
+        ctx = to_latent_grid(context, latents.shape[-1], latents.device)
+        c = latent_channels(self.rc)
+        parts = []
+        for j, r in enumerate(self.branch_roles(roles)):
+            parts += [latents[:, j * c : (j + 1) * c], ctx[:, context_roles(roles).index(r)][:, None]]
+        return torch.cat(parts, 1)
+
+    @torch.inference_mode()
+    def conditions(self, images: torch.Tensor, roles: list[str], context: np.ndarray | None = None) -> torch.Tensor:
+        """images (B, C, P, P) in [-1, 1] → the U-Net's conditions (B, c_uni [+ c_multi] channels, p, p)."""
+        return self.with_context(self.latent_conditions(images, roles), roles, context)
 
     def denoiser(self, conditions: torch.Tensor, k: int) -> GatedDenoiser:
         """The gated ε-model for K draws of each of the B patches whose `conditions` are given (draw-major)."""

@@ -413,7 +413,9 @@ def run_training(
         encoders, channel = {r: aes[r].encode for r in ROLES_NEEDED}, {r: roles.index(r) for r in ROLES_NEEDED}
 
         def canvases(idx: np.ndarray, imgs: PatchImages) -> LatentCanvases:
-            return LatentCanvases(imgs.get, store.coords[idx], encoders, channel, cfg.autoencoder.factor, patch, ranks.device, store_path)
+            context = (lambda rows, origins: store.context_windows(idx[rows], span, origins)) if span else None
+            return LatentCanvases(imgs.get, store.coords[idx], encoders, channel, cfg.autoencoder.factor, patch, ranks.device, store_path,
+                                  context, tuple(store.context_roles))
 
         source, val_source = canvases(train_idx, images), canvases(val_idx, PatchImages(store, val_idx))
     else:

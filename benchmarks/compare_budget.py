@@ -7,11 +7,13 @@ Same data, autoencoder steps, batch, sampler (DPM-Solver++, the demo's 10 steps)
 diffusion steps (the demo's 900; the DAMMP warm-up stays the same fraction of them) and the context
 window in patches (`model.context_span`; none by default). Each run predicts one draw and the mean
 of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
-(decode(encode(measured NP)), patch by patch: the best its latents allow). `budget.json` is rewritten
+(decode(encode(measured NP)), patch by patch: the best its latents allow). A run with context takes
+the autoencoders of the same seed's run without it when that exists (trained alike: same data, seed and
+steps), so the two differ in the context alone. `budget.json` is rewritten
 after every run (mean ± sd with ddof = 1 over seeds, and per run); rerun with the same --work to resume.
 
     python benchmarks/compare_budget.py --out benchmarks/results/budget [--runs 900 1800 900:4] [--seeds 0 1 2]
-    python benchmarks/compare_budget.py --autoencoder-steps 600   # the autoencoders alone: their ceiling
+    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-ssim-weight 0.5]   # the autoencoders alone: their ceiling
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--autoencoder-steps", type=int, nargs="*", default=[],
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
+    ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="with --autoencoder-steps: weight of the autoencoders' SSIM loss term")
     args = ap.parse_args()
 
     from wsi_damm.stages.train import run_training
@@ -67,7 +70,14 @@ def main() -> None:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
                 cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"], "context_span": span})
-                run_training(demo.data.store, run_dir, cfg, stage="all", progress=False)
+                shared = args.work / f"budget{steps}" / f"seed{seed}"
+                stage = "all"
+                if span and (shared / "unet_ema.safetensors").exists():  # its autoencoders are done: reuse them
+                    run_dir.mkdir(parents=True)
+                    for f in [*shared.glob("autoencoder*"), shared / "config.json"]:
+                        shutil.copy2(f, run_dir / f.name)
+                    stage, row["autoencoders_from"] = "diffusion", str(shared.relative_to(args.work))
+                run_training(demo.data.store, run_dir, cfg, stage=stage, progress=False)
                 row["train_seconds"] = round(time.perf_counter() - t, 1)
                 print(f"{spec}, seed {seed}: trained in {row['train_seconds']:.0f} s", flush=True)
             for draws in args.draws:
@@ -86,28 +96,40 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
     """The autoencoder ceiling against the autoencoder's training steps: `autoencoders.json`."""
     from wsi_damm.stages.train import run_training
 
+    file = args.out / "autoencoders.json"  # runs of earlier invocations are kept: one file for every variant
+    earlier = json.loads(file.read_text())["runs"] if file.exists() else []
     rows = []
+    w = args.ae_ssim_weight
     for steps in args.autoencoder_steps:
         plan = dataclasses.replace(demo.plan, ae_steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / f"autoencoder{steps}" / f"seed{seed}"
+            run_dir = args.work / (f"autoencoder{steps}" + (f"_ssim{w:g}" if w else "")) / f"seed{seed}"
             done = run_dir / "row.json"
             if not done.exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
-                cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"]})
+                cfg = budget_config(plan, seed, {"local": RECIPE["local"], "ssim_weight": w}, {"latents": RECIPE["latents"]})
                 run_training(demo.data.store, run_dir, cfg, stage="autoencoder", progress=False)
-                row = {"seed": seed, "autoencoder_steps": steps, "train_seconds": round(time.perf_counter() - t, 1), "ceiling": ceiling(demo, run_dir)}
+                row = {"seed": seed, "autoencoder_steps": steps, "ssim_weight": w, "train_seconds": round(time.perf_counter() - t, 1),
+                       "ceiling": ceiling(demo, run_dir)}
                 done.write_text(json.dumps(row) + "\n")
-            rows.append(json.loads(done.read_text()))
-            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps")} | {"ssim": round(rows[-1]["ceiling"]["ssim"], 4),
-                                                                                        "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
-            table = {str(n): {m: summary([r["ceiling"][m] for r in rows if r["autoencoder_steps"] == n]) for m in ("ssim", "psnr")}
-                     for n in sorted({r["autoencoder_steps"] for r in rows})}
+            rows.append({"ssim_weight": 0.0} | json.loads(done.read_text()))
+            mine = {ident(r) for r in rows}
+            merged = sorted([{"ssim_weight": 0.0} | r for r in earlier if ident(r) not in mine] + rows, key=ident)
+            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", "ssim_weight")} | {
+                "ssim": round(rows[-1]["ceiling"]["ssim"], 4), "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
+            keys = sorted({(r["autoencoder_steps"], r["ssim_weight"]) for r in merged})
+            table = {f"{n}" + (f":ssim{v:g}" if v else ""): {m: summary([r["ceiling"][m] for r in merged if (r["autoencoder_steps"], r["ssim_weight"]) == (n, v)])
+                                                            for m in ("ssim", "psnr")} for n, v in keys}
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "autoencoders.json").write_text(json.dumps({"simulator_version": demo.simulator_version, "recipe": RECIPE, "summary": table,
-                                                                     "seconds_this_invocation": round(time.perf_counter() - t0, 1), "runs": rows},
+            file.write_text(json.dumps({"simulator_version": demo.simulator_version, "recipe": RECIPE, "summary": table,
+                                                                     "seconds_this_invocation": round(time.perf_counter() - t0, 1), "runs": merged},
                                                                     indent=1) + "\n", encoding="utf-8")
+
+
+def ident(row: dict) -> tuple:
+    """An autoencoder-only run: its steps, SSIM weight and seed."""
+    return row["autoencoder_steps"], row.get("ssim_weight", 0.0), row["seed"]
 
 
 def ceiling(demo, run_dir: Path) -> dict:

@@ -171,11 +171,10 @@ class Predictor:
         """Pixels per latent pixel."""
         return self.rc.autoencoder.factor
 
-    def context(self, store: PatchStore, rows: np.ndarray, origins: np.ndarray | None = None) -> np.ndarray | None:
-        """The context windows the run conditions on for these rows of a conditions store, centred on the
-        patches or on patch-sized windows at pixel `origins` (`PatchStore.context_windows`; None: no context)."""
+    def context(self, store: PatchStore, rows: np.ndarray) -> np.ndarray | None:
+        """The context windows the run conditions on for these rows of a conditions store (None: no context)."""
         span = self.rc.model.context_span
-        return store.context_windows(rows, span, origins) if span else None
+        return store.context_windows(rows, span) if span else None
 
     def uses_nuclei(self, roles: list[str]) -> bool:
         """Whether the multi-modal branch runs: the tiled inputs hold nuclei and `--no-nuclei` was not given."""

@@ -192,10 +192,9 @@ class Predictor:
         `micro_batches=False` encodes the batch as given: for the condition canvas's large tiles, one
         at a time, which padding to MICRO_BATCH would multiply sixteenfold."""
         x = images.to(self.device)
-        used = ("vessels", "nuclei") if self.uses_nuclei(roles) else ("vessels",)
         enc = {r: (in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) if micro_batches
                    else self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]))
-               for r in used if r in roles}
+               for r in self.branch_roles(roles) if r in roles}
         c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
         return c_uni if c_multi is None else torch.cat([c_uni, c_multi], 1)
 

@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--autoencoder-steps", type=int, nargs="*", default=[],
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
-    ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="with --autoencoder-steps: weight of the autoencoders' SSIM loss term")
+    ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
+    ap.add_argument("--ae-norm", choices=("pixel", "none"), default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
     args = ap.parse_args()
 
     from wsi_damm.stages.train import run_training
@@ -52,15 +53,16 @@ def main() -> None:
     if args.autoencoder_steps:
         return autoencoder_ceilings(args, demo, t0)
     runs: list[dict] = []
+    variant = ae_variant(args)
     for spec in args.runs:
         steps, span = (int(v) for v in (spec.split(":") + ["0"])[:2])
         plan = dataclasses.replace(demo.plan, steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / f"budget{steps}{f'_context{span}' if span else ''}" / f"seed{seed}"
-            row = {"seed": seed, "diffusion_steps": steps, "context_span": span, "autoencoder_steps": plan.ae_steps}
+            run_dir = args.work / f"budget{steps}{f'_context{span}' if span else ''}{ae_suffix(variant)}" / f"seed{seed}"
+            row = {"seed": seed, "diffusion_steps": steps, "context_span": span, "autoencoder_steps": plan.ae_steps, **variant}
             done = run_dir / "row.json"
             if done.exists():
-                row = {"context_span": 0} | json.loads(done.read_text())
+                row = {"context_span": 0} | AE_DEFAULTS | json.loads(done.read_text())
                 if "ceiling" not in row:
                     row["ceiling"] = ceiling(demo, run_dir)
                     done.write_text(json.dumps(row) + "\n")
@@ -69,10 +71,13 @@ def main() -> None:
             if not (run_dir / "unet_ema.safetensors").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
-                cfg = budget_config(plan, seed, {"local": RECIPE["local"]}, {"latents": RECIPE["latents"], "context_span": span})
-                shared = args.work / f"budget{steps}" / f"seed{seed}"
+                cfg = budget_config(plan, seed, {"local": RECIPE["local"], **variant}, {"latents": RECIPE["latents"], "context_span": span})
+                # autoencoders trained alike (same data, seed, steps and variant) are reused, so runs differ in the diffusion alone
+                alike = [args.work / f"budget{steps}{ae_suffix(variant)}" / f"seed{seed}" if span else None,
+                         args.work / f"autoencoder{plan.ae_steps}{ae_suffix(variant)}" / f"seed{seed}"]
+                shared = next((d for d in alike if d is not None and (d / "autoencoder_target.safetensors").exists()), None)
                 stage = "all"
-                if span and (shared / "unet_ema.safetensors").exists():  # its autoencoders are done: reuse them
+                if shared is not None:
                     run_dir.mkdir(parents=True)
                     for f in [*shared.glob("autoencoder*"), shared / "config.json"]:
                         shutil.copy2(f, run_dir / f.name)
@@ -92,44 +97,57 @@ def main() -> None:
     write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
 
 
+AE_DEFAULTS = {"ssim_weight": 0.0, "local_norm": "pixel"}  # the autoencoder settings a variant can change
+
+
+def ae_variant(args) -> dict:
+    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm}
+
+
+def ae_suffix(variant: dict) -> str:
+    """How a run directory names its autoencoder variant: empty for the demo's autoencoders."""
+    return (f"_ssim{variant['ssim_weight']:g}" if variant["ssim_weight"] else "") + (
+        f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "")
+
+
 def autoencoder_ceilings(args, demo, t0: float) -> None:
     """The autoencoder ceiling against the autoencoder's training steps: `autoencoders.json`."""
     from wsi_damm.stages.train import run_training
 
     file = args.out / "autoencoders.json"  # runs of earlier invocations are kept: one file for every variant
-    earlier = json.loads(file.read_text())["runs"] if file.exists() else []
+    earlier = [AE_DEFAULTS | r for r in json.loads(file.read_text())["runs"]] if file.exists() else []
     rows = []
-    w = args.ae_ssim_weight
+    variant = ae_variant(args)
     for steps in args.autoencoder_steps:
         plan = dataclasses.replace(demo.plan, ae_steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / (f"autoencoder{steps}" + (f"_ssim{w:g}" if w else "")) / f"seed{seed}"
+            run_dir = args.work / f"autoencoder{steps}{ae_suffix(variant)}" / f"seed{seed}"
             done = run_dir / "row.json"
             if not done.exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
-                cfg = budget_config(plan, seed, {"local": RECIPE["local"], "ssim_weight": w}, {"latents": RECIPE["latents"]})
+                cfg = budget_config(plan, seed, {"local": RECIPE["local"], **variant}, {"latents": RECIPE["latents"]})
                 run_training(demo.data.store, run_dir, cfg, stage="autoencoder", progress=False)
-                row = {"seed": seed, "autoencoder_steps": steps, "ssim_weight": w, "train_seconds": round(time.perf_counter() - t, 1),
+                row = {"seed": seed, "autoencoder_steps": steps, **variant, "train_seconds": round(time.perf_counter() - t, 1),
                        "ceiling": ceiling(demo, run_dir)}
                 done.write_text(json.dumps(row) + "\n")
-            rows.append({"ssim_weight": 0.0} | json.loads(done.read_text()))
+            rows.append(AE_DEFAULTS | json.loads(done.read_text()))
             mine = {ident(r) for r in rows}
-            merged = sorted([{"ssim_weight": 0.0} | r for r in earlier if ident(r) not in mine] + rows, key=ident)
-            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", "ssim_weight")} | {
+            merged = sorted([r for r in earlier if ident(r) not in mine] + rows, key=ident)
+            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", *AE_DEFAULTS)} | {
                 "ssim": round(rows[-1]["ceiling"]["ssim"], 4), "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
-            keys = sorted({(r["autoencoder_steps"], r["ssim_weight"]) for r in merged})
-            table = {f"{n}" + (f":ssim{v:g}" if v else ""): {m: summary([r["ceiling"][m] for r in merged if (r["autoencoder_steps"], r["ssim_weight"]) == (n, v)])
-                                                            for m in ("ssim", "psnr")} for n, v in keys}
+            names = {ident(r)[:-1]: f"{r['autoencoder_steps']}{ae_suffix(r).replace('_', ':')}" for r in merged}
+            table = {name: {m: summary([r["ceiling"][m] for r in merged if ident(r)[:-1] == key]) for m in ("ssim", "psnr")}
+                     for key, name in sorted(names.items())}
             args.out.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps({"simulator_version": demo.simulator_version, "recipe": RECIPE, "summary": table,
-                                                                     "seconds_this_invocation": round(time.perf_counter() - t0, 1), "runs": merged},
-                                                                    indent=1) + "\n", encoding="utf-8")
+                                        "seconds_this_invocation": round(time.perf_counter() - t0, 1), "runs": merged},
+                                       indent=1) + "\n", encoding="utf-8")
 
 
 def ident(row: dict) -> tuple:
-    """An autoencoder-only run: its steps, SSIM weight and seed."""
-    return row["autoencoder_steps"], row.get("ssim_weight", 0.0), row["seed"]
+    """An autoencoder-only run: its steps, variant and seed."""
+    return (row["autoencoder_steps"], *(row[k] for k in AE_DEFAULTS), row["seed"])
 
 
 def ceiling(demo, run_dir: Path) -> dict:
@@ -143,7 +161,7 @@ def ceiling(demo, run_dir: Path) -> dict:
 
 def run_name(row: dict) -> str:
     """A run's key in the summary: its diffusion steps, with its context span if it has one."""
-    return f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "")
+    return f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "") + ae_suffix(AE_DEFAULTS | row).replace("_", ":")
 
 
 def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -> None:

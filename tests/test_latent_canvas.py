@@ -20,15 +20,15 @@ from wsi_damm.stages.train import run_training
 from wsi_damm.store import PatchStore, read_rows, to_model_range
 
 
-def _ae(local: bool) -> Autoencoder:
+def _ae(local: bool, local_norm: str = "pixel") -> Autoencoder:
     torch.manual_seed(0)
-    return Autoencoder(4, 3, (8, 16), local).eval()
+    return Autoencoder(4, 3, (8, 16), local, local_norm).eval()
 
 
 def test_tiled_encoding_is_whole_encoding_only_for_local_autoencoders():
     x = torch.rand(1, 1, 4 * 70, 4 * 90) * 2 - 1
-    for local in (True, False):
-        ae = _ae(local)
+    for local, norm in ((True, "pixel"), (True, "none"), (False, "pixel")):
+        ae = _ae(local, norm)
         with torch.no_grad():
             whole = ae.encode(mirror(x, 4 * 8))[:, :, 8:-8, 8:-8]  # the mirrored image encoded in one piece
             tiled = encode_tiled(x, ae.encode, 4, tile=32)

@@ -86,7 +86,7 @@ def build_unet(cfg: RunConfig) -> DammUNet:
 
 def build_autoencoder(cfg: RunConfig) -> Autoencoder:
     a = cfg.autoencoder
-    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local)
+    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm)
 
 
 def build_schedule(cfg: ScheduleConfig) -> NoiseSchedule:

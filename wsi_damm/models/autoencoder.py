@@ -20,7 +20,8 @@ from .blocks import Downsample, ResBlock, Upsample, norm_layer
 
 
 class Autoencoder(nn.Module):
-    def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64), local: bool = False) -> None:
+    def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64), local: bool = False,
+                 local_norm: str = "pixel") -> None:
         super().__init__()
         if factor not in (1, 2, 4, 8, 16):
             raise ValueError(f"downsampling factor must be 1, 2, 4, 8 or 16, got {factor}")
@@ -30,7 +31,7 @@ class Autoencoder(nn.Module):
         if factor == 1:
             return
         levels = int(math.log2(factor))
-        norm, up = ("pixel", "bilinear") if local else ("group", "nearest")
+        norm, up = (local_norm, "bilinear") if local else ("group", "nearest")
         chs = [channels[min(i, len(channels) - 1)] for i in range(levels + 1)]
         # resolution drops before width grows: full-resolution layers stay thin (CPU-friendly)
         enc: list[nn.Module] = [nn.Conv2d(1, chs[0], 3, padding=1)]

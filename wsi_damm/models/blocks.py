@@ -32,12 +32,15 @@ class PixelNorm(nn.Module):
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
-    """"group": GroupNorm (statistics over the whole image); "pixel": PixelNorm (per pixel)."""
+    """"group": GroupNorm (statistics over the whole image); "pixel": PixelNorm (per pixel); "none": no
+    normalisation (local like "pixel", and it keeps each pixel's activation magnitude)."""
+    if kind == "none":
+        return nn.Identity()
     if kind == "group":
         return group_norm(channels)
     if kind == "pixel":
         return PixelNorm(channels)
-    raise ValueError(f"unknown norm {kind!r}; use group or pixel")
+    raise ValueError(f"unknown norm {kind!r}; use group, pixel or none")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

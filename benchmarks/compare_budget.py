@@ -165,6 +165,11 @@ def run_name(row: dict) -> str:
 
 
 def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -> None:
+    """`budget.json`: this invocation's runs and those of earlier ones it did not redo (other variants)."""
+    file = out / "budget.json"
+    mine = {(run_name(r), r["seed"]) for r in runs}
+    earlier = [r for r in json.loads(file.read_text())["runs"] if (run_name(r), r["seed"]) not in mine] if file.exists() else []
+    runs = sorted(earlier + runs, key=lambda r: (r["diffusion_steps"], r.get("context_span", 0), ae_suffix(AE_DEFAULTS | r), r["seed"]))
     table = {}
     for name in dict.fromkeys(run_name(r) for r in runs):
         mine = [r for r in runs if run_name(r) == name]
@@ -179,7 +184,7 @@ def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -
     out.mkdir(parents=True, exist_ok=True)
     result = {"simulator_version": demo.simulator_version, "plan": demo.plan.__dict__, "recipe": RECIPE, "seconds_this_invocation": round(seconds, 1),
               "blurred_vessels": demo.blur, "summary": table, "runs": runs}
-    (out / "budget.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    file.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

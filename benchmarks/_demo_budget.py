@@ -60,17 +60,20 @@ def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict 
                                              "checkpoint_every": plan.steps}}, "benchmark")
 
 
-def predict_and_score(demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto") -> dict:
-    """The held-out slide predicted by `run_dir` (DPM++ at the demo's steps, `draws` draws) and scored; with its seconds."""
+def predict_and_score(demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto", steps: int | None = None,
+                      name: str | None = None) -> dict:
+    """The held-out slide predicted by `run_dir` (DPM++ at the demo's steps or `steps`, `draws` draws) and scored; with
+    its seconds. Maps and report are named `name` (default pred{draws}, report{draws})."""
     import time
 
     from wsi_damm.stages.evaluate import run_evaluate
     from wsi_damm.stages.predict import PredictConfig, predict_maps
 
     t = time.perf_counter()
-    maps = predict_maps(run_dir, [demo.held.spec], run_dir / f"pred{draws}.zarr",
-                        PredictConfig(sampling=sampling, steps=demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed),
-                        map_path=run_dir / f"pred{draws}.ome.zarr", overwrite=True, progress=False).maps
+    pred, report = (f"pred{draws}", f"report{draws}") if name is None else (name, f"{name}_report")
+    maps = predict_maps(run_dir, [demo.held.spec], run_dir / f"{pred}.zarr",
+                        PredictConfig(sampling=sampling, steps=steps or demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed),
+                        map_path=run_dir / f"{pred}.ome.zarr", overwrite=True, progress=False).maps
     seconds = round(time.perf_counter() - t, 1)
-    return scores(run_evaluate([(maps[0], demo.held.spec)], run_dir / f"report{draws}", [demo.held.clean], **demo.scoring)) | {
+    return scores(run_evaluate([(maps[0], demo.held.spec)], run_dir / report, [demo.held.clean], **demo.scoring)) | {
         "predict_seconds": seconds}

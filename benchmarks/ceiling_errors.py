@@ -80,6 +80,7 @@ def main() -> None:
                              "map_mean": float(pred[sel].mean()), "noiseless_mean": float(clean[sel].mean()),
                              "map_black_share": float((pred[sel] <= BLACK).mean()), "noiseless_black_share": float((clean[sel] <= BLACK).mean())})
         rows.append({"run": str(run), "autoencoder_steps": cfg["autoencoder"]["steps"], "seed": cfg["train"]["seed"],
+                     "ssim_weight": cfg["autoencoder"].get("ssim_weight", 0.0), "local_norm": cfg["autoencoder"].get("local_norm", "pixel"),
                      "vs_measured": score(pred, meas), "vs_noiseless": score(pred, clean),
                      "noise_reproduced": float((err * noise).mean() / (noise * noise).mean()),
                      "error_sd_vs_noiseless": float(err.std()),

@@ -136,6 +136,8 @@ def test_canvas_latents_need_local_autoencoders():
     with pytest.raises(InputError, match="--ae-local"):
         resolve("tiny", None, {"autoencoder": {"local": False}, "model": {"latents": "canvas"}})
     assert resolve("tiny", None, {"model": {"context_span": 2}}).model.latents == "canvas"  # context follows canvas crops
+    with pytest.raises(InputError, match="local_norm"):
+        resolve("tiny", None, {"autoencoder": {"local_norm": "group"}})  # GroupNorm is not local
 
 
 def test_a_moved_crop_carries_the_context_of_where_it_was_cut(small_store):

@@ -9,11 +9,15 @@ window in patches (`model.context_span`; none by default). Each run predicts one
 of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
 (decode(encode(measured NP)), patch by patch: the best its latents allow). A run with context takes
 the autoencoders of the same seed's run without it when that exists (trained alike: same data, seed and
-steps), so the two differ in the context alone. `budget.json` is rewritten
-after every run (mean ± sd with ddof = 1 over seeds, and per run); rerun with the same --work to resume.
+steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-weight W` train every
+run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
+its autoencoder-only run when that exists. `budget.json` is rewritten after every run (mean ± sd with
+ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rerun with the same
+--work to resume.
 
     python benchmarks/compare_budget.py --out benchmarks/results/budget [--runs 900 1800 900:4] [--seeds 0 1 2]
-    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-ssim-weight 0.5]   # the autoencoders alone: their ceiling
+    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-norm none] [--ae-ssim-weight 0.5]   # the autoencoders alone: their ceiling
+    python benchmarks/compare_budget.py --runs 900 --ae-norm none   # the canvas recipe on that variant
 """
 
 from __future__ import annotations

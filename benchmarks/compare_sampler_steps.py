@@ -2,9 +2,9 @@
 than one full draw, or than the mean of four?
 
 With an ODE sampler (DPM-Solver++) a draw's only randomness is its starting noise. At the largest
-timestep the U-Net's x̂0 hardly depends on that noise: it is the model's estimate of the conditional
-mean of the latents given CD31 and DAPI, so a 1-step sample is a point estimate (what a regression
-network gives) rather than a draw from the distribution, and every further step adds detail that
+timestep the U-Net's x̂0 hardly depends on that noise: it is the model's estimate of the latents given
+CD31 and DAPI (under its L1 loss, the conditional median of each latent value), so a 1-step sample is a
+point estimate (what a regression network gives) rather than a draw from the distribution, and every further step adds detail that
 SSIM and PSNR score as error wherever it is not the measured one. For every run directory given
 (trained by `compare_budget.py`), the held-out slide is predicted with each of `--steps` (one draw,
 and `--draws` draws) and scored on the same pixels as every other demo-budget map. Rows with the

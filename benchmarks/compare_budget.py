@@ -33,6 +33,8 @@ from pathlib import Path
 _sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
 
+from wsi_damm.config import LOCAL_NORMS  # noqa: E402
+
 RECIPE = {"local": True, "latents": "canvas", "sampling": "shifted"}
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     ap.add_argument("--autoencoder-steps", type=int, nargs="*", default=[],
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
     ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
-    ap.add_argument("--ae-norm", choices=("pixel", "none"), default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
+    ap.add_argument("--ae-norm", choices=LOCAL_NORMS, default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
     args = ap.parse_args()
 
     from wsi_damm.stages.train import run_training

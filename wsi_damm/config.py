@@ -34,8 +34,11 @@ class AutoencoderConfig:
     # False: GroupNorm and nearest upsampling (the paper's kind: a latent depends on its whole patch); True: per-pixel
     # norm and bilinear upsampling, so slides encode and decode in tiles without seams (model.latents = "canvas" needs it)
     local: bool = False
-    # how a local autoencoder normalises: "pixel" (PixelNorm) or "none"
+    # how a local autoencoder normalises: one of LOCAL_NORMS, "pixel" (PixelNorm) or "none"
     local_norm: str = "pixel"
+
+
+LOCAL_NORMS = ("pixel", "none")  # the norms that keep an autoencoder local (models.blocks.norm_layer)
 
 
 LATENT_KINDS = ("patch", "canvas")  # what the U-Net learns on: model.latents
@@ -217,8 +220,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
     if m.latents == "canvas" and not cfg.autoencoder.local:
         raise InputError("--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch")
-    if cfg.autoencoder.local_norm not in ("pixel", "none"):
-        raise InputError("autoencoder.local_norm", f"must be pixel or none, got {cfg.autoencoder.local_norm!r}")
+    if cfg.autoencoder.local_norm not in LOCAL_NORMS:
+        raise InputError("autoencoder.local_norm", f"must be {' or '.join(LOCAL_NORMS)}, got {cfg.autoencoder.local_norm!r}")
     if not isinstance(m.context_span, int) or m.context_span < 0:
         raise InputError("--context-span", f"must be a whole number of patches ≥ 0, got {m.context_span!r}")
     if m.confidence_input not in ("both", "uni"):

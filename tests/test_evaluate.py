@@ -116,3 +116,21 @@ def test_several_slides_give_per_slide_rows_and_pooled_numbers(perfect_map, tmp_
     assert metrics["pooled"]["patches"]["ssim_percent"]["n"] == 2 * one["patches"]["ssim_percent"]["n"]
     res = run_cli("evaluate", str(m), "--truth", str(slide), "--truth", str(slide), "--out", str(out))
     assert res.returncode == 2 and "one --truth per map" in res.stderr
+
+
+def test_the_overview_leaves_the_divergence_blank_for_a_map_without_a_gate(perfect_map):
+    """A map whose run had no gate (this one, like the baseline's or the regression U-Net's) stores zeros as its
+    divergence; drawn, they would read as 'the gate fused everywhere'."""
+    from dataclasses import replace
+
+    from wsi_damm.report import divergence_panel
+    from wsi_damm.slide_map import open_map
+
+    _, m, _ = perfect_map
+    div = np.full((4, 5), 0.2)
+    assert open_map(m).gamma is None
+    shown, title = divergence_panel(div, open_map(m))
+    assert np.isnan(shown).all() and "no gate" in title
+    shown, title = divergence_panel(div, replace(open_map(m), gamma=0.5))
+    assert np.array_equal(shown, div) and title == "divergence d = 1 − mean κ"
+    assert divergence_panel(div, replace(open_map(m), gamma=0.5, nuclei=False))[1] == "divergence: uni-modal only"

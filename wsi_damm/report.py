@@ -61,6 +61,14 @@ def _panel(fig, ax, img, title, cmap, vmin, vmax, um_per_px, cbar_label):
     cb.ax.tick_params(labelsize=7)
 
 
+def divergence_panel(div: np.ndarray, m: MapImage) -> tuple[np.ndarray, str]:
+    """The overview's divergence picture and title. A map without a gate (the baseline, the regression
+    U-Net, an autoencoder ceiling) stores zeros there, which are no divergence: it is left blank."""
+    if m.gamma is None:
+        return np.full_like(div, np.nan), "divergence: none (this map has no gate)"
+    return div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only"
+
+
 def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     """CD31, DAPI, measured NP, predicted NP, |error| and divergence on one field of view."""
     level = next((lv for lv in m.levels if max(lv.shape[1:]) <= THUMB * 1.5), m.levels[-1])
@@ -87,7 +95,7 @@ def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     _panel(fig, axes[0, 2], chans["target"], "NP measured", *scale("measured"), um, "normalised NP")
     _panel(fig, axes[1, 0], pred, "NP predicted", *scale("predicted"), um, "normalised NP")
     _panel(fig, axes[1, 1], err, "|predicted − measured|", *scale("error"), um, "absolute error")
-    _panel(fig, axes[1, 2], div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only", *scale("divergence"), um, "d (gate uses uni-modal where d ≥ γ)")
+    _panel(fig, axes[1, 2], *divergence_panel(div, m), *scale("divergence"), um, "d (gate uses uni-modal where d ≥ γ)")
     wsi = result["wsi"]
     fig.suptitle(f"{m.slide_id} — WSI SSIM {wsi['ssim']:.3f}, PSNR {wsi['psnr']:.2f} dB"
                  + (f" (tissue: SSIM {wsi['ssim_tissue']:.3f}, PSNR {wsi['psnr_tissue']:.2f} dB)" if "ssim_tissue" in wsi else ""), fontsize=13)

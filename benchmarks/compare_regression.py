@@ -75,6 +75,7 @@ def main() -> None:
                            "seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(key | {"ssim": round(reg["ssim"], 4), "psnr": round(reg["psnr"], 2), "train_seconds": reg["train_seconds"]}), flush=True)
         write(file, demo, rows, time.perf_counter() - t0)
+    write(file, demo, rows, time.perf_counter() - t0)
 
 
 def _brief(score: dict) -> dict:

@@ -46,11 +46,11 @@ def test_kill_then_resume_is_identical(big_slide, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=name)
 
 
-# per stage: checkpoints every 7 steps, killed after the second; the 46 steps left take seconds, far
-# longer than the kill's delay (0–0.3 s), so the kill always lands inside the stage
+# per stage: checkpoints every 7 steps, killed after the second; the 16 steps left take seconds (0.2–0.3 s
+# a step on 2 cores), far longer than the kill's delay (0–0.3 s), so the kill always lands inside the stage
 KILL_TOML = {
-    "diffusion": TINY_TOML.replace("steps = 6", "steps = 60").replace("checkpoint_every = 3", "checkpoint_every = 7"),
-    "autoencoder": TINY_TOML.replace("steps = 8", "steps = 60").replace("checkpoint_every = 3", "checkpoint_every = 7"),
+    "diffusion": TINY_TOML.replace("steps = 6", "steps = 30").replace("checkpoint_every = 3", "checkpoint_every = 7"),
+    "autoencoder": TINY_TOML.replace("steps = 8", "steps = 30").replace("checkpoint_every = 3", "checkpoint_every = 7"),
 }
 CHECKPOINTS = {"diffusion": "checkpoints", "autoencoder": "checkpoints_autoencoder"}
 WEIGHTS = {"diffusion": ["unet_ema"], "autoencoder": ["autoencoder_vessels", "autoencoder_nuclei", "autoencoder_target", "unet_ema"]}

@@ -8,8 +8,9 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from wsi_damm.registration import register_specs
-from wsi_damm.slides import specs_from_manifest, specs_from_paths
+from wsi_damm.registration import _band, register_specs
+from wsi_damm.slides import specs_from_manifest
+from wsi_damm.slides.roles import Transform
 from wsi_damm.store import PatchStore
 
 from .conftest import run_cli
@@ -49,13 +50,30 @@ def slides(synth_dir, tmp_path_factory):
     return out
 
 
-def _transforms(path, method):
-    [spec] = register_specs(specs_from_paths([str(path)], {}), method)
-    return dict(spec.transforms)
+@pytest.fixture(scope="module")
+def tiled(slides, tmp_path_factory):
+    """`tile --register` run once per (slide, method) as a user would; every test reads the transforms the
+    store records, so each registration is computed once."""
+    d = tmp_path_factory.mktemp("registered")
+    out = {}
+    for name, method in (("original", "translation"), ("translation", "translation"), ("original", "rigid"), ("rigid", "rigid")):
+        store = d / f"{name}_{method}.zarr"
+        res = run_cli("tile", str(slides[name]), "--out", str(store), "--patch-size", "128", "--overlap", "0", "--register", method,
+                      "--store-dtype", "uint16", "--qc", str(d / f"qc_{method}"), "--quiet")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "registration:" in res.stderr
+        out[name, method] = (store, d / f"qc_{method}")
+    return out
 
 
-def test_translation_is_recovered(slides):
-    base, moved = _transforms(slides["original"], "translation"), _transforms(slides["translation"], "translation")
+def _transforms(tiled, name, method) -> dict[str, Transform]:
+    """The transforms recorded in the slide table of the store tiled from `name` with `--register method`."""
+    channels = PatchStore.open(tiled[name, method][0]).slides[0]["channels"]
+    return {role: Transform(**channels[role]["registration"]) for role in ("nuclei", "target")}
+
+
+def test_translation_is_recovered(tiled):
+    base, moved = _transforms(tiled, "original", "translation"), _transforms(tiled, "translation", "translation")
     for role, (dy, dx, _) in SHIFTS.items():
         t, b = moved[role], base[role]
         # different stains have no pixel-exact common optimum: the unmoved slide's stains register a
@@ -67,8 +85,8 @@ def test_translation_is_recovered(slides):
         assert t.degrees == 0 and t.score > t.score_before and t.score > 0.1
 
 
-def test_rotation_is_recovered(slides):
-    base, moved = _transforms(slides["original"], "rigid"), _transforms(slides["rigid"], "rigid")
+def test_rotation_is_recovered(tiled):
+    base, moved = _transforms(tiled, "original", "rigid"), _transforms(tiled, "rigid", "rigid")
     for role, (dy, dx, degrees) in RIGID.items():
         t, b = moved[role], base[role]
         assert abs(t.degrees - b.degrees - degrees) <= 0.2, (role, t, b)
@@ -79,17 +97,9 @@ def test_rotation_is_recovered(slides):
 
 
 @pytest.mark.parametrize("method", ["translation", "rigid"])  # the slide moved that way, registered that way
-def test_registered_patches_match_the_original(slides, tmp_path, method):
-    stores = {}
-    for name in ("original", method):
-        out = tmp_path / f"{name}.zarr"
-        res = run_cli("tile", str(slides[name]), "--out", str(out), "--patch-size", "128", "--overlap", "0", "--register", method,
-                      "--store-dtype", "uint16", "--qc", str(tmp_path / "qc"), "--quiet")
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert "registration:" in res.stderr
-        stores[name] = PatchStore.open(out)
-    assert (tmp_path / "qc" / f"{method}_registration.png").stat().st_size > 10_000
-    a, b = stores["original"], stores[method]
+def test_registered_patches_match_the_original(tiled, method):
+    a, b = (PatchStore.open(tiled[name, method][0]) for name in ("original", method))
+    assert (tiled[method, method][1] / f"{method}_registration.png").stat().st_size > 10_000
     assert "registration" in b.slides[0]["channels"]["nuclei"]  # recorded in the slide table
     key = {tuple(c[1:]): i for i, c in enumerate(a.coords)}
     pairs = [(key[tuple(c[1:])], j) for j, c in enumerate(b.coords) if tuple(c[1:]) in key]
@@ -104,7 +114,7 @@ def test_registered_patches_match_the_original(slides, tmp_path, method):
         assert 10 * np.log10(1 / mse) >= 40, (role, 10 * np.log10(1 / mse))
 
 
-def test_per_channel_files_of_different_sizes_are_aligned(slides, tmp_path):
+def test_per_channel_files_of_different_sizes_are_aligned(slides, tiled, tmp_path):
     img = tifffile.imread(slides["original"])
     cd31 = _write(tmp_path / "cd31.ome.tif", img[:1])
     dapi = _write(tmp_path / "dapi.ome.tif", np.ascontiguousarray(img[1:2, 6:, 4:]))  # cropped by 6 and 4 px
@@ -116,5 +126,14 @@ def test_per_channel_files_of_different_sizes_are_aligned(slides, tmp_path):
     from dataclasses import replace
 
     [reg] = register_specs([replace(spec, size_tolerance=0.01)], "translation")
-    t, b = dict(reg.transforms)["nuclei"], _transforms(slides["original"], "translation")["nuclei"]
+    t, b = dict(reg.transforms)["nuclei"], _transforms(tiled, "original", "translation")["nuclei"]
     assert np.hypot(t.dy - b.dy + 6, t.dx - b.dx + 4) <= 0.5, (t, b)  # nuclei pixel p − (6, 4) shows reference pixel p
+
+
+@pytest.mark.parametrize("shape", [(2048, 2048), (301, 211), (12, 9)])
+def test_band_pass_equals_two_gaussian_filters(shape):
+    """The Fourier-domain band-pass is scipy's spatial one (mirror boundary included), to float32 rounding."""
+    img = (np.random.default_rng(1).random(shape) * 4000).astype(np.uint16)
+    x = np.log1p(img.astype(np.float32))
+    expected = ndimage.gaussian_filter(x, 4.0) - ndimage.gaussian_filter(x, 16.0)
+    np.testing.assert_allclose(_band(img, 4.0, 16.0), expected, atol=1e-5)

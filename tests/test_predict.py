@@ -66,7 +66,7 @@ def test_batch_size_does_not_change_the_prediction(request, synth_dir, tmp_path,
     assert "canvas" not in a.root  # sampling state is not part of the store
 
 
-KILL_ARGS = ["--sampler", "ddim", "--steps", "12", "--batch-size", "4", "--shard-patches", "4", "--quiet"]
+KILL_ARGS = ["--sampler", "ddim", "--steps", "8", "--batch-size", "4", "--shard-patches", "4", "--quiet"]
 
 
 @pytest.fixture(scope="module")

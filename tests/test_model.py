@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from wsi_damm.config import PRESETS, resolve
 from wsi_damm.diffusion.damm import DammLoss, branch_conditions, damm_loss, dfl, divergence, gate
 from wsi_damm.errors import InputError
 from wsi_damm.models.autoencoder import Autoencoder
+from wsi_damm.models.blocks import PixelNorm
 from wsi_damm.models.damm_unet import DammUNet, UNetShape
 from wsi_damm.models.fusion import MMFM, UAFM, ConcatFusion
 from wsi_damm.run_dir import build_unet
@@ -38,6 +40,22 @@ def test_autoencoder_shapes(factor):
     assert ae.decode(z).shape == x.shape
     if factor == 1:
         assert torch.equal(ae.decode(ae.encode(x)), x) and not list(ae.parameters())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pixel_norm_is_a_layer_norm_of_each_pixel(memory_format):
+    """Against numpy, pixel by pixel: (x − mean) / sqrt(var + eps) over the channels, then scale and shift."""
+    g = torch.Generator().manual_seed(3)
+    norm = PixelNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(6, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(6, generator=g))
+    x = (torch.randn(2, 6, 5, 7, generator=g) * 3 + 1).contiguous(memory_format=memory_format)
+    got = norm(x).detach().numpy()
+    a = x.numpy().astype(np.float64)
+    ref = (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + norm.eps)
+    ref = ref * norm.weight.detach().numpy()[:, None, None] + norm.bias.detach().numpy()[:, None, None]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset,latent", [("tiny", 32), ("paper", 16)])

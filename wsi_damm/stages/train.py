@@ -72,7 +72,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
             for r, ae in aes.items():
                 save_weights(run.autoencoder(r), ae, {"role": r, "factor": 1})
         return aes
-    opts = {r: torch.optim.AdamW(ae.parameters(), lr=a.lr) for r, ae in aes.items()}
+    opts = {r: torch.optim.AdamW(ae.parameters(), lr=a.lr, foreach=True) for r, ae in aes.items()}
     rows: list[dict] = []
     start = 0
     last = run.last_checkpoint(run.ae_ckpt) if resume else None
@@ -190,7 +190,7 @@ def train_diffusion(
     torch.manual_seed(t_cfg.seed)
     model = build_unet(cfg).to(ranks.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, foreach=True)
     scaler = grad_scaler(ranks.device, t_cfg.amp)  # fp16 only
     states = {"optimizer": opt, **({"scaler": scaler} if scaler is not None else {})}  # checkpointed together
     start = 0

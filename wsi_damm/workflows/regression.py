@@ -64,7 +64,7 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     images = PatchImages(store, np.arange(len(store)))
     model = build(rc)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     t0 = time.perf_counter()
     losses = []
     for step in progress_bar(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):

@@ -38,6 +38,7 @@ from ..run_dir import (
     ROLES_NEEDED,
     RunDir,
     build_autoencoder,
+    build_optimizer,
     build_schedule,
     build_unet,
     load_autoencoders,
@@ -72,7 +73,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
             for r, ae in aes.items():
                 save_weights(run.autoencoder(r), ae, {"role": r, "factor": 1})
         return aes
-    opts = {r: torch.optim.AdamW(ae.parameters(), lr=a.lr, foreach=True) for r, ae in aes.items()}
+    opts = {r: build_optimizer(ae.parameters(), a.lr) for r, ae in aes.items()}
     rows: list[dict] = []
     start = 0
     last = run.last_checkpoint(run.ae_ckpt) if resume else None
@@ -190,7 +191,7 @@ def train_diffusion(
     torch.manual_seed(t_cfg.seed)
     model = build_unet(cfg).to(ranks.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay, foreach=True)
+    opt = build_optimizer(model.parameters(), t_cfg.lr, t_cfg.weight_decay)
     scaler = grad_scaler(ranks.device, t_cfg.amp)  # fp16 only
     states = {"optimizer": opt, **({"scaler": scaler} if scaler is not None else {})}  # checkpointed together
     start = 0

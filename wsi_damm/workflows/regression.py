@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..files import write_json
 from ..models.regression import RegressionUNet
 from ..progress import progress_bar
+from ..run_dir import build_optimizer
 from ..slides import SlideSpec
 from ..stages.train import lr_at
 from ..store import PatchStore
@@ -64,7 +65,7 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     images = PatchImages(store, np.arange(len(store)))
     model = build(rc)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    opt = build_optimizer(model.parameters(), t.lr, t.weight_decay)
     t0 = time.perf_counter()
     losses = []
     for step in progress_bar(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):

@@ -11,7 +11,9 @@ of 4, scored on the same pixels as every other demo-budget benchmark, and its au
 the autoencoders of the same seed's run without it when that exists (trained alike: same data, seed and
 steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-weight W` train every
 run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
-its autoencoder-only run when that exists. `budget.json` is rewritten after every run (mean ± sd with
+its autoencoder-only run when that exists. `--val-fraction 0` trains both stages on both training
+slides (runs named `STEPS:val0`); the preset's 0.2 holds one of the two out for the validation curve, as
+the demo did until 3 Dec. `budget.json` is rewritten after every run (mean ± sd with
 ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rerun with the same
 --work to resume.
 
@@ -50,6 +52,8 @@ def main() -> None:
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
     ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
     ap.add_argument("--ae-norm", choices=LOCAL_NORMS, default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
+    ap.add_argument("--val-fraction", type=float, default=0.2,
+                    help="train.val_fraction: 0.2 (the preset) holds one of the two training slides out for validation, 0 trains on both")
     args = ap.parse_args()
 
     from wsi_damm.stages.train import run_training
@@ -64,11 +68,11 @@ def main() -> None:
         steps, span = (int(v) for v in (spec.split(":") + ["0"])[:2])
         plan = dataclasses.replace(demo.plan, steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / f"budget{steps}{f'_context{span}' if span else ''}{ae_suffix(variant)}" / f"seed{seed}"
+            run_dir = args.work / f"budget{steps}{f'_context{span}' if span else ''}{variant_suffix(variant)}" / f"seed{seed}"
             row = {"seed": seed, "diffusion_steps": steps, "context_span": span, "autoencoder_steps": plan.ae_steps, **variant}
             done = run_dir / "row.json"
             if done.exists():
-                row = {"context_span": 0} | AE_DEFAULTS | json.loads(done.read_text())
+                row = {"context_span": 0} | VARIANT_DEFAULTS | json.loads(done.read_text())
                 if "ceiling" not in row:
                     row["ceiling"] = ceiling(demo, run_dir)
                     done.write_text(json.dumps(row) + "\n")
@@ -77,10 +81,10 @@ def main() -> None:
             if not (run_dir / "unet_ema.safetensors").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
-                cfg = budget_config(plan, seed, {"local": RECIPE["local"], **variant}, {"latents": RECIPE["latents"], "context_span": span})
+                cfg = variant_config(plan, seed, variant, {"latents": RECIPE["latents"], "context_span": span})
                 # autoencoders trained alike (same data, seed, steps and variant) are reused, so runs differ in the diffusion alone
-                alike = [args.work / f"budget{steps}{ae_suffix(variant)}" / f"seed{seed}" if span else None,
-                         args.work / f"autoencoder{plan.ae_steps}{ae_suffix(variant)}" / f"seed{seed}"]
+                alike = [args.work / f"budget{steps}{variant_suffix(variant)}" / f"seed{seed}" if span else None,
+                         args.work / f"autoencoder{plan.ae_steps}{variant_suffix(variant)}" / f"seed{seed}"]
                 shared = next((d for d in alike if d is not None and (d / "autoencoder_target.safetensors").exists()), None)
                 stage = "all"
                 if shared is not None:
@@ -104,16 +108,27 @@ def main() -> None:
 
 
 AE_DEFAULTS = {"ssim_weight": 0.0, "local_norm": "pixel"}  # the autoencoder settings a variant can change
+# and the training data: the tiny preset's validation fraction, which with the demo's two training slides holds one
+# of them out (split by slide); 0 trains both stages on both
+VARIANT_DEFAULTS = AE_DEFAULTS | {"val_fraction": 0.2}
 
 
 def ae_variant(args) -> dict:
-    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm}
+    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm, "val_fraction": args.val_fraction}
 
 
-def ae_suffix(variant: dict) -> str:
-    """How a run directory names its autoencoder variant: empty for the demo's autoencoders."""
+def variant_config(plan, seed: int, variant: dict, model: dict):
+    """The demo-budget config of a run of this variant."""
+    return budget_config(plan, seed, {"local": RECIPE["local"], **{k: variant[k] for k in AE_DEFAULTS}}, model,
+                         {"val_fraction": variant["val_fraction"]})
+
+
+def variant_suffix(variant: dict) -> str:
+    """How a run directory names its variant (autoencoder settings, training data): empty for the demo's."""
+    variant = VARIANT_DEFAULTS | variant
     return (f"_ssim{variant['ssim_weight']:g}" if variant["ssim_weight"] else "") + (
-        f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "")
+        f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "") + (
+        f"_val{variant['val_fraction']:g}" if variant["val_fraction"] != VARIANT_DEFAULTS["val_fraction"] else "")
 
 
 def autoencoder_ceilings(args, demo, t0: float) -> None:
@@ -121,28 +136,28 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
     from wsi_damm.stages.train import run_training
 
     file = args.out / "autoencoders.json"  # runs of earlier invocations are kept: one file for every variant
-    earlier = [AE_DEFAULTS | r for r in json.loads(file.read_text())["runs"]] if file.exists() else []
+    earlier = [VARIANT_DEFAULTS | r for r in json.loads(file.read_text())["runs"]] if file.exists() else []
     rows = []
     variant = ae_variant(args)
     for steps in args.autoencoder_steps:
         plan = dataclasses.replace(demo.plan, ae_steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / f"autoencoder{steps}{ae_suffix(variant)}" / f"seed{seed}"
+            run_dir = args.work / f"autoencoder{steps}{variant_suffix(variant)}" / f"seed{seed}"
             done = run_dir / "row.json"
             if not done.exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 t = time.perf_counter()
-                cfg = budget_config(plan, seed, {"local": RECIPE["local"], **variant}, {"latents": RECIPE["latents"]})
+                cfg = variant_config(plan, seed, variant, {"latents": RECIPE["latents"]})
                 run_training(demo.data.store, run_dir, cfg, stage="autoencoder", progress=False)
                 row = {"seed": seed, "autoencoder_steps": steps, **variant, "train_seconds": round(time.perf_counter() - t, 1),
                        "ceiling": ceiling(demo, run_dir)}
                 done.write_text(json.dumps(row) + "\n")
-            rows.append(AE_DEFAULTS | json.loads(done.read_text()))
+            rows.append(VARIANT_DEFAULTS | json.loads(done.read_text()))
             mine = {ident(r) for r in rows}
             merged = sorted([r for r in earlier if ident(r) not in mine] + rows, key=ident)
-            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", *AE_DEFAULTS)} | {
+            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", *VARIANT_DEFAULTS)} | {
                 "ssim": round(rows[-1]["ceiling"]["ssim"], 4), "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
-            names = {ident(r)[:-1]: f"{r['autoencoder_steps']}{ae_suffix(r).replace('_', ':')}" for r in merged}
+            names = {ident(r)[:-1]: f"{r['autoencoder_steps']}{variant_suffix(r).replace('_', ':')}" for r in merged}
             table = {name: {m: summary([r["ceiling"][m] for r in merged if ident(r)[:-1] == key]) for m in ("ssim", "psnr")}
                      for key, name in sorted(names.items())}
             args.out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +168,7 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
 
 def ident(row: dict) -> tuple:
     """An autoencoder-only run: its steps, variant and seed."""
-    return (row["autoencoder_steps"], *(row[k] for k in AE_DEFAULTS), row["seed"])
+    return (row["autoencoder_steps"], *(row[k] for k in VARIANT_DEFAULTS), row["seed"])
 
 
 def ceiling(demo, run_dir: Path) -> dict:
@@ -167,7 +182,7 @@ def ceiling(demo, run_dir: Path) -> dict:
 
 def run_name(row: dict) -> str:
     """A run's key in the summary: its diffusion steps, with its context span if it has one."""
-    return f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "") + ae_suffix(AE_DEFAULTS | row).replace("_", ":")
+    return f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "") + variant_suffix(row).replace("_", ":")
 
 
 def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -> None:
@@ -175,7 +190,7 @@ def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -
     file = out / "budget.json"
     mine = {(run_name(r), r["seed"]) for r in runs}
     earlier = [r for r in json.loads(file.read_text())["runs"] if (run_name(r), r["seed"]) not in mine] if file.exists() else []
-    runs = sorted(earlier + runs, key=lambda r: (r["diffusion_steps"], r.get("context_span", 0), ae_suffix(AE_DEFAULTS | r), r["seed"]))
+    runs = sorted(earlier + runs, key=lambda r: (r["diffusion_steps"], r.get("context_span", 0), variant_suffix(r), r["seed"]))
     table = {}
     for name in dict.fromkeys(run_name(r) for r in runs):
         mine = [r for r in runs if run_name(r) == name]

@@ -101,3 +101,28 @@ def test_store_with_other_patch_size_is_refused(small_store, synth_dir, tiny_tom
     assert run_cli("tile", slide, "--out", str(other), "--patch-size", "128", "--overlap", "0", "--mpp", "2.0", "--quiet").returncode == 0
     res = run_cli("train", str(other), "--out", str(run.path), "--config", str(tiny_toml))
     assert res.returncode == 2 and "64-px" in res.stderr and "128-px" in res.stderr
+
+
+def test_autoencoder_weight_decay_comes_from_the_config(small_store, tiny_toml, tmp_path):
+    """One step apart in weight decay alone, AdamW's decoupled decay moves every weight by exactly
+    −lr·Δwd·w₀ (Loshchilov & Hutter): the Adam part of the step is the same, so the config's value is
+    the one the optimiser used."""
+    from wsi_damm.run_dir import ROLES_NEEDED, build_autoencoder
+
+    base = resolve("tiny", tiny_toml, {"autoencoder": {"steps": 1}})
+    weights = {}
+    for wd in (0.0, 0.5):
+        cfg = resolve("tiny", tiny_toml, {"autoencoder": {"steps": 1, "weight_decay": wd}})
+        run = run_training(small_store, tmp_path / f"wd{wd}", cfg, stage="autoencoder", progress=False)
+        weights[wd] = load_file(str(run.autoencoder("target")))
+        assert json.loads(run.config.read_text())["autoencoder"]["weight_decay"] == wd
+    torch.manual_seed(base.train.seed)
+    initial = [build_autoencoder(base).state_dict() for _ in ROLES_NEEDED][ROLES_NEEDED.index("target")]  # built in this order
+    lr0 = base.autoencoder.lr / 50  # the first step of the autoencoders' warm-up
+    for name, w0 in initial.items():
+        if name == "scale":
+            continue
+        moved = weights[0.5][name].double() - weights[0.0][name].double()
+        rounding = 4 * torch.finfo(torch.float32).eps * (w0.double().abs() + lr0)  # float32 weights, a few ulps
+        assert ((moved + lr0 * 0.5 * w0.double()).abs() <= rounding).all(), name
+    assert base.autoencoder.weight_decay == 0.01  # torch's AdamW default, which the README's autoencoders were trained with

@@ -89,9 +89,10 @@ def build_autoencoder(cfg: RunConfig) -> Autoencoder:
     return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm)
 
 
-def build_optimizer(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def build_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW for every model we train, updating all tensors in one batched pass (`foreach`): torch's CPU
-    default loops over them one by one, a visible share of a small model's step."""
+    default loops over them one by one, a visible share of a small model's step. `weight_decay` has no
+    default here: each model's comes from its config, so it is recorded with the run."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 

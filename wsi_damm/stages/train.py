@@ -73,7 +73,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
             for r, ae in aes.items():
                 save_weights(run.autoencoder(r), ae, {"role": r, "factor": 1})
         return aes
-    opts = {r: build_optimizer(ae.parameters(), a.lr) for r, ae in aes.items()}
+    opts = {r: build_optimizer(ae.parameters(), a.lr, a.weight_decay) for r, ae in aes.items()}
     rows: list[dict] = []
     start = 0
     last = run.last_checkpoint(run.ae_ckpt) if resume else None

@@ -3,8 +3,10 @@ paired by training seed, on the same machine and the same pixels.
 
 For every run directory given (trained by `compare_budget.py`, e.g. WORK/budget900/seed0), a regression
 U-Net is trained on the same patch store with that run's training settings — steps, batch size, batch
-order, learning-rate schedule, clipping, EMA and seed — and its context, so only the model and the loss
-differ (run families that differ only in their autoencoders share one regression run per seed). Its map
+order, learning-rate schedule, clipping, EMA and seed — and its context, so the model and the loss differ,
+and the data where noted below (run families that differ only in their autoencoders share one regression run per seed). It learns from
+every patch of the store: where the run held a slide out for validation (the preset's split of the demo's
+two training slides), the regression saw twice DAMM's data. Its map
 goes through `predict`'s tiling and `stitch` and is scored on the demo's held-out slide like every
 other demo-budget map (tissue, and per simulator region). Each seed's DAMM rows are read from the same
 run's `row.json` (one draw, 4 draws) and from `sampler_steps.json` (the 1-step point estimate) when
@@ -70,7 +72,7 @@ def main() -> None:
                     "final_l1": trained["final_l1"]}
         damm = json.loads((run / "row.json").read_text())
         one_step = [r for r in point if r["family"] == key["family"] and r["seed"] == key["seed"] and r["steps"] == 1 and r["draws"] == 1]
-        rows.append(key | {"regression": reg, "damm_one_draw": _brief(damm["draws1"]), "damm_four_draws": _brief(damm["draws4"]),
+        rows.append(key | {"regression": reg, "damm_one_draw": _brief(damm["draws1"]), "damm_four_draws": _brief(damm["draws4"]) if "draws4" in damm else None,
                            "damm_one_step": _brief(one_step[0]) if one_step else None,
                            "seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(key | {"ssim": round(reg["ssim"], 4), "psnr": round(reg["psnr"], 2), "train_seconds": reg["train_seconds"]}), flush=True)

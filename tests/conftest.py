@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's test command): one thread per worker and per process it starts, so two
+    # workers share the two cores without oversubscribing them; set before any test module imports torch
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # third-party real files, when present
 FIXTURES = SHARED / "fixtures"
 DATA = Path(__file__).resolve().parent / "data"  # reference numbers the tests need, kept with them
@@ -36,6 +42,15 @@ def kill_when(argv: list[str], ready: Callable[[], bool], delay: float = 0.0, ti
     assert proc.poll() is None, f"`wsi-damm {argv[0]}` finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: torchrun's rendezvous, so tests on parallel workers never collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def count_files(folder: Path) -> int:
@@ -137,3 +152,48 @@ def tiny_toml(tmp_path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_TOML)
     return path
+
+
+# the runs the prediction tests sample (module scope: each test file trains its own, so files run in parallel)
+@pytest.fixture(scope="module")
+def tiny_run(small_store, tmp_path_factory):
+    """A tiny run for independent and canvas sampling. Conditioned on context too, so every prediction test
+    also checks that the context windows follow their patches through batching, ranks, resume and canvas sampling."""
+    from wsi_damm.config import resolve
+    from wsi_damm.stages.train import run_training
+
+    d = tmp_path_factory.mktemp("run")
+    (d / "tiny.toml").write_text(TINY_TOML)
+    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", {"model": {"context_span": 4}}), progress=False).path
+
+
+@pytest.fixture(scope="module")
+def canvas_run(small_store, tmp_path_factory):
+    """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops; with
+    context 2 patches wide (resampled to the latent grid), cut where each window lies."""
+    from wsi_damm.config import resolve
+    from wsi_damm.stages.train import run_training
+
+    d = tmp_path_factory.mktemp("canvas_run")
+    (d / "tiny.toml").write_text(TINY_TOML)
+    flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas", "context_span": 2}}
+    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", flags), progress=False).path
+
+
+def run_for_sampling(request, sampling: str):
+    """The run each sampling needs: shifted grids sample runs trained on canvas latents."""
+    return request.getfixturevalue("canvas_run" if sampling == "shifted" else "tiny_run")
+
+
+def second_slide(synth_dir) -> str:
+    """The slide the prediction tests predict (the second of `synth_dir`)."""
+    return str(sorted(synth_dir.glob("*.ome.tif"))[1])
+
+
+def predict_store(run, slide, out, *extra):
+    """`wsi-damm predict` with 4 steps, as a user would; its prediction store."""
+    from wsi_damm.store import PredictionStore
+
+    res = run_cli("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
+    assert res.returncode == 0, res.stderr
+    return PredictionStore.open(out)

@@ -18,8 +18,6 @@ from wsi_damm.models.damm_unet import DammUNet, UNetShape
 from wsi_damm.models.fusion import MMFM, UAFM, ConcatFusion
 from wsi_damm.run_dir import build_unet
 
-torch.set_num_threads(2)
-
 
 def small_unet(**kw) -> DammUNet:
     """A small U-Net whose zero-initialised output convolutions are made random, so outputs move."""

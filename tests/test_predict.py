@@ -1,62 +1,26 @@
-"""Whole-slide prediction, independent, canvas and shifted-grid sampling: batch-size and rank invariance, kill + resume, nuclei-free slides."""
+"""Whole-slide prediction, independent, canvas and shifted-grid sampling: batch-size and rank invariance, nuclei-free slides,
+what prediction reads (kill + resume: `test_predict_resume.py`)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import zarr
 
-from wsi_damm.config import resolve
-from wsi_damm.stages.train import run_training
 from wsi_damm.store import PredictionStore
 
-from .conftest import TINY_TOML, count_files, kill_when, run_cli
-
-
-@pytest.fixture(scope="module")
-def tiny_run(small_store, tmp_path_factory):
-    """Conditioned on context too, so every test below also checks that the context windows follow their
-    patches through batching, ranks, resume and canvas sampling."""
-    d = tmp_path_factory.mktemp("run")
-    (d / "tiny.toml").write_text(TINY_TOML)
-    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", {"model": {"context_span": 4}}), progress=False).path
-
-
-@pytest.fixture(scope="module")
-def canvas_run(small_store, tmp_path_factory):
-    """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops; with
-    context 2 patches wide (resampled to the latent grid), cut where each window lies."""
-    d = tmp_path_factory.mktemp("canvas_run")
-    (d / "tiny.toml").write_text(TINY_TOML)
-    flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas", "context_span": 2}}
-    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", flags), progress=False).path
-
-
-def _run(request, sampling: str):
-    """The run each sampling needs: shifted grids sample runs trained on canvas latents."""
-    return request.getfixturevalue("canvas_run" if sampling == "shifted" else "tiny_run")
-
-
-def _slide(synth_dir):
-    return str(sorted(synth_dir.glob("*.ome.tif"))[1])
-
-
-def _predict(run, slide, out, *extra):
-    res = run_cli("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
-    assert res.returncode == 0, res.stderr
-    return PredictionStore.open(out)
+from .conftest import free_port, predict_store, run_cli, run_for_sampling, second_slide
 
 
 @pytest.mark.parametrize("sampling", ["canvas", "independent", "shifted"])
 def test_batch_size_does_not_change_the_prediction(request, synth_dir, tmp_path, sampling):
-    tiny_run = _run(request, sampling)
-    a = _predict(tiny_run, _slide(synth_dir), tmp_path / "a.zarr", "--batch-size", "4", "--no-stitch", "--sampling", sampling)
-    b = _predict(tiny_run, _slide(synth_dir), tmp_path / "b.zarr", "--batch-size", "32", "--no-stitch", "--sampling", sampling)
+    tiny_run = run_for_sampling(request, sampling)
+    a = predict_store(tiny_run, second_slide(synth_dir), tmp_path / "a.zarr", "--batch-size", "4", "--no-stitch", "--sampling", sampling)
+    b = predict_store(tiny_run, second_slide(synth_dir), tmp_path / "b.zarr", "--batch-size", "32", "--no-stitch", "--sampling", sampling)
     np.testing.assert_array_equal(a.coords, b.coords)
     pa, pb = np.asarray(a.pred[:]), np.asarray(b.pred[:])
     assert len(pa) > 20 and 0 <= pa.min() and pa.max() <= 1 and a.attrs["predict"]["sampling"] == sampling
@@ -66,77 +30,22 @@ def test_batch_size_does_not_change_the_prediction(request, synth_dir, tmp_path,
     assert "canvas" not in a.root  # sampling state is not part of the store
 
 
-KILL_ARGS = ["--sampler", "ddim", "--steps", "8", "--batch-size", "4", "--shard-patches", "4", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(request, synth_dir, tmp_path_factory):
-    """The map of an uninterrupted run, per sampling, computed once for every phase killed below."""
-    refs: dict[str, Path] = {}
-
-    def ref(sampling: str) -> Path:
-        if sampling not in refs:
-            out = tmp_path_factory.mktemp(f"ref_{sampling}") / "ref.zarr"
-            res = run_cli("predict", str(_run(request, sampling)), _slide(synth_dir), "--out", str(out), "--sampling", sampling, *KILL_ARGS)
-            assert res.returncode == 0, res.stderr
-            refs[sampling] = out
-        return refs[sampling]
-
-    return ref
-
-
-@pytest.mark.parametrize("sampling,phase", [("canvas", "sampling"), ("shifted", "sampling"), ("independent", "sampling"),
-                                            ("independent", "tiling"), ("independent", "stitching")])
-def test_kill_and_resume_gives_the_identical_map(request, uninterrupted, synth_dir, tmp_path, sampling, phase):
-    """Killed while tiling the inputs, sampling or writing the map, `--resume` finishes the same map bit for bit."""
-    tiny_run = _run(request, sampling)
-    slide = _slide(synth_dir)
-    common = ["--sampling", sampling, *KILL_ARGS]
-    ref = uninterrupted(sampling)
-    out = tmp_path / "k.zarr"
-    partial = out.with_name(out.name + ".partial")
-    if phase == "tiling":  # the inputs' patch store is being written
-        ready = lambda: count_files(tmp_path / "k.zarr.conditions.zarr.partial" / "shard_done" / "c") >= 1  # noqa: E731
-    elif phase == "stitching":  # the prediction store is published; the map is being written
-        ready = lambda: (tmp_path / "k.ome.zarr.partial").exists()  # noqa: E731
-    elif sampling in ("canvas", "shifted"):  # killed while the canvas steps: at least one step done
-        ready = lambda: (partial / "canvas" / "steps_done" / "c" / "0").exists()  # noqa: E731
-    else:
-        ready = lambda: count_files(partial / "shard_done" / "c") >= 3  # noqa: E731
-    kill_when(["predict", str(tiny_run), slide, "--out", str(out), *common], ready, delay=0.0 if phase == "stitching" else 0.3)
-    assert not (tmp_path / "k.ome.zarr").exists()
-    res = run_cli("predict", str(tiny_run), slide, "--out", str(out), "--resume", *common)
-    assert res.returncode == 0, res.stderr
-    np.testing.assert_array_equal(np.asarray(PredictionStore.open(ref).pred[:]), np.asarray(PredictionStore.open(out).pred[:]))
-    ma = np.asarray(zarr.open_group(str(ref.with_name("ref.ome.zarr")), mode="r")["0"][:])
-    mb = np.asarray(zarr.open_group(str(tmp_path / "k.ome.zarr"), mode="r")["0"][:])
-    np.testing.assert_array_equal(ma, mb)
-
-
 def test_each_run_refuses_the_sampling_it_was_not_trained_for(tiny_run, canvas_run, synth_dir, tmp_path):
     for run, sampling, word in ((tiny_run, "shifted", "--latents canvas"), (canvas_run, "independent", "--sampling shifted")):
         out = tmp_path / f"{sampling}.zarr"
-        res = run_cli("predict", str(run), _slide(synth_dir), "--out", str(out), "--sampling", sampling, "--quiet")
+        res = run_cli("predict", str(run), second_slide(synth_dir), "--out", str(out), "--sampling", sampling, "--quiet")
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and word in res.stderr, res.stderr
         assert not out.exists() and not list(tmp_path.glob(f"{sampling}*"))
 
 
-def test_resume_refuses_a_finished_store_of_other_settings(tiny_run, synth_dir, tmp_path):
-    out = tmp_path / "p.zarr"
-    _predict(tiny_run, _slide(synth_dir), out, "--no-stitch")
-    res = run_cli("predict", str(tiny_run), _slide(synth_dir), "--out", str(out), "--steps", "5", "--resume", "--quiet")
-    assert res.returncode == 2 and res.stderr.count("\n") == 1
-    assert "other settings" in res.stderr and f"wsi-damm stitch {out} --out <map> --resume" in res.stderr
-
-
 @pytest.mark.parametrize("sampling", ["independent", "canvas", "shifted"])
 def test_slide_without_nuclei_predicts_uni_modal(request, synth_dir, tmp_path, sampling):
-    tiny_run = _run(request, sampling)
-    full = tifffile.imread(_slide(synth_dir))
+    tiny_run = run_for_sampling(request, sampling)
+    full = tifffile.imread(second_slide(synth_dir))
     path = tmp_path / "no_dapi.ome.tif"
     tifffile.imwrite(path, full[[0, 2]], ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "NP"]},
                      "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, tile=(256, 256), compression="zlib")
-    store = _predict(tiny_run, str(path), tmp_path / "u.zarr", "--sampling", sampling, "--samples", "2")
+    store = predict_store(tiny_run, str(path), tmp_path / "u.zarr", "--sampling", sampling, "--samples", "2")
     assert store.attrs["nuclei"] is False and store.roles == ["vessels"]  # the measured NP channel is never read
     assert float(np.asarray(store.root["pred_sd"][:]).astype(np.float32).max()) > 0  # two draws (two canvases) that differ
     assert np.isnan(np.asarray(store.root["divergence"][:])).all()
@@ -148,7 +57,7 @@ def test_slide_without_nuclei_predicts_uni_modal(request, synth_dir, tmp_path, s
 def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
     """The measured NP channel must not change anything (mask, normalisation, patches, map), and `--no-nuclei`
     must predict the same patches: every row of a comparison is then scored on the same pixels."""
-    full = tifffile.imread(_slide(synth_dir))
+    full = tifffile.imread(second_slide(synth_dir))
     rng = np.random.default_rng(0)
     targets = {"measured": full[2], "zeros": np.zeros_like(full[2]),
                "noise": rng.integers(0, np.iinfo(full.dtype).max, full[2].shape, dtype=full.dtype)}
@@ -158,14 +67,14 @@ def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
         path = tmp_path / name / "slide.ome.tif"  # one slide id: the noise is keyed by it
         tifffile.imwrite(path, np.stack([full[0], full[1], target]), ome=True, tile=(256, 256), compression="zlib",
                          metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
-        stores[name] = _predict(tiny_run, str(path), tmp_path / f"{name}.zarr", "--no-stitch")
+        stores[name] = predict_store(tiny_run, str(path), tmp_path / f"{name}.zarr", "--no-stitch")
     ref = stores["measured"]
     assert ref.roles == ["vessels", "nuclei"] and len(ref.coords) > 20
     for name in ("zeros", "noise"):
         np.testing.assert_array_equal(ref.coords, stores[name].coords)
         np.testing.assert_array_equal(np.asarray(ref.pred[:]), np.asarray(stores[name].pred[:]))
         assert ref.slides[0]["normalisation"] == stores[name].slides[0]["normalisation"]
-    uni = _predict(tiny_run, str(tmp_path / "measured" / "slide.ome.tif"), tmp_path / "uni.zarr", "--no-stitch", "--no-nuclei")
+    uni = predict_store(tiny_run, str(tmp_path / "measured" / "slide.ome.tif"), tmp_path / "uni.zarr", "--no-stitch", "--no-nuclei")
     np.testing.assert_array_equal(ref.coords, uni.coords)  # the same tissue mask and patches as with nuclei
     assert uni.attrs["nuclei"] is False and np.isnan(np.asarray(uni.root["divergence"][:])).all()
     # … by the uni-modal branch: patches on which the gate never chose the multi-modal branch agree bitwise, the others not
@@ -177,15 +86,15 @@ def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
 def test_two_ranks_share_the_work_and_give_the_same_result(request, synth_dir, tmp_path, sampling):
     import subprocess as sp
 
-    tiny_run = _run(request, sampling)
-    slide = _slide(synth_dir)
+    tiny_run = run_for_sampling(request, sampling)
+    slide = second_slide(synth_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # the same kernels in every process
     args = ["predict", str(tiny_run), slide, "--steps", "4", "--eta", "1", "--sampler", "ddim", "--shard-patches", "8", "--no-stitch",
             "--sampling", sampling, "--quiet"]
     res = sp.run([sys.executable, "-m", "wsi_damm_cli.main", *args, "--out", str(tmp_path / "one.zarr")], capture_output=True, text=True,
                  timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "wsi_damm_cli.main", *args, "--out", str(tmp_path / "two.zarr")]
     res = sp.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -200,7 +109,7 @@ def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
     from wsi_damm.diffusion.noise import draw_keys
     from wsi_damm.stages.predict import PredictConfig, Predictor
 
-    store = _predict(tiny_run, _slide(synth_dir), tmp_path / "k.zarr", "--samples", "3")
+    store = predict_store(tiny_run, second_slide(synth_dir), tmp_path / "k.zarr", "--samples", "3")
     sd = np.asarray(store.root["pred_sd"][:]).astype(np.float32)
     assert sd.shape == store.pred.shape and (sd >= 0).all() and sd.max() > 0
     m = zarr.open_group(str(tmp_path / "k.ome.zarr"), mode="r")

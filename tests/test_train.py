@@ -18,7 +18,7 @@ from wsi_damm.errors import InputError
 from wsi_damm.run_dir import RunDir
 from wsi_damm.stages.train import run_training
 
-from .conftest import run_cli
+from .conftest import free_port, run_cli
 
 
 def _metrics(run_dir):
@@ -59,7 +59,7 @@ def test_resume_continues_on_the_same_curve(small_store, tiny_toml, tmp_path):
 
 def test_two_rank_gloo_ddp_keeps_ranks_identical(small_store, tiny_toml, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "wsi_damm_cli.main", "train", str(small_store), "--out", str(out), "--config", str(tiny_toml), "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]

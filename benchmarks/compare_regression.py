@@ -56,20 +56,21 @@ def main() -> None:
         # families that share them (e.g. two autoencoder variants) share one regression run per seed
         setting = json.loads(json.dumps({"train": asdict(rc.train), "context_span": rc.model.context_span}))  # as stored
         t = time.perf_counter()
-        done = [r["regression"] for r in rows if r["regression"]["setting"] == setting]
+        # rows from before 3 Dec trained on every patch whatever the run's split: they carry no train_patches
+        done = [r["regression"] for r in rows if r["regression"]["setting"] == setting and "train_patches" in r["regression"]]
         if done:
             reg = done[0]
         else:
             reg_dir = args.work / "regression" / f"seed{rc.train.seed}_span{rc.model.context_span}"
             train_regression(demo.data.store, reg_dir, rc, progress=False)
             trained = json.loads((reg_dir / "config.json").read_text())
-            if trained["run"]["train"] != setting["train"]:
-                raise SystemExit(f"{reg_dir}: trained with other settings than {run}; remove it to retrain")
+            if trained["run"]["train"] != setting["train"] or "train_patches" not in trained:
+                raise SystemExit(f"{reg_dir}: trained with other settings or data than {run}; remove it to retrain")
             t_map = time.perf_counter()
             m = regression_map(reg_dir, demo.held.spec, reg_dir / "map.ome.zarr", progress=False)
             scored = scores(run_evaluate([(m, demo.held.spec)], reg_dir / "report", [demo.held.clean], **demo.scoring))
             reg = _brief(scored) | {"seam_score": scored["seam_score"], "setting": setting, "train_seconds": trained["seconds"], "map_seconds": round(time.perf_counter() - t_map, 1),
-                    "final_l1": trained["final_l1"]}
+                    "final_l1": trained["final_l1"], "train_patches": trained["train_patches"]}
         damm = json.loads((run / "row.json").read_text())
         one_step = [r for r in point if r["family"] == key["family"] and r["seed"] == key["seed"] and r["steps"] == 1 and r["draws"] == 1]
         rows.append(key | {"regression": reg, "damm_one_draw": _brief(damm["draws1"]), "damm_four_draws": _brief(damm["draws4"]) if "draws4" in damm else None,

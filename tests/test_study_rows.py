@@ -17,6 +17,7 @@ from wsi_damm.slides import specs_from_paths
 from wsi_damm.stages.predict import PredictConfig, condition_config
 from wsi_damm.stages.tile import plan_slide
 from wsi_damm.store import PatchStore
+from wsi_damm.training_data import split_validation
 from wsi_damm.workflows.patch_maps import patch_function_map
 from wsi_damm.workflows.regression import build, regression_map, train_regression
 
@@ -56,6 +57,8 @@ def test_regression_row_trains_at_the_runs_budget_and_maps_predicts_patches(smal
     assert build(rc).stem.in_channels == (4 if span else 2)
     info = json.loads((run / "config.json").read_text())
     assert info["run"]["train"]["steps"] == rc.train.steps and np.isfinite(info["final_l1"])
+    split = split_validation(PatchStore.open(small_store), rc.train.val_fraction, (), rc.train.seed, rc.train.val_split)
+    assert 0 < info["train_patches"] == len(split.train) < len(PatchStore.open(small_store))  # what a DAMM run of rc learns from
     slide = sorted(synth_dir.glob("*.ome.tif"))[1]
     (spec,) = specs_from_paths([slide], {})
     path = regression_map(run, spec, tmp_path / "reg.ome.zarr", progress=False)

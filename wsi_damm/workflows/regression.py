@@ -28,7 +28,7 @@ from ..run_dir import build_optimizer
 from ..slides import SlideSpec
 from ..stages.train import lr_at
 from ..store import PatchStore
-from ..training_data import PatchImages, batch_rows
+from ..training_data import PatchImages, batch_rows, split_validation
 from .patch_maps import patch_function_map
 
 INPUTS = ("vessels", "nuclei")
@@ -49,8 +49,9 @@ def _inputs(images: torch.Tensor, cols: list[int], context: np.ndarray | None, r
 
 
 def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: bool = True) -> Path:
-    """Train on every patch of the store (the study holds out whole slides) and write the EMA weights
-    and the config to `run_dir`; a finished run is left as it is."""
+    """Train on the patches a DAMM run with the same settings learns from (its validation split held out:
+    like with like; the study sets no validation, so every patch) and write the EMA weights and the config
+    to `run_dir`; a finished run is left as it is."""
     run_dir = Path(run_dir)
     if (run_dir / WEIGHTS).exists():
         return run_dir
@@ -62,7 +63,8 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     target = store.roles.index("target")
     if rc.model.context_span and store.context_roles != list(INPUTS):
         raise InputError(store_path, "has no context images of CD31 and DAPI, which model.context_span needs", "tile the slides again")
-    images = PatchImages(store, np.arange(len(store)))
+    train_idx = split_validation(store, t.val_fraction, tuple(t.val_slides), t.seed, t.val_split).train
+    images = PatchImages(store, train_idx)
     model = build(rc)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(model.parameters(), t.lr, t.weight_decay)
@@ -84,7 +86,7 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - t.ema_decay)
         losses.append(loss.item())
     write_json(run_dir / CONFIG, {"model": "regression U-Net (L1)", "inputs": list(INPUTS), "run": asdict(rc),
-                                  "seconds": round(time.perf_counter() - t0, 1), "final_l1": float(np.mean(losses[-max(1, t.log_every):]))})
+                                  "train_patches": len(train_idx), "seconds": round(time.perf_counter() - t0, 1), "final_l1": float(np.mean(losses[-max(1, t.log_every):]))})
     save_weights(run_dir / WEIGHTS, ema)  # last: its presence marks a finished run
     return run_dir
 

@@ -35,7 +35,7 @@ class DemoPlan:
 
 
 # 900 diffusion, 150 autoencoder and 10 DPM-Solver++ steps and one draw kept the full demo within 10 minutes on 2 AVX-512
-# cores on 1 Dec (571 s); CI on another AVX-512 machine took 671 s on 2 Dec and 706 s on 3 Dec, on 2 AVX2 cores it takes about 21 minutes (CI, 1263 s)
+# cores on 1 Dec (571 s); CI on another AVX-512 machine took 671 s on 2 Dec and 706–794 s on 3 Dec, on 2 AVX2 cores it takes about 21 minutes (CI, 1263 s)
 # (with 4 draws shifted-grid sampling took it to 656 s in CI; one draw of it already beats the blurred-vessel baseline)
 FULL = DemoPlan(size=2048, train_slides=2, ae_steps=150, steps=900, sample_steps=10, samples=1)
 QUICK = DemoPlan(size=1024, train_slides=2, ae_steps=60, steps=150, sample_steps=10, samples=2)

@@ -4,9 +4,9 @@ paired by training seed, on the same machine and the same pixels.
 For every run directory given (trained by `compare_budget.py`, e.g. WORK/budget900/seed0), a regression
 U-Net is trained on the same patch store with that run's training settings — steps, batch size, batch
 order, learning-rate schedule, clipping, EMA and seed — and its context, so the model and the loss differ,
-and the data where noted below (run families that differ only in their autoencoders share one regression run per seed). It learns from
-every patch of the store: where the run held a slide out for validation (the preset's split of the demo's
-two training slides), the regression saw twice DAMM's data. Its map
+and nothing else (run families that differ only in their autoencoders share one regression run per seed). It
+learns from the run's training split, the patches DAMM learned from (until 3 Dec it learned from every patch,
+twice DAMM's data where the run held a slide out for validation; such rows are never reused). Its map
 goes through `predict`'s tiling and `stitch` and is scored on the demo's held-out slide like every
 other demo-budget map (tissue, and per simulator region). Each seed's DAMM rows are read from the same
 run's `row.json` (one draw, 4 draws) and from `sampler_steps.json` (the 1-step point estimate) when

@@ -6,12 +6,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import InputError
 from .store import PatchStore, read_rows, to_model_range
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 IN_MEMORY_LIMIT = 4 * 2**30  # decode the whole store into RAM below this many raw bytes
 
@@ -55,6 +59,12 @@ def split_validation(store: PatchStore, val_fraction: float, val_slides: tuple[s
         return _checked(store, np.nonzero(~is_val)[0], np.nonzero(is_val)[0], "slides",
                         f"validation slides: {', '.join(ids[v] for v in val)}")
     return _region_split(store, val_fraction)
+
+
+def split_of(store: PatchStore, train: TrainConfig) -> ValidationSplit:
+    """The split a run's training settings ask for: one call, so every model trained from a run's
+    settings (DAMM, the regression U-Net) learns from the same patches."""
+    return split_validation(store, train.val_fraction, tuple(train.val_slides), train.seed, train.val_split)
 
 
 def _region_split(store: PatchStore, fraction: float) -> ValidationSplit:

@@ -47,7 +47,7 @@ from ..run_dir import (
     write_metrics,
 )
 from ..store import PatchStore
-from ..training_data import PatchImages, batch_rows, split_validation, step_generator
+from ..training_data import PatchImages, batch_rows, split_of, step_generator
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -389,7 +389,7 @@ def run_training(
             cfg = previous  # a resumed run continues exactly the run it was
         elif stage == "diffusion":
             cfg = replace(cfg, autoencoder=previous.autoencoder)  # reuses the trained autoencoders
-    split = split_validation(store, cfg.train.val_fraction, tuple(cfg.train.val_slides), cfg.train.seed, cfg.train.val_split)
+    split = split_of(store, cfg.train)
     train_idx, val_idx = split.train, split.val
     cfg = replace(cfg, train=replace(cfg.train, val_split=split.kind if split.kind != "none" else cfg.train.val_split))
     if cfg.train.epochs:

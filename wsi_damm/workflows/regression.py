@@ -28,7 +28,7 @@ from ..run_dir import build_optimizer
 from ..slides import SlideSpec
 from ..stages.train import lr_at
 from ..store import PatchStore
-from ..training_data import PatchImages, batch_rows, split_validation
+from ..training_data import PatchImages, batch_rows, split_of
 from .patch_maps import patch_function_map
 
 INPUTS = ("vessels", "nuclei")
@@ -63,7 +63,7 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     target = store.roles.index("target")
     if rc.model.context_span and store.context_roles != list(INPUTS):
         raise InputError(store_path, "has no context images of CD31 and DAPI, which model.context_span needs", "tile the slides again")
-    train_idx = split_validation(store, t.val_fraction, tuple(t.val_slides), t.seed, t.val_split).train
+    train_idx = split_of(store, t).train
     images = PatchImages(store, train_idx)
     model = build(rc)
     ema = copy.deepcopy(model).requires_grad_(False)

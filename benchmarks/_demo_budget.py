@@ -53,11 +53,11 @@ def demo_budget(work: Path) -> DemoBudget:
 
 def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict | None = None, train: dict | None = None):
     """The tiny preset at the demo's budget (`plan`: workflows.demo.FULL) with training seed `seed`."""
-    from wsi_damm.config import merge, resolve
+    from wsi_damm.config import merge
+    from wsi_damm.workflows.demo import demo_config
 
-    return merge(resolve("tiny"), {"autoencoder": {"steps": plan.ae_steps, **(autoencoder or {})}, "model": model or {},
-                                   "train": {"steps": plan.steps, "seed": seed, "val_every": max(10, plan.steps // 10),
-                                             "checkpoint_every": plan.steps, **(train or {})}}, "benchmark")
+    return merge(demo_config(plan), {"autoencoder": autoencoder or {}, "model": model or {}, "train": {"seed": seed, **(train or {})}},
+                 "benchmark")
 
 
 def predict_and_score(demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto", steps: int | None = None,

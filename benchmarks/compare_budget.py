@@ -4,7 +4,7 @@ distance to the oracle shrink?
 
 Same data, autoencoder steps, batch, sampler (DPM-Solver++, the demo's 10 steps) and scoring as
 `compare_seamless.py`'s canvas rows. A run is named by `--runs` entries STEPS or STEPS:SPAN: the
-diffusion steps (the demo's 900; the DAMMP warm-up stays the same fraction of them) and the context
+diffusion steps (the demo's 600 since 3 Dec, 900 before; the DAMMP warm-up stays the same fraction of them) and the context
 window in patches (`model.context_span`; none by default). Each run predicts one draw and the mean
 of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
 (decode(encode(measured NP)), patch by patch: the best its latents allow). A run with context takes
@@ -13,7 +13,7 @@ steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-we
 run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
 its autoencoder-only run when that exists. `--val-fraction 0` trains both stages on both training
 slides (runs named `STEPS:val0`); the preset's 0.2 holds one of the two out for the validation curve, as
-the demo did until 3 Dec. `budget.json` is rewritten after every run (mean ± sd with
+the demo does. `budget.json` is rewritten after every run (mean ± sd with
 ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rerun with the same
 --work to resume.
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import resolve
+from ..config import RunConfig, resolve
 from ..files import write_json
 from ..stages.evaluate import run_evaluate
 from ..stages.predict import PredictConfig, predict_maps, resolve_sampling
@@ -34,11 +34,19 @@ class DemoPlan:
     overlap: int = 32
 
 
-# 900 diffusion, 150 autoencoder and 10 DPM-Solver++ steps and one draw kept the full demo within 10 minutes on 2 AVX-512
-# cores on 1 Dec (571 s); CI on another AVX-512 machine took 671 s on 2 Dec and 706–794 s on 3 Dec, on 2 AVX2 cores it takes about 21 minutes (CI, 1263 s)
-# (with 4 draws shifted-grid sampling took it to 656 s in CI; one draw of it already beats the blurred-vessel baseline)
-FULL = DemoPlan(size=2048, train_slides=2, ae_steps=150, steps=900, sample_steps=10, samples=1)
+# 500 diffusion, 150 autoencoder and 10 DPM-Solver++ steps and one draw: the full demo within 10 minutes on 2 AVX-512
+# cores. 900 diffusion steps took 706–794 s in CI on 3 Dec and 600 took 618 s here, for +0.023 and +0.012 SSIM over
+# 3 seeds (README, Fewer diffusion steps); on 2 AVX2 cores the demo takes about twice as long.
+FULL = DemoPlan(size=2048, train_slides=2, ae_steps=150, steps=500, sample_steps=10, samples=1)
 QUICK = DemoPlan(size=1024, train_slides=2, ae_steps=60, steps=150, sample_steps=10, samples=2)
+
+
+def demo_config(plan: DemoPlan, preset: str = "tiny") -> RunConfig:
+    """`preset` at the plan's budget: five validations (each is a forward pass over the held-out training slide's
+    patches, about 3 s here) and one checkpoint, at the end."""
+    cfg = resolve(preset)
+    return replace(cfg, autoencoder=replace(cfg.autoencoder, steps=plan.ae_steps),
+                   train=replace(cfg.train, steps=plan.steps, val_every=max(10, plan.steps // 5), checkpoint_every=plan.steps))
 
 
 def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: bool = True, log=print) -> dict:
@@ -51,9 +59,7 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     train_specs, held = data.train_specs, data.heldout[0]
     held_spec, store = held.spec, PatchStore.open(data.store)
     log(f"{stamp()} {len(store)} patches; training the {preset} preset → {out / 'run'}")
-    cfg = resolve(preset)
-    cfg = replace(cfg, autoencoder=replace(cfg.autoencoder, steps=plan.ae_steps),
-                  train=replace(cfg.train, steps=plan.steps, val_every=max(10, plan.steps // 10), checkpoint_every=plan.steps))
+    cfg = demo_config(plan, preset)
     run = run_training(out / "patches.zarr", out / "run", cfg, progress=progress)
     draws = f"mean of {plan.samples} draws" if plan.samples > 1 else "one draw"
     log(f"{stamp()} predicting the held-out slide (DPM-Solver++, {plan.sample_steps} steps, {draws}, "

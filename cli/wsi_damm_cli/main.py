@@ -415,7 +415,7 @@ def demo(out, preset, quick, quiet) -> None:
     click.echo(f"report: {outs['report']}   (open in a browser)")
     if quick:
         click.echo("\n--quick is a smoke test of the pipeline: 150 training steps are too few for the model to learn the vessels, so its "
-                   "map is close to flat and the blur may beat it. Run `wsi-damm demo` (11–21 minutes on 2 cores, by CPU) for a map worth reading.")
+                   "map is close to flat and the blur may beat it. Run `wsi-damm demo` (about 9 minutes on 2 AVX-512 cores, longer on older CPUs) for a map worth reading.")
 
 
 @cli.command(short_help="Ablation study on synthetic slides, by region.")

@@ -4,7 +4,7 @@ distance to the oracle shrink?
 
 Same data, autoencoder steps, batch, sampler (DPM-Solver++, the demo's 10 steps) and scoring as
 `compare_seamless.py`'s canvas rows. A run is named by `--runs` entries STEPS or STEPS:SPAN: the
-diffusion steps (the demo's 600 since 3 Dec, 900 before; the DAMMP warm-up stays the same fraction of them) and the context
+diffusion steps (the demo's 500 since 3 Dec, 900 before; the DAMMP warm-up stays the same fraction of them) and the context
 window in patches (`model.context_span`; none by default). Each run predicts one draw and the mean
 of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
 (decode(encode(measured NP)), patch by patch: the best its latents allow). A run with context takes

@@ -11,7 +11,9 @@ of 4, scored on the same pixels as every other demo-budget benchmark, and its au
 the autoencoders of the same seed's run without it when that exists (trained alike: same data, seed and
 steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-weight W` train every
 run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
-its autoencoder-only run when that exists. `--val-fraction 0` trains both stages on both training
+its autoencoder-only run when that exists. `--multi-loss always` (runs named `STEPS:multialways`) lets
+the multi-modal branch learn from every sample after warm-up (`damm.multi_loss`), on the same
+autoencoders as the paper's gated loss. `--val-fraction 0` trains both stages on both training
 slides (runs named `STEPS:val0`); the preset's 0.2 holds one of the two out for the validation curve, as
 the demo does. `budget.json` is rewritten after every run (mean ± sd with
 ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rerun with the same
@@ -35,7 +37,7 @@ from pathlib import Path
 _sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
 
-from wsi_damm.config import LOCAL_NORMS  # noqa: E402
+from wsi_damm.config import LOCAL_NORMS, merge  # noqa: E402
 
 RECIPE = {"local": True, "latents": "canvas", "sampling": "shifted"}
 
@@ -52,6 +54,8 @@ def main() -> None:
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
     ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
     ap.add_argument("--ae-norm", choices=LOCAL_NORMS, default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
+    ap.add_argument("--multi-loss", choices=("gated", "always"), default="gated",
+                    help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample")
     ap.add_argument("--val-fraction", type=float, default=0.2,
                     help="train.val_fraction: 0.2 (the preset) holds one of the two training slides out for validation, 0 trains on both")
     args = ap.parse_args()
@@ -84,7 +88,7 @@ def main() -> None:
                 cfg = variant_config(plan, seed, variant, {"latents": RECIPE["latents"], "context_span": span})
                 # autoencoders trained alike (same data, seed, steps and variant) are reused, so runs differ in the diffusion alone
                 alike = [args.work / f"budget{steps}{variant_suffix(variant)}" / f"seed{seed}" if span else None,
-                         args.work / f"autoencoder{plan.ae_steps}{variant_suffix(variant)}" / f"seed{seed}"]
+                         args.work / f"autoencoder{plan.ae_steps}{variant_suffix(variant, DATA_DEFAULTS)}" / f"seed{seed}"]
                 shared = next((d for d in alike if d is not None and (d / "autoencoder_target.safetensors").exists()), None)
                 stage = "all"
                 if shared is not None:
@@ -110,25 +114,30 @@ def main() -> None:
 AE_DEFAULTS = {"ssim_weight": 0.0, "local_norm": "pixel"}  # the autoencoder settings a variant can change
 # and the training data: the tiny preset's validation fraction, which with the demo's two training slides holds one
 # of them out (split by slide); 0 trains both stages on both
-VARIANT_DEFAULTS = AE_DEFAULTS | {"val_fraction": 0.2}
+DATA_DEFAULTS = AE_DEFAULTS | {"val_fraction": 0.2}
+# and the diffusion's DAMMP training: which samples the multi-modal branch learns from after warm-up
+VARIANT_DEFAULTS = DATA_DEFAULTS | {"multi_loss": "gated"}
 
 
 def ae_variant(args) -> dict:
-    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm, "val_fraction": args.val_fraction}
+    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm, "val_fraction": args.val_fraction, "multi_loss": args.multi_loss}
 
 
 def variant_config(plan, seed: int, variant: dict, model: dict):
     """The demo-budget config of a run of this variant."""
-    return budget_config(plan, seed, {"local": RECIPE["local"], **{k: variant[k] for k in AE_DEFAULTS}}, model,
-                         {"val_fraction": variant["val_fraction"]})
+    variant = VARIANT_DEFAULTS | variant
+    return merge(budget_config(plan, seed, {"local": RECIPE["local"], **{k: variant[k] for k in AE_DEFAULTS}}, model,
+                               {"val_fraction": variant["val_fraction"]}), {"damm": {"multi_loss": variant["multi_loss"]}}, "benchmark")
 
 
-def variant_suffix(variant: dict) -> str:
-    """How a run directory names its variant (autoencoder settings, training data): empty for the demo's."""
+def variant_suffix(variant: dict, keys: dict = VARIANT_DEFAULTS) -> str:
+    """How a run directory names its variant (autoencoder settings, training data, DAMMP training; only `keys`):
+    empty for the demo's."""
     variant = VARIANT_DEFAULTS | variant
     return (f"_ssim{variant['ssim_weight']:g}" if variant["ssim_weight"] else "") + (
         f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "") + (
-        f"_val{variant['val_fraction']:g}" if variant["val_fraction"] != VARIANT_DEFAULTS["val_fraction"] else "")
+        f"_val{variant['val_fraction']:g}" if variant["val_fraction"] != DATA_DEFAULTS["val_fraction"] else "") + (
+        f"_multi{variant['multi_loss']}" if "multi_loss" in keys and variant["multi_loss"] != VARIANT_DEFAULTS["multi_loss"] else "")
 
 
 def autoencoder_ceilings(args, demo, t0: float) -> None:
@@ -136,13 +145,13 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
     from wsi_damm.stages.train import run_training
 
     file = args.out / "autoencoders.json"  # runs of earlier invocations are kept: one file for every variant
-    earlier = [VARIANT_DEFAULTS | r for r in json.loads(file.read_text())["runs"]] if file.exists() else []
+    earlier = [DATA_DEFAULTS | r for r in json.loads(file.read_text())["runs"]] if file.exists() else []
     rows = []
-    variant = ae_variant(args)
+    variant = {k: v for k, v in ae_variant(args).items() if k in DATA_DEFAULTS}
     for steps in args.autoencoder_steps:
         plan = dataclasses.replace(demo.plan, ae_steps=steps)
         for seed in args.seeds:
-            run_dir = args.work / f"autoencoder{steps}{variant_suffix(variant)}" / f"seed{seed}"
+            run_dir = args.work / f"autoencoder{steps}{variant_suffix(variant, DATA_DEFAULTS)}" / f"seed{seed}"
             done = run_dir / "row.json"
             if not done.exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -152,12 +161,12 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
                 row = {"seed": seed, "autoencoder_steps": steps, **variant, "train_seconds": round(time.perf_counter() - t, 1),
                        "ceiling": ceiling(demo, run_dir)}
                 done.write_text(json.dumps(row) + "\n")
-            rows.append(VARIANT_DEFAULTS | json.loads(done.read_text()))
+            rows.append(DATA_DEFAULTS | json.loads(done.read_text()))
             mine = {ident(r) for r in rows}
             merged = sorted([r for r in earlier if ident(r) not in mine] + rows, key=ident)
-            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", *VARIANT_DEFAULTS)} | {
+            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", *DATA_DEFAULTS)} | {
                 "ssim": round(rows[-1]["ceiling"]["ssim"], 4), "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
-            names = {ident(r)[:-1]: f"{r['autoencoder_steps']}{variant_suffix(r).replace('_', ':')}" for r in merged}
+            names = {ident(r)[:-1]: f"{r['autoencoder_steps']}{variant_suffix(r, DATA_DEFAULTS).replace('_', ':')}" for r in merged}
             table = {name: {m: summary([r["ceiling"][m] for r in merged if ident(r)[:-1] == key]) for m in ("ssim", "psnr")}
                      for key, name in sorted(names.items())}
             args.out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +177,7 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
 
 def ident(row: dict) -> tuple:
     """An autoencoder-only run: its steps, variant and seed."""
-    return (row["autoencoder_steps"], *(row[k] for k in VARIANT_DEFAULTS), row["seed"])
+    return (row["autoencoder_steps"], *(row[k] for k in DATA_DEFAULTS), row["seed"])
 
 
 def ceiling(demo, run_dir: Path) -> dict:

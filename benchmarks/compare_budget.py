@@ -38,6 +38,8 @@ _sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
 
 from wsi_damm.config import LOCAL_NORMS, merge  # noqa: E402
+from wsi_damm.gate_regions import gate_in_training  # noqa: E402
+from wsi_damm.run_dir import RunDir, read_metrics  # noqa: E402
 
 RECIPE = {"local": True, "latents": "canvas", "sampling": "shifted"}
 
@@ -77,8 +79,12 @@ def main() -> None:
             done = run_dir / "row.json"
             if done.exists():
                 row = {"context_span": 0} | VARIANT_DEFAULTS | json.loads(done.read_text())
-                if "ceiling" not in row:
+                missing = {"ceiling", "gate_in_training"} - set(row)  # rows of earlier versions of this script
+                if "ceiling" in missing:
                     row["ceiling"] = ceiling(demo, run_dir)
+                if "gate_in_training" in missing:
+                    row["gate_in_training"] = gate_in_training(read_metrics(RunDir(run_dir).metrics))
+                if missing:
                     done.write_text(json.dumps(row) + "\n")
                 runs.append(row)
                 continue
@@ -102,6 +108,7 @@ def main() -> None:
             for draws in args.draws:
                 row[f"draws{draws}"] = predict_and_score(demo, run_dir, draws, seed, RECIPE["sampling"])
             row["ceiling"] = ceiling(demo, run_dir)
+            row["gate_in_training"] = gate_in_training(read_metrics(RunDir(run_dir).metrics))
             done.write_text(json.dumps(row) + "\n")
             runs.append(row)
             print(json.dumps({"run": spec, "seed": seed} | {
@@ -204,6 +211,10 @@ def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -
     for name in dict.fromkeys(run_name(r) for r in runs):
         mine = [r for r in runs if run_name(r) == name]
         table[name] = {f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score")} for d in draws}
+        gated = [r["gate_in_training"] for r in mine if r.get("gate_in_training")]  # DAMMP phase, per region: what the DFL taught
+        if gated:
+            table[name]["gate_in_training"] = {g: {k: summary([r[g][k] for r in gated]) for k in ("dfl_label_rate", "mean_kappa")}
+                                               for g in gated[0]}
         with_ceiling = [r for r in mine if "ceiling" in r]
         if with_ceiling:
             table[name]["ceiling"] = {m: summary([r["ceiling"][m] for r in with_ceiling]) for m in ("ssim", "psnr")}

@@ -10,7 +10,7 @@ import torch
 
 from wsi_damm.config import resolve
 from wsi_damm.diffusion.damm import divergence
-from wsi_damm.gate_regions import GateByRegion
+from wsi_damm.gate_regions import GateByRegion, gate_in_training
 from wsi_damm.run_dir import RunDir, read_metrics
 from wsi_damm.stages.tile import label_patches
 from wsi_damm.stages.train import run_training
@@ -55,6 +55,27 @@ def test_gate_sums_per_region_match_a_loop():
         assert abs(row[f"dfl_label_rate_{name}"] - np.mean(y)) < 1e-12
         assert abs(row[f"mean_kappa_{name}"] - float(np.mean([k[i] for i in picks]))) < 1e-6
     assert tracker.row()["samples_informative"] == 0  # a row resets the sums
+
+
+def test_gate_in_training_pools_the_dammp_rows_sample_by_sample():
+    """Two log rows of the DAMMP phase pooled equal the rates over all their samples at once; warm-up rows do not count."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(-1, 2, (n,), generator=g), *(torch.randn(n, 2, 4, 4, generator=g) for _ in range(2)), torch.rand(n, 4, 4, generator=g),
+                torch.randn(n, 2, 4, 4, generator=g)) for n in (9, 14, 6)]
+    tracker, rows = GateByRegion(NAMES), []
+    for step, (phase, batch) in enumerate(zip(("warmup", "dammp", "dammp"), batches)):
+        tracker.add(*batch)
+        rows.append({"step": step, "phase": phase, **tracker.row()})
+    pooled = GateByRegion(NAMES)
+    for batch in batches[1:]:
+        pooled.add(*batch)
+    want = pooled.row()
+    got = gate_in_training(rows)
+    for name in NAMES.values():
+        assert got[name]["samples"] == want[f"samples_{name}"] > 0
+        assert abs(got[name]["dfl_label_rate"] - want[f"dfl_label_rate_{name}"]) < 1e-12
+        assert abs(got[name]["mean_kappa"] - want[f"mean_kappa_{name}"]) < 1e-12
+    assert gate_in_training([]) == {}
 
 
 def test_training_on_a_labelled_store_logs_the_gate_per_region(small_store, synth_dir, tmp_path):

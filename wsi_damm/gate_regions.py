@@ -48,3 +48,17 @@ class GateByRegion:
             out[f"samples_{name}"] = int(n)
         self.sums.zero_()
         return out
+
+
+def gate_in_training(metrics: list[dict]) -> dict[str, dict]:
+    """Per region, over the DAMMP phase of a run's metrics rows: the DFL label rate (share of samples on
+    which the multi-modal loss was no larger) and mean κ, weighted by the samples each row counted."""
+    out = {}
+    names = [k.removeprefix("samples_") for k in (metrics[0] if metrics else {}) if k.startswith("samples_")]
+    for name in names:
+        rows = [r for r in metrics if r.get("phase") == "dammp" and r.get(f"samples_{name}") not in ("", None, 0)]
+        n = sum(r[f"samples_{name}"] for r in rows)
+        if n:
+            out[name] = {"samples": int(n), "dfl_label_rate": sum(r[f"samples_{name}"] * r[f"dfl_label_rate_{name}"] for r in rows) / n,
+                         "mean_kappa": sum(r[f"samples_{name}"] * r[f"mean_kappa_{name}"] for r in rows) / n}
+    return out

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config import RunConfig, merge, resolve
 from ..files import write_json
+from ..gate_regions import gate_in_training
 from ..metrics import psnr_from_mse
 from ..run_dir import ROLES_NEEDED, RunDir, read_metrics
 from ..stages.evaluate import evaluate_slide
@@ -183,20 +184,6 @@ def _ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress
         return {"source": source, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
 
     return _cached(out, compute)
-
-
-def gate_in_training(metrics: list[dict]) -> dict[str, dict]:
-    """Per region, over the DAMMP phase of a run's metrics rows: the DFL label rate (share of samples on
-    which the multi-modal loss was no larger) and mean κ, weighted by the samples each row counted."""
-    out = {}
-    names = [k.removeprefix("samples_") for k in (metrics[0] if metrics else {}) if k.startswith("samples_")]
-    for name in names:
-        rows = [r for r in metrics if r.get("phase") == "dammp" and r.get(f"samples_{name}") not in ("", None, 0)]
-        n = sum(r[f"samples_{name}"] for r in rows)
-        if n:
-            out[name] = {"samples": int(n), "dfl_label_rate": sum(r[f"samples_{name}"] * r[f"dfl_label_rate_{name}"] for r in rows) / n,
-                         "mean_kappa": sum(r[f"samples_{name}"] * r[f"mean_kappa_{name}"] for r in rows) / n}
-    return out
 
 
 def _region_numbers(result: dict, key: str = "regions", oracle: bool = False) -> dict[str, dict]:

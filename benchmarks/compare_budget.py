@@ -11,9 +11,10 @@ of 4, scored on the same pixels as every other demo-budget benchmark, and its au
 the autoencoders of the same seed's run without it when that exists (trained alike: same data, seed and
 steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-weight W` train every
 run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
-its autoencoder-only run when that exists. `--multi-loss always` (runs named `STEPS:multialways`) lets
-the multi-modal branch learn from every sample after warm-up (`damm.multi_loss`), on the same
-autoencoders as the paper's gated loss. `--val-fraction 0` trains both stages on both training
+its autoencoder-only run when that exists. `--multi-loss gated` (runs named `STEPS:multigated`) trains
+the multi-modal branch after warm-up only on the samples the gate fuses, the paper's loss; the demo's
+(since 3 Dec) lets both branches learn from every sample (`damm.multi_loss = "always"`); both on the
+same autoencoders. Rows written before that option existed were all gated and are read as such. `--val-fraction 0` trains both stages on both training
 slides (runs named `STEPS:val0`); the preset's 0.2 holds one of the two out for the validation curve, as
 the demo does. `budget.json` is rewritten after every run (mean ± sd with
 ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rerun with the same
@@ -56,8 +57,8 @@ def main() -> None:
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
     ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
     ap.add_argument("--ae-norm", choices=LOCAL_NORMS, default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
-    ap.add_argument("--multi-loss", choices=("gated", "always"), default="gated",
-                    help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample")
+    ap.add_argument("--multi-loss", choices=("gated", "always"), default=VARIANT_DEFAULTS["multi_loss"],
+                    help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample (the demo)")
     ap.add_argument("--val-fraction", type=float, default=0.2,
                     help="train.val_fraction: 0.2 (the preset) holds one of the two training slides out for validation, 0 trains on both")
     args = ap.parse_args()
@@ -78,7 +79,7 @@ def main() -> None:
             row = {"seed": seed, "diffusion_steps": steps, "context_span": span, "autoencoder_steps": plan.ae_steps, **variant}
             done = run_dir / "row.json"
             if done.exists():
-                row = {"context_span": 0} | VARIANT_DEFAULTS | json.loads(done.read_text())
+                row = {"context_span": 0} | VARIANT_DEFAULTS | LEGACY | json.loads(done.read_text())
                 missing = {"ceiling", "gate_in_training"} - set(row)  # rows of earlier versions of this script
                 if "ceiling" in missing:
                     row["ceiling"] = ceiling(demo, run_dir)
@@ -123,7 +124,8 @@ AE_DEFAULTS = {"ssim_weight": 0.0, "local_norm": "pixel"}  # the autoencoder set
 # of them out (split by slide); 0 trains both stages on both
 DATA_DEFAULTS = AE_DEFAULTS | {"val_fraction": 0.2}
 # and the diffusion's DAMMP training: which samples the multi-modal branch learns from after warm-up
-VARIANT_DEFAULTS = DATA_DEFAULTS | {"multi_loss": "gated"}
+VARIANT_DEFAULTS = DATA_DEFAULTS | {"multi_loss": "always"}  # the demo's, from its demo_config
+LEGACY = {"multi_loss": "gated"}  # what a row written before a setting was recorded was trained with
 
 
 def ae_variant(args) -> dict:
@@ -205,7 +207,8 @@ def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -
     """`budget.json`: this invocation's runs and those of earlier ones it did not redo (other variants)."""
     file = out / "budget.json"
     mine = {(run_name(r), r["seed"]) for r in runs}
-    earlier = [r for r in json.loads(file.read_text())["runs"] if (run_name(r), r["seed"]) not in mine] if file.exists() else []
+    earlier = [LEGACY | r for r in json.loads(file.read_text())["runs"]] if file.exists() else []
+    earlier = [r for r in earlier if (run_name(r), r["seed"]) not in mine]
     runs = sorted(earlier + runs, key=lambda r: (r["diffusion_steps"], r.get("context_span", 0), variant_suffix(r), r["seed"]))
     table = {}
     for name in dict.fromkeys(run_name(r) for r in runs):

@@ -52,7 +52,7 @@ def demo_budget(work: Path) -> DemoBudget:
 
 
 def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict | None = None, train: dict | None = None):
-    """The tiny preset at the demo's budget (`plan`: workflows.demo.FULL) with training seed `seed`."""
+    """The tiny preset at the demo's budget and loss (`plan`: workflows.demo.FULL; `demo_config`) with training seed `seed`."""
     from wsi_damm.config import merge
     from wsi_damm.workflows.demo import demo_config
 

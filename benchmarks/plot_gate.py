@@ -7,7 +7,7 @@ the step, with the warm-up shaded. The gate fuses a sample when its mean κ exce
 run whose κ falls under that line stops sending samples to the multi-modal branch; with the paper's
 gated loss that branch then stops learning too, its loss rises, the labels fall, and the gate locks.
 
-    python benchmarks/plot_gate.py --out gate.png --columns 3 "gated, seed 0=W/budget500/seed0" ... "always, seed 0=W/budget500_multialways/seed0" ...
+    python benchmarks/plot_gate.py --out gate.png --columns 3 "gated, seed 0=W/budget500_multigated/seed0" ... "always, seed 0=W/budget500/seed0" ...
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from wsi_damm.gate_regions import draw_gate_by_region
 from wsi_damm.run_dir import RunDir, read_metrics
 
 
@@ -52,18 +53,9 @@ def draw(runs: list[tuple[str, list[dict], float]], out: Path, columns: int) -> 
     for ax in axes.flat[len(runs):]:
         ax.set_visible(False)
     for ax, (title, rows, gamma) in zip(axes.flat, runs):
-        regions = [k.removeprefix("dfl_label_rate_") for k in rows[0] if k.startswith("dfl_label_rate_")]
-        warm = [r["step"] for r in rows if r.get("phase") == "warmup"]
-        if warm:
-            ax.axvspan(0, max(warm), color="0.92", label="warm-up")
-        ax.axhline(1 - gamma, color="0.4", ls=":", lw=1, label=f"κ above which the gate fuses (1 − γ = {1 - gamma:g})")
-        for i, name in enumerate(regions):
-            for key, style, what in (("dfl_label_rate", "-", "DFL label rate"), ("mean_kappa", "--", "mean κ")):
-                pts = [(r["step"], r[f"{key}_{name}"]) for r in rows if r.get(f"{key}_{name}") not in ("", None)]
-                if pts:
-                    ax.plot(*zip(*pts), style, color=f"C{i}", lw=1.3, label=f"{name} region: {what}")
+        draw_gate_by_region(ax, rows, gamma)
         ax.set_title(title, fontsize=10)
-        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("")
     for ax in axes[-1]:
         ax.set_xlabel("training step")
     for ax in axes[:, 0]:

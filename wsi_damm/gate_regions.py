@@ -62,3 +62,24 @@ def gate_in_training(metrics: list[dict]) -> dict[str, dict]:
             out[name] = {"samples": int(n), "dfl_label_rate": sum(r[f"samples_{name}"] * r[f"dfl_label_rate_{name}"] for r in rows) / n,
                          "mean_kappa": sum(r[f"samples_{name}"] * r[f"mean_kappa_{name}"] for r in rows) / n}
     return out
+
+
+def draw_gate_by_region(ax, rows: list[dict], gamma: float | None = None) -> bool:
+    """On a matplotlib axis: per region, the DFL label rate (solid) and mean κ (dashed) of a run's metrics rows
+    against the step, the warm-up shaded and, given γ, the line 1 − γ above which the gate fuses. False when
+    the rows carry no regions (a store without labels)."""
+    regions = [k.removeprefix("dfl_label_rate_") for k in (rows[0] if rows else {}) if k.startswith("dfl_label_rate_")]
+    if not regions:
+        return False
+    warm = [r["step"] for r in rows if r.get("phase") == "warmup"]
+    if warm:
+        ax.axvspan(0, max(warm), color="0.92", label="warm-up (κ takes no part)")
+    if gamma is not None:
+        ax.axhline(1 - gamma, color="0.4", ls=":", lw=1, label=f"κ above which the gate fuses (1 − γ = {1 - gamma:g})")
+    for i, name in enumerate(regions):
+        for key, style, what in (("dfl_label_rate", "-", "DFL label rate (multi ≤ uni loss)"), ("mean_kappa", "--", "mean κ")):
+            pts = [(r["step"], r[f"{key}_{name}"]) for r in rows if r.get(f"{key}_{name}") not in ("", None)]
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i}", lw=1.3, label=f"{name}: {what}")
+    ax.set(xlabel="step", ylim=(-0.03, 1.03))
+    return True

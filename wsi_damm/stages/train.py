@@ -26,7 +26,7 @@ from ..diffusion.schedule import NoiseSchedule
 from ..distributed import Ranks, average_gradients, data_parallel, parameter_checksums, setup_ranks
 from ..errors import InputError
 from ..files import write_csv, write_json
-from ..gate_regions import GateByRegion
+from ..gate_regions import GateByRegion, draw_gate_by_region
 from ..latent_canvas import LatentCanvases, PatchLatents
 from ..models.autoencoder import Autoencoder
 from ..models.damm_unet import DammUNet
@@ -334,14 +334,8 @@ def plot_losses(run: RunDir) -> None:
         ax2.axvspan(0, max(warm), color="0.9", label="warm-up (plain cross-attention)")
     ax2.set(xlabel="step", ylim=(-0.05, 1.05), title="DAMMP gate")
     ax2.legend(fontsize=8)
-    for i, name in enumerate(regions):  # what the divergence feedback loss teaches the gate, per region
-        colour = f"C{i}"
-        for key, style, label in (("dfl_label_rate", "-", "DFL label rate (multi ≤ uni loss)"), ("mean_kappa", "--", "mean κ")):
-            pts = col(f"{key}_{name}")
-            if pts:
-                axes[2].plot(*zip(*pts), style, color=colour, label=f"{name}: {label}")
-    if regions:
-        axes[2].set(xlabel="step", ylim=(-0.05, 1.05), title="gate by region (training batches)")
+    if regions and draw_gate_by_region(axes[2], rows, load_run_config(run).damm.gamma):  # what the DFL teaches the gate, per region
+        axes[2].set(title="gate by region (training batches)")
         axes[2].legend(fontsize=8)
     if validation:
         fig.suptitle(validation, fontsize=9)

@@ -3,6 +3,8 @@ moved slide match those of the original, per-channel files of slightly different
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -59,10 +61,12 @@ def tiled(slides, tmp_path_factory):
     for name, method in (("original", "translation"), ("translation", "translation"), ("original", "rigid"), ("rigid", "rigid")):
         store = d / f"{name}_{method}.zarr"
         res = run_cli("tile", str(slides[name]), "--out", str(store), "--patch-size", "128", "--overlap", "0", "--register", method,
-                      "--store-dtype", "uint16", "--qc", str(d / f"qc_{method}"), "--quiet")
+                      "--store-dtype", "uint16", "--qc", str(d / f"qc_{method}"), "--quiet", "--log-file", str(d / "tile.log"))
         assert res.returncode == 0, res.stderr[-2000:]
         assert "registration:" in res.stderr
         out[name, method] = (store, d / f"qc_{method}")
+    # the registration lines reach --log-file too, timestamped (not only stderr)
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO wsi_damm.cli: registration: ", (d / "tile.log").read_text(), re.M)
     return out
 
 

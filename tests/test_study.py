@@ -1,14 +1,16 @@
-"""The study's bookkeeping: every row on the same pixels and patches, spreads over seeds with ddof = 1."""
+"""The study's bookkeeping: every row on the same pixels and patches, spreads over seeds with ddof = 1, running time over every leg."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 
 import numpy as np
 import pytest
 
+from wsi_damm.running_time import RunningTime
 from wsi_damm.workflows.study import markdown_table, same_pixels, sample_sd
 
 
@@ -84,3 +86,17 @@ def test_the_gate_panel_shows_every_seed_and_redraws_from_the_json(tmp_path):
                                                                          "seconds": 5.0}]})
     png = redraw(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_running_time_adds_the_legs_of_a_killed_and_resumed_job(tmp_path):
+    now = [100.0]
+    path = tmp_path / "out" / "running_time.json"
+    first = RunningTime(path, clock=lambda: now[0])
+    now[0] = 130.0
+    assert first.tick() == 30.0
+    now[0] = 150.0  # killed here: the 20 s since the last tick are not on record
+    second = RunningTime(path, clock=lambda: now[0])
+    now[0] = 162.5
+    assert second.tick() == 42.5
+    on_disk = json.loads(path.read_text())
+    assert on_disk["seconds"] == 42.5 and [leg["seconds"] for leg in on_disk["legs"]] == [30.0, 12.5]

@@ -177,8 +177,15 @@ def tile(slides, out, manifest, channels, patch_size, overlap, level, mpp, min_t
                f"what was tiled: {t.qc}/")
 
 
+def _say(msg: str) -> None:
+    """A workflow's step line (demo, study, registration): on stderr, and with its time in --log-file,
+    where a long run's steps are read back."""
+    click.echo(msg, err=True)
+    RECORD.info(msg)
+
+
 def _registration_log(msg: str) -> None:
-    click.echo(f"registration: {msg}", err=True)
+    _say(f"registration: {msg}")
 
 
 AMP_HELP = "Autocast of the diffusion U-Net, the same in train and predict: bf16, fp16 (training adds a gradient scaler) or off."
@@ -401,7 +408,7 @@ def demo(out, preset, quick, quiet) -> None:
     """Synthetic slides → tile → train → predict → stitch → evaluate, with a baseline and an oracle."""
     from wsi_damm.workflows.demo import run_demo
 
-    s = run_demo(out, preset=preset, quick=quick, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
+    s = run_demo(out, preset=preset, quick=quick, progress=not quiet, log=_say)
     d, b, o = s["damm"], s["blurred_vessel_baseline"], s["oracle"]
     click.echo(f"\nheld-out slide, tissue only ({s['seconds']} s in all):")
     click.echo(f"  DAMM-Diffusion          SSIM {d['wsi_ssim']:.4f}  PSNR {d['wsi_psnr']:6.2f} dB   patches {d['patch_ssim_percent']:.2f} % / {d['patch_psnr']:.2f} dB")
@@ -437,7 +444,7 @@ def study(out, preset, seeds, quick, redraw, quiet) -> None:
             raise click.UsageError(f"{out / 'study.json'}: no study results to draw (run the study first)")
         click.echo(f"figure: {redraw_figure(out)}")
         return
-    s = run_study(out, preset=preset, quick=quick, seeds=seeds, progress=not quiet, log=lambda msg: click.echo(msg, err=True))
+    s = run_study(out, preset=preset, quick=quick, seeds=seeds, progress=not quiet, log=_say)
     click.echo((out / "study.md").read_text(encoding="utf-8"))
     click.echo(f"table: {out / 'study.md'}  json: {out / 'study.json'}  figure: {out / 'study.png'}  ({s['seconds']} s)")
 

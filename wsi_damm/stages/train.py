@@ -27,6 +27,7 @@ from ..distributed import Ranks, average_gradients, data_parallel, parameter_che
 from ..errors import InputError
 from ..files import write_csv, write_json
 from ..gate_regions import GateByRegion, draw_gate_by_region
+from ..heap import reusing_freed_memory
 from ..latent_canvas import LatentCanvases, PatchLatents
 from ..models.autoencoder import Autoencoder
 from ..models.damm_unet import DammUNet
@@ -362,6 +363,13 @@ def run_training(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> RunDir:
+    """Train the autoencoders, the diffusion model or both ("all") into `out`, with freed memory kept on
+    the heap for the next step (every step allocates the same activations again)."""
+    with reusing_freed_memory():
+        return _run_training(store_path, out, cfg, stage, resume, progress, stop_after)
+
+
+def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resume: bool, progress: bool, stop_after: int | None) -> RunDir:
     ranks = setup_ranks(cfg.train.device, cfg.train.dist_timeout_min)
     store = PatchStore.open(store_path)
     roles = store.roles

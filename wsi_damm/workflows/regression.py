@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..context import to_latent_grid
 from ..errors import InputError
 from ..files import write_json
+from ..heap import reusing_freed_memory
 from ..models.regression import RegressionUNet
 from ..progress import progress_bar
 from ..run_dir import build_optimizer
@@ -68,23 +69,24 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
     model = build(rc)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(model.parameters(), t.lr, t.weight_decay)
-    t0 = time.perf_counter()
-    losses = []
-    for step in progress_bar(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, rc)
-        rows = batch_rows(len(images), t.batch_size, step, t.seed)
-        x = images.get(rows)
-        context = images.context(rows, rc.model.context_span) if rc.model.context_span else None
-        loss = F.l1_loss(model(_inputs(x, cols, context, rc)), x[:, target : target + 1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - t.ema_decay)
-        losses.append(loss.item())
+    with reusing_freed_memory():  # each step allocates the same full-resolution activations again
+        t0 = time.perf_counter()
+        losses = []
+        for step in progress_bar(range(t.steps), desc="regression U-Net", unit="step", disable=None if progress else True):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, rc)
+            rows = batch_rows(len(images), t.batch_size, step, t.seed)
+            x = images.get(rows)
+            context = images.context(rows, rc.model.context_span) if rc.model.context_span else None
+            loss = F.l1_loss(model(_inputs(x, cols, context, rc)), x[:, target : target + 1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - t.ema_decay)
+            losses.append(loss.item())
     write_json(run_dir / CONFIG, {"model": "regression U-Net (L1)", "inputs": list(INPUTS), "run": asdict(rc),
                                   "train_patches": len(train_idx), "seconds": round(time.perf_counter() - t0, 1), "final_l1": float(np.mean(losses[-max(1, t.log_every):]))})
     save_weights(run_dir / WEIGHTS, ema)  # last: its presence marks a finished run

@@ -28,6 +28,7 @@ from ..files import write_json
 from ..gate_regions import gate_in_training
 from ..metrics import psnr_from_mse
 from ..run_dir import ROLES_NEEDED, RunDir, read_metrics
+from ..running_time import RunningTime
 from ..stages.evaluate import evaluate_slide
 from ..stages.predict import PredictConfig, run_predict
 from ..stages.stitch import run_stitch
@@ -41,6 +42,7 @@ from .regression import regression_map, train_regression
 from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
 
 REGIONS = DIVERGENCE_LABELS
+RUNNING_TIME = "running_time.json"  # seconds of every leg, for study.json's wall time
 
 
 @dataclass(frozen=True)
@@ -397,29 +399,34 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     if seeds is not None:
         plan = StudyPlan(**{**asdict(plan), "seeds": tuple(range(seeds))})
     out = Path(out)
-    t0 = time.perf_counter()
+    clock = RunningTime(out / RUNNING_TIME)  # every leg of a killed and resumed study counts
+
+    def log_step(msg: str) -> None:
+        clock.tick()
+        log(msg)
+
     tile_cfg = TileConfig(patch_size=plan.patch, overlap=plan.overlap)
-    data = synthetic_data(out / "data", plan.size, plan.train_slides, plan.heldout_slides, tile_cfg, progress, log, plan.heldout_size)
-    runs = _train(data, out, plan, preset, progress, log)
+    data = synthetic_data(out / "data", plan.size, plan.train_slides, plan.heldout_slides, tile_cfg, progress, log_step, plan.heldout_size)
+    runs = _train(data, out, plan, preset, progress, log_step)
 
     results: dict[str, dict] = {}  # every scored row, before summarising: (variant, draws, seed) → result
     for v in VARIANTS:
         for draws in dict.fromkeys((1, plan.samples)):
             cfg = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=draws)
             for seed in plan.seeds:
-                log(f"predicting with {v.label}, seed {seed}, {draws} draw(s)")
+                log_step(f"predicting with {v.label}, seed {seed}, {draws} draw(s)")
                 res = _predict_and_score(runs[v.trained_as or v.name, seed], data, out / "predictions" / f"{v.name}_seed{seed}_k{draws}",
                                          cfg, v.no_nuclei, progress)
                 results[f"{v.name}/k{draws}/seed{seed}"] = {**res, "kind": "learned"}
     for seed in plan.seeds:
-        log(f"predicting with the regression U-Net, seed {seed}")
+        log_step(f"predicting with the regression U-Net, seed {seed}")
         results[f"regression/seed{seed}"] = {**_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
                                              "kind": "regression"}
-    log("blurred-vessel baseline and oracle")
+    log_step("blurred-vessel baseline and oracle")
     base = _baseline(data, out / "predictions" / "baseline", tile_cfg, progress)
     results["baseline"] = {**base, "kind": "reference"}
     for source in SOURCES:
-        log(f"autoencoder ceiling: decode(encode({source} NP))")
+        log_step(f"autoencoder ceiling: decode(encode({source} NP))")
         results[f"ceiling/{source}"] = {**_ceiling(data, out / "runs" / "autoencoders", out / "predictions" / f"ceiling_{source}", source, progress),
                                         "kind": "ceiling"}
     scored_patches = same_pixels(results)
@@ -437,7 +444,7 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
 
     samplers = []
     for sampler, steps in plan.samplers:
-        log(f"sampler comparison: {sampler}, {steps} steps")
+        log_step(f"sampler comparison: {sampler}, {steps} steps")
         cfg = PredictConfig(sampler=sampler, steps=steps, batch_size=32)
         res = _predict_and_score(runs["damm", plan.seeds[0]], data, out / "samplers" / f"{sampler}_{steps}", cfg, False, progress)
         tissue = _region_numbers(res)["tissue"]
@@ -448,7 +455,7 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
               "tissue_uncovered_pixels": {name: sum(s["wsi"].get("tissue_uncovered_pixels", 0) for s in r["slides"]) for name, r in results.items()}}
     gate = {f"{v.name}_seed{seed}": gate_in_training(read_metrics(RunDir(runs[v.name, seed]).metrics))
             for v in VARIANTS if v.trained_as is None for seed in plan.seeds}
-    summary = {"plan": asdict(plan), "preset": preset, "simulator_version": SIMULATOR_VERSION, "seconds": round(time.perf_counter() - t0, 1),
+    summary = {"plan": asdict(plan), "preset": preset, "simulator_version": SIMULATOR_VERSION, "seconds": clock.tick(), "legs": clock.legs,
                "scored": scored, "gate_in_training": gate, "models": rows, "samplers": samplers, "heldout": [h.spec.slide_id for h in data.heldout]}
     write_json(out / "study.json", summary)
     md = ["# DAMM-Diffusion ablation study on synthetic slides", "",

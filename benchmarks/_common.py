@@ -89,3 +89,12 @@ def machine() -> dict:
     import torch
 
     return {"cores": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine()}
+
+
+def report(result: dict, path: Path | None) -> None:
+    """Print a benchmark's JSON and, with --json, write the same text to `path`."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

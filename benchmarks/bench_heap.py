@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from _common import machine, measure  # noqa: E402
+from _common import machine, measure, report  # noqa: E402
 
 MODELS = ("autoencoder", "diffusion", "regression")
 MODES = ("default", "reusing")
@@ -82,10 +82,7 @@ def main() -> None:
         runs = {mode: measure(__file__, mode, model, str(work), str(args.steps)) for mode in MODES}
         results[model] = {**runs, "speedup": round(runs["default"]["seconds"] / runs["reusing"]["seconds"], 2)}
     out = {"benchmark": "bench_heap", "steps": args.steps, "machine": machine(), "models": results}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    report(out, args.json)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import tifffile
-from _common import machine, peak_rss_mb  # noqa: E402
+from _common import machine, peak_rss_mb, report  # noqa: E402
 from scipy import ndimage
 
 MOVES = {"nuclei": (11.3, -23.6, 2.1), "target": (-17.8, 9.4, -1.4)}  # dy, dx (px), degrees (rigid only)
@@ -89,12 +88,8 @@ def main() -> None:
                 "transforms_max_abs_difference": differ,
                 "transforms": {r: {"dy": t.dy, "dx": t.dx, "degrees": t.degrees, "score": t.score} for r, t in transforms["ours"].items()},
             })
-    report = {"benchmark": "bench_register", "results": results, "peak_rss_mb": round(peak_rss_mb(), 1), "machine": machine()}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    summary = {"benchmark": "bench_register", "results": results, "peak_rss_mb": round(peak_rss_mb(), 1), "machine": machine()}
+    report(summary, args.json)
 
 
 if __name__ == "__main__":

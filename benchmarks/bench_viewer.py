@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine, measure, peak_rss_mb  # noqa: E402
+from _common import machine, measure, peak_rss_mb, report  # noqa: E402
 from bench_stitch import make_store  # noqa: E402
 
 
@@ -79,11 +79,7 @@ def main() -> None:
             "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1), "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
             "map_float32_mb": round(size * size * 4 / 2**20), **machine(),
         }
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n")
+        report(result, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

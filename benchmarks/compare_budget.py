@@ -9,8 +9,8 @@ window in patches (`model.context_span`; none by default). Each run predicts one
 of 4, scored on the same pixels as every other demo-budget benchmark, and its autoencoder ceiling
 (decode(encode(measured NP)), patch by patch: the best its latents allow). A run with context takes
 the autoencoders of the same seed's run without it when that exists (trained alike: same data, seed and
-steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-weight W` train every
-run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
+steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-weight W` /
+`--ae-lr-schedule cosine` train every run on an autoencoder variant (runs named `STEPS:normnone`, …), taking the variant's autoencoders from
 its autoencoder-only run when that exists. `--multi-loss gated` (runs named `STEPS:multigated`) trains
 the multi-modal branch after warm-up only on the samples the gate fuses, the paper's loss; the demo's
 (since 3 Dec) lets both branches learn from every sample (`damm.multi_loss = "always"`); both on the
@@ -21,7 +21,7 @@ ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rer
 --work to resume.
 
     python benchmarks/compare_budget.py --out benchmarks/results/budget [--runs 900 1800 900:4] [--seeds 0 1 2]
-    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-norm none] [--ae-ssim-weight 0.5]   # the autoencoders alone: their ceiling
+    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-norm none] [--ae-ssim-weight 0.5] [--ae-lr-schedule cosine]   # the autoencoders alone: their ceiling
     python benchmarks/compare_budget.py --runs 900 --ae-norm none   # the canvas recipe on that variant
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 _sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
 
-from wsi_damm.config import LOCAL_NORMS, merge  # noqa: E402
+from wsi_damm.config import LOCAL_NORMS, LR_SCHEDULES, merge  # noqa: E402
 from wsi_damm.gate_regions import gate_in_training  # noqa: E402
 from wsi_damm.run_dir import RunDir, read_metrics  # noqa: E402
 
@@ -57,6 +57,8 @@ def main() -> None:
                     help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
     ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
     ap.add_argument("--ae-norm", choices=LOCAL_NORMS, default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
+    ap.add_argument("--ae-lr-schedule", choices=LR_SCHEDULES, default="constant",
+                    help="the autoencoders' learning rate after warm-up (autoencoder.lr_schedule): constant or a cosine down to a tenth")
     ap.add_argument("--multi-loss", choices=("gated", "always"), default=VARIANT_DEFAULTS["multi_loss"],
                     help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample (the demo)")
     ap.add_argument("--val-fraction", type=float, default=0.2,
@@ -119,7 +121,7 @@ def main() -> None:
     write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
 
 
-AE_DEFAULTS = {"ssim_weight": 0.0, "local_norm": "pixel"}  # the autoencoder settings a variant can change
+AE_DEFAULTS = {"ssim_weight": 0.0, "local_norm": "pixel", "lr_schedule": "constant"}  # the autoencoder settings a variant can change
 # and the training data: the tiny preset's validation fraction, which with the demo's two training slides holds one
 # of them out (split by slide); 0 trains both stages on both
 DATA_DEFAULTS = AE_DEFAULTS | {"val_fraction": 0.2}
@@ -129,7 +131,8 @@ LEGACY = {"multi_loss": "gated"}  # what a row written before a setting was reco
 
 
 def ae_variant(args) -> dict:
-    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm, "val_fraction": args.val_fraction, "multi_loss": args.multi_loss}
+    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm, "lr_schedule": args.ae_lr_schedule, "val_fraction": args.val_fraction,
+            "multi_loss": args.multi_loss}
 
 
 def variant_config(plan, seed: int, variant: dict, model: dict):
@@ -145,6 +148,7 @@ def variant_suffix(variant: dict, keys: dict = VARIANT_DEFAULTS) -> str:
     variant = VARIANT_DEFAULTS | variant
     return (f"_ssim{variant['ssim_weight']:g}" if variant["ssim_weight"] else "") + (
         f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "") + (
+        f"_aelr{variant['lr_schedule']}" if variant["lr_schedule"] != AE_DEFAULTS["lr_schedule"] else "") + (
         f"_val{variant['val_fraction']:g}" if variant["val_fraction"] != DATA_DEFAULTS["val_fraction"] else "") + (
         f"_multi{variant['multi_loss']}" if "multi_loss" in keys and variant["multi_loss"] != VARIANT_DEFAULTS["multi_loss"] else "")
 

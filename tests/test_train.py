@@ -126,3 +126,28 @@ def test_autoencoder_weight_decay_comes_from_the_config(small_store, tiny_toml, 
         rounding = 4 * torch.finfo(torch.float32).eps * (w0.double().abs() + lr0)  # float32 weights, a few ulps
         assert ((moved + lr0 * 0.5 * w0.double()).abs() <= rounding).all(), name
     assert base.autoencoder.weight_decay == 0.01  # torch's AdamW default, which the README's autoencoders were trained with
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_autoencoder_learning_rate_follows_its_schedule(small_store, tiny_toml, tmp_path, schedule):
+    """The rate the autoencoders stepped with (logged per step) against the closed form: linear warm-up
+    over 50 steps, then constant or a half cosine from lr down to lr/10 at the last step."""
+    import math
+
+    steps = 60
+    cfg = resolve("tiny", tiny_toml, {"autoencoder": {"steps": steps, "lr_schedule": schedule}})
+    run = run_training(small_store, tmp_path / schedule, cfg, stage="autoencoder", progress=False)
+    with open(run.ae_metrics, newline="") as fh:
+        logged = [float(r["lr"]) for r in csv.DictReader(fh)]
+    lr = cfg.autoencoder.lr
+    expected = [lr * (s + 1) / 50 if s < 50 else
+                lr if schedule == "constant" else lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 50) / (steps - 50))))
+                for s in range(steps)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert json.loads(run.config.read_text())["autoencoder"]["lr_schedule"] == schedule
+
+
+def test_an_unknown_learning_rate_schedule_is_refused(tiny_toml):
+    for section in ("train", "autoencoder"):
+        with pytest.raises(InputError, match=f"{section}.lr_schedule"):
+            resolve("tiny", tiny_toml, {section: {"lr_schedule": "linear"}})

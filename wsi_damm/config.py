@@ -38,8 +38,12 @@ class AutoencoderConfig:
     local: bool = False
     # how a local autoencoder normalises: one of LOCAL_NORMS, "pixel" (PixelNorm) or "none"
     local_norm: str = "pixel"
+    # after the 50-step warm-up: "constant" (every autoencoder measured in the README) or "cosine" down to a tenth,
+    # so the saved weights are not one noisy full-rate step (benchmarks/study_autoencoders.py measures both)
+    lr_schedule: str = "constant"
 
 
+LR_SCHEDULES = ("cosine", "constant")  # train.lr_schedule and autoencoder.lr_schedule
 LOCAL_NORMS = ("pixel", "none")  # the norms that keep an autoencoder local (models.blocks.norm_layer)
 
 
@@ -96,7 +100,7 @@ class TrainConfig:
     epochs: int | None = None  # when set, overrides steps: epochs × (training patches // batch)
     batch_size: int = 16
     lr: float = 5e-4
-    lr_schedule: str = "cosine"  # or "constant"
+    lr_schedule: str = "cosine"  # one of LR_SCHEDULES
     lr_warmup_steps: int = 50
     weight_decay: float = 0.0
     ema_decay: float = 0.995
@@ -224,6 +228,9 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch")
     if cfg.autoencoder.local_norm not in LOCAL_NORMS:
         raise InputError("autoencoder.local_norm", f"must be {' or '.join(LOCAL_NORMS)}, got {cfg.autoencoder.local_norm!r}")
+    for name, schedule in (("train.lr_schedule", cfg.train.lr_schedule), ("autoencoder.lr_schedule", cfg.autoencoder.lr_schedule)):
+        if schedule not in LR_SCHEDULES:
+            raise InputError(name, f"must be {' or '.join(LR_SCHEDULES)}, got {schedule!r}")
     if not isinstance(m.context_span, int) or m.context_span < 0:
         raise InputError("--context-span", f"must be a whole number of patches ≥ 0, got {m.context_span!r}")
     if m.confidence_input not in ("both", "uni"):

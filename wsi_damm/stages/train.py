@@ -51,15 +51,23 @@ from ..store import PatchStore
 from ..training_data import PatchImages, batch_rows, split_of, step_generator
 
 
+def decay_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
+    """What multiplies the learning rate after warm-up: cosine from 1 down to a tenth at `steps`, or 1 (constant)."""
+    if schedule == "constant" or step < warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Learning rate at `step`: linear warm-up, then cosine down to a tenth (or constant)."""
+    """The diffusion (and regression) U-Net's learning rate at `step`: linear warm-up, then the schedule."""
     t = cfg.train
     if step < t.lr_warmup_steps:
         return t.lr * (step + 1) / t.lr_warmup_steps
-    if t.lr_schedule == "constant":
-        return t.lr
-    progress = (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps)
-    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return t.lr * decay_factor(step, t.lr_warmup_steps, t.steps, t.lr_schedule)
+
+
+AE_WARMUP_STEPS = 50
 
 
 def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: RunConfig, ranks: Ranks, progress: bool,
@@ -90,10 +98,11 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
     for step in bar:
         sel = batch_rows(len(images), a.batch_size * ranks.world, step, cfg.train.seed + 17)
         x = images.get(sel[ranks.rank * a.batch_size : (ranks.rank + 1) * a.batch_size]).to(ranks.device)
-        logs = {"step": step}
+        lr = a.lr * min(1.0, (step + 1) / AE_WARMUP_STEPS) * decay_factor(step, AE_WARMUP_STEPS, a.steps, a.lr_schedule)
+        logs = {"step": step, "lr": lr}
         for r in ROLES_NEEDED:
             for group in opts[r].param_groups:
-                group["lr"] = a.lr * min(1.0, (step + 1) / 50)
+                group["lr"] = lr
             torch.manual_seed((cfg.train.seed * 7919 + step) * 3 + ROLES_NEEDED.index(r))
             k = roles.index(r)
             loss, stats = aes[r].loss(x[:, k : k + 1], a.kl_weight, a.ssim_weight)
@@ -104,7 +113,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
             logs[f"{r}_l1"] = float(stats["l1"])
         rows.append(logs)
         if step % 10 == 0:
-            bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in logs.items() if k != "step"})
+            bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in logs.items() if k not in ("step", "lr")})
         if ranks.main and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < a.steps:
             _checkpoint(run.ae_ckpt, step + 1, {f"autoencoder_{r}": aes[r] for r in ROLES_NEEDED},
                         {f"optimizer_{r}": opts[r] for r in ROLES_NEEDED}, lambda: write_csv(run.ae_metrics, rows, list(rows[0])))

@@ -88,16 +88,20 @@ QUICK = StudyPlan(size=1024, train_slides=2, heldout_slides=2, ae_steps=30, step
                   samplers=(("ddim", 10), ("dpm++", 5)))
 
 
-def _variant_config(base: RunConfig, plan: StudyPlan, v: Variant, seed: int) -> RunConfig:
+def variant_config(base: RunConfig, plan: StudyPlan, v: Variant, seed: int) -> RunConfig:
     cfg = merge(base, v.overrides, f"study variant {v.name}")
     # every training slide trains: the held-out slides are the test, no model selection happens
     return merge(cfg, {"train": {"steps": plan.steps, "seed": seed, "val_fraction": 0.0, "checkpoint_every": plan.steps}}, "study")
 
 
-def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progress: bool, log) -> dict[tuple[str, int], Path]:
-    # the paper's recipe (GroupNorm autoencoders, patch latents, patch-by-patch sampling): its ablations are the paper's
-    base = merge(resolve(preset), {"autoencoder": {"steps": plan.ae_steps, "local": False}, "model": {"latents": "patch"},
+def base_config(preset: str, plan: StudyPlan) -> RunConfig:
+    """The paper's recipe (GroupNorm autoencoders, patch latents, patch-by-patch sampling): its ablations are the paper's."""
+    return merge(resolve(preset), {"autoencoder": {"steps": plan.ae_steps, "local": False}, "model": {"latents": "patch"},
                                    "train": {"val_fraction": 0.0}}, "study")
+
+
+def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progress: bool, log) -> dict[tuple[str, int], Path]:
+    base = base_config(preset, plan)
     shared = RunDir(out / "runs" / "autoencoders")
     if not all(shared.autoencoder(r).exists() for r in ROLES_NEEDED):
         log(f"autoencoders ({plan.ae_steps} steps), shared by every model → {shared.path}")
@@ -108,22 +112,29 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
         path = out / "runs" / f"regression_seed{seed}"
         if not (path / REGRESSION_WEIGHTS).exists():
             log(f"training the regression U-Net, seed {seed} ({plan.steps} steps) → {path}")
-        runs["regression", seed] = train_regression(data.store, path, _variant_config(trained, plan, VARIANTS[0], seed), progress)
+        runs["regression", seed] = train_regression(data.store, path, variant_config(trained, plan, VARIANTS[0], seed), progress)
     for v in (v for v in VARIANTS if v.trained_as is None):
         for seed in plan.seeds:
-            run = RunDir(out / "runs" / f"{v.name}_seed{seed}")
-            runs[v.name, seed] = run.path
-            if run.state.exists() and json.loads(run.state.read_text()).get("steps_done") == plan.steps:
-                continue
-            log(f"training {v.label}, seed {seed} ({plan.steps} steps) → {run.path}")
-            run.path.mkdir(parents=True, exist_ok=True)
-            for role in ROLES_NEEDED:
-                shutil.copyfile(shared.autoencoder(role), run.autoencoder(role))
-            cfg = _variant_config(trained, plan, v, seed)
-            if not run.config.exists():  # resume=True below continues the run this file describes
-                write_json(run.config, asdict(cfg))
-            run_training(data.store, run.path, cfg, resume=True, progress=progress)
+            path = out / "runs" / f"{v.name}_seed{seed}"
+            runs[v.name, seed] = train_on_autoencoders(data, path, shared, variant_config(trained, plan, v, seed), progress,
+                                                       lambda: log(f"training {v.label}, seed {seed} ({plan.steps} steps) → {path}"))
     return runs
+
+
+def train_on_autoencoders(data: SyntheticData, path: Path, autoencoders: RunDir, cfg: RunConfig, progress: bool,
+                          starting: Callable[[], None] = lambda: None) -> Path:
+    """A diffusion model trained on given autoencoders (copied into its run), resumed if killed, skipped if done."""
+    run = RunDir(path)
+    if run.state.exists() and json.loads(run.state.read_text()).get("steps_done") == cfg.train.steps:
+        return run.path
+    starting()
+    run.path.mkdir(parents=True, exist_ok=True)
+    for role in ROLES_NEEDED:
+        shutil.copyfile(autoencoders.autoencoder(role), run.autoencoder(role))
+    if not run.config.exists():  # resume=True below continues the run this file describes
+        write_json(run.config, asdict(cfg))
+    run_training(data.store, run.path, cfg, resume=True, progress=progress)
+    return run.path
 
 
 def _cached(out: Path, compute: Callable[[], dict]) -> dict:
@@ -139,7 +150,7 @@ def _cached(out: Path, compute: Callable[[], dict]) -> dict:
     return result
 
 
-def _predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictConfig, no_nuclei: bool, progress: bool) -> dict:
+def predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictConfig, no_nuclei: bool, progress: bool) -> dict:
     """Predict every held-out slide, stitch, score per region."""
     def compute() -> dict:
         t0 = time.perf_counter()
@@ -179,7 +190,7 @@ def _regression(run: Path, data: SyntheticData, out: Path, progress: bool) -> di
     return _cached(out, compute)
 
 
-def _ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress: bool) -> dict:
+def score_ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress: bool) -> dict:
     """The autoencoder ceiling (decode(encode(NP)) of the measured or noiseless field) on every held-out slide."""
     def compute() -> dict:
         maps = [ceiling_map(ae_run, h.spec, h.clean, out / f"{h.spec.slide_id}.ome.zarr", source, progress) for h in data.heldout]
@@ -188,7 +199,7 @@ def _ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress
     return _cached(out, compute)
 
 
-def _region_numbers(result: dict, key: str = "regions", oracle: bool = False) -> dict[str, dict]:
+def region_numbers(result: dict, key: str = "regions", oracle: bool = False) -> dict[str, dict]:
     """Pixel-weighted WSI numbers per region (and over all tissue) pooled over held-out slides."""
     out = {}
     for region in ("tissue", *REGIONS.values()):
@@ -415,7 +426,7 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
             cfg = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=draws)
             for seed in plan.seeds:
                 log_step(f"predicting with {v.label}, seed {seed}, {draws} draw(s)")
-                res = _predict_and_score(runs[v.trained_as or v.name, seed], data, out / "predictions" / f"{v.name}_seed{seed}_k{draws}",
+                res = predict_and_score(runs[v.trained_as or v.name, seed], data, out / "predictions" / f"{v.name}_seed{seed}_k{draws}",
                                          cfg, v.no_nuclei, progress)
                 results[f"{v.name}/k{draws}/seed{seed}"] = {**res, "kind": "learned"}
     for seed in plan.seeds:
@@ -427,27 +438,27 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     results["baseline"] = {**base, "kind": "reference"}
     for source in SOURCES:
         log_step(f"autoencoder ceiling: decode(encode({source} NP))")
-        results[f"ceiling/{source}"] = {**_ceiling(data, out / "runs" / "autoencoders", out / "predictions" / f"ceiling_{source}", source, progress),
+        results[f"ceiling/{source}"] = {**score_ceiling(data, out / "runs" / "autoencoders", out / "predictions" / f"ceiling_{source}", source, progress),
                                         "kind": "ceiling"}
     scored_patches = same_pixels(results)
 
     rows = []
     for v in VARIANTS:
         for draws in dict.fromkeys((1, plan.samples)):
-            per_seed = [_region_numbers(results[f"{v.name}/k{draws}/seed{seed}"]) for seed in plan.seeds]
+            per_seed = [region_numbers(results[f"{v.name}/k{draws}/seed{seed}"]) for seed in plan.seeds]
             rows.append(_summarise_model(v.label, per_seed, "learned", draws))
-    rows.append(_summarise_model(REGRESSION_LABEL, [_region_numbers(results[f"regression/seed{seed}"]) for seed in plan.seeds], "regression"))
-    rows.append(_summarise_model(f"blurred-vessel baseline (σ = {base['sigma_um']:g} µm)", [_region_numbers(base)], "reference"))
-    rows.append(_summarise_model("oracle (noiseless field)", [_region_numbers(base, "oracle_regions", oracle=True)], "reference"))
+    rows.append(_summarise_model(REGRESSION_LABEL, [region_numbers(results[f"regression/seed{seed}"]) for seed in plan.seeds], "regression"))
+    rows.append(_summarise_model(f"blurred-vessel baseline (σ = {base['sigma_um']:g} µm)", [region_numbers(base)], "reference"))
+    rows.append(_summarise_model("oracle (noiseless field)", [region_numbers(base, "oracle_regions", oracle=True)], "reference"))
     for source in SOURCES:
-        rows.append(_summarise_model(f"autoencoder ceiling: decode(encode({source} NP))", [_region_numbers(results[f"ceiling/{source}"])], "ceiling"))
+        rows.append(_summarise_model(f"autoencoder ceiling: decode(encode({source} NP))", [region_numbers(results[f"ceiling/{source}"])], "ceiling"))
 
     samplers = []
     for sampler, steps in plan.samplers:
         log_step(f"sampler comparison: {sampler}, {steps} steps")
         cfg = PredictConfig(sampler=sampler, steps=steps, batch_size=32)
-        res = _predict_and_score(runs["damm", plan.seeds[0]], data, out / "samplers" / f"{sampler}_{steps}", cfg, False, progress)
-        tissue = _region_numbers(res)["tissue"]
+        res = predict_and_score(runs["damm", plan.seeds[0]], data, out / "samplers" / f"{sampler}_{steps}", cfg, False, progress)
+        tissue = region_numbers(res)["tissue"]
         samplers.append({"sampler": sampler, "steps": steps, "wsi_ssim": tissue["ssim"], "wsi_psnr": tissue["psnr"], "seconds": res["predict_seconds"]})
 
     first = results[f"damm/k1/seed{plan.seeds[0]}"]["slides"]

@@ -1,9 +1,10 @@
-"""How much of the study's result is the one autoencoder it shares? The study trains its autoencoders
-once (seed 0) and gives them to all 15 diffusion models, so the DAMM rows can never pass that
-autoencoder's ceiling and their seed sd does not contain its spread. This trains the study's
-autoencoders exactly as the study does (same data, preset, steps, batch order) with other seeds and
-with the learning rate decayed along a cosine (`autoencoder.lr_schedule`), and scores each one's
-ceiling, decode(encode(measured NP)), on the study's held-out slides and pixels.
+"""How much do the autoencoders decide the study? Until 4 Dec the study trained one autoencoder set
+(seed 0, constant rate) and gave it to all 12 diffusion models, so the DAMM rows could never pass
+that set's ceiling and their seed sd did not contain its spread (the study now trains one set per
+seed, rate decayed along a cosine, because of what this measured). This trains the study's
+autoencoders exactly as the study does (same data, preset, steps, batch order) with each seed and
+learning-rate schedule (`autoencoder.lr_schedule`), and scores each one's ceiling,
+decode(encode(measured NP)), on the study's held-out slides and pixels.
 
     python benchmarks/study_autoencoders.py --work /tmp/study [--seeds 0 1 2] [--schedules constant cosine] [--json FILE]
     python benchmarks/study_autoencoders.py --work /tmp/study --damm cosine   # and DAMM full on them
@@ -12,8 +13,8 @@ ceiling, decode(encode(measured NP)), on the study's held-out slides and pixels.
 WORK/autoencoder_seeds/. Prints JSON: per run the tissue and region SSIM / PSNR and the training
 seconds, and per schedule the mean ± sd (ddof = 1) over seeds. `--damm SCHEDULE` (WORK a finished
 study) also trains DAMM full with the study's seeds and budget on that schedule's seed-0 autoencoders
-— the study's design, shared autoencoders, with only them changed — and scores one draw and the mean
-of the study's draws beside the study's own DAMM full maps (read from WORK, the same pixels). Rerun
+— one autoencoder set shared by every seed, as the study ran until 4 Dec — and scores one draw and the
+mean of the study's draws beside the study's own DAMM full maps (read from WORK, the same pixels). Rerun
 to resume.
 """
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from _common import machine, report  # noqa: E402
+from _demo_budget import summary  # noqa: E402
 
 from wsi_damm.config import LR_SCHEDULES, RunConfig, merge  # noqa: E402
 from wsi_damm.run_dir import ROLES_NEEDED, RunDir  # noqa: E402
@@ -42,7 +44,6 @@ from wsi_damm.workflows.study import (  # noqa: E402
     base_config,
     predict_and_score,
     region_numbers,
-    sample_sd,
     score_ceiling,
     train_on_autoencoders,
     variant_config,
@@ -51,8 +52,7 @@ from wsi_damm.workflows.study import (  # noqa: E402
 
 def mean_sd(rows: list[dict], region: str) -> dict:
     """Mean ± sample sd (ddof = 1) of SSIM and PSNR over `rows` (one per seed)."""
-    return {m: {"mean": sum(r["regions"][region][m] for r in rows) / len(rows), "sd": sample_sd([r["regions"][region][m] for r in rows]),
-                "n": len(rows)} for m in ("ssim", "psnr")}
+    return {m: summary([r["regions"][region][m] for r in rows]) for m in ("ssim", "psnr")}
 
 
 def scored(result: dict) -> dict:
@@ -107,7 +107,7 @@ def damm_on(schedule: str, data, work: Path, plan) -> dict:
     for seed in plan.seeds:
         path = work / "autoencoder_seeds" / f"damm_on_{schedule}_seed0" / f"seed{seed}"
         run = train_on_autoencoders(data, path, ae, variant_config(trained, plan, VARIANTS[0], seed), False,
-                                    lambda: print(f"DAMM full, seed {seed}, on the {schedule} autoencoders → {path}", file=_sys.stderr))
+                                    f"DAMM full, seed {seed}, on the {schedule} autoencoders → {path}", lambda m: print(m, file=_sys.stderr))
         for draws in dict.fromkeys((1, plan.samples)):
             cfg = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=draws)
             mine = predict_and_score(run, data, path / f"k{draws}", cfg, False, False)
@@ -116,7 +116,7 @@ def damm_on(schedule: str, data, work: Path, plan) -> dict:
             rows["study"].append({"seed": seed, "draws": draws, "regions": scored(theirs)})
     summary = {name: {f"k{k}": {region: mean_sd([r for r in rr if r["draws"] == k], region) for region in rr[0]["regions"]}
                       for k in dict.fromkeys((1, plan.samples))} for name, rr in rows.items()}
-    return {"autoencoders": {"study": "runs/autoencoders (constant, seed 0)", schedule: str(ae.path.relative_to(work))},
+    return {"autoencoders": {"study": "the study's own (its config.json)", schedule: str(ae.path.relative_to(work))},
             "summary": summary, "runs": rows}
 
 

@@ -36,7 +36,6 @@ from wsi_damm.config import LR_SCHEDULES, RunConfig, merge  # noqa: E402
 from wsi_damm.run_dir import ROLES_NEEDED, RunDir  # noqa: E402
 from wsi_damm.stages.predict import PredictConfig  # noqa: E402
 from wsi_damm.stages.tile import TileConfig  # noqa: E402
-from wsi_damm.stages.train import run_training  # noqa: E402
 from wsi_damm.workflows.dataset import synthetic_data  # noqa: E402
 from wsi_damm.workflows.study import (  # noqa: E402
     FULL,
@@ -45,6 +44,7 @@ from wsi_damm.workflows.study import (  # noqa: E402
     predict_and_score,
     region_numbers,
     score_ceiling,
+    train_autoencoders,
     train_on_autoencoders,
     variant_config,
 )
@@ -76,13 +76,12 @@ def main() -> None:
     for schedule in args.schedules:
         for seed in args.seeds:
             path = args.work / "autoencoder_seeds" / f"{schedule}_seed{seed}"
-            run = RunDir(path)
             seconds_file = path / "train_seconds.json"
-            if not all(run.autoencoder(r).exists() for r in ROLES_NEEDED):
-                print(f"autoencoders, {schedule} lr, seed {seed} → {path}", file=_sys.stderr)
-                cfg = merge(base_config(args.preset, plan), {"autoencoder": {"lr_schedule": schedule}, "train": {"seed": seed}}, "benchmark")
+            if not all(RunDir(path).autoencoder(r).exists() for r in ROLES_NEEDED):
+                base = merge(base_config(args.preset, plan), {"autoencoder": {"lr_schedule": schedule}}, "benchmark")
                 t0 = time.perf_counter()
-                run_training(data.store, path, cfg, stage="autoencoder", progress=False)
+                train_autoencoders(data, path, base, seed, False, f"autoencoders, {schedule} lr, seed {seed} → {path}",
+                                   lambda m: print(m, file=_sys.stderr))
                 seconds_file.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
             seconds = round(json.loads(seconds_file.read_text())["seconds"], 1) if seconds_file.exists() else None  # None: trained in a killed leg
             runs.append({"schedule": schedule, "seed": seed, "train_seconds": seconds,

@@ -2,8 +2,8 @@
 
 Same data and step budget for every model and, within a seed, the same autoencoders (trained with
 that seed): only the DAMM part changes. Each model is trained with every seed; every held-out map
-is scored over tissue, over the region where nuclei are informative and over the region where the simulator made them divergent (its truth mask). Two
-non-learned references sit beside them: the blurred-vessel baseline and the noiseless oracle.
+is scored over tissue, over the region where nuclei are informative and over the region where the
+simulator made them divergent (its truth mask). Two non-learned references sit beside them: the blurred-vessel baseline and the noiseless oracle.
 Every model is scored with a single draw and with the mean of K draws, and every row on the same
 pixels and patches (`same_pixels` refuses a table that is not). A sampler comparison (DDIM-150/50,
 DPM++-20/10, wall time) runs on the first seed of DAMM full.
@@ -113,12 +113,9 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
     runs: dict[tuple[str, int], Path] = {}
     trained = {}
     for seed in plan.seeds:
-        ae = RunDir(autoencoders_dir(out, seed))
-        if not all(ae.autoencoder(r).exists() for r in ROLES_NEEDED):
-            log(f"autoencoders, seed {seed} ({plan.ae_steps} steps) → {ae.path}")
-            run_training(data.store, ae.path, merge(base, {"train": {"seed": seed}}, "study"), stage="autoencoder", progress=progress)
-        runs["autoencoders", seed] = ae.path
-        trained[seed] = RunConfig.from_dict(json.loads(ae.config.read_text()))  # patch size, roles, … filled in from the store
+        runs["autoencoders", seed] = autoencoders_dir(out, seed)
+        trained[seed] = train_autoencoders(data, runs["autoencoders", seed], base, seed, progress,
+                                           f"autoencoders, seed {seed} ({plan.ae_steps} steps) → {runs['autoencoders', seed]}", log)
     for seed in plan.seeds:  # the regression U-Net, at DAMM full's budget and batch order
         path = out / "runs" / f"regression_seed{seed}"
         if not (path / REGRESSION_WEIGHTS).exists():
@@ -130,6 +127,18 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
             runs[v.name, seed] = train_on_autoencoders(data, path, RunDir(runs["autoencoders", seed]), variant_config(trained[seed], plan, v, seed),
                                                        progress, f"training {v.label}, seed {seed} ({plan.steps} steps) → {path}", log)
     return runs
+
+
+def train_autoencoders(data: SyntheticData, path: Path, base: RunConfig, seed: int, progress: bool,
+                       message: str = "", log: Callable[[str], None] = print) -> RunConfig:
+    """A seed's autoencoders (`base`'s settings, trained unless done) and their config, with the patch size,
+    roles, … filled in from the store: what the diffusion models of that seed build on."""
+    run = RunDir(path)
+    if not all(run.autoencoder(r).exists() for r in ROLES_NEEDED):
+        if message:
+            log(message)
+        run_training(data.store, run.path, merge(base, {"train": {"seed": seed}}, "study"), stage="autoencoder", progress=progress)
+    return RunConfig.from_dict(json.loads(run.config.read_text()))
 
 
 def train_on_autoencoders(data: SyntheticData, path: Path, autoencoders: RunDir, cfg: RunConfig, progress: bool,

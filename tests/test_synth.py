@@ -86,3 +86,46 @@ def test_coarse_fields_are_read_as_bilinear_interpolation_of_the_whole_grid():
             xs = (np.arange(x0, x0 + w) + 0.5) / c - 0.5
             expected = ndimage.map_coordinates(field, np.meshgrid(ys, xs, indexing="ij"), order=1, mode="nearest")
             np.testing.assert_allclose(_sample(field, c, y0, x0, h, w), expected, rtol=0, atol=1e-12)
+
+
+def test_version_2_renders_the_np_slides_of_version_1():
+    """Version 2 adds the perfusion target only: a window of NP slides sums as version 1's code summed it (its
+    figures recorded from version 1, commit 8b1feed)."""
+    cfg = SynthConfig(size=1024, seed=4)
+    w = render_window(cfg, make_layout(cfg, 0), 0, 100, 200, 300, 260)
+    version_1 = {"CD31": (29535174.578485124, 11944862423.511398), "DAPI": (88391723.2962577, 263605610353.44824),
+                 "NP": (43338079.313968465, 32511843923.070774)}
+    for name, (total, squares) in version_1.items():
+        assert float(w[name].sum()) == pytest.approx(total, rel=1e-9)
+        assert float((w[name] ** 2).sum()) == pytest.approx(squares, rel=1e-9)
+
+
+def test_the_perfusion_target_is_sparse_and_fills_only_perfused_lumens(tmp_path):
+    """`target="perfusion"`: the third channel is a tracer in the lumens of vessels that carry flow (leakiness under
+    PERFUSION_LEAK_LIMIT), by that flow; a few per cent of the pixels after the slide's own percentile normalisation."""
+    from wsi_damm.workflows.synth import PERFUSION_LEAK_LIMIT
+
+    cfg = SynthConfig(size=1024, seed=5, target="perfusion")
+    [paths] = write_slides(tmp_path, 1, cfg, progress=False)
+    with open_file(paths["slide"]) as s:
+        assert s.channel_names == ["CD31", "DAPI", "Perfusion"]
+    assert paths["clean"].name == "synth_000.perfusion_clean.ome.tif" and simulator_version(paths["clean"]) == SIMULATOR_VERSION
+    target = tifffile.imread(paths["slide"])[2].astype(float)
+    lo, hi = np.percentile(target, [0.5, 99.8])
+    norm = np.clip((target - lo) / (hi - lo), 0, 1)
+    assert 0.002 < (norm > 0.25).mean() < 0.10 and np.median(norm) < 0.05
+    # the expected signal: background where no perfused lumen is near, brighter only inside lumens
+    lay = make_layout(cfg, 0)
+    w = render_window(cfg, lay, 0, 0, 0, 1024, 1024)
+    background = 100 + 60 * _sample_tissue(lay, 1024)
+    tracer = w["Perfusion"] - background
+    assert tracer.min() > -1e-6 and (tracer > 1).mean() < 0.1
+    assert (lay.leak < PERFUSION_LEAK_LIMIT).any() and (lay.leak >= PERFUSION_LEAK_LIMIT).any()
+    with pytest.raises(ValueError, match="target"):
+        SynthConfig(target="dense")
+
+
+def _sample_tissue(lay, size: int) -> np.ndarray:
+    from wsi_damm.workflows.synth import _sample
+
+    return _sample(lay.tissue, lay.c, 0, 0, size, size)

@@ -33,18 +33,21 @@ class SyntheticData:
 
 
 def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log,
-                   heldout_size: int | None = None) -> SyntheticData:
+                   heldout_size: int | None = None, target: str = "np") -> SyntheticData:
     """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present.
     `heldout_size` (default `size`): held-out slides may be smaller — every model predicts each of them,
-    so their area is what a study's prediction time scales with."""
+    so their area is what a study's prediction time scales with. `target`: the simulator's target kind
+    (`SynthConfig.target`: "np", or the sparse "perfusion")."""
     out = Path(out)
-    cfg = SynthConfig(size=size, seed=TRAIN_SEED)
+    cfg = SynthConfig(size=size, seed=TRAIN_SEED, target=target)
     heldout_size = heldout_size or size
     done = out / "synth_done.json"
     names = [f"synth_{i:03d}" for i in range(n_train)], [f"heldout_{i:03d}" for i in range(n_heldout)]
     wanted = {"size": size, "train": n_train, "heldout": n_heldout, "simulator_version": SIMULATOR_VERSION}
     if heldout_size != size:
         wanted["heldout_size"] = heldout_size
+    if target != "np":
+        wanted["target"] = target
     if not done.exists() or json.loads(done.read_text()) != wanted:
         sizes = f"{size}² px" if heldout_size == size else f"{size}² px; held out {heldout_size}² px"
         log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {sizes} at {cfg.mpp} µm/px) → {out / 'slides'}")
@@ -52,9 +55,12 @@ def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg:
         write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=HELDOUT_SEED, size=heldout_size), progress=progress, prefix="heldout")
         shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
         write_json(done, wanted)
-    train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]])
+    vessels, nuclei, target_channel = cfg.channels
+    channels = f"vessels={vessels},nuclei={nuclei},target={target_channel}"
+    train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]], channels=channels)
     held_dir = out / "slides" / "heldout"
-    heldout = [HeldOut(resolve_slides([held_dir / f"{n}.ome.tif"])[0], held_dir / "truth" / f"{n}.np_clean.ome.tif",
+    heldout = [HeldOut(resolve_slides([held_dir / f"{n}.ome.tif"], channels=channels)[0],
+                       held_dir / "truth" / f"{n}.{cfg.clean_suffix}.ome.tif",
                        held_dir / "truth" / f"{n}.divergence.ome.tif") for n in names[1]]
     store = out / "patches.zarr"
     if not store.exists():

@@ -34,8 +34,13 @@ from ..progress import progress_bar
 
 # The simulator is the yardstick models are measured by. Any change to what it renders needs a physical reason
 # (README, "The simulator") and a new version; the version is written into every slide and every study.
-SIMULATOR_VERSION = 1
+# Version 2 adds the sparse perfusion target (`target="perfusion"`); its NP slides are version 1's, bit for bit.
+SIMULATOR_VERSION = 2
 CHANNELS = ("CD31", "DAPI", "NP")
+TARGETS = {"np": "NP", "perfusion": "Perfusion"}  # target kind → the name of the slide's third channel
+# flow falls with leakiness (plasma lost to the interstitium raises its pressure and collapses the vessel) and stops at
+# this leakiness: a perfusion tracer fills a lumen in proportion to the flow through it
+PERFUSION_LEAK_LIMIT = 0.25
 DIVERGENCE_LABELS = {0: "informative", 1: "divergent"}  # values of truth/*.divergence.ome.tif
 TILE = 1024
 MARGIN = 64
@@ -58,6 +63,23 @@ class SynthConfig:
     nucleus_radius: float = 4.0
     nuclei_per_cell_dense: float = 12.0  # per 32×32 µm
     psf_sigma: float = 0.8
+    # what the third channel shows: "np" (extravasated nanoparticles, dense) or "perfusion" (an intravascular
+    # tracer filling only the lumens of perfused vessels: a sparse target, a few per cent of the pixels)
+    target: str = "np"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+
+    @property
+    def channels(self) -> tuple[str, str, str]:
+        """Channel names of the slide: CD31, DAPI and the target's."""
+        return CHANNELS[0], CHANNELS[1], TARGETS[self.target]
+
+    @property
+    def clean_suffix(self) -> str:
+        """The truth file of the noiseless target field is `truth/{slide}.{clean_suffix}.ome.tif`."""
+        return f"{self.target}_clean"
 
 
 @dataclass
@@ -274,14 +296,20 @@ def render_window(cfg: SynthConfig, lay: Layout, index: int, y0: int, x0: int, h
             np.add.at(impulses, (iy[free], ix[free]), amp[free])
     nuclei = 1 - np.exp(-1.4 * signal.fftconvolve(impulses, _nucleus_kernel(rad_px), mode="same").clip(0))
 
-    np_total = npf * (1 - 0.5 * lumen) + 0.35 * lumen * (lay.leak[nearest] if label.any() else 0)
-    np_total = ndimage.gaussian_filter(np_total, cfg.psf_sigma * px)
-    return {
+    out = {
         "CD31": 150 + 220 * tissue + 2600 * wall + 300 * lumen,
         "DAPI": 120 + 180 * tissue + 5200 * nuclei,
-        "NP": 100 + 60 * tissue + 2800 * np_total,
         "divergent": divergent,
     }
+    if cfg.target == "perfusion":
+        # the tracer fills the lumens of the vessels that carried flow when it was injected, by their flow, nothing else
+        flow = np.clip(1 - lay.leak[nearest] / PERFUSION_LEAK_LIMIT, 0, 1) if label.any() else 0
+        perfused = lumen * flow
+        out["Perfusion"] = 100 + 60 * tissue + 2800 * ndimage.gaussian_filter(perfused, cfg.psf_sigma * px)
+    else:
+        np_total = npf * (1 - 0.5 * lumen) + 0.35 * lumen * (lay.leak[nearest] if label.any() else 0)
+        out["NP"] = 100 + 60 * tissue + 2800 * ndimage.gaussian_filter(np_total, cfg.psf_sigma * px)
+    return out
 
 
 def _camera(rng: np.random.Generator, expected: np.ndarray, gain: float = 2.0, read_noise: float = 12.0) -> np.ndarray:
@@ -296,10 +324,10 @@ def _render_tile(cfg: SynthConfig, lay: Layout, index: int, ty: int, tx: int, ro
     sig = render_window(cfg, lay, index, y0, x0, y1 - y0, x1 - x0)
     crop = (slice(ty - y0, ty - y0 + min(TILE, size - ty)), slice(tx - x0, tx - x0 + min(TILE, size - tx)))
     rng = np.random.default_rng([cfg.seed, index, ty, tx, 2])
-    out = np.stack([_camera(rng, sig[name][crop]) for name in CHANNELS])
+    out = np.stack([_camera(rng, sig[name][crop]) for name in cfg.channels])
     th, tw = out.shape[1:]
     root["slide/0"][:, ty : ty + th, tx : tx + tw] = out
-    root["clean/0"][0, ty : ty + th, tx : tx + tw] = sig["NP"][crop].astype(np.float32)
+    root["clean/0"][0, ty : ty + th, tx : tx + tw] = sig[cfg.channels[2]][crop].astype(np.float32)
     root["divergence/0"][0, ty : ty + th, tx : tx + tw] = (sig["divergent"][crop] > 0.5).astype(np.uint8)
 
 
@@ -335,11 +363,11 @@ def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers:
                 pass
         paths = {
             "slide": out_dir / f"{name}.ome.tif",
-            "clean": truth / f"{name}.np_clean.ome.tif",
+            "clean": truth / f"{name}.{cfg.clean_suffix}.ome.tif",
             "divergence": truth / f"{name}.divergence.ome.tif",
             "preview": out_dir / f"{name}.preview.png",
         }
-        names = {"slide": list(CHANNELS), "clean": ["NP_clean"], "divergence": ["divergent"]}
+        names = {"slide": list(cfg.channels), "clean": [f"{cfg.channels[2]}_clean"], "divergence": ["divergent"]}
         for key in ("slide", "clean", "divergence"):
             levels = build_pyramid(root, key)
             write_ome_tiff(paths[key], levels, names[key], cfg.mpp, description=provenance(cfg, index))
@@ -352,7 +380,8 @@ def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers:
 
 def provenance(cfg: SynthConfig, index: int) -> str:
     """The line each synthetic image carries as its OME Description."""
-    return f"wsi-damm synth: simulator version {SIMULATOR_VERSION}, seed {cfg.seed}, slide {index}"
+    target = "" if cfg.target == "np" else f", target {cfg.target}"
+    return f"wsi-damm synth: simulator version {SIMULATOR_VERSION}, seed {cfg.seed}, slide {index}{target}"
 
 
 def simulator_version(path: str | Path) -> int | None:

@@ -82,3 +82,46 @@ def test_seam_sums_equal_brute_force_and_add_up_over_bands():
     assert seam_score(seam_sums(smooth, np.ones_like(smooth, bool), 24)) == pytest.approx(1.0)
     steps = smooth + (np.arange(96) // 24)[None, :] * 0.5  # a jump at every 24th column
     assert seam_score(seam_sums(steps, np.ones_like(steps, bool), 24)) > 10
+
+
+def _sparse_pair(rng):
+    """A sparse 'measured' channel (bright blobs on a few per cent of the pixels over a dim floor) and a fair
+    guess of it: blurred and on a raised floor, as a blurred vessel channel is."""
+    from scipy import ndimage
+
+    blobs = ndimage.gaussian_filter((rng.random((300, 340)) < 0.004).astype(float), 2.0) > 0.01
+    meas = np.clip(0.02 + rng.normal(0, 0.01, blobs.shape) + 0.8 * blobs, 0, 1)
+    return meas, np.clip(0.15 + 0.6 * ndimage.gaussian_filter(meas, 3.0), 0, 1)
+
+
+def test_pearson_r_means_and_spreads_equal_numpy_streamed_and_masked():
+    rng = np.random.default_rng(3)
+    meas, pred = _sparse_pair(rng)
+    mask = np.zeros(meas.shape, bool)
+    mask[40:260, 30:300] = True
+    m = whole_slide_metrics(da.from_array(pred, chunks=(70, 90)), da.from_array(meas, chunks=(70, 90)), da.from_array(mask, chunks=(70, 90)))
+    for sfx, a, b in (("", pred, meas), ("_tissue", pred[mask], meas[mask])):
+        assert m[f"pearson_r{sfx}"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-9)
+        assert m[f"mean{sfx}"] == pytest.approx(a.mean(), abs=1e-12) and m[f"mean_measured{sfx}"] == pytest.approx(b.mean(), abs=1e-12)
+        assert m[f"sd{sfx}"] == pytest.approx(a.std(), rel=1e-9) and m[f"sd_measured{sfx}"] == pytest.approx(b.std(), rel=1e-9)
+
+
+def test_map_check_flags_a_black_map_that_ssim_scores_high():
+    """On a sparse channel a black map beats a fair blurred guess on SSIM; the check reads r and spread instead."""
+    from wsi_damm.metrics import map_check
+
+    rng = np.random.default_rng(4)
+    meas, guess = _sparse_pair(rng)
+    black = np.full_like(meas, 0.02) + rng.normal(0, 1e-4, meas.shape)
+    chunks = (100, 100)
+    score = lambda p: whole_slide_metrics(da.from_array(p, chunks=chunks), da.from_array(meas, chunks=chunks))  # noqa: E731
+    m_black, m_guess = score(black), score(guess)
+    assert m_black["ssim"] > m_guess["ssim"]  # the trap this check exists for
+    flagged, fair = map_check(m_black, ""), map_check(m_guess, "")
+    assert flagged["warning"] and "nearly constant" in flagged["warning"] and "uncorrelated" in flagged["warning"]
+    assert flagged["spread_ratio"] < 0.01
+    assert fair["warning"] is None and fair["pearson_r"] > 0.5
+    shuffled = rng.permutation(guess.ravel()).reshape(guess.shape)  # right spread, no relation
+    assert "uncorrelated" in map_check(score(shuffled), "")["warning"]
+    constant = np.full_like(meas, 0.3)  # r undefined: flagged, not an error
+    assert "nearly constant" in map_check(score(constant), "")["warning"]

@@ -48,6 +48,25 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _from_json_safe(value):
+    if isinstance(value, str) and value in NON_FINITE:
+        return NON_FINITE[value]
+    if isinstance(value, dict):
+        return {k: _from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json_safe(v) for v in value]
+    return value
+
+
+NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def read_json(path: Path) -> dict:
+    """What `write_json` wrote, with "inf", "-inf" and "nan" read back as floats (a string field with one of those
+    values is read as that float too: use it for files of numbers)."""
+    return _from_json_safe(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
 def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     """Rows as CSV with a header of `fields` (keys not in `fields` are left out), written atomically."""
 

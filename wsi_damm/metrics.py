@@ -71,19 +71,47 @@ def ssim_field(a: da.Array, b: da.Array, data_range: float = 1.0) -> da.Array:
     return da.where(inside, s, np.nan)
 
 
+MOMENTS = ("a", "b", "aa", "bb", "ab")  # the sums Pearson's r, the means and the spreads are read from
+
+
+def _moment_sums(a: da.Array, b: da.Array, where: da.Array | None) -> dict[str, da.Array]:
+    """Lazy Σa, Σb, Σa², Σb², Σab (over `where` only, if given), each shifted by 0.5 to keep float64 sums exact
+    enough for maps in [0, 1] (the shift cancels in every statistic read from them)."""
+    a, b = a - 0.5, b - 0.5
+    terms = {"a": a, "b": b, "aa": a * a, "bb": b * b, "ab": a * b}
+    return {k: (da.where(where, v, 0) if where is not None else v).sum() for k, v in terms.items()}
+
+
+def agreement(sums: dict[str, float], n: int) -> dict:
+    """Pearson's r of a map with the measured channel, and each one's mean and spread (population sd), from the
+    moment sums of `_moment_sums`: what shows a map that is nearly constant or unrelated to the measurement,
+    which SSIM does not on a sparse target. r is NaN when either image is constant."""
+    if n == 0:
+        return {"pearson_r": math.nan, "mean": math.nan, "mean_measured": math.nan, "sd": math.nan, "sd_measured": math.nan}
+    ma, mb = sums["a"] / n, sums["b"] / n
+    va, vb = max(sums["aa"] / n - ma * ma, 0.0), max(sums["bb"] / n - mb * mb, 0.0)
+    cov = sums["ab"] / n - ma * mb
+    r = cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+    return {"pearson_r": float(min(1.0, max(-1.0, r))) if not math.isnan(r) else math.nan, "mean": float(ma + 0.5),
+            "mean_measured": float(mb + 0.5), "sd": math.sqrt(va), "sd_measured": math.sqrt(vb)}
+
+
 def whole_slide_metrics(a: da.Array, b: da.Array, mask: da.Array | None = None, data_range: float = 1.0,
                         scheduler: str = "threads") -> dict:
-    """SSIM / PSNR over the whole image and, if `mask` is given, over mask pixels only; streamed."""
+    """SSIM / PSNR, Pearson's r and both images' means and spreads over the whole image and, if `mask` is
+    given, over mask pixels only (keys suffixed `_tissue`); streamed. `a` is the map, `b` the measurement."""
     s = ssim_field(a, b, data_range)
-    diff2 = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    diff2 = (a64 - b64) ** 2
     valid = ~da.isnan(s)
     parts = {
         "ssim_sum": da.nansum(s), "ssim_n": valid.sum(), "sq_sum": diff2.sum(), "n": diff2.size,
+        "moments": _moment_sums(a64, b64, None),
     }
     if mask is not None:
         m = mask.astype(bool).rechunk(a.chunks)
         parts.update(ssim_sum_mask=da.nansum(da.where(m, s, np.nan)), ssim_n_mask=(valid & m).sum(),
-                     sq_sum_mask=da.where(m, diff2, 0).sum(), n_mask=m.sum())
+                     sq_sum_mask=da.where(m, diff2, 0).sum(), n_mask=m.sum(), moments_mask=_moment_sums(a64, b64, m))
     (vals,) = da.compute(parts, scheduler=scheduler)
     out = {
         "ssim": float(vals["ssim_sum"] / vals["ssim_n"]),
@@ -91,13 +119,38 @@ def whole_slide_metrics(a: da.Array, b: da.Array, mask: da.Array | None = None, 
         "pixels": int(vals["n"]),
     }
     out["psnr"] = psnr_from_mse(out["mse"], data_range)
+    out.update(agreement({k: float(v) for k, v in vals["moments"].items()}, int(vals["n"])))
     if mask is not None:
         n = int(vals["n_mask"])
         out["ssim_tissue"] = float(vals["ssim_sum_mask"] / vals["ssim_n_mask"]) if vals["ssim_n_mask"] else math.nan
         out["mse_tissue"] = float(vals["sq_sum_mask"] / n) if n else math.nan
         out["psnr_tissue"] = psnr_from_mse(out["mse_tissue"], data_range) if n else math.nan
         out["pixels_tissue"] = n
+        out.update({f"{k}_tissue": v for k, v in agreement({k: float(v) for k, v in vals["moments_mask"].items()}, n).items()})
     return out
+
+
+# A map is flagged when it spreads less than this share of the measured channel's spread, or when its Pearson's r
+# with the measured channel is below MIN_PEARSON_R: on a sparse target such a map can still score a high SSIM.
+MIN_SPREAD_RATIO = 0.2
+MIN_PEARSON_R = 0.2
+
+
+def map_check(numbers: dict, suffix: str = "_tissue") -> dict:
+    """The verdict on one map from `whole_slide_metrics` (over tissue by default): Pearson's r, the ratio of its
+    spread and of its mean to the measured channel's, and a warning when the map is nearly constant or
+    uncorrelated (None when neither)."""
+    get = lambda k: numbers.get(f"{k}{suffix}", numbers.get(k, math.nan))  # noqa: E731
+    r, sd, sd_m, mean, mean_m = get("pearson_r"), get("sd"), get("sd_measured"), get("mean"), get("mean_measured")
+    spread = sd / sd_m if sd_m > 0 else math.nan
+    ratio = mean / mean_m if mean_m > 0 else math.nan
+    problems = []
+    if not spread >= MIN_SPREAD_RATIO:
+        problems.append(f"nearly constant (its spread is {spread:.2f} of the measured channel's)")
+    if not r >= MIN_PEARSON_R:
+        problems.append(f"uncorrelated with the measured channel (Pearson's r {r:.2f})")
+    warning = ("the map is " + " and ".join(problems) + ": do not trust its SSIM") if problems else None
+    return {"pearson_r": r, "spread_ratio": spread, "mean_ratio": ratio, "warning": warning}
 
 
 def seam_sums(img: np.ndarray, covered: np.ndarray, stride: int, y0: int = 0, x0: int = 0, axes: tuple[int, ...] = (0, 1)) -> np.ndarray:

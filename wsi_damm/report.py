@@ -7,6 +7,7 @@ import base64
 import html
 import math
 import shutil
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,9 +97,14 @@ def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     _panel(fig, axes[1, 0], pred, "NP predicted", *scale("predicted"), um, "normalised NP")
     _panel(fig, axes[1, 1], err, "|predicted − measured|", *scale("error"), um, "absolute error")
     _panel(fig, axes[1, 2], *divergence_panel(div, m), *scale("divergence"), um, "d (gate uses uni-modal where d ≥ γ)")
-    wsi = result["wsi"]
-    fig.suptitle(f"{m.slide_id} — WSI SSIM {wsi['ssim']:.3f}, PSNR {wsi['psnr']:.2f} dB"
-                 + (f" (tissue: SSIM {wsi['ssim_tissue']:.3f}, PSNR {wsi['psnr_tissue']:.2f} dB)" if "ssim_tissue" in wsi else ""), fontsize=13)
+    wsi, check = result["wsi"], result.get("check") or {}
+    where = "tissue" if "ssim_tissue" in wsi else "whole slide"
+    key = (lambda k: f"{k}_tissue") if "ssim_tissue" in wsi else (lambda k: k)  # noqa: E731
+    title = (f"{m.slide_id} — {where}: Pearson's r {wsi[key('pearson_r')]:.3f}, spread {check.get('spread_ratio', float('nan')):.2f}× "
+             f"the measured, PSNR {wsi[key('psnr')]:.2f} dB, SSIM {wsi[key('ssim')]:.3f}")
+    if check.get("warning"):
+        title += "\n" + textwrap.fill(f"WARNING: {check['warning']}", 130)
+    fig.suptitle(title, fontsize=13, color="firebrick" if check.get("warning") else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -171,6 +177,8 @@ def divergence_scatter(path: Path, rows: list[dict], gamma: float | None) -> Non
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return ""
     if isinstance(v, float):
         return "∞" if v == math.inf else ("n/a" if not math.isfinite(v) else f"{v:.4g}")
     return html.escape(str(v))
@@ -184,6 +192,9 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
              ".note{color:#666;font-size:90%}</style></head><body><h1>NP distribution prediction — evaluation</h1>"]
     percentiles = sorted({tuple(r["normalisation"]["percentiles"]) for r in metrics["slides"]})
     rule = " or ".join(f"{lo:g} / {hi:g}" for lo, hi in percentiles)
+    parts.append("<p><b>Read Pearson's r and the map's spread first.</b> On a sparse target (a stain that marks a few per cent "
+                 "of the pixels) SSIM and PSNR reward a black map, because both images agree wherever both are near zero; "
+                 "Pearson's r and the ratio of the map's spread to the measured channel's do not.</p>")
     parts.append("<p class='note'>SSIM: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, 5-px border excluded — "
                  "the definition of scikit-image. PSNR = 10·log10(1 / MSE) on maps normalised to [0, 1] by the slide's "
                  f"{html.escape(rule)} percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>")
@@ -196,18 +207,40 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
             parts.append(f"<p><a href='{html.escape(v['page'])}'><b>Open the deep-zoom viewer</b></a>: {len(v['layers'])} layers "
                          f"({html.escape(', '.join(v['layers']))}) side by side with linked pan and zoom, or overlaid; full resolution "
                          "to the whole slide. Opens from disk, no server needed.</p>")
+        check = r.get("check")
+        if check:
+            if check.get("warning"):
+                parts.append(f"<p style='color:#b22222'><b>Warning: {html.escape(check['warning'])}.</b></p>")
+            parts.append(f"<p>Headline ({'tissue' if 'ssim_tissue' in wsi else 'whole slide'}): Pearson's r with the measured channel "
+                         f"<b>{_fmt(check['pearson_r'])}</b>, the map's spread <b>{_fmt(check['spread_ratio'])}×</b> and its mean "
+                         f"<b>{_fmt(check['mean_ratio'])}×</b> the measured channel's.</p>")
+        ceiling = r.get("autoencoder_ceiling")
+        if ceiling:
+            style = " style='color:#b22222'" if ceiling["collapsed"] else ""
+            parts.append(f"<p{style}>The run's target autoencoder reconstructs its {html.escape(ceiling['measured_on'])} "
+                         f"with Pearson's r {_fmt(ceiling['pearson_r'])}, {_fmt(ceiling['spread_ratio'])}× "
+                         f"their spread and {_fmt(ceiling['mean_ratio'])}× their mean — the best any map of this run can be"
+                         + (" (<b>collapsed</b>: this map cannot be better than a flat image)" if ceiling["collapsed"] else "") + ".</p>")
         if r.get("uni_modal_only"):
             parts.append("<p><b>Uni-modal prediction:</b> the slide had no nuclei channel; only the vessels branch was used.</p>")
-        parts.append("<table><tr><th></th><th>SSIM</th><th>PSNR (dB)</th><th>pixels</th></tr>")
-        parts.append(f"<tr><th>whole slide</th><td>{_fmt(wsi['ssim'])}</td><td>{_fmt(wsi['psnr'])}</td><td>{wsi['pixels']}</td></tr>")
+        parts.append("<table><tr><th></th><th>Pearson's r</th><th>mean (map / measured)</th><th>sd (map / measured)</th><th>SSIM</th>"
+                     "<th>PSNR (dB)</th><th>pixels</th></tr>")
+        def moments(sfx: str) -> str:
+            get = lambda k: _fmt(wsi.get(k + sfx))  # noqa: E731
+            return f"<td>{get('pearson_r')}</td><td>{get('mean')} / {get('mean_measured')}</td><td>{get('sd')} / {get('sd_measured')}</td>"
+
+        parts.append(f"<tr><th>whole slide</th>{moments('')}<td>{_fmt(wsi['ssim'])}</td><td>{_fmt(wsi['psnr'])}</td>"
+                     f"<td>{wsi['pixels']}</td></tr>")
         if "ssim_tissue" in wsi:
-            parts.append(f"<tr><th>tissue only</th><td>{_fmt(wsi['ssim_tissue'])}</td><td>{_fmt(wsi['psnr_tissue'])}</td><td>{wsi['pixels_tissue']}</td></tr>")
+            parts.append(f"<tr><th>tissue only</th>{moments('_tissue')}<td>{_fmt(wsi['ssim_tissue'])}</td>"
+                         f"<td>{_fmt(wsi['psnr_tissue'])}</td><td>{wsi['pixels_tissue']}</td></tr>")
         pp = r["patches"]
-        parts.append(f"<tr><th>patches ({pp['ssim_percent']['n']})</th><td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
+        parts.append(f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 3}<td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
                      f"<td>{_fmt(pp['psnr']['mean'])} ± {_fmt(pp['psnr']['sd'])}</td><td></td></tr>")
         if "oracle_wsi" in r:
             o = r["oracle_wsi"]
-            parts.append(f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>")
+            parts.append(f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o.get('pearson_r'))}</td><td></td><td></td>"
+                         f"<td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>")
         parts.append("</table>")
         seams = r.get("seams") or {}
         if seams:

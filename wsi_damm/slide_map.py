@@ -95,6 +95,7 @@ class MapImage:
     sampling: str | None  # "shifted", "canvas", "independent", or None (not a diffusion map)
     tissue: str = "auto"  # the tissue detection of the tiling that made the map; evaluate scores the same tissue
     np_scale: NpScale = NpScale()  # the NP normalisation of the run (per slide, or a common range with its inverse)
+    source: str | None = None  # the prediction store the map was stitched from (None: not a stitched prediction)
 
     @property
     def level0(self) -> zarr.Array:
@@ -142,4 +143,4 @@ def open_map(path: str | Path) -> MapImage:
                     int(info.get("patch_size", 256)), bool(info.get("nuclei", True)),
                     tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"),
                     int(info["stride"]) if info.get("stride") else None, info.get("sampling"), info.get("tissue", "auto"),
-                    NpScale.from_attrs(info.get("np_normalisation")))
+                    NpScale.from_attrs(info.get("np_normalisation")), info.get("source"))

@@ -20,9 +20,9 @@ import zarr
 
 from ..annotations import Annotations, read_regions
 from ..errors import InputError
-from ..files import write_csv, write_json
+from ..files import read_json, write_csv, write_json
 from ..jobs import compute_scheduler
-from ..metrics import psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
+from ..metrics import map_check, psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
 from ..np_units import MEASURED_UNIT, NpScale
 from ..progress import progress_bar
 from ..report import write_report
@@ -265,6 +265,17 @@ class SlideEvaluation:
     truth: Truth
 
 
+def autoencoder_ceiling_of(m: MapImage) -> dict | None:
+    """The ceiling of the target autoencoder of the run that made `m` (`RUN/autoencoder_ceiling.json`), when the
+    map's prediction store and its run are still where they were written; else None."""
+    try:
+        run_dir = Path(dict(zarr.open_group(str(m.source), mode="r").attrs)["run_dir"])
+        report = read_json(run_dir / "autoencoder_ceiling.json")
+        return {**report["roles"]["target"], "run": str(run_dir), "measured_on": report["patches"], "collapsed": "target" in report["collapsed"]}
+    except (OSError, KeyError, TypeError, ValueError, zarr.errors.BaseZarrError):
+        return None
+
+
 def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool,
                    regions_path: Path | None = None, region_names: dict[int, str] | None = None, scheduler="threads") -> SlideEvaluation:
     """`regions_path`: an integer label image registered to the slide (e.g. annotations); metrics per label.
@@ -282,6 +293,9 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
                                                    "percentiles": list(m.percentiles), "np": m.np_scale.attrs()},
               "gamma": m.gamma, "uni_modal_only": not m.nuclei}
     result["wsi"] = whole_slide_metrics(pred, meas, mask, scheduler=scheduler)
+    result["check"] = map_check(result["wsi"], "_tissue" if mask is not None else "")
+    if m.source is not None and (ceiling := autoencoder_ceiling_of(m)) is not None:
+        result["autoencoder_ceiling"] = ceiling
     if mask is not None:  # tissue the map leaves unpredicted scores as 0: say how much there is
         covered = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
         result["wsi"]["tissue_uncovered_pixels"] = int((mask & ~covered).sum().compute(scheduler=scheduler))

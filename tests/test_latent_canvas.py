@@ -20,15 +20,16 @@ from wsi_damm.stages.train import run_training
 from wsi_damm.store import PatchStore, read_rows, to_model_range
 
 
-def _ae(local: bool, local_norm: str = "pixel") -> Autoencoder:
+def _ae(local: bool, local_norm: str = "pixel", gamma: float = 1.0) -> Autoencoder:
     torch.manual_seed(0)
-    return Autoencoder(4, 3, (8, 16), local, local_norm).eval()
+    return Autoencoder(4, 3, (8, 16), local, local_norm, gamma).eval()
 
 
 def test_tiled_encoding_is_whole_encoding_only_for_local_autoencoders():
+    """The tiny preset's target autoencoder (no norm, intensity coded as its square root) included."""
     x = torch.rand(1, 1, 4 * 70, 4 * 90) * 2 - 1
-    for local, norm in ((True, "pixel"), (True, "none"), (False, "pixel")):
-        ae = _ae(local, norm)
+    for local, norm, gamma in ((True, "pixel", 1.0), (True, "none", 1.0), (True, "none", 0.5), (False, "pixel", 1.0)):
+        ae = _ae(local, norm, gamma)
         with torch.no_grad():
             whole = ae.encode(mirror(x, 4 * 8))[:, :, 8:-8, 8:-8]  # the mirrored image encoded in one piece
             tiled = encode_tiled(x, ae.encode, 4, tile=32)
@@ -48,9 +49,10 @@ def test_mirror_reflects_past_every_edge_even_for_small_images():
     np.testing.assert_array_equal(m[0, 0, 5:8, 4].numpy(), x[0, 0, :, 1].numpy())
 
 
-def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole():
+@pytest.mark.parametrize("norm, gamma", [("pixel", 1.0), ("none", 0.5)])
+def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole(norm, gamma):
     """So a map decoded patch by patch from a canvas has no seam, not even at the slide's edge."""
-    ae = _ae(True)
+    ae = _ae(True, norm, gamma)
     z = torch.randn(2, 3, 40, 52)
     halo, p = 8, 16
     with torch.no_grad():

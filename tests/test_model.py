@@ -132,6 +132,21 @@ def test_loss_selection_per_sample():
     # multi_loss "always": both branches learn from every sample; the gate's share and the DFL are as before
     always, s_always = damm_loss(eu, em, kappa, noise, DammLoss(alpha=1.0, multi_always=True), warmup=False)
     assert always.item() == pytest.approx(0.3 + s["dfl"].item()) and s_always["multi_share"].item() == 0.5
+    # damm.loss = "l2": the same selection on squared errors
+    squared, _ = damm_loss(eu, em, kappa, noise, DammLoss(gamma=0.5, alpha=0.0, squared=True), warmup=False)
+    assert squared.item() == pytest.approx(((0.4**2 + 0.2**2) / 2 + 0.4**2) / 2)
+
+
+def test_a_squared_error_denoiser_learns_the_mean_where_l1_learns_the_median():
+    """Why damm.loss = "l2" exists: fitted to a sparse target (signal in 30 % of otherwise alike samples), the
+    constant minimising the mean absolute error is the background (the median), the squared error's the mean."""
+    from wsi_damm.diffusion.damm import per_sample_loss
+
+    target = torch.tensor([0.0] * 7 + [1.0] * 3).view(10, 1, 1, 1)
+    grid = torch.linspace(0, 1, 1001)
+    best = {squared: grid[torch.stack([per_sample_loss(torch.full_like(target, c), target, squared).mean() for c in grid]).argmin()]
+            for squared in (False, True)}
+    assert best[False].item() == pytest.approx(0.0, abs=1e-3) and best[True].item() == pytest.approx(0.3, abs=1e-3)
 
 
 def _inputs(b=3, seed=3):
@@ -206,3 +221,25 @@ def test_confidence_from_uni_only_reproduces_authors_and_is_blind_to_nuclei():
     both = small_unet()
     with torch.no_grad():
         assert not torch.allclose(both(z, t, cu, cm)[2], both(z, t, cu, cm * 3)[2])
+
+
+def test_a_power_coded_autoencoder_codes_the_power_and_decodes_it_back():
+    """`gamma`: the encoder sees the intensity (in [0, 1]) raised to gamma, the decoder's output is raised to 1 / gamma;
+    checked against the closed form on an encoder / decoder pair replaced by the identity."""
+    from wsi_damm.models.autoencoder import to_power
+
+    x = torch.linspace(-1, 1, 11).reshape(1, 1, 1, 11)
+    want = 2 * ((x + 1) / 2) ** 0.5 - 1
+    torch.testing.assert_close(to_power(x, 0.5), want)
+    torch.testing.assert_close(to_power(to_power(x, 0.5), 2.0), x, atol=1e-6, rtol=0)
+    assert to_power(x, 1.0) is x
+    ae = Autoencoder(4, 1, (8, 16), local=True, local_norm="none", gamma=0.5)
+    class MeanAndLogvar(torch.nn.Module):  # the encoder replaced: its input as the mean (and as the log-variance)
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([v, v], 1)
+
+    ae.encoder, ae.decoder = MeanAndLogvar(), torch.nn.Identity()  # moments() then returns the coded image
+    torch.testing.assert_close(ae.moments(x)[0], want)
+    torch.testing.assert_close(ae.decode(want), x, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="gamma"):
+        Autoencoder(4, 1, (8, 16), gamma=1.5)

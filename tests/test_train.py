@@ -151,3 +151,122 @@ def test_an_unknown_learning_rate_schedule_is_refused(tiny_toml):
     for section in ("train", "autoencoder"):
         with pytest.raises(InputError, match=f"{section}.lr_schedule"):
             resolve("tiny", tiny_toml, {section: {"lr_schedule": "linear"}})
+
+
+def test_a_collapsed_autoencoder_stops_the_run_before_the_diffusion_stage(small_store, tiny_toml, tmp_path):
+    """The guard: the ceiling of every autoencoder is written into the run; one whose decoder returns a flat image
+    (what a sparse stain did to an L1-trained autoencoder) is refused in one line before any diffusion step,
+    and --force trains regardless, saying so. The ceiling is checked against numpy on the same patches."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from wsi_damm.autoencoder_check import ceiling_of
+    from wsi_damm.checkpoint import save_weights
+    from wsi_damm.run_dir import load_autoencoders, load_run_config
+    from wsi_damm.store import PatchStore
+    from wsi_damm.training_data import PatchImages
+    from wsi_damm_cli.main import cli
+
+    out = tmp_path / "run"
+    toml = tmp_path / "guarded.toml"  # the tests' tiny settings with the guard on
+    toml.write_text(tiny_toml.read_text().replace('on_collapse = "warn"', 'on_collapse = "stop"'))
+    run_training(small_store, out, resolve("tiny", toml), stage="autoencoder", progress=False)
+    run = RunDir(out)
+    report = json.loads(run.ae_ceiling.read_text())
+    assert set(report["roles"]) == {"vessels", "nuclei", "target"} and report["patches"] == "validation patches"
+    aes = load_autoencoders(run, load_run_config(run))
+    val = json.loads(run.validation.read_text())
+    assert val["val_patches"] > 0
+    # the same figure by brute force on a few patches
+    store = PatchStore.open(small_store)
+    images = PatchImages(store, np.arange(5))
+    k = store.roles.index("target")
+    with torch.no_grad():
+        x = images.get(np.arange(5))[:, k : k + 1]
+        y = aes["target"].decode(aes["target"].encode(x)).clamp(-1, 1)
+    want = np.corrcoef(((x + 1) / 2).double().numpy().ravel(), ((y + 1) / 2).double().numpy().ravel())[0, 1]
+    assert ceiling_of(aes["target"], images, k, torch.device("cpu"))["pearson_r"] == pytest.approx(want, abs=1e-9)
+
+    with torch.no_grad():  # the collapse: the decoder's last layer returns its bias, a flat image
+        aes["target"].decoder[-1].weight.zero_()
+    save_weights(run.autoencoder("target"), aes["target"], {"role": "target", "factor": aes["target"].factor})
+    runner = CliRunner()
+    args = ["train", str(small_store), "--out", str(out), "--config", str(toml), "--stage", "diffusion", "--quiet"]
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "the target autoencoder reconstructs its channel with Pearson's r nan, 0.00× its spread" in lines[0]
+    assert "collapsed" in lines[0] and "--force" in lines[0]
+    assert not run.unet.exists()
+    after = json.loads(run.ae_ceiling.read_text())
+    assert "target" in after["collapsed"] and after["roles"]["target"]["spread_ratio"] == 0
+    from wsi_damm.run_info import run_summary
+
+    shown = run_summary(out)["autoencoder_ceiling"]  # what `wsi-damm info RUN` prints
+    assert shown["target"].endswith("COLLAPSED") and shown["measured on"] == "validation patches"
+    assert report["roles"]["target"]["spread_ratio"] > 0
+    res = runner.invoke(cli, [*args, "--force"])
+    assert res.exit_code == 0, res.output
+    assert "going on because of --force" in res.stderr and run.unet.exists()
+
+
+def test_a_sparse_target_is_recognised_and_its_recipe_recorded(small_store, tiny_toml, tmp_path):
+    """`autoencoder.sparse_target = "auto"`: the share of target pixels above 0.1 (checked by brute force on the store)
+    decides SPARSE_RECIPE; the choice and the share are written into the run's config; "no" keeps the settings."""
+    import numpy as np
+
+    from wsi_damm.config import SPARSE_BELOW, SPARSE_RECIPE, with_sparse_choice
+    from wsi_damm.stages.train import bright_fraction
+    from wsi_damm.store import PatchStore, read_rows
+
+    store = PatchStore.open(small_store)
+    k = store.roles.index("target")
+    rows = np.arange(len(store))
+    want = float((read_rows(store.images, rows)[:, k].astype(np.float64) / 255 * 2 - 1 > -0.8).mean())
+    assert bright_fraction(store, rows, k) == pytest.approx(want, abs=1e-12)
+
+    base = resolve("tiny", tiny_toml)
+    sparse = with_sparse_choice(replace_ae(base, local=True), True, 0.05).autoencoder
+    assert {key: getattr(sparse, key) for key in SPARSE_RECIPE} == SPARSE_RECIPE and sparse.sparse_target == "yes"
+    group = with_sparse_choice(base, True).autoencoder  # GroupNorm autoencoders keep their norm
+    assert group.local_norm == base.autoencoder.local_norm and group.target_gamma == 0.5
+    assert with_sparse_choice(base, False).autoencoder.lr_schedule == base.autoencoder.lr_schedule
+
+    cfg = resolve("tiny", tiny_toml, {"autoencoder": {"sparse_target": "auto", "steps": 1}})
+    run_training(small_store, tmp_path / "run", cfg, stage="autoencoder", progress=False)
+    written = json.loads((tmp_path / "run" / "config.json").read_text())["autoencoder"]
+    split = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert written["target_bright_fraction"] is not None and split["train_patches"] > 0
+    assert written["sparse_target"] == ("yes" if written["target_bright_fraction"] < SPARSE_BELOW else "no")
+    assert (written["target_gamma"] == 0.5) == (written["sparse_target"] == "yes")
+
+
+def replace_ae(cfg, **changes):
+    from dataclasses import replace
+
+    return replace(cfg, autoencoder=replace(cfg.autoencoder, **changes))
+
+
+def test_the_real_inform_fields_sparse_channel_is_recognised_as_sparse(tmp_path):
+    """A real sparse stain (the inForm field's Alexa 594: about 2.5 % of its pixels above 0.1 after its own
+    percentile normalisation) gets the sparse recipe; the same field's dense DAPI as the target does not."""
+    import numpy as np
+
+    from wsi_damm.config import SPARSE_BELOW
+    from wsi_damm.inputs import resolve_slides
+    from wsi_damm.stages.tile import TileConfig, run_tile
+    from wsi_damm.stages.train import bright_fraction
+    from wsi_damm.store import PatchStore
+
+    from .conftest import fixture
+
+    field = fixture("fluorescence/phenoptr_FIHC4__0929309_HP_IM3_2_component_data.tif")
+    shares = {}
+    for target in ("Alexa 594", "DAPI"):
+        out = tmp_path / f"{target.replace(' ', '_')}.zarr"
+        run_tile(resolve_slides([field], channels=f"vessels=Cy5,nuclei=FITC,target={target}"), out, TileConfig(patch_size=64, overlap=16),
+                 progress=False)
+        store = PatchStore.open(out)
+        shares[target] = bright_fraction(store, np.arange(len(store)), store.roles.index("target"))
+    assert shares["Alexa 594"] < 0.05 < SPARSE_BELOW < shares["DAPI"]

@@ -77,12 +77,13 @@ def _specs(slides, manifest, channels, plane, max_slide_gb, required=("vessels",
 
 
 def synth(out_dir: PathLike, *, slides: int = 2, size: int = 4096, mpp: float = 0.5, seed: int = 0, divergence: float = 0.3,
-          workers: int | None = None, quiet: bool = False) -> SynthResult:
-    """Synthetic tumour slides with ground truth (`wsi-damm synth`); `workers`: rendering threads (default: all cores;
+          target: str = "np", workers: int | None = None, quiet: bool = False) -> SynthResult:
+    """Synthetic tumour slides with ground truth (`wsi-damm synth`); `target`: "np" (nanoparticles, dense) or
+    "perfusion" (a tracer in perfused lumens only, sparse); `workers`: rendering threads (default: all cores;
     the slides do not depend on it)."""
     from .workflows.synth import SynthConfig, write_slides
 
-    written = write_slides(Path(out_dir), slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence),
+    written = write_slides(Path(out_dir), slides, SynthConfig(size=size, mpp=mpp, seed=seed, divergence=divergence, target=target),
                            workers=workers or os.cpu_count() or 1,
                            progress=not quiet)
     return SynthResult([Path(r["slide"]) for r in written], [Path(r["clean"]) for r in written], [Path(r["divergence"]) for r in written])
@@ -131,9 +132,11 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
           checkpoint_every: int | None = None, seed: int | None = None, no_mmfm: bool | None = None, fusion: str | None = None,
           no_dammp: bool | None = None, uni_branch: str | None = None, gamma: float | None = None, no_dfl: bool | None = None,
           warmup_fraction: float | None = None, multi_loss: str | None = None, context_span: int | None = None, latents: str | None = None,
-          ae_local: bool | None = None, resume: bool = False, quiet: bool = False) -> TrainResult:
+          ae_local: bool | None = None, resume: bool = False, force: bool = False, quiet: bool = False, log=None) -> TrainResult:
     """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value.
-    `device`: auto | cpu | cuda | cuda:N | mps; `amp`: off | bf16 | fp16; `dist_timeout`: minutes (torchrun)."""
+    `device`: auto | cpu | cuda | cuda:N | mps; `amp`: off | bf16 | fp16; `dist_timeout`: minutes (torchrun).
+    A collapsed autoencoder (its ceiling on the validation patches, `autoencoder_ceiling.json`) stops the run
+    before the diffusion stage with an `InputError`, unless `force`; `log` receives that warning then."""
     from .config import resolve
     from .stages.train import run_training
 
@@ -151,7 +154,7 @@ def train(store: PathLike, *, out: PathLike, preset: str = "tiny", config: PathL
               "multi_loss": multi_loss},
     )
     cfg = resolve(preset, Path(config) if config else None, flags)
-    run = run_training(Path(store), Path(out), cfg, stage=stage, resume=resume, progress=not quiet)
+    run = run_training(Path(store), Path(out), cfg, stage=stage, resume=resume, progress=not quiet, force=force, log=log)
     return TrainResult(run.path, run.unet if run.unet.exists() else None, run.metrics, run.path / "loss.png", run.config)
 
 

@@ -36,14 +36,32 @@ class AutoencoderConfig:
     # False: GroupNorm and nearest upsampling (the paper's kind: a latent depends on its whole patch); True: per-pixel
     # norm and bilinear upsampling, so slides encode and decode in tiles without seams (model.latents = "canvas" needs it)
     local: bool = False
-    # how a local autoencoder normalises: one of LOCAL_NORMS, "pixel" (PixelNorm) or "none"
+    # how a local autoencoder normalises: one of LOCAL_NORMS, "pixel" (PixelNorm) or "none". A per-pixel norm carries a
+    # pixel's brightness in the direction of its features alone
     local_norm: str = "pixel"
-    # after the 50-step warm-up: "constant" (every autoencoder measured in the README) or "cosine" down to a tenth,
-    # so the saved weights are not one noisy full-rate step (benchmarks/study_autoencoders.py measures both)
+    # after the 50-step warm-up: "constant" or "cosine" down to a tenth, so the saved weights are not one noisy
+    # full-rate step (benchmarks/study_autoencoders.py measures both)
     lr_schedule: str = "constant"
+    # the target autoencoder codes its intensity to this power (models.autoencoder.to_power): < 1 spends more of
+    # the code on dim values, where a sparse stain's background and faint signal lie; 1 codes it as it is
+    target_gamma: float = 1.0
+    # a collapsed autoencoder (its ceiling on the validation patches, autoencoder_check.py) "stop"s the run before the
+    # diffusion stage, or only "warn"s (`train --force`)
+    on_collapse: str = "stop"
+    # "yes": train the autoencoders with SPARSE_RECIPE, meant for a stain that marks few pixels; "no": as configured;
+    # "auto": "yes" when fewer than SPARSE_BELOW of the training patches' target pixels exceed 0.1 (train decides and
+    # records the choice here, the fraction in target_bright_fraction). "no" by default: at the demo's budget the
+    # recipe has not yet been shown to make a collapse rarer (benchmarks/compare_sparse_target.py)
+    sparse_target: str = "no"
+    target_bright_fraction: float | None = None
 
 
 LR_SCHEDULES = ("cosine", "constant")  # train.lr_schedule and autoencoder.lr_schedule
+# the autoencoders of a sparse target: no per-pixel norm (it carries brightness in the features' direction alone), a
+# rate decayed along a cosine, the target coded as the square root of its intensity
+SPARSE_RECIPE = {"local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5}
+SPARSE_BELOW = 0.2  # sparse: under this share of the target's pixels above 0.1 (a dense NP channel: about half)
+SPARSE_CHOICES = ("auto", "yes", "no")
 LOCAL_NORMS = ("pixel", "none")  # the norms that keep an autoencoder local (models.blocks.norm_layer)
 
 
@@ -92,6 +110,9 @@ class DammConfig:
     # the gate stops choosing then stops learning, and the gate can lock into uni-only. "always": both
     # branches learn from every sample; the gate still learns from the DFL and still picks at sampling
     multi_loss: str = "gated"
+    # the denoiser's error: "l1" (the authors' code; its optimum is the conditional median of the noise, which on a
+    # sparse target is the background) or "l2" (squared: the conditional mean, the score every sampler assumes)
+    loss: str = "l1"
 
 
 @dataclass(frozen=True)
@@ -209,6 +230,14 @@ def resolve(preset: str, toml_path: Path | None = None, flags: dict | None = Non
     return cfg
 
 
+def with_sparse_choice(cfg: RunConfig, sparse: bool, bright_fraction: float | None = None) -> RunConfig:
+    """`cfg` with `autoencoder.sparse_target` decided: SPARSE_RECIPE applied when `sparse` (the norm only where the
+    autoencoders are local: GroupNorm ones keep theirs), and the measured bright fraction recorded."""
+    a = cfg.autoencoder
+    recipe = {k: v for k, v in SPARSE_RECIPE.items() if a.local or k != "local_norm"} if sparse else {}
+    return replace(cfg, autoencoder=replace(a, **recipe, sparse_target="yes" if sparse else "no", target_bright_fraction=bright_fraction))
+
+
 def sampling_for(cfg: RunConfig) -> str:
     """How `predict --sampling auto` samples a run: shifted grids for canvas latents, else patch by patch."""
     return "shifted" if cfg.model.latents == "canvas" else "independent"
@@ -220,12 +249,20 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--fusion", f"must be uafm or cross-attention, got {m.fusion!r}")
     if m.uni_branch not in ("vessels", "nuclei"):
         raise InputError("--uni-branch", f"must be vessels or nuclei, got {m.uni_branch!r}")
+    if d.loss not in ("l1", "l2"):
+        raise InputError("damm.loss", f"must be l1 or l2, got {d.loss!r}")
     if d.multi_loss not in ("gated", "always"):
         raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
     if m.latents not in LATENT_KINDS:
         raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
     if m.latents == "canvas" and not cfg.autoencoder.local:
         raise InputError("--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch")
+    if cfg.autoencoder.sparse_target not in SPARSE_CHOICES:
+        raise InputError("autoencoder.sparse_target", f"must be {', '.join(SPARSE_CHOICES)}, got {cfg.autoencoder.sparse_target!r}")
+    if cfg.autoencoder.on_collapse not in ("stop", "warn"):
+        raise InputError("autoencoder.on_collapse", f"must be stop or warn, got {cfg.autoencoder.on_collapse!r}")
+    if not 0 < cfg.autoencoder.target_gamma <= 1:
+        raise InputError("autoencoder.target_gamma", f"must be in (0, 1], got {cfg.autoencoder.target_gamma!r}")
     if cfg.autoencoder.local_norm not in LOCAL_NORMS:
         raise InputError("autoencoder.local_norm", f"must be {' or '.join(LOCAL_NORMS)}, got {cfg.autoencoder.local_norm!r}")
     for name, schedule in (("train.lr_schedule", cfg.train.lr_schedule), ("autoencoder.lr_schedule", cfg.autoencoder.lr_schedule)):

@@ -1,8 +1,8 @@
 """A trained run: its folder layout, its config, and the models and schedule built from it.
 
 `train` writes a run; `predict`, `info` and the benchmarks read one. Layout: `config.json` (the
-resolved RunConfig), `autoencoder_<role>.safetensors`, `unet_ema.safetensors` (what sampling
-uses), `unet.safetensors`, `metrics.csv`, `autoencoder_metrics.csv`, `training_state.json`,
+resolved RunConfig), `autoencoder_<role>.safetensors`, `autoencoder_ceiling.json`, `unet_ema.safetensors`
+(what sampling uses), `unet.safetensors`, `metrics.csv`, `autoencoder_metrics.csv`, `training_state.json`,
 `loss.png`, and `checkpoints/step_N/` named by `checkpoints/latest.json` once complete.
 """
 
@@ -41,6 +41,7 @@ class RunDir:
         self.ae_ckpt = self.path / "checkpoints_autoencoder"  # until the autoencoder stage is done
         self.state = self.path / "training_state.json"
         self.validation = self.path / "validation.json"  # which patches validate, in words and numbers
+        self.ae_ceiling = self.path / "autoencoder_ceiling.json"  # each autoencoder's reconstruction of held-out patches
 
     def autoencoder(self, role: str) -> Path:
         return self.path / f"autoencoder_{role}.safetensors"
@@ -84,9 +85,10 @@ def build_unet(cfg: RunConfig) -> DammUNet:
     return DammUNet(shape, m.mmfm, m.fusion, m.confidence_input, m.mmfm_reduction)
 
 
-def build_autoencoder(cfg: RunConfig) -> Autoencoder:
+def build_autoencoder(cfg: RunConfig, role: str = "vessels") -> Autoencoder:
+    """The autoencoder of one role; the target's codes its intensity to the power `autoencoder.target_gamma`."""
     a = cfg.autoencoder
-    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm)
+    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm, a.target_gamma if role == "target" else 1.0)
 
 
 def build_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -103,7 +105,7 @@ def build_schedule(cfg: ScheduleConfig) -> NoiseSchedule:
 def load_autoencoders(run: RunDir, cfg: RunConfig, device: torch.device | str = "cpu") -> dict[str, Autoencoder]:
     aes = {}
     for role in ROLES_NEEDED:
-        ae = build_autoencoder(cfg)
+        ae = build_autoencoder(cfg, role)
         load_weights(run.autoencoder(role), ae, device)
         aes[role] = ae.to(device).eval()
     return aes

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .config import sampling_for
+from .files import read_json
 from .run_dir import RunDir, build_autoencoder, build_unet, load_run_config, read_metrics
 
 AUTHORS_UNET_PARAMS = 112_800_000  # measured from the authors' code (paper preset)
@@ -37,6 +38,12 @@ def run_summary(path: Path) -> dict:
         "recipe": {"latents": cfg.model.latents, "local_autoencoders": cfg.autoencoder.local,
                    "sampling": sampling_for(cfg)},
     }
+    if run.ae_ceiling.exists():  # decode(encode(x)) against x on held-out patches: the best any map can be
+        ceiling = read_json(run.ae_ceiling)
+        summary["autoencoder_ceiling"] = {
+            role: f"r {c['pearson_r']:.3f}, mean {c['mean_ratio']:.2f}×, spread {c['spread_ratio']:.2f}×, {c['psnr']:.2f} dB"
+            + (" — COLLAPSED" if role in ceiling["collapsed"] else "") for role, c in ceiling["roles"].items()}
+        summary["autoencoder_ceiling"]["measured on"] = ceiling["patches"]
     if cfg.preset == "paper":
         summary["authors_unet_parameters"] = AUTHORS_UNET_PARAMS
     if "ddp_param_checksums" in state:

@@ -121,13 +121,17 @@ def preset_help(text: str, section: str, key: str) -> str:
 @click.option("--mpp", default=0.5, type=click.FloatRange(0.05, 10), help="µm per pixel.")
 @click.option("--seed", default=0, type=int, help="Simulator seed: the same seed writes the same slides.")
 @click.option("--divergence", default=0.3, type=click.FloatRange(0, 1), help="Share of tissue where DAPI misleads.")
+@click.option("--target", default="np", type=click.Choice(["np", "perfusion"]), show_default=True,
+              help="Third channel: extravasated nanoparticles (NP, dense) or a perfusion tracer in perfused lumens only "
+                   "(Perfusion, sparse).")
 @click.option("--workers", type=click.IntRange(1), help=WORKERS_HELP.format(kind="threads"))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergence: float, workers: int, quiet: bool) -> None:
-    """Write synthetic tumour slides (pyramidal OME-TIFF: CD31, DAPI, NP) with ground truth."""
+def synth(out_dir: Path, slides: int, size: int, mpp: float, seed: int, divergence: float, target: str, workers: int, quiet: bool) -> None:
+    """Write synthetic tumour slides (pyramidal OME-TIFF: CD31, DAPI and NP or Perfusion) with ground truth."""
     from wsi_damm import api
 
-    made = api.synth(out_dir, slides=slides, size=size, mpp=mpp, seed=seed, divergence=divergence, workers=workers, quiet=quiet)
+    made = api.synth(out_dir, slides=slides, size=size, mpp=mpp, seed=seed, divergence=divergence, target=target, workers=workers,
+                     quiet=quiet)
     for slide, clean, div in zip(made.slides, made.clean, made.divergence):
         click.echo(f"{slide}  (truth: {clean.name}, {div.name}; preview: {slide.name.removesuffix('.ome.tif')}.preview.png)")
 
@@ -231,13 +235,16 @@ DIST_TIMEOUT_HELP = "torchrun: minutes a rank may wait in a collective before th
     "Train the U-Net on patches encoded one by one (the paper) or on crops of each slide's latent canvas at random offsets "
     "(what --sampling shifted needs; with --ae-local)", "model", "latents"))
 @click.option("--ae-local/--no-ae-local", default=None, help=preset_help(
-    "Local autoencoders: per-pixel norm and bilinear upsampling instead of GroupNorm and nearest (slides then encode and decode in "
+    "Local autoencoders: no GroupNorm (autoencoder.local_norm: none or pixel) and bilinear instead of nearest upsampling "
+    "(slides then encode and decode in "
     "tiles without seams; --latents canvas needs them)", "autoencoder", "local"))
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
+@click.option("--force", is_flag=True,
+              help="Train the diffusion stage even on an autoencoder whose ceiling shows it collapsed (said in the log).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch_size, lr, device, amp, dist_timeout, compile_, val_fraction,
           val_slides, val_split, checkpoint_every, seed, no_mmfm, fusion, no_dammp, uni_branch, gamma, no_dfl, warmup_fraction, multi_loss, context_span,
-          latents, ae_local, resume, quiet) -> None:
+          latents, ae_local, resume, force, quiet) -> None:
     """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
     from wsi_damm import api
 
@@ -245,7 +252,7 @@ def train(store, out, preset, config_file, stage, steps, epochs, ae_steps, batch
                   batch_size=batch_size, lr=lr, device=device, amp=amp, dist_timeout=dist_timeout, compile=compile_, val_fraction=val_fraction, val_slides=val_slides,
                   val_split=val_split, checkpoint_every=checkpoint_every, seed=seed, no_mmfm=no_mmfm, fusion=fusion, no_dammp=no_dammp,
                   uni_branch=uni_branch, gamma=gamma, no_dfl=no_dfl, warmup_fraction=warmup_fraction, multi_loss=multi_loss, context_span=context_span, latents=latents,
-                  ae_local=ae_local, resume=resume, quiet=quiet)
+                  ae_local=ae_local, resume=resume, force=force, quiet=quiet, log=_say)
     click.echo(f"{r.run}: trained ({stage}); weights {r.weights.name if r.weights else 'autoencoders only'}, metrics {r.metrics.name}, "
                f"plot {r.loss_plot.name}")
 
@@ -351,16 +358,19 @@ def stitch(pred_store, out, blend, tiff, tiff_units, workers, scheduler, band_mb
 @registration_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate(maps, truths, channels, cleans, regions, mask, mpp, viewer, out, max_slide_gb, scheduler, register, size_tolerance, quiet) -> None:
-    """SSIM / PSNR of predicted maps against the measured NP channel, with figures and a report."""
+    """Pearson's r, spreads, SSIM and PSNR of predicted maps against the measured NP channel, with figures and a report."""
     from wsi_damm import api
 
     done = api.evaluate(maps, truth=truths, channels=channels, clean=cleans, regions=regions, mask=mask, mpp=mpp, viewer=viewer, out=out,
                         max_slide_gb=max_slide_gb, register=register, size_tolerance=size_tolerance, scheduler=scheduler, quiet=quiet,
                         log=_registration_log)
     for r in done.metrics["slides"]:
-        w, pp = r["wsi"], r["patches"]
-        click.echo(f"{r['slide']}: WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
+        w, pp, c = r["wsi"], r["patches"], r["check"]
+        click.echo(f"{r['slide']}: Pearson's r {c['pearson_r']:.3f}, spread {c['spread_ratio']:.2f}× and mean {c['mean_ratio']:.2f}× the "
+                   f"measured; WSI SSIM {w['ssim']:.4f} PSNR {w['psnr']:.2f} dB; patches SSIM {pp['ssim_percent']['mean']:.2f} "
                    f"± {pp['ssim_percent']['sd']:.2f} %, PSNR {pp['psnr']['mean']:.2f} ± {pp['psnr']['sd']:.2f} dB")
+        if c["warning"]:
+            click.echo(f"{r['slide']}: WARNING: {c['warning']}")
     click.echo(f"report: {done.report} (open it in a browser)" + (f"; deep-zoom viewer: {done.viewers[0]}" if done.viewers else ""))
 
 
@@ -389,14 +399,15 @@ def export(map_path, truth, out, channels, threshold, mpp) -> None:
 @click.option("--data-range", type=float, help="Default: the dtype's range for integers, 1.0 for floats.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(a, b, data_range, as_json) -> None:
-    """SSIM / PSNR of two single-channel images as stored (OME-Zarr, TIFF, .npy), streamed."""
+    """Pearson's r, spreads, SSIM and PSNR of two single-channel images as stored (OME-Zarr, TIFF, .npy), streamed."""
     from wsi_damm import api
 
     r = api.compare(a, b, data_range=data_range)
     if as_json:
         click.echo(json.dumps({k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()}, indent=2))
     else:
-        click.echo(f"SSIM {r['ssim']:.6f}  PSNR {r['psnr']:.4f} dB  (data range {r['data_range']}, {r['pixels']} px)")
+        click.echo(f"Pearson's r {r['pearson_r']:.6f}  sd {r['sd']:.6g} / {r['sd_measured']:.6g}  SSIM {r['ssim']:.6f}  "
+                   f"PSNR {r['psnr']:.4f} dB  (data range {r['data_range']}, {r['pixels']} px)")
 
 
 @cli.command(short_help="The whole pipeline on synthetic slides.")
@@ -411,8 +422,13 @@ def demo(out, preset, quick, quiet) -> None:
     s = run_demo(out, preset=preset, quick=quick, progress=not quiet, log=_say)
     d, b, o = s["damm"], s["blurred_vessel_baseline"], s["oracle"]
     click.echo(f"\nheld-out slide, tissue only ({s['seconds']} s in all):")
-    click.echo(f"  DAMM-Diffusion          SSIM {d['wsi_ssim']:.4f}  PSNR {d['wsi_psnr']:6.2f} dB   patches {d['patch_ssim_percent']:.2f} % / {d['patch_psnr']:.2f} dB")
-    click.echo(f"  blurred-vessel baseline SSIM {b['wsi_ssim']:.4f}  PSNR {b['wsi_psnr']:6.2f} dB   patches {b['patch_ssim_percent']:.2f} % / {b['patch_psnr']:.2f} dB")
+    click.echo(f"  DAMM-Diffusion          r {d['pearson_r']:.3f}  spread {d['spread_ratio']:.2f}×  SSIM {d['wsi_ssim']:.4f}  "
+               f"PSNR {d['wsi_psnr']:6.2f} dB   patches {d['patch_ssim_percent']:.2f} % / {d['patch_psnr']:.2f} dB")
+    click.echo(f"  blurred-vessel baseline r {b['pearson_r']:.3f}  spread {b['spread_ratio']:.2f}×  SSIM {b['wsi_ssim']:.4f}  "
+               f"PSNR {b['wsi_psnr']:6.2f} dB   patches {b['patch_ssim_percent']:.2f} % / {b['patch_psnr']:.2f} dB")
+    if d.get("warning"):
+        click.echo(f"  WARNING: {d['warning']}")
+    click.echo("  (r: Pearson's r with the measured NP; spread: the map's sd over the measured NP's — read these before SSIM)")
     click.echo(f"  noiseless oracle        SSIM {o['wsi_ssim']:.4f}  PSNR {o['wsi_psnr']:6.2f} dB   (the best any predictor can do)")
     click.echo(f"  seam score (patch grid; 1 = none): DAMM map {d['seam_score']:.2f} ({d['sampling']} sampling), measured NP "
                f"{s['measured_seam_score']:.2f}")

@@ -24,6 +24,7 @@ class DammLoss:
     dammp: bool = True  # False: always fuse (ablation "no DAMMP")
     dfl: bool = True
     multi_always: bool = False  # True: both branches learn from every sample (config damm.multi_loss = "always")
+    squared: bool = False  # True: squared error (config damm.loss = "l2") instead of the authors' L1
 
 
 def divergence(kappa: torch.Tensor) -> torch.Tensor:
@@ -59,6 +60,15 @@ def per_sample_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).abs().mean(dim=tuple(range(1, pred.ndim)))
 
 
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, squared: bool) -> torch.Tensor:
+    """Mean absolute (the authors') or squared error per sample. Squared error is what makes the denoiser the
+    conditional mean, the score a sampler needs; absolute error makes it the conditional median, which on a
+    sparse target — signal in fewer than half of the samples that look alike — is the background."""
+    if not squared:
+        return per_sample_l1(pred, target)
+    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+
 def dfl(kappa: torch.Tensor, l_uni: torch.Tensor, l_multi: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
     """Divergence feedback loss: confidence should be high exactly where fusing helped."""
     c = kappa.float().mean(dim=tuple(range(1, kappa.ndim))).clamp(1e-6, 1 - 1e-6)
@@ -75,11 +85,11 @@ def damm_loss(
     warmup: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and detached statistics (no device sync until the trainer logs them)."""
-    l_uni = per_sample_l1(eps_uni, noise)
+    l_uni = per_sample_loss(eps_uni, noise, cfg.squared)
     if eps_multi is None or kappa is None:  # uni-modal model
         loss = l_uni.mean()
         return loss, {"loss": loss.detach(), "l_uni": loss.detach()}
-    l_multi = per_sample_l1(eps_multi, noise)
+    l_multi = per_sample_loss(eps_multi, noise, cfg.squared)
     both = 0.5 * (l_uni + l_multi)
     d = divergence(kappa)
     stats = {"l_uni": l_uni.mean().detach(), "l_multi": l_multi.mean().detach(), "mean_kappa": (1 - d.mean()).detach()}

@@ -2,7 +2,7 @@
 
 f = 1 is the identity (pixel-space diffusion, used in tests). By default (the paper's kind) GroupNorm
 makes a patch's latents depend on the whole patch, and nearest-neighbour upsampling leaves a texture of
-period f in decoded maps. `local=True` normalises per pixel (`PixelNorm`) and upsamples bilinearly:
+period f in decoded maps. `local=True` normalises per pixel (`PixelNorm`) or not at all (`local_norm="none"`) and upsamples bilinearly:
 encoder and decoder then act locally, so a slide encoded or decoded in tiles with a halo
 (`latent_canvas.encode_tiled`) equals the slide done whole — what canvas sampling needs. No perceptual loss (it would need
 downloaded weights): L1 + a small KL weight, optionally + (1 − SSIM).
@@ -19,13 +19,25 @@ from torch import nn
 from .blocks import Downsample, ResBlock, Upsample, norm_layer
 
 
+def to_power(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """An image in [-1, 1] with its intensity in [0, 1] raised to `gamma` (values below 0 count as 0)."""
+    return x if gamma == 1 else 2 * ((x + 1) / 2).clamp(min=0) ** gamma - 1
+
+
 class Autoencoder(nn.Module):
+    """`gamma` < 1 codes the intensity raised to that power and decodes back (`to_power`): dim values, most of a
+    sparse stain, get a larger share of the code's range, so the background level and faint signal are
+    reconstructed finely in linear units. Pointwise, so it keeps a local autoencoder local."""
+
     def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64), local: bool = False,
-                 local_norm: str = "pixel") -> None:
+                 local_norm: str = "pixel", gamma: float = 1.0) -> None:
         super().__init__()
         if factor not in (1, 2, 4, 8, 16):
             raise ValueError(f"downsampling factor must be 1, 2, 4, 8 or 16, got {factor}")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         self.factor = factor
+        self.gamma = 1.0 if factor == 1 else gamma
         self.latent_channels = 1 if factor == 1 else latent_channels
         self.register_buffer("scale", torch.ones(()))  # latents × scale have unit variance
         if factor == 1:
@@ -50,7 +62,7 @@ class Autoencoder(nn.Module):
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.factor == 1:
             return x, torch.full_like(x, -30.0)
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        mean, logvar = self.encoder(to_power(x, self.gamma)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,12 +71,14 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z / self.scale
-        return z if self.factor == 1 else self.decoder(z)
+        return z if self.factor == 1 else to_power(self.decoder(z), 1 / self.gamma)
 
     def loss(self, x: torch.Tensor, kl_weight: float, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L1 (+ KL, + 1 − SSIM) in the coded intensity (after `gamma`)."""
         mean, logvar = self.moments(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         recon = self.decoder(z)
+        x = to_power(x, self.gamma)
         l1 = (recon - x).abs().mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         total = l1 + kl_weight * kl

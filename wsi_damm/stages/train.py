@@ -12,14 +12,16 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..autoencoder_check import MIN_CEILING_R, MIN_CEILING_SPREAD, describe, measure_ceilings
 from ..checkpoint import load_state, load_weights, save_state, save_weights
-from ..config import RunConfig
+from ..config import SPARSE_BELOW, RunConfig, with_sparse_choice
 from ..context import to_latent_grid
 from ..diffusion.damm import DammLoss, branch_conditions, damm_loss, divergence, per_sample_l1, select, use_multi
 from ..diffusion.schedule import NoiseSchedule
@@ -76,7 +78,7 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
     Checkpointed like the diffusion stage (every `checkpoint_every` steps), so a killed run resumes."""
     a = cfg.autoencoder
     torch.manual_seed(cfg.train.seed)
-    aes = {r: build_autoencoder(cfg).to(ranks.device) for r in ROLES_NEEDED}
+    aes = {r: build_autoencoder(cfg, r).to(ranks.device) for r in ROLES_NEEDED}
     if a.factor == 1:
         if ranks.main:
             for r, ae in aes.items():
@@ -197,7 +199,8 @@ def train_diffusion(
     by_region = GateByRegion(regions[1]) if regions is not None else None
     fields = METRIC_FIELDS + (by_region.columns if by_region else [])
     sched = build_schedule(cfg.schedule)
-    loss_cfg = DammLoss(cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl, cfg.damm.multi_loss == "always")
+    loss_cfg = DammLoss(cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl, cfg.damm.multi_loss == "always",
+                        cfg.damm.loss == "l2")
     torch.manual_seed(t_cfg.seed)
     model = build_unet(cfg).to(ranks.device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -354,6 +357,17 @@ def plot_losses(run: RunDir) -> None:
     plt.close(fig)
 
 
+def bright_fraction(store: PatchStore, rows: np.ndarray, channel: int, most: int = 512) -> float:
+    """The share of the target's pixels above 0.1 (in the store's [0, 1] normalisation) over up to `most` evenly
+    spaced patches of `rows`: how sparse the stain is (`autoencoder.sparse_target = "auto"` decides by it)."""
+    if not len(rows):
+        return 1.0
+    pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), most)).round().astype(np.int64))]
+    images = PatchImages(store, pick)
+    return float(sum(int((images.get(np.arange(i, min(i + 64, len(pick))))[:, channel] > -0.8).sum()) for i in range(0, len(pick), 64))
+                 / (len(pick) * int(store.attrs["patch_size"]) ** 2))
+
+
 def with_store_tiling(cfg: RunConfig, store: PatchStore) -> RunConfig:
     """`cfg` with what the store's tiling fixed (patch size, roles, resolution, percentiles, NP units): what
     `predict` later tiles new slides by."""
@@ -371,14 +385,44 @@ def run_training(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    force: bool = False,
+    log=None,
 ) -> RunDir:
     """Train the autoencoders, the diffusion model or both ("all") into `out`, with freed memory kept on
-    the heap for the next step (every step allocates the same activations again)."""
+    the heap for the next step (every step allocates the same activations again). Before the diffusion
+    stage each autoencoder's ceiling on the validation patches is checked (`autoencoder_check`): a collapsed
+    one stops the run, unless `force` or `autoencoder.on_collapse = "warn"`, which go on and say so through
+    `log` (default: warnings)."""
     with reusing_freed_memory():
-        return _run_training(store_path, out, cfg, stage, resume, progress, stop_after)
+        return _run_training(store_path, out, cfg, stage, resume, progress, stop_after, force, log)
 
 
-def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resume: bool, progress: bool, stop_after: int | None) -> RunDir:
+COLLAPSE_HINT = ("train the autoencoders longer (--ae-steps) or with another --seed; on a sparse stain try autoencoder.sparse_target "
+                 "= \"yes\" in a --config TOML; check the channel mapping; --force trains the diffusion model regardless")
+
+
+def check_autoencoders(run: RunDir, aes: dict[str, Autoencoder], store: PatchStore, val_idx: np.ndarray, train_idx: np.ndarray,
+                       roles: list[str], ranks: Ranks, strict: bool, force: bool, log) -> dict:
+    """Measure every autoencoder's ceiling (on the validation patches; on the training patches when there are
+    none, which the report says) into the run (rank 0 writes), then, when `strict`, refuse a collapsed one
+    unless `force`. Every rank decides alike, so none is left waiting in a collective."""
+    which, idx = ("validation patches", val_idx) if len(val_idx) else ("training patches (the run has no validation patches)", train_idx)
+    report = measure_ceilings(aes, PatchImages(store, idx), roles, ranks.device, which, run.ae_ceiling if ranks.main else None)
+    if not report["collapsed"]:
+        return report
+    figures = "; ".join(describe(role, report["roles"][role]) for role in report["collapsed"])
+    problem = (f"{figures} on the {which}: {'it has' if len(report['collapsed']) == 1 else 'they have'} collapsed "
+               f"(r < {MIN_CEILING_R} or spread < {MIN_CEILING_SPREAD}×), and no diffusion model on such latents can do better")
+    if strict and not force:
+        raise InputError(run.path, problem, COLLAPSE_HINT)
+    if ranks.main:
+        (log or warnings.warn)(f"{run.path}: {problem} — "
+                               + ("going on because of --force" if strict else "the diffusion stage will refuse this without --force"))
+    return report
+
+
+def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resume: bool, progress: bool, stop_after: int | None,
+                  force: bool = False, log=None) -> RunDir:
     ranks = setup_ranks(cfg.train.device, cfg.train.dist_timeout_min)
     store = PatchStore.open(store_path)
     roles = store.roles
@@ -402,6 +446,12 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
             cfg = replace(cfg, autoencoder=previous.autoencoder)  # reuses the trained autoencoders
     split = split_of(store, cfg.train)
     train_idx, val_idx = split.train, split.val
+    if cfg.autoencoder.sparse_target != "no" and cfg.autoencoder.target_bright_fraction is None:
+        if cfg.autoencoder.sparse_target == "auto" and (stage == "diffusion" or (resume and run.config.exists())):
+            cfg = with_sparse_choice(cfg, False)  # a run from before the choice existed keeps the recipe it was trained with
+        else:
+            fraction = bright_fraction(store, train_idx, roles.index("target"))
+            cfg = with_sparse_choice(cfg, cfg.autoencoder.sparse_target == "yes" or fraction < SPARSE_BELOW, fraction)
     cfg = replace(cfg, train=replace(cfg.train, val_split=split.kind if split.kind != "none" else cfg.train.val_split))
     if cfg.train.epochs:
         steps = cfg.train.epochs * max(1, len(train_idx) // (cfg.train.batch_size * ranks.world))
@@ -412,10 +462,14 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
         write_json(run.validation, {"kind": split.kind, "description": split.description, "cuts": split.cuts,
                                                 "train_patches": len(train_idx), "val_patches": len(val_idx)})
     images = PatchImages(store, train_idx)
-    if stage in ("autoencoder", "all") and not (resume and all(run.autoencoder(r).exists() for r in ROLES_NEEDED)):
+    trained = stage in ("autoencoder", "all") and not (resume and all(run.autoencoder(r).exists() for r in ROLES_NEEDED))
+    if trained:
         aes = train_autoencoders(images, roles, run, cfg, ranks, progress, resume)
     else:
         aes = load_autoencoders(run, cfg, ranks.device)
+    if trained or stage != "autoencoder" or not run.ae_ceiling.exists():
+        check_autoencoders(run, aes, store, val_idx, train_idx, roles, ranks, stage != "autoencoder",
+                           force or cfg.autoencoder.on_collapse == "warn", log)
     if stage == "autoencoder":
         return run
     for ae in aes.values():

@@ -20,9 +20,11 @@ class DemoBudget:
 
 
 def scores(result: dict) -> dict:
-    """WSI SSIM / PSNR over tissue, seam score, and per region (with the gate's multi-modal share)."""
+    """Pearson's r, the map's mean and spread against the measured channel's (`check`), WSI SSIM / PSNR over tissue,
+    seam score, and per region (with the gate's multi-modal share)."""
     s = result["slides"][0]
-    return {"ssim": s["wsi"]["ssim_tissue"], "psnr": s["wsi"]["psnr_tissue"], "seam_score": s.get("seams", {}).get("map"),
+    return {"check": s.get("check"), "mean": s["wsi"].get("mean_tissue"), "mean_measured": s["wsi"].get("mean_measured_tissue"),
+            "ssim": s["wsi"]["ssim_tissue"], "psnr": s["wsi"]["psnr_tissue"], "seam_score": s.get("seams", {}).get("map"),
             "regions": {k: {"ssim": v["ssim"], "psnr": v["psnr"], "multimodal_share": v.get("multimodal_share")}
                         for k, v in s.get("regions", {}).items()}}
 
@@ -32,8 +34,9 @@ def summary(values: list[float]) -> dict:
     return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else None, "n": len(a)}
 
 
-def demo_budget(work: Path) -> DemoBudget:
-    """The demo's data under `work/data` (reused if there) and the blurred-vessel baseline scored on its held-out slide."""
+def demo_budget(work: Path, target: str = "np") -> DemoBudget:
+    """The demo's data under `work/data` (reused if there) and the blurred-vessel baseline scored on its held-out slide;
+    `target`: the simulator's target kind (`SynthConfig.target`)."""
     from wsi_damm.stages.evaluate import run_evaluate
     from wsi_damm.stages.tile import TileConfig
     from wsi_damm.workflows import baseline
@@ -42,7 +45,7 @@ def demo_budget(work: Path) -> DemoBudget:
     from wsi_damm.workflows.synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
 
     tile_cfg = TileConfig(patch_size=FULL.patch, overlap=FULL.overlap)
-    data = synthetic_data(work / "data", FULL.size, FULL.train_slides, 1, tile_cfg, False, print)
+    data = synthetic_data(work / "data", FULL.size, FULL.train_slides, 1, tile_cfg, False, print, target=target)
     held = data.heldout[0]
     scoring = dict(regions=[held.divergence], region_names=DIVERGENCE_LABELS, progress=False)
     fitted = baseline.fit(data.train_specs, tile_cfg)

@@ -428,6 +428,9 @@ def demo(out, preset, quick, quiet) -> None:
                f"PSNR {b['wsi_psnr']:6.2f} dB   patches {b['patch_ssim_percent']:.2f} % / {b['patch_psnr']:.2f} dB")
     if d.get("warning"):
         click.echo(f"  WARNING: {d['warning']}")
+    if s["autoencoders_collapsed"]:
+        click.echo(f"  WARNING: the {', '.join(s['autoencoders_collapsed'])} autoencoder(s) collapsed "
+                   f"(their ceiling: {s['outputs']['run']}/autoencoder_ceiling.json)")
     click.echo("  (r: Pearson's r with the measured NP; spread: the map's sd over the measured NP's — read these before SSIM)")
     click.echo(f"  noiseless oracle        SSIM {o['wsi_ssim']:.4f}  PSNR {o['wsi_psnr']:6.2f} dB   (the best any predictor can do)")
     click.echo(f"  seam score (patch grid; 1 = none): DAMM map {d['seam_score']:.2f} ({d['sampling']} sampling), measured NP "
@@ -437,8 +440,8 @@ def demo(out, preset, quick, quiet) -> None:
     click.echo(f"tiff:   {outs['tiff']}   (QuPath: File > Open)")
     click.echo(f"report: {outs['report']}   (open in a browser)")
     if quick:
-        click.echo("\n--quick is a smoke test of the pipeline: 150 training steps are too few for the model to learn the vessels, so its "
-                   "map is close to flat and the blur may beat it. Run `wsi-damm demo` (about 9 minutes on 2 AVX-512 cores, longer on older CPUs) for a map worth reading.")
+        click.echo("\n--quick is a smoke test of the pipeline: 60 autoencoder and 150 diffusion steps are too few for the models to learn, "
+                   "so an autoencoder may collapse (the run goes on and says so), the map is close to flat and the blur may beat it. Run `wsi-damm demo` (about 9 minutes on 2 AVX-512 cores, longer on older CPUs) for a map worth reading.")
 
 
 @cli.command(short_help="Ablation study on synthetic slides, by region.")

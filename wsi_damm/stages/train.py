@@ -402,10 +402,10 @@ COLLAPSE_HINT = ("train the autoencoders longer (--ae-steps) or with another --s
 
 
 def check_autoencoders(run: RunDir, aes: dict[str, Autoencoder], store: PatchStore, val_idx: np.ndarray, train_idx: np.ndarray,
-                       roles: list[str], ranks: Ranks, strict: bool, force: bool, log) -> dict:
+                       roles: list[str], ranks: Ranks, strict: bool, go_on: str | None, log) -> dict:
     """Measure every autoencoder's ceiling (on the validation patches; on the training patches when there are
     none, which the report says) into the run (rank 0 writes), then, when `strict`, refuse a collapsed one
-    unless `force`. Every rank decides alike, so none is left waiting in a collective."""
+    unless `go_on` names what lets it go on (--force or the config). Every rank decides alike, so none is left waiting in a collective."""
     which, idx = ("validation patches", val_idx) if len(val_idx) else ("training patches (the run has no validation patches)", train_idx)
     report = measure_ceilings(aes, PatchImages(store, idx), roles, ranks.device, which, run.ae_ceiling if ranks.main else None)
     if not report["collapsed"]:
@@ -413,11 +413,11 @@ def check_autoencoders(run: RunDir, aes: dict[str, Autoencoder], store: PatchSto
     figures = "; ".join(describe(role, report["roles"][role]) for role in report["collapsed"])
     problem = (f"{figures} on the {which}: {'it has' if len(report['collapsed']) == 1 else 'they have'} collapsed "
                f"(r < {MIN_CEILING_R} or spread < {MIN_CEILING_SPREAD}×), and no diffusion model on such latents can do better")
-    if strict and not force:
+    if strict and not go_on:
         raise InputError(run.path, problem, COLLAPSE_HINT)
     if ranks.main:
         (log or warnings.warn)(f"{run.path}: {problem} — "
-                               + ("going on because of --force" if strict else "the diffusion stage will refuse this without --force"))
+                               + (f"going on because of {go_on}" if strict else "the diffusion stage will refuse this without --force"))
     return report
 
 
@@ -468,8 +468,8 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
     else:
         aes = load_autoencoders(run, cfg, ranks.device)
     if trained or stage != "autoencoder" or not run.ae_ceiling.exists():
-        check_autoencoders(run, aes, store, val_idx, train_idx, roles, ranks, stage != "autoencoder",
-                           force or cfg.autoencoder.on_collapse == "warn", log)
+        go_on = "--force" if force else ('autoencoder.on_collapse = "warn"' if cfg.autoencoder.on_collapse == "warn" else None)
+        check_autoencoders(run, aes, store, val_idx, train_idx, roles, ranks, stage != "autoencoder", go_on, log)
     if stage == "autoencoder":
         return run
     for ae in aes.values():

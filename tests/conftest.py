@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` (the README's test command): one thread per worker and per process it starts, so two
@@ -21,6 +23,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # third-party real files, when present
 FIXTURES = SHARED / "fixtures"
 DATA = Path(__file__).resolve().parent / "data"  # reference numbers the tests need, kept with them
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every slow-tier test says in one line what it adds to the fast tier's cover (`@pytest.mark.slow(adds=...)`)."""
+    for item in items:
+        for mark in item.iter_markers("slow"):
+            if not mark.kwargs.get("adds"):
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.slow needs adds=\"what this test adds\"")
 
 
 def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -57,13 +67,31 @@ def count_files(folder: Path) -> int:
     return len(list(folder.iterdir())) if folder.exists() else 0
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder `build` fills once per pytest run and every xdist worker then reads: the first worker to ask
+    builds it under a file lock, the others wait and reuse it. Tests read these folders, never write into them."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    path = root / "built_once" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path.parent / f"{name}.done").exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a worker that failed half-way left
+            path.mkdir()
+            build(path)
+            (path.parent / f"{name}.done").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """Two 2048² synthetic slides (the size the tiling acceptance test names)."""
-    out = tmp_path_factory.mktemp("synth")
-    res = run_cli("synth", str(out), "--slides", "2", "--size", "2048", "--seed", "3", "--quiet")
-    assert res.returncode == 0, res.stderr
-    return out
+    def build(out: Path) -> None:
+        res = run_cli("synth", str(out), "--slides", "2", "--size", "2048", "--seed", "3", "--quiet")
+        assert res.returncode == 0, res.stderr
+
+    return built_once(tmp_path_factory, "synth", build)
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +99,7 @@ def small(tmp_path_factory) -> Path:
     """One 1024² synthetic slide (CD31, DAPI, NP; 0.5 µm/px, two pyramid levels)."""
     from wsi_damm.workflows.synth import SynthConfig, write_slides
 
-    out = tmp_path_factory.mktemp("small")
-    write_slides(out, 1, SynthConfig(size=1024, seed=7), progress=False)
+    out = built_once(tmp_path_factory, "small", lambda d: write_slides(d, 1, SynthConfig(size=1024, seed=7), progress=False))
     return out / "synth_000.ome.tif"
 
 
@@ -81,11 +108,14 @@ def small_map(small, tmp_path_factory) -> Path:
     """A map of the `small` slide without a model: its own CD31 channel as the 'prediction' (so it has
     structure), a known divergence ramp and gate share; `c.zarr` (tiled), `p.zarr` (prediction store),
     `m.ome.zarr` (stitched) in the returned folder."""
+    return built_once(tmp_path_factory, "small_map", lambda d: _fake_map(small, d))
+
+
+def _fake_map(small: Path, d: Path) -> None:
     import numpy as np
 
     from wsi_damm.store import PatchStore, create_prediction_store
 
-    d = tmp_path_factory.mktemp("small_map")
     res = run_cli("tile", str(small), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
     assert res.returncode == 0, res.stderr
     cond = PatchStore.open(d / "c.zarr")
@@ -97,7 +127,6 @@ def small_map(small, tmp_path_factory) -> Path:
     root.attrs["complete"] = True
     res = run_cli("stitch", str(d / "p.zarr"), "--out", str(d / "m.ome.zarr"), "--quiet")
     assert res.returncode == 0, res.stderr
-    return d
 
 
 def fixture(rel: str) -> Path:
@@ -110,11 +139,12 @@ def fixture(rel: str) -> Path:
 @pytest.fixture(scope="session")
 def small_store(synth_dir, tmp_path_factory) -> Path:
     """A small 64-px patch store at 2 µm/px from the two synthetic slides (~200 patches)."""
-    out = tmp_path_factory.mktemp("store") / "small.zarr"
-    slides = sorted(str(p) for p in synth_dir.glob("*.ome.tif"))
-    res = run_cli("tile", *slides, "--out", str(out), "--patch-size", "64", "--overlap", "16", "--mpp", "2.0", "--quiet")
-    assert res.returncode == 0, res.stderr
-    return out
+    def build(d: Path) -> None:
+        slides = sorted(str(p) for p in synth_dir.glob("*.ome.tif"))
+        res = run_cli("tile", *slides, "--out", str(d / "small.zarr"), "--patch-size", "64", "--overlap", "16", "--mpp", "2.0", "--quiet")
+        assert res.returncode == 0, res.stderr
+
+    return built_once(tmp_path_factory, "small_store", build) / "small.zarr"
 
 
 # the paper's recipe (patch latents, GroupNorm autoencoders); the canvas recipe has fixtures of its own
@@ -156,30 +186,34 @@ def tiny_toml(tmp_path) -> Path:
     return path
 
 
-# the runs the prediction tests sample (module scope: each test file trains its own, so files run in parallel)
-@pytest.fixture(scope="module")
+# the runs the prediction tests sample: trained once per pytest run, read by every worker
+@pytest.fixture(scope="session")
 def tiny_run(small_store, tmp_path_factory):
     """A tiny run for independent and canvas sampling. Conditioned on context too, so every prediction test
     also checks that the context windows follow their patches through batching, ranks, resume and canvas sampling."""
     from wsi_damm.config import resolve
     from wsi_damm.stages.train import run_training
 
-    d = tmp_path_factory.mktemp("run")
-    (d / "tiny.toml").write_text(TINY_TOML)
-    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", {"model": {"context_span": 4}}), progress=False).path
+    def build(d: Path) -> None:
+        (d / "tiny.toml").write_text(TINY_TOML)
+        run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", {"model": {"context_span": 4}}), progress=False)
+
+    return built_once(tmp_path_factory, "tiny_run", build) / "run"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def canvas_run(small_store, tmp_path_factory):
     """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops; with
     context 2 patches wide (resampled to the latent grid), cut where each window lies."""
     from wsi_damm.config import resolve
     from wsi_damm.stages.train import run_training
 
-    d = tmp_path_factory.mktemp("canvas_run")
-    (d / "tiny.toml").write_text(TINY_TOML)
-    flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas", "context_span": 2}}
-    return run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", flags), progress=False).path
+    def build(d: Path) -> None:
+        (d / "tiny.toml").write_text(TINY_TOML)
+        flags = {"autoencoder": {"local": True}, "model": {"latents": "canvas", "context_span": 2}}
+        run_training(small_store, d / "run", resolve("tiny", d / "tiny.toml", flags), progress=False)
+
+    return built_once(tmp_path_factory, "canvas_run", build) / "run"
 
 
 def run_for_sampling(request, sampling: str):

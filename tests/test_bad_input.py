@@ -238,10 +238,17 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_line(case, tmp_path, good, store):
+    """In process through click's runner (what a user's shell sees: stderr and the exit code)."""
+    import traceback
+
+    from click.testing import CliRunner
+    from wsi_damm_cli.main import cli
+
     argv, named, text = CASES[case](tmp_path, good, store)
     before = {p.name for p in tmp_path.iterdir()}
-    res = run_cli(*argv, timeout=120)
-    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    res = CliRunner().invoke(cli, argv)
+    assert isinstance(res.exception, SystemExit) or res.exception is None, "".join(traceback.format_exception(*res.exc_info))
+    assert res.exit_code == 2, (res.exit_code, res.stderr[-2000:])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("wsi-damm: warning:")]
     assert len(lines) == 1 and lines[0].startswith("wsi-damm: error: "), res.stderr[-2000:]
     assert "Traceback" not in res.stderr
@@ -249,6 +256,15 @@ def test_bad_input_is_one_clear_line(case, tmp_path, good, store):
     assert text.lower() in lines[0].lower(), lines[0]
     assert {p.name for p in tmp_path.iterdir()} == before, "output left behind"
     assert not (tmp_path / "executed").exists(), "a pickle was executed"
+
+
+def test_the_console_script_exits_2_with_one_line(tmp_path, good, store):
+    """The same contract from a real process: the console script's exit code and nothing else on stderr."""
+    argv, named, _ = CASES["store from a newer version"](tmp_path, good, store)
+    res = run_cli(*argv, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("wsi-damm: error: ") and str(named) in lines[0], res.stderr[-2000:]
 
 
 def test_the_suite_covers_thirty_distinct_inputs():

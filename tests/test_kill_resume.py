@@ -23,6 +23,7 @@ def big_slide(tmp_path_factory):
     return out / "synth_000.ome.tif"
 
 
+@pytest.mark.slow(adds="a SIGKILL of `tile` on a 4096² slide, between shards, and its --resume bit for bit")
 def test_kill_then_resume_is_identical(big_slide, tmp_path):
     ref, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     common = ["--patch-size", "256", "--overlap", "64", "--shard-patches", "8", "--workers", "1", "--quiet"]
@@ -56,6 +57,7 @@ CHECKPOINTS = {"diffusion": "checkpoints", "autoencoder": "checkpoints_autoencod
 WEIGHTS = {"diffusion": ["unet_ema"], "autoencoder": ["autoencoder_vessels", "autoencoder_nuclei", "autoencoder_target", "unet_ema"]}
 
 
+@pytest.mark.slow(adds="a SIGKILL of a real training process between checkpoints (the fast tier resumes in process: test_train)")
 @pytest.mark.parametrize("stage", ["diffusion", "autoencoder"])
 def test_killed_training_resumes_to_identical_weights(small_store, tmp_path, stage):
     """Killed between two checkpoints of either stage, `--resume` continues it (the autoencoder stage used
@@ -116,6 +118,7 @@ def wide_prediction(tmp_path_factory):
     return d / "p.zarr"
 
 
+@pytest.mark.slow(adds="a SIGKILL of `stitch` between canvas tiles of a 3072² map, in process and with worker processes")
 @pytest.mark.parametrize("workers", ["1", "2"])  # in process / in worker processes that must die with it
 def test_killed_stitch_resumes_to_the_identical_map(wide_prediction, tmp_path, workers):
     common = ["--band-mb", "1", "--workers", workers, "--quiet"]

@@ -82,6 +82,7 @@ def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
     np.testing.assert_array_equal(same, np.asarray(ref.root["multimodal_fraction"][:]) == 0)
 
 
+@pytest.mark.slow(adds="two torchrun ranks sharing a prediction, per sampling, equal to one process bit for bit")
 @pytest.mark.parametrize("sampling", ["canvas", "independent", "shifted"])
 def test_two_ranks_share_the_work_and_give_the_same_result(request, synth_dir, tmp_path, sampling):
     import subprocess as sp

@@ -32,6 +32,7 @@ def uninterrupted(request, synth_dir, tmp_path_factory):
     return ref
 
 
+@pytest.mark.slow(adds="a SIGKILL at an arbitrary moment of each phase of a real predict process, per sampling")
 @pytest.mark.parametrize("sampling,phase", [("canvas", "sampling"), ("shifted", "sampling"), ("independent", "sampling"),
                                             ("independent", "tiling"), ("independent", "stitching")])
 def test_kill_and_resume_gives_the_identical_map(request, uninterrupted, synth_dir, tmp_path, sampling, phase):

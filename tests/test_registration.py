@@ -8,7 +8,9 @@ import re
 import numpy as np
 import pytest
 import tifffile
+from click.testing import CliRunner
 from scipy import ndimage
+from wsi_damm_cli.main import cli
 
 from wsi_damm.registration import _band, register_specs
 from wsi_damm.slides import specs_from_manifest
@@ -60,9 +62,10 @@ def tiled(slides, tmp_path_factory):
     out = {}
     for name, method in (("original", "translation"), ("translation", "translation"), ("original", "rigid"), ("rigid", "rigid")):
         store = d / f"{name}_{method}.zarr"
-        res = run_cli("tile", str(slides[name]), "--out", str(store), "--patch-size", "128", "--overlap", "0", "--register", method,
-                      "--store-dtype", "uint16", "--qc", str(d / f"qc_{method}"), "--quiet", "--log-file", str(d / "tile.log"))
-        assert res.returncode == 0, res.stderr[-2000:]
+        res = CliRunner().invoke(cli, ["tile", str(slides[name]), "--out", str(store), "--patch-size", "128", "--overlap", "0",
+                                       "--register", method, "--store-dtype", "uint16", "--qc", str(d / f"qc_{method}"), "--quiet",
+                                       "--log-file", str(d / "tile.log")])
+        assert res.exit_code == 0, res.stderr[-2000:]
         assert "registration:" in res.stderr
         out[name, method] = (store, d / f"qc_{method}")
     # the registration lines reach --log-file too, timestamped (not only stderr)

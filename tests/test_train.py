@@ -57,6 +57,7 @@ def test_resume_continues_on_the_same_curve(small_store, tiny_toml, tmp_path):
     assert strip(_metrics(full.path)) == strip(_metrics(part))
 
 
+@pytest.mark.slow(adds="two torchrun ranks training with gloo DDP keep identical parameters")
 def test_two_rank_gloo_ddp_keeps_ranks_identical(small_store, tiny_toml, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),

@@ -66,17 +66,18 @@ def test_tiling_streams(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def report(small, small_map):
+def report(small, small_map, tmp_path_factory):
     """The report of the small map, with its viewer."""
-    res = run_cli("evaluate", str(small_map / "m.ome.zarr"), "--truth", str(small), "--out", str(small_map / "report"), "--quiet")
+    out = tmp_path_factory.mktemp("viewer") / "report"
+    res = run_cli("evaluate", str(small_map / "m.ome.zarr"), "--truth", str(small), "--out", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
-    return small_map / "report"
+    return out
 
 
-def test_qc_pictures_of_tiling_and_stitching(report):
+def test_qc_pictures_of_tiling_and_stitching(report, small_map):
     """`tile` draws the slide, its tissue outline and the kept patches; `stitch` a map thumbnail; the
     report embeds the thumbnail."""
-    d = report.parent
+    d = small_map
     tiling = np.asarray(Image.open(d / "c.qc" / "synth_000.png").convert("RGB")).astype(int)
     yellow = (tiling[..., 0] > 200) & (tiling[..., 1] > 200) & (tiling[..., 2] < 80)
     green = (tiling[..., 1] > 150) & (tiling[..., 0] < 150) & (tiling[..., 2] < 150)
@@ -96,6 +97,7 @@ def test_report_links_a_viewer_that_ships_its_viewer(report):
         assert f"viewer/synth_000/{key}_files/" in page
 
 
+@pytest.mark.slow(adds="the viewer page opened by a real headless Chromium, its tiles loaded and drawn")
 @pytest.mark.skipif(find_browser() is None, reason="no Chromium here (.ci/run installs it)")
 def test_viewer_in_a_real_browser(report, tmp_path):
     from wsi_damm.slide_map import open_map

@@ -113,16 +113,29 @@ def _taper(shape: tuple[int, int], margin: float) -> np.ndarray:
     return np.outer(ramp(shape[0]), ramp(shape[1])).astype(np.float32)
 
 
-def _shift(ref: np.ndarray, mov: np.ndarray) -> tuple[np.ndarray, float]:
-    """Shift s with ref(p) ≈ mov(p − s), and the correlation peak magnitude (for angle searches)."""
-    s, _, _ = phase_cross_correlation(ref, mov, upsample_factor=50, normalization=None)
+def _shift(ref: np.ndarray, mov: np.ndarray, ref_spectrum: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Shift s with ref(p) ≈ mov(p − s), and the correlation peak magnitude (for angle searches). `ref_spectrum`
+    (`fft2(ref)`) spares recomputing it when one reference meets many moved windows."""
+    if ref_spectrum is None:
+        s, _, _ = phase_cross_correlation(ref, mov, upsample_factor=50, normalization=None)
+    else:
+        s, _, _ = phase_cross_correlation(ref_spectrum, sfft.fft2(mov, workers=-1), upsample_factor=50, normalization=None,
+                                          space="fourier")
     shifted = ndimage.shift(mov, s, order=1, mode="constant")
     return s, abs(float(np.sum(ref * shifted)))
 
 
+def _integer_peak(ref_spectrum: np.ndarray, mov: np.ndarray) -> float:
+    """The cross-correlation's largest magnitude at whole-pixel shifts (`ref_spectrum` = `rfft2(ref)`): ranks
+    candidate angles at a fraction of the sub-pixel search's cost."""
+    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
+    return float(np.abs(sfft.irfft2(product, s=mov.shape, workers=-1)).max())
+
+
 def _best_angle(ref: np.ndarray, mov: np.ndarray, centre: float, half_range: float, tol: float) -> float:
-    res = optimize.minimize_scalar(lambda d: -_shift(ref, _rotate(mov, d))[1], bounds=(centre - half_range, centre + half_range),
-                                   method="bounded", options={"xatol": tol})
+    ref_spectrum = sfft.fft2(ref, workers=-1)
+    res = optimize.minimize_scalar(lambda d: -_shift(ref, _rotate(mov, d), ref_spectrum)[1],
+                                   bounds=(centre - half_range, centre + half_range), method="bounded", options={"xatol": tol})
     return float(res.x)
 
 
@@ -143,11 +156,12 @@ def _coarse(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
 
 def _fine_angle(ref: np.ndarray, mov: np.ndarray) -> float:
     """Residual angle about the window centre, on half-size windows (0.1° moves their rim by a
-    pixel): a 0.5° grid over ±MAX_DEGREES (the peak-height curve has side lobes), then a bounded
-    search around the best grid point."""
+    pixel): a 0.5° grid over ±MAX_DEGREES ranked by the whole-pixel correlation peak (the peak-height
+    curve has side lobes), then a bounded sub-pixel search around the best grid point."""
     half_r, half_m = ref[::2, ::2], mov[::2, ::2]
     grid = np.arange(-MAX_DEGREES, MAX_DEGREES + 1e-9, 0.5)
-    best = grid[int(np.argmax([_shift(half_r, _rotate(half_m, d))[1] for d in grid]))]
+    ref_spectrum = sfft.rfft2(half_r, workers=-1)
+    best = grid[int(np.argmax([_integer_peak(ref_spectrum, _rotate(half_m, d)) for d in grid]))]
     return _best_angle(half_r, half_m, float(best), 0.5, 0.005)
 
 
@@ -189,15 +203,31 @@ def estimate(spec: SlideSpec, role: str, method: str) -> Transform:
     with plain.open() as slide:
         ref_band = _band(slide.read_region(level, y, x, h, w, (kr,))[0], *band_px)  # the reference never moves
 
+    read: dict = {}  # the moved channel's band-passed window, read through one transform of each angle
+
+    def moved_band(t: Transform) -> np.ndarray:
+        """The moved channel's band-passed window through `t`: resampled from the slide once per angle; a
+        transform that differs only in its shift moves that window by the difference instead (a Fourier shift:
+        exact for the band-passed signal, and the wrapped strip lies under the taper)."""
+        if t.degrees not in read:
+            with replace(plain, transforms=plain.transforms + ((role, t),)).open() as slide:
+                mov = slide.read_region(level, y, x, h, w, (km,))[0]
+            read[t.degrees] = (t, _band(mov, *band_px))
+        t0, band = read[t.degrees]
+        # window pixel p shows the channel at R(p − c) + c + t: moving t by Δ is the window moved by −Rᵀ Δ
+        d = -_rotation(t.degrees).T @ np.array([t.dy - t0.dy, t.dx - t0.dx]) / f
+        if not d.any():
+            return band
+        spectrum = ndimage.fourier_shift(sfft.rfft2(band, workers=-1), d, n=band.shape[1])
+        return sfft.irfft2(spectrum, s=band.shape, workers=-1).astype(band.dtype)
+
     def windows(t: Transform, centre: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        with replace(plain, transforms=plain.transforms + ((role, t),)).open() as slide:
-            mov = slide.read_region(level, y, x, h, w, (km,))[0]
         # a moved channel shows nothing (or other tissue) in a strip as wide as its shift along the
         # slide edge; where the window meets that edge the strip's step would pull the peak. With
         # `centre`, the weights rise over the outer quarter: a cut-off crop biased the peak by 2 px
         edge = math.hypot(t.dy, t.dx) + abs(math.sin(math.radians(t.degrees))) * math.hypot(*shape0) / 2  # level-0 px
         taper = _taper((h, w), max(edge / f + 3 * band_px[1], min(h, w) / 4 if centre else 0))
-        return ref_band * taper, _band(mov, *band_px) * taper
+        return ref_band * taper, moved_band(t) * taper
 
     ref_f, mov_f = windows(first)
     degrees = 0.0

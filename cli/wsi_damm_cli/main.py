@@ -21,12 +21,25 @@ LOG = logging.getLogger("wsi_damm")
 RECORD = logging.getLogger("wsi_damm.cli")  # the command line, warnings and errors: for --log-file only (stderr has them already)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record comes, not the stream of the first command: a command
+    run in process (click's CliRunner, the Python API after a command) swaps it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _console() -> logging.Handler:
     """stderr: the library's INFO lines (progress where no terminal is), DEBUG with -v."""
     for h in LOG.handlers:
         if getattr(h, "wsi_damm_console", False):
             return h
-    h = logging.StreamHandler(sys.stderr)
+    h = _Stderr()
     h.wsi_damm_console = True
     h.setFormatter(logging.Formatter("wsi-damm: %(message)s"))
     h.addFilter(lambda r: not r.name.startswith(RECORD.name))
@@ -74,6 +87,7 @@ class _Group(click.Group):
             RECORD.warning(str(msg))
 
         warnings.showwarning = warn
+        handlers = list(LOG.handlers)
         try:
             return super().invoke(ctx)
         except InputError as exc:
@@ -86,6 +100,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("wsi-damm: interrupted; rerun the same command with --resume to continue", err=True)
             ctx.exit(130)
+        finally:  # a command run in process (CliRunner, a notebook) leaves no --log-file open behind it
+            for h in [h for h in LOG.handlers if h not in handlers]:
+                LOG.removeHandler(h)
+                h.close()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

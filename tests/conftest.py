@@ -226,10 +226,21 @@ def second_slide(synth_dir) -> str:
     return str(sorted(synth_dir.glob("*.ome.tif"))[1])
 
 
+def run_in_process(*args: str):
+    """`wsi-damm …` through click's runner in this process: the command's parsing, errors and exit code without
+    a new interpreter (the tests about processes — kill, resume, ranks — use `run_cli`)."""
+    from click.testing import CliRunner
+    from wsi_damm_cli.main import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
 def predict_store(run, slide, out, *extra):
     """`wsi-damm predict` with 4 steps, as a user would; its prediction store."""
+    import traceback
+
     from wsi_damm.store import PredictionStore
 
-    res = run_cli("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
-    assert res.returncode == 0, res.stderr
+    res = run_in_process("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
+    assert res.exit_code == 0, res.stderr + ("".join(traceback.format_exception(*res.exc_info)) if res.exc_info else "")
     return PredictionStore.open(out)

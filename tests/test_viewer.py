@@ -99,7 +99,7 @@ def test_report_links_a_viewer_that_ships_its_viewer(report):
 
 @pytest.mark.slow(adds="the viewer page opened by a real headless Chromium, its tiles loaded and drawn")
 @pytest.mark.skipif(find_browser() is None, reason="no Chromium here (.ci/run installs it)")
-def test_viewer_in_a_real_browser(report, tmp_path):
+def test_viewer_in_a_real_browser(report, small_map, tmp_path):
     from wsi_damm.slide_map import open_map
 
     with Chromium(1500, 900) as browser:
@@ -123,7 +123,7 @@ def test_viewer_in_a_real_browser(report, tmp_path):
         panel = shot[y0:y1, x0:x1]
         keep = np.ones(panel.shape[:2], bool)  # the scale bar is drawn over the map: not the map's pixels
         keep[max(0, int(bar[1]) - y0 - 2):int(bar[3]) - y0 + 2, max(0, int(bar[0]) - x0 - 2):int(bar[2]) - x0 + 2] = False
-        m = open_map(report.parent / "m.ome.zarr")
+        m = open_map(small_map / "m.ome.zarr")
         thumb = np.asarray(m.levels[-1][0], np.float32)
         expect = colour_map("viridis", 0, 1)(resize(thumb, panel.shape[:2], order=1, anti_aliasing=True)).astype(np.float32)
         lum = lambda rgb: rgb @ np.array([0.299, 0.587, 0.114], np.float32)  # noqa: E731

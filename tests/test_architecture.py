@@ -10,27 +10,32 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "wsi_damm"
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute names of the wsi_damm modules a file imports at run time (not under TYPE_CHECKING)."""
+def _import_nodes(path: Path):
+    """(absolute module, imported names) of every `wsi_damm` import statement in a file: at module level, in
+    functions and under `TYPE_CHECKING` alike (an import cycle hidden from the interpreter is still one)."""
     module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module.removesuffix(".__init__")
-    tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
-    out = set()
-    for node in ast.walk(tree):
-        if id(node) in skip or not isinstance(node, ast.ImportFrom | ast.Import):
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names if a.name.startswith("wsi_damm")}
-            continue
-        base = node.module or ""
-        if node.level:
-            parts = package.split(".")
-            base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-        if base.startswith("wsi_damm"):
-            out |= {f"{base}.{a.name}" if not node.module else base for a in node.names}
-    return out
+            for a in node.names:
+                if a.name.startswith("wsi_damm"):
+                    yield a.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.startswith("wsi_damm"):
+                if node.module:
+                    yield base, [a.name for a in node.names]
+                else:
+                    for a in node.names:
+                        yield f"{base}.{a.name}", []
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the wsi_damm modules a file imports."""
+    return {name for name, _ in _import_nodes(path)}
 
 
 def _modules() -> dict[str, set[str]]:
@@ -57,3 +62,43 @@ def test_the_repository_stands_alone():
     for path in list(PACKAGE.rglob("*.py")) + list((ROOT / "cli").rglob("*.py")):
         text = path.read_text()
         assert "DESIGN.md" not in text and "../shared" not in text, path
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module → the package modules it imports (a name imported from a package resolves to its module)."""
+    mods = {k.removesuffix(".__init__"): v for k, v in _modules().items()}
+
+    def resolve(name: str) -> str:
+        while name not in mods and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name
+
+    return {m: {resolve(i) for i in imports} - {m, "wsi_damm"} for m, imports in mods.items() if m != "wsi_damm"}
+
+
+def test_no_import_cycles_counting_every_import_statement():
+    graph = _module_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " → ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_module_imports_another_modules_private_names():
+    for path in PACKAGE.rglob("*.py"):
+        for base, names in _import_nodes(path):
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            assert not private, f"{path.relative_to(ROOT)} imports {private} from {base}"

@@ -32,7 +32,6 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,12 +46,10 @@ from .heap import release_free_memory
 from .latent_canvas import ENCODE_HALO, ENCODE_TILE, check_aligned, coverage, encode_tiled, paste_patches
 from .merge import window
 from .ome import writable
+from .predictor import PredictConfig, Predictor
 from .progress import progress_bar
 from .run_dir import condition_channels, latent_channels
 from .store import PatchStore, read_rows, to_model_range
-
-if TYPE_CHECKING:
-    from .stages.predict import PredictConfig, Predictor
 
 # denoise(window indices, crops (K·n, C, p, p) draw-major, step) → ε of the same shape
 Denoise = Callable[[np.ndarray, torch.Tensor, int], torch.Tensor]

@@ -9,20 +9,16 @@ import math
 import shutil
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
 from skimage.transform import resize
 
 from .qc import pictures_of_map
 from .slide_map import COVERAGE, DIVERGENCE, MapImage
 from .tiling import low_resolution, unit_range
+from .truth import SlideEvaluation, Truth
 from .viewer import LAYERS, write_viewer
-
-if TYPE_CHECKING:
-    from .stages.evaluate import SlideEvaluation, Truth
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

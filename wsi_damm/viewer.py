@@ -14,16 +14,13 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .deepzoom import Pyramid, SourceLevel, colour_map, write_dzi
 from .slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage
 from .tiling import nearest, unit_range
-
-if TYPE_CHECKING:
-    from .stages.evaluate import Truth
+from .truth import Truth
 
 ASSETS = "viewer_assets"  # package data: openseadragon.min.js and its licence
 OSD_FILES = ("openseadragon.min.js", "OPENSEADRAGON_LICENSE.txt")

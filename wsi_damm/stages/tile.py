@@ -20,7 +20,7 @@ import dask
 import numpy as np
 import zarr
 
-from .. import __version__
+from .._version import __version__
 from ..annotations import read_regions
 from ..context import CONTEXT_DOWNSAMPLE, context_image, context_roles
 from ..errors import InputError
@@ -45,6 +45,8 @@ from ..tiling import (
     unit_range,
 )
 
+GRID_ALIGN = 16  # the default grid of patch origins: every autoencoder factor (4, 8, 16) divides it
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -59,12 +61,22 @@ class TileConfig:
     shard_patches: int = 64
     percentiles: tuple[float, float] = (0.5, 99.8)
     mask_max_side: int = 2048
-    align: int = 1  # patch origins on multiples of this (canvas sampling: the autoencoder's factor)
+    # patch origins on multiples of this (canvas sampling: the autoencoder's factor); None: the largest power of two up
+    # to GRID_ALIGN dividing patch size and stride, so a store trains on canvas latents whatever the slide's size
+    align: int | None = None
     np_scale: NpScale = field(default_factory=NpScale)  # NP normalisation: per slide, fixed or from a reference slide
 
     @property
     def stride(self) -> int:
         return self.patch_size - self.overlap
+
+    @property
+    def grid_align(self) -> int:
+        """The grid patch origins lie on: `align`, or by default the largest power of two ≤ GRID_ALIGN dividing
+        the patch size and the stride (the last row and column then move inward from the border by less than it)."""
+        if self.align is not None:
+            return self.align
+        return next(a for a in (GRID_ALIGN, 8, 4, 2, 1) if self.patch_size % a == 0 and self.stride % a == 0)
 
     def validate(self) -> None:
         if self.patch_size <= 0:
@@ -75,7 +87,7 @@ class TileConfig:
             raise InputError("--store-dtype", f"must be uint8 or uint16, got {self.store_dtype}")
         if self.shard_patches <= 0:
             raise InputError("--shard-patches", f"must be positive, got {self.shard_patches}")
-        if self.stride % self.align or self.patch_size % self.align:
+        if self.align is not None and (self.stride % self.align or self.patch_size % self.align):
             raise InputError("--overlap", f"patch size {self.patch_size} and stride {self.stride} must be multiples of {self.align} "
                              "(the autoencoder's downsampling) to share a latent canvas", f"choose an overlap divisible by {self.align}")
         if not 0 <= self.min_tissue <= 1:
@@ -155,8 +167,8 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         if cfg.roi:  # annotated regions: the patches are those whose tissue lies inside them
             h0, w0 = slide.levels[0].shape[1:]
             select = mask & (read_regions(cfg.roi, (w0, h0)).labels(0, 0, *mask.shape, low_ds) > 0)
-    ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.align)
-    xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.align)
+    ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.grid_align)
+    xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.grid_align)
     frac = tissue_fractions(select, low_ds / choice.downsample, ys, xs, cfg.patch_size)
     every = cfg.min_tissue == 0 and not cfg.roi  # `--min-tissue 0`: every patch, whatever the mask says
     keep = np.ones(frac.shape, bool) if every else (frac >= cfg.min_tissue) & (frac > 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
 import warnings
@@ -31,6 +30,7 @@ from ..files import write_csv, write_json
 from ..gate_regions import GateByRegion, draw_gate_by_region
 from ..heap import reusing_freed_memory
 from ..latent_canvas import LatentCanvases, PatchLatents
+from ..learning_rate import decay_factor, lr_at
 from ..models.autoencoder import Autoencoder
 from ..models.damm_unet import DammUNet
 from ..np_units import NpScale
@@ -51,23 +51,6 @@ from ..run_dir import (
 )
 from ..store import PatchStore
 from ..training_data import PatchImages, batch_rows, split_of, step_generator
-
-
-def decay_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
-    """What multiplies the learning rate after warm-up: cosine from 1 down to a tenth at `steps`, or 1 (constant)."""
-    if schedule == "constant" or step < warmup:
-        return 1.0
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """The diffusion (and regression) U-Net's learning rate at `step`: linear warm-up, then the schedule."""
-    t = cfg.train
-    if step < t.lr_warmup_steps:
-        return t.lr * (step + 1) / t.lr_warmup_steps
-    return t.lr * decay_factor(step, t.lr_warmup_steps, t.steps, t.lr_schedule)
-
 
 AE_WARMUP_STEPS = 50
 
@@ -397,6 +380,31 @@ def run_training(
         return _run_training(store_path, out, cfg, stage, resume, progress, stop_after, force, log)
 
 
+def check_store_grid(store: PatchStore, store_path: Path, factor: int) -> None:
+    """Canvas latents need every patch corner on the autoencoder's pixel grid: refuse, before any training, a store
+    whose corners are not, naming why (its stride, or a last row and column flush with a border off the grid, as
+    stores tiled before corners were kept on a grid have) and the command that tiles it anew."""
+    coords = store.coords
+    off = (coords[:, 1:] % factor).any(1)
+    if not off.any():
+        return
+    s, y, x = (int(v) for v in coords[int(np.argmax(off))])
+    patch, stride = int(store.attrs["patch_size"]), int(store.attrs["stride"])
+    overlap = patch - stride
+    if stride % factor:
+        overlap = patch - stride // factor * factor
+        cause = f"its stride ({patch} − {patch - stride} = {stride} px) is not a multiple of {factor}"
+    else:
+        cause = (f"its last row and column of patches sit flush with slide borders that are not on that grid "
+                 f"(slide {s} is {store.slides[s]['shape'][0]}×{store.slides[s]['shape'][1]} px; this wsi-damm keeps every corner on it)")
+    paths = " ".join(dict.fromkeys(ch["path"] for sl in store.slides for ch in sl["channels"].values()))
+    mpp = f" --mpp {store.attrs['mpp']}" if store.attrs.get("mpp") else ""
+    raise InputError(store_path, f"has {int(off.sum())} patch corners off the autoencoder's {factor}-pixel grid (first: slide {s} at y {y}, "
+                     f"x {x}), which training on canvas latents needs: {cause}",
+                     f"tile again: wsi-damm tile {paths} --out NEW.zarr --patch-size {patch} --overlap {overlap}{mpp}; "
+                     "or train on patch latents: --latents patch --no-ae-local")
+
+
 COLLAPSE_HINT = ("train the autoencoders longer (--ae-steps) or with another --seed; on a sparse stain try autoencoder.sparse_target "
                  "= \"yes\" in a --config TOML; check the channel mapping; --force trains the diffusion model regardless")
 
@@ -434,6 +442,8 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
     patch = int(store.attrs["patch_size"])
     if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
+    if cfg.model.latents == "canvas" and cfg.autoencoder.factor > 1:
+        check_store_grid(store, store_path, cfg.autoencoder.factor)
     run = RunDir(out)
     cfg = with_store_tiling(cfg, store)
     if run.config.exists():

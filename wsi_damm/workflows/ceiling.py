@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..predictor import in_micro_batches
 from ..run_dir import RunDir, load_autoencoders, load_run_config
 from ..slides import SlideSpec, open_file
-from ..stages.predict import in_micro_batches
 from ..stages.tile import plan_slide
 from ..tiling import read_scaled, unit_range
 from .patch_maps import patch_function_map, tiling

@@ -23,11 +23,11 @@ from ..context import to_latent_grid
 from ..errors import InputError
 from ..files import write_json
 from ..heap import reusing_freed_memory
+from ..learning_rate import lr_at
 from ..models.regression import RegressionUNet
 from ..progress import progress_bar
 from ..run_dir import build_optimizer
 from ..slides import SlideSpec
-from ..stages.train import lr_at
 from ..store import PatchStore
 from ..training_data import PatchImages, batch_rows, split_of
 from .patch_maps import patch_function_map

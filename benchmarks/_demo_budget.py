@@ -23,10 +23,18 @@ def scores(result: dict) -> dict:
     """Pearson's r, the map's mean and spread against the measured channel's (`check`), WSI SSIM / PSNR over tissue,
     seam score, and per region (with the gate's multi-modal share)."""
     s = result["slides"][0]
-    return {"check": s.get("check"), "mean": s["wsi"].get("mean_tissue"), "mean_measured": s["wsi"].get("mean_measured_tissue"),
-            "ssim": s["wsi"]["ssim_tissue"], "psnr": s["wsi"]["psnr_tissue"], "seam_score": s.get("seams", {}).get("map"),
-            "regions": {k: {"ssim": v["ssim"], "psnr": v["psnr"], "multimodal_share": v.get("multimodal_share")}
-                        for k, v in s.get("regions", {}).items()}}
+    return {
+        "check": s.get("check"),
+        "mean": s["wsi"].get("mean_tissue"),
+        "mean_measured": s["wsi"].get("mean_measured_tissue"),
+        "ssim": s["wsi"]["ssim_tissue"],
+        "psnr": s["wsi"]["psnr_tissue"],
+        "seam_score": s.get("seams", {}).get("map"),
+        "regions": {
+            k: {"ssim": v["ssim"], "psnr": v["psnr"], "multimodal_share": v.get("multimodal_share")}
+            for k, v in s.get("regions", {}).items()
+        },
+    }
 
 
 def summary(values: list[float]) -> dict:
@@ -49,8 +57,14 @@ def demo_budget(work: Path, target: str = "np") -> DemoBudget:
     held = data.heldout[0]
     scoring = dict(regions=[held.divergence], region_names=DIVERGENCE_LABELS, progress=False)
     fitted = baseline.fit(data.train_specs, tile_cfg)
-    blur = scores(run_evaluate([(baseline.write_map(held.spec, tile_cfg, fitted, work / "blur.ome.zarr"), held.spec)], work / "blur_report",
-                               [held.clean], **scoring))
+    blur = scores(
+        run_evaluate(
+            [(baseline.write_map(held.spec, tile_cfg, fitted, work / "blur.ome.zarr"), held.spec)],
+            work / "blur_report",
+            [held.clean],
+            **scoring,
+        )
+    )
     return DemoBudget(FULL, data, held, scoring, blur | {"sigma_um": fitted.sigma_um}, SIMULATOR_VERSION)
 
 
@@ -59,12 +73,14 @@ def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict 
     from wsi_damm.config import merge
     from wsi_damm.workflows.demo import demo_config
 
-    return merge(demo_config(plan), {"autoencoder": autoencoder or {}, "model": model or {}, "train": {"seed": seed, **(train or {})}},
-                 "benchmark")
+    return merge(
+        demo_config(plan), {"autoencoder": autoencoder or {}, "model": model or {}, "train": {"seed": seed, **(train or {})}}, "benchmark"
+    )
 
 
-def predict_and_score(demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto", steps: int | None = None,
-                      name: str | None = None) -> dict:
+def predict_and_score(
+    demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto", steps: int | None = None, name: str | None = None
+) -> dict:
     """The held-out slide predicted by `run_dir` (DPM++ at the demo's steps or `steps`, `draws` draws) and scored; with
     its seconds. Maps and report are named `name` (default pred{draws}, report{draws})."""
     import time
@@ -74,9 +90,16 @@ def predict_and_score(demo: DemoBudget, run_dir: Path, draws: int, seed: int, sa
 
     t = time.perf_counter()
     pred, report = (f"pred{draws}", f"report{draws}") if name is None else (name, f"{name}_report")
-    maps = predict_maps(run_dir, [demo.held.spec], run_dir / f"{pred}.zarr",
-                        PredictConfig(sampling=sampling, steps=steps or demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed),
-                        map_path=run_dir / f"{pred}.ome.zarr", overwrite=True, progress=False).maps
+    maps = predict_maps(
+        run_dir,
+        [demo.held.spec],
+        run_dir / f"{pred}.zarr",
+        PredictConfig(sampling=sampling, steps=steps or demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed),
+        map_path=run_dir / f"{pred}.ome.zarr",
+        overwrite=True,
+        progress=False,
+    ).maps
     seconds = round(time.perf_counter() - t, 1)
     return scores(run_evaluate([(maps[0], demo.held.spec)], run_dir / report, [demo.held.clean], **demo.scoring)) | {
-        "predict_seconds": seconds}
+        "predict_seconds": seconds
+    }

@@ -40,8 +40,14 @@ def _worker(sampling: str, run: str, slide: str, out: str, steps: str) -> None:
     from wsi_damm.stages.predict import PredictConfig, run_predict
 
     t0 = time.perf_counter()
-    store = run_predict(Path(run), resolve_slides([slide]), Path(out), PredictConfig(sampling=sampling, steps=int(steps), batch_size=32),
-                        overwrite=True, progress=False)
+    store = run_predict(
+        Path(run),
+        resolve_slides([slide]),
+        Path(out),
+        PredictConfig(sampling=sampling, steps=int(steps), batch_size=32),
+        overwrite=True,
+        progress=False,
+    )
     print(json.dumps({"seconds": time.perf_counter() - t0, "patches": len(store), "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -56,8 +62,12 @@ def _run_dir(work: Path, recipe: str) -> Path:
 
     if not (work / "train.zarr").exists():
         write_slides(work / "train", 1, SynthConfig(size=1024, seed=5), progress=False)
-        run_tile(resolve_slides([work / "train" / "synth_000.ome.tif"]), work / "train.zarr", TileConfig(patch_size=PATCH, overlap=OVERLAP),
-                 progress=False)
+        run_tile(
+            resolve_slides([work / "train" / "synth_000.ome.tif"]),
+            work / "train.zarr",
+            TileConfig(patch_size=PATCH, overlap=OVERLAP),
+            progress=False,
+        )
     overrides = {"autoencoder": {"steps": 5}, "train": {"steps": 5, "val_fraction": 0.0, "checkpoint_every": 5}}
     if recipe == "paper":
         overrides = {**overrides, "autoencoder": {"steps": 5, "local": False}, "model": {"latents": "patch"}}
@@ -82,7 +92,11 @@ def main() -> None:
     size, big = (1024, 4096) if args.quick else (2048, 16384)
     work = Path(tempfile.mkdtemp(prefix="bench_canvas."))
     try:
-        run = {"canvas": _run_dir(work, "canvas")} if args.skip_time else {"paper": _run_dir(work, "paper"), "canvas": _run_dir(work, "canvas")}
+        run = (
+            {"canvas": _run_dir(work, "canvas")}
+            if args.skip_time
+            else {"paper": _run_dir(work, "paper"), "canvas": _run_dir(work, "canvas")}
+        )
         result: dict = {**machine()}
         if not args.skip_time:
             write_slides(work / "slide", 1, SynthConfig(size=size, seed=11), progress=False)
@@ -91,31 +105,54 @@ def main() -> None:
             runs: dict[str, list[dict]] = {k: [] for k in recipe_of}
             for _ in range(args.repeats):
                 for sampling, recipe in recipe_of.items():
-                    runs[sampling].append(measure(__file__, sampling, str(run[recipe]), slide, str(work / f"{sampling}.zarr"), str(args.steps)))
+                    runs[sampling].append(
+                        measure(__file__, sampling, str(run[recipe]), slide, str(work / f"{sampling}.zarr"), str(args.steps))
+                    )
             best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
             result = {
                 "name": f"predict, shifted-grid and canvas vs independent sampling, {size}² slide, tiny preset sizes, DPM++ {args.steps} steps, 1 draw",
-                "unit": "patches/s", "ours": best["shifted"]["patches"] / best["shifted"]["seconds"],
+                "unit": "patches/s",
+                "ours": best["shifted"]["patches"] / best["shifted"]["seconds"],
                 "reference": best["independent"]["patches"] / best["independent"]["seconds"],
                 "seconds": {k: [round(r["seconds"], 2) for r in v] for k, v in runs.items()},
                 "time_ratio_shifted_over_independent": best["shifted"]["seconds"] / best["independent"]["seconds"],
                 "time_ratio_canvas_over_independent": best["canvas"]["seconds"] / best["independent"]["seconds"],
-                "target_time_ratio": "<= 1.3", "patches": best["shifted"]["patches"],
-                "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in best.items()}, **machine(),
+                "target_time_ratio": "<= 1.3",
+                "patches": best["shifted"]["patches"],
+                "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in best.items()},
+                **machine(),
             }
             result["ratio"] = result["ours"] / result["reference"]
         if not args.skip_memory:
             write_slides(work / "big", 1, SynthConfig(size=big, seed=12), progress=False)
             t0 = time.perf_counter()
-            argv = [sys.executable, "-m", "wsi_damm_cli.main", "predict", str(run["canvas"]), str(work / "big" / "synth_000.ome.tif"),
-                    "--out", str(work / "big.zarr"), "--steps", "2", "--sampling", "shifted", "--quiet"]
+            argv = [
+                sys.executable,
+                "-m",
+                "wsi_damm_cli.main",
+                "predict",
+                str(run["canvas"]),
+                str(work / "big" / "synth_000.ome.tif"),
+                "--out",
+                str(work / "big.zarr"),
+                "--steps",
+                "2",
+                "--sampling",
+                "shifted",
+                "--quiet",
+            ]
             job = subprocess.Popen(argv, stdout=sys.stderr)  # its report lines stay out of the JSON
             with TreeMemory(root=job.pid) as mem:  # the job's processes only: this one still holds the slide it wrote
                 if job.wait() != 0:
                     raise subprocess.CalledProcessError(job.returncode, argv)
-            result["memory"] = {"slide": f"{big}²", "what": "wsi-damm predict --sampling shifted --steps 2 (then stitch), the job's processes",
-                                "peak_pss_mb": round(mem.peak_mb, 1), "target_mb": 2048, "seconds": round(time.perf_counter() - t0, 1),
-                                "patches": int(zarr.open_group(str(work / "big.zarr"), mode="r")["pred"].shape[0])}
+            result["memory"] = {
+                "slide": f"{big}²",
+                "what": "wsi-damm predict --sampling shifted --steps 2 (then stitch), the job's processes",
+                "peak_pss_mb": round(mem.peak_mb, 1),
+                "target_mb": 2048,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "patches": int(zarr.open_group(str(work / "big.zarr"), mode="r")["pred"].shape[0]),
+            }
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -58,8 +58,12 @@ def worker(mode: str, model: str, work: Path, steps: int) -> dict:
         train_stage.run_training(store, out, cfg, stage=model, progress=False)
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"seconds": round(seconds, 2), "system_cpu_s": round(after.ru_stime - before.ru_stime, 2),
-            "minor_faults": after.ru_minflt - before.ru_minflt, "peak_rss_mb": round(after.ru_maxrss / 1024)}
+    return {
+        "seconds": round(seconds, 2),
+        "system_cpu_s": round(after.ru_stime - before.ru_stime, 2),
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+        "peak_rss_mb": round(after.ru_maxrss / 1024),
+    }
 
 
 def main() -> None:

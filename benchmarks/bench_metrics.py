@@ -54,8 +54,6 @@ def _worker(kind: str, d: str) -> None:
     print(json.dumps({"seconds": time.perf_counter() - t0, "ssim": float(value), "peak_rss_mb": peak_rss_mb()}))
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="4096² instead of 16384²")
@@ -71,14 +69,26 @@ def main() -> None:
         ref, ours = measure(__file__, "reference", str(d)), measure(__file__, "ours", str(d))
         mpx = size * size / 1e6
 
-        print(json.dumps({
-            "name": "wsi_ssim_vs_scikit_image", "unit": "megapixels / s", "pair": f"{size}x{size} float32",
-            "ours": round(mpx / ours["seconds"], 2), "reference": round(mpx / ref["seconds"], 2),
-            "ratio": round(ref["seconds"] / ours["seconds"], 3), "target_ratio": 1.0,
-            "ssim_ours": ours["ssim"], "ssim_reference": ref["ssim"], "abs_difference": abs(ours["ssim"] - ref["ssim"]),
-            "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1), "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-            **machine(),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": "wsi_ssim_vs_scikit_image",
+                    "unit": "megapixels / s",
+                    "pair": f"{size}x{size} float32",
+                    "ours": round(mpx / ours["seconds"], 2),
+                    "reference": round(mpx / ref["seconds"], 2),
+                    "ratio": round(ref["seconds"] / ours["seconds"], 3),
+                    "target_ratio": 1.0,
+                    "ssim_ours": ours["ssim"],
+                    "ssim_reference": ref["ssim"],
+                    "abs_difference": abs(ours["ssim"] - ref["ssim"]),
+                    "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
+                    "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
+                    **machine(),
+                },
+                indent=2,
+            )
+        )
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

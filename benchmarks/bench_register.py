@@ -44,8 +44,14 @@ def moved_slide(out: Path, size: int, method: str) -> Path:
         turned = ndimage.rotate(img[k].astype(np.float32), degrees, reshape=False, order=3, mode="constant", cval=background)
         img[k] = np.clip(np.rint(ndimage.shift(turned, (dy, dx), order=3, mode="constant", cval=background)), 0, 65535).astype(img.dtype)
     path = out / f"{method}.ome.tif"
-    tifffile.imwrite(path, img, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}, "PhysicalSizeX": 0.5,
-                                          "PhysicalSizeY": 0.5}, tile=(256, 256), compression="zlib", photometric="minisblack")
+    tifffile.imwrite(
+        path,
+        img,
+        metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+        tile=(256, 256),
+        compression="zlib",
+        photometric="minisblack",
+    )
     return path
 
 
@@ -76,18 +82,24 @@ def main() -> None:
                     transforms[side] = dict(spec.transforms)
             registration._band = ours_band
             ours, ref = min(seconds["ours"]), min(seconds["reference"])
-            differ = max(max(abs(getattr(transforms["ours"][r], f) - getattr(transforms["reference"][r], f)) for f in ("dy", "dx", "degrees"))
-                         for r in MOVES)
-            results.append({
-                "name": f"register {method}, {size}² slide, DAPI and NP to CD31",
-                "unit": "s (best of repeats)",
-                "ours": round(ours, 2),
-                "reference": round(ref, 2),
-                "ratio": round(ref / ours, 3),  # higher is better: reference time / our time
-                "target_ratio": None,
-                "transforms_max_abs_difference": differ,
-                "transforms": {r: {"dy": t.dy, "dx": t.dx, "degrees": t.degrees, "score": t.score} for r, t in transforms["ours"].items()},
-            })
+            differ = max(
+                max(abs(getattr(transforms["ours"][r], f) - getattr(transforms["reference"][r], f)) for f in ("dy", "dx", "degrees"))
+                for r in MOVES
+            )
+            results.append(
+                {
+                    "name": f"register {method}, {size}² slide, DAPI and NP to CD31",
+                    "unit": "s (best of repeats)",
+                    "ours": round(ours, 2),
+                    "reference": round(ref, 2),
+                    "ratio": round(ref / ours, 3),  # higher is better: reference time / our time
+                    "target_ratio": None,
+                    "transforms_max_abs_difference": differ,
+                    "transforms": {
+                        r: {"dy": t.dy, "dx": t.dx, "degrees": t.degrees, "score": t.score} for r, t in transforms["ours"].items()
+                    },
+                }
+            )
     summary = {"benchmark": "bench_register", "results": results, "peak_rss_mb": round(peak_rss_mb(), 1), "machine": machine()}
     report(summary, args.json)
 

@@ -48,23 +48,46 @@ def main() -> None:
             ddim_steps = 30 if args.quick else 150
             ddim = _rate(lambda: sample_ddim(den, x.clone(), sched, ddim_steps), batch) * ddim_steps / 150
             dpm = _rate(lambda: sample_dpmpp_2m(den, x.clone(), sched, 20), batch)
-        print(json.dumps({
-            "name": f"sampling_{preset}_preset", "unit": "patches / s (whole reverse process)",
-            "ours": round(dpm, 3), "reference": round(ddim, 3), "ratio": round(dpm / ddim, 2), "target_ratio": 150 / 20 * 0.9,
-            "ours_is": "DPM-Solver++(2M), 20 steps", "reference_is": "DDIM, 150 steps" + (" (timed at 30, scaled)" if args.quick else ""),
-            "batch": batch, "latents": f"{c}x{lat}x{lat}", "cores": os.cpu_count(), "torch": torch.__version__,
-            "machine": platform.machine(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "name": f"sampling_{preset}_preset",
+                    "unit": "patches / s (whole reverse process)",
+                    "ours": round(dpm, 3),
+                    "reference": round(ddim, 3),
+                    "ratio": round(dpm / ddim, 2),
+                    "target_ratio": 150 / 20 * 0.9,
+                    "ours_is": "DPM-Solver++(2M), 20 steps",
+                    "reference_is": "DDIM, 150 steps" + (" (timed at 30, scaled)" if args.quick else ""),
+                    "batch": batch,
+                    "latents": f"{c}x{lat}x{lat}",
+                    "cores": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "machine": platform.machine(),
+                }
+            )
+        )
         with torch.inference_mode():
             uni = GatedDenoiser(model, cond, None, cfg.damm.gamma, True, amp=False)
             only_uni = _rate(lambda: sample_dpmpp_2m(uni, x.clone(), sched, 20), batch)
             both = _rate(lambda: sample_dpmpp_2m(den, x.clone(), sched, 20), batch)
-        print(json.dumps({
-            "name": f"sampling_without_nuclei_{preset}_preset", "unit": "patches / s (DPM-Solver++ 20 steps)",
-            "ours": round(only_uni, 3), "reference": round(both, 3), "ratio": round(only_uni / both, 2),
-            "ours_is": "uni-modal branch only (no DAPI)", "reference_is": "both branches + DAMMP gate",
-            "batch": batch, "latents": f"{c}x{lat}x{lat}", "cores": os.cpu_count(), "torch": torch.__version__,
-        }))
+        print(
+            json.dumps(
+                {
+                    "name": f"sampling_without_nuclei_{preset}_preset",
+                    "unit": "patches / s (DPM-Solver++ 20 steps)",
+                    "ours": round(only_uni, 3),
+                    "reference": round(both, 3),
+                    "ratio": round(only_uni / both, 2),
+                    "ours_is": "uni-modal branch only (no DAPI)",
+                    "reference_is": "both branches + DAMMP gate",
+                    "batch": batch,
+                    "latents": f"{c}x{lat}x{lat}",
+                    "cores": os.cpu_count(),
+                    "torch": torch.__version__,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -107,15 +107,28 @@ def main() -> None:
         ours["peak_rss_mb"] = measure(__file__, "ours", str(work / "pred.zarr"), str(work / "map.ome.zarr"), "sampled")["peak_rss_mb"]
         o, r = ours["mpx"] / ours["seconds"], ref["mpx"] / ref["seconds"]
 
-        print(json.dumps({
-            "name": "stitch_throughput_vs_in_memory", "unit": "megapixels / s", "map": f"{size}x{size}, patch 256, overlap 64",
-            "ours": round(o, 2), "reference": round(r, 2), "ratio": round(o / r, 3), "target_ratio": 1.0,
-            "ours_does": "NP map (full resolution) + divergence, gate share, coverage (8-px blocks), zarr, pyramids, OME metadata",
-            "reference_does": "NP only, in memory, nothing written",
-            "seconds_ours": round(ours["seconds"], 1), "seconds_reference": round(ref["seconds"], 1),
-            "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1), "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-            "target_peak_rss_mb_ours": 1024, **machine(),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": "stitch_throughput_vs_in_memory",
+                    "unit": "megapixels / s",
+                    "map": f"{size}x{size}, patch 256, overlap 64",
+                    "ours": round(o, 2),
+                    "reference": round(r, 2),
+                    "ratio": round(o / r, 3),
+                    "target_ratio": 1.0,
+                    "ours_does": "NP map (full resolution) + divergence, gate share, coverage (8-px blocks), zarr, pyramids, OME metadata",
+                    "reference_does": "NP only, in memory, nothing written",
+                    "seconds_ours": round(ours["seconds"], 1),
+                    "seconds_reference": round(ref["seconds"], 1),
+                    "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
+                    "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
+                    "target_peak_rss_mb_ours": 1024,
+                    **machine(),
+                },
+                indent=2,
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

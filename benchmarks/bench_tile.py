@@ -41,8 +41,6 @@ def _worker(kind: str, slide: str, out: str) -> None:
     print(json.dumps({"seconds": seconds, "mpx": pixels / 1e6, "peak_rss_mb": rss}))
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="4096² instead of 16384²")
@@ -66,23 +64,28 @@ def main() -> None:
         raw_mb = 3 * size * size * 2 / 2**20
         ours_tp, ref_tp = ours["mpx"] / ours["seconds"], ref["mpx"] / ref["seconds"]
 
-        print(json.dumps({
-            "name": "tile_throughput_vs_raw_decode",
-            "unit": "level megapixels / s",
-            "slide": f"{size}x{size}x3 uint16 OME-TIFF (zlib, 256 px tiles)",
-            "ours": round(ours_tp, 2),
-            "reference": round(ref_tp, 2),
-            "ratio": round(ours_tp / ref_tp, 3),
-            "target_ratio": 0.7,
-            "seconds_ours": round(ours["seconds"], 2),
-            "seconds_reference": round(ref["seconds"], 2),
-            "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
-            "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-            "raw_array_mb": round(raw_mb, 1),
-            "rss_ratio_to_raw": round(ours["peak_rss_mb"] / raw_mb, 3),
-            "target_rss_ratio": 1 / 3,
-            **machine(),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": "tile_throughput_vs_raw_decode",
+                    "unit": "level megapixels / s",
+                    "slide": f"{size}x{size}x3 uint16 OME-TIFF (zlib, 256 px tiles)",
+                    "ours": round(ours_tp, 2),
+                    "reference": round(ref_tp, 2),
+                    "ratio": round(ours_tp / ref_tp, 3),
+                    "target_ratio": 0.7,
+                    "seconds_ours": round(ours["seconds"], 2),
+                    "seconds_reference": round(ref["seconds"], 2),
+                    "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
+                    "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
+                    "raw_array_mb": round(raw_mb, 1),
+                    "rss_ratio_to_raw": round(ours["peak_rss_mb"] / raw_mb, 3),
+                    "target_rss_ratio": 1 / 3,
+                    **machine(),
+                },
+                indent=2,
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

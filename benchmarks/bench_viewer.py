@@ -36,8 +36,11 @@ def _worker(kind: str, map_path: str, out: str) -> None:
     tiles = 0
     if kind == "ours":
         style = {la.key: la for la in LAYERS}
-        for key, source in (("predicted", _map_channel(m, 0, shape)), ("divergence", _patch_map(m, DIVERGENCE, shape)),
-                            ("share", _patch_map(m, SHARE, shape))):
+        for key, source in (
+            ("predicted", _map_channel(m, 0, shape)),
+            ("divergence", _patch_map(m, DIVERGENCE, shape)),
+            ("share", _patch_map(m, SHARE, shape)),
+        ):
             la = style[key]
             write_dzi(Path(out), key, source, colour_map(la.cmap, la.vmin, la.vmax), workers=os.cpu_count() or 1)
         tiles = sum(1 for _ in Path(out).rglob("*.jpg"))
@@ -46,7 +49,7 @@ def _worker(kind: str, map_path: str, out: str) -> None:
         step = level.chunks[1]
         total = 0.0
         for y in range(0, shape[0], step):
-            total += float(np.asarray(level[0, y:y + step, :], np.float32).sum())
+            total += float(np.asarray(level[0, y : y + step, :], np.float32).sum())
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "tiles": tiles, "peak_rss_mb": peak_rss_mb()}))
 
@@ -71,13 +74,19 @@ def main() -> None:
         ref = measure(__file__, "reference", str(work / "map.ome.zarr"), str(work / "unused"))
         ours = measure(__file__, "ours", str(work / "map.ome.zarr"), str(work / "tiles"))
         result = {
-            "name": "viewer_tiles_vs_reading_the_map", "unit": "seconds (lower is better); ratio = reference / ours",
-            "map": f"{size}x{size}", "ours": round(ours["seconds"], 1), "reference": round(ref["seconds"], 1),
-            "ratio": round(ref["seconds"] / ours["seconds"], 3), "tiles_written": ours["tiles"],
+            "name": "viewer_tiles_vs_reading_the_map",
+            "unit": "seconds (lower is better); ratio = reference / ours",
+            "map": f"{size}x{size}",
+            "ours": round(ours["seconds"], 1),
+            "reference": round(ref["seconds"], 1),
+            "ratio": round(ref["seconds"] / ours["seconds"], 3),
+            "tiles_written": ours["tiles"],
             "ours_does": "DZI JPEG tiles, every level, of 3 layers (predicted NP, divergence, gate share) from the OME-Zarr pyramid",
             "reference_does": "read the full-resolution NP level once, chunk rows, nothing written",
-            "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1), "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-            "map_float32_mb": round(size * size * 4 / 2**20), **machine(),
+            "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
+            "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
+            "map_float32_mb": round(size * size * 4 / 2**20),
+            **machine(),
         }
         report(result, args.json)
     finally:

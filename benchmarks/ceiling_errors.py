@@ -48,7 +48,9 @@ def main() -> None:
     from wsi_damm.workflows.dataset import synthetic_data
     from wsi_damm.workflows.demo import FULL
 
-    data = synthetic_data(args.work / "data", FULL.size, FULL.train_slides, 1, TileConfig(patch_size=FULL.patch, overlap=FULL.overlap), False, print)
+    data = synthetic_data(
+        args.work / "data", FULL.size, FULL.train_slides, 1, TileConfig(patch_size=FULL.patch, overlap=FULL.overlap), False, print
+    )
     held = data.heldout[0]
     rows = []
     reference = None
@@ -76,16 +78,32 @@ def main() -> None:
         quarters = []
         for q, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
             sel = tissue & (bright >= a) & (bright <= b)
-            quarters.append({"quarter": q + 1, "local_mean_from": float(a), "ssim_vs_noiseless": float(np.nanmean(s_map[sel])),
-                             "map_mean": float(pred[sel].mean()), "noiseless_mean": float(clean[sel].mean()),
-                             "map_black_share": float((pred[sel] <= BLACK).mean()), "noiseless_black_share": float((clean[sel] <= BLACK).mean())})
-        rows.append({"run": str(run), "autoencoder_steps": cfg["autoencoder"]["steps"], "seed": cfg["train"]["seed"],
-                     "ssim_weight": cfg["autoencoder"].get("ssim_weight", 0.0), "local_norm": cfg["autoencoder"].get("local_norm", "pixel"),
-                     "vs_measured": score(pred, meas), "vs_noiseless": score(pred, clean),
-                     "noise_reproduced": float((err * noise).mean() / (noise * noise).mean()),
-                     "error_sd_vs_noiseless": float(err.std()),
-                     "contrast_kept": float(local_sd(pred)[tissue].mean() / local_sd(clean)[tissue].mean()),
-                     "by_brightness": quarters})
+            quarters.append(
+                {
+                    "quarter": q + 1,
+                    "local_mean_from": float(a),
+                    "ssim_vs_noiseless": float(np.nanmean(s_map[sel])),
+                    "map_mean": float(pred[sel].mean()),
+                    "noiseless_mean": float(clean[sel].mean()),
+                    "map_black_share": float((pred[sel] <= BLACK).mean()),
+                    "noiseless_black_share": float((clean[sel] <= BLACK).mean()),
+                }
+            )
+        rows.append(
+            {
+                "run": str(run),
+                "autoencoder_steps": cfg["autoencoder"]["steps"],
+                "seed": cfg["train"]["seed"],
+                "ssim_weight": cfg["autoencoder"].get("ssim_weight", 0.0),
+                "local_norm": cfg["autoencoder"].get("local_norm", "pixel"),
+                "vs_measured": score(pred, meas),
+                "vs_noiseless": score(pred, clean),
+                "noise_reproduced": float((err * noise).mean() / (noise * noise).mean()),
+                "error_sd_vs_noiseless": float(err.std()),
+                "contrast_kept": float(local_sd(pred)[tissue].mean() / local_sd(clean)[tissue].mean()),
+                "by_brightness": quarters,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     result = {"reference": reference, "runs": rows}
     print(json.dumps(reference))

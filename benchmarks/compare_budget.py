@@ -48,21 +48,47 @@ RECIPE = {"local": True, "latents": "canvas", "sampling": "shifted"}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/budget"))
-    ap.add_argument("--work", type=Path, default=Path("/tmp/compare_seamless"), help="data (shared with compare_seamless), runs and maps; rerun to resume")
-    ap.add_argument("--runs", nargs="+", default=["900", "1800", "900:4"],
-                    help="STEPS (diffusion training steps) or STEPS:SPAN (and a context window SPAN patches wide)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/compare_seamless"),
+        help="data (shared with compare_seamless), runs and maps; rerun to resume",
+    )
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["900", "1800", "900:4"],
+        help="STEPS (diffusion training steps) or STEPS:SPAN (and a context window SPAN patches wide)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--draws", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--autoencoder-steps", type=int, nargs="*", default=[],
-                    help="instead: train only the autoencoders with these steps, per seed, and score their ceilings")
+    ap.add_argument(
+        "--autoencoder-steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="instead: train only the autoencoders with these steps, per seed, and score their ceilings",
+    )
     ap.add_argument("--ae-ssim-weight", type=float, default=0.0, help="weight of the autoencoders' SSIM loss term")
     ap.add_argument("--ae-norm", choices=LOCAL_NORMS, default="pixel", help="how the local autoencoders normalise (autoencoder.local_norm)")
-    ap.add_argument("--ae-lr-schedule", choices=LR_SCHEDULES, default="constant",
-                    help="the autoencoders' learning rate after warm-up (autoencoder.lr_schedule): constant or a cosine down to a tenth")
-    ap.add_argument("--multi-loss", choices=("gated", "always"), default=VARIANT_DEFAULTS["multi_loss"],
-                    help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample (the demo)")
-    ap.add_argument("--val-fraction", type=float, default=0.2,
-                    help="train.val_fraction: 0.2 (the preset) holds one of the two training slides out for validation, 0 trains on both")
+    ap.add_argument(
+        "--ae-lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="the autoencoders' learning rate after warm-up (autoencoder.lr_schedule): constant or a cosine down to a tenth",
+    )
+    ap.add_argument(
+        "--multi-loss",
+        choices=("gated", "always"),
+        default=VARIANT_DEFAULTS["multi_loss"],
+        help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample (the demo)",
+    )
+    ap.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="train.val_fraction: 0.2 (the preset) holds one of the two training slides out for validation, 0 trains on both",
+    )
     args = ap.parse_args()
 
     from wsi_damm.stages.train import run_training
@@ -96,8 +122,10 @@ def main() -> None:
                 t = time.perf_counter()
                 cfg = variant_config(plan, seed, variant, {"latents": RECIPE["latents"], "context_span": span})
                 # autoencoders trained alike (same data, seed, steps and variant) are reused, so runs differ in the diffusion alone
-                alike = [args.work / f"budget{steps}{variant_suffix(variant)}" / f"seed{seed}" if span else None,
-                         args.work / f"autoencoder{plan.ae_steps}{variant_suffix(variant, DATA_DEFAULTS)}" / f"seed{seed}"]
+                alike = [
+                    args.work / f"budget{steps}{variant_suffix(variant)}" / f"seed{seed}" if span else None,
+                    args.work / f"autoencoder{plan.ae_steps}{variant_suffix(variant, DATA_DEFAULTS)}" / f"seed{seed}",
+                ]
                 shared = next((d for d in alike if d is not None and (d / "autoencoder_target.safetensors").exists()), None)
                 stage = "all"
                 if shared is not None:
@@ -114,9 +142,20 @@ def main() -> None:
             row["gate_in_training"] = gate_in_training(read_metrics(RunDir(run_dir).metrics))
             done.write_text(json.dumps(row) + "\n")
             runs.append(row)
-            print(json.dumps({"run": spec, "seed": seed} | {
-                f"draws{d}": (round(row[f'draws{d}']['ssim'], 4), round(row[f'draws{d}']['psnr'], 2), round(row[f'draws{d}']['seam_score'], 3))
-                for d in args.draws}), flush=True)
+            print(
+                json.dumps(
+                    {"run": spec, "seed": seed}
+                    | {
+                        f"draws{d}": (
+                            round(row[f"draws{d}"]["ssim"], 4),
+                            round(row[f"draws{d}"]["psnr"], 2),
+                            round(row[f"draws{d}"]["seam_score"], 3),
+                        )
+                        for d in args.draws
+                    }
+                ),
+                flush=True,
+            )
             write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
     write(args.out, demo, runs, args.draws, time.perf_counter() - t0)
 
@@ -131,26 +170,38 @@ LEGACY = {"multi_loss": "gated"}  # what a row written before a setting was reco
 
 
 def ae_variant(args) -> dict:
-    return {"ssim_weight": args.ae_ssim_weight, "local_norm": args.ae_norm, "lr_schedule": args.ae_lr_schedule, "val_fraction": args.val_fraction,
-            "multi_loss": args.multi_loss}
+    return {
+        "ssim_weight": args.ae_ssim_weight,
+        "local_norm": args.ae_norm,
+        "lr_schedule": args.ae_lr_schedule,
+        "val_fraction": args.val_fraction,
+        "multi_loss": args.multi_loss,
+    }
 
 
 def variant_config(plan, seed: int, variant: dict, model: dict):
     """The demo-budget config of a run of this variant."""
     variant = VARIANT_DEFAULTS | variant
-    return merge(budget_config(plan, seed, {"local": RECIPE["local"], **{k: variant[k] for k in AE_DEFAULTS}}, model,
-                               {"val_fraction": variant["val_fraction"]}), {"damm": {"multi_loss": variant["multi_loss"]}}, "benchmark")
+    return merge(
+        budget_config(
+            plan, seed, {"local": RECIPE["local"], **{k: variant[k] for k in AE_DEFAULTS}}, model, {"val_fraction": variant["val_fraction"]}
+        ),
+        {"damm": {"multi_loss": variant["multi_loss"]}},
+        "benchmark",
+    )
 
 
 def variant_suffix(variant: dict, keys: dict = VARIANT_DEFAULTS) -> str:
     """How a run directory names its variant (autoencoder settings, training data, DAMMP training; only `keys`):
     empty for the demo's."""
     variant = VARIANT_DEFAULTS | variant
-    return (f"_ssim{variant['ssim_weight']:g}" if variant["ssim_weight"] else "") + (
-        f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "") + (
-        f"_aelr{variant['lr_schedule']}" if variant["lr_schedule"] != AE_DEFAULTS["lr_schedule"] else "") + (
-        f"_val{variant['val_fraction']:g}" if variant["val_fraction"] != DATA_DEFAULTS["val_fraction"] else "") + (
-        f"_multi{variant['multi_loss']}" if "multi_loss" in keys and variant["multi_loss"] != VARIANT_DEFAULTS["multi_loss"] else "")
+    return (
+        (f"_ssim{variant['ssim_weight']:g}" if variant["ssim_weight"] else "")
+        + (f"_norm{variant['local_norm']}" if variant["local_norm"] != AE_DEFAULTS["local_norm"] else "")
+        + (f"_aelr{variant['lr_schedule']}" if variant["lr_schedule"] != AE_DEFAULTS["lr_schedule"] else "")
+        + (f"_val{variant['val_fraction']:g}" if variant["val_fraction"] != DATA_DEFAULTS["val_fraction"] else "")
+        + (f"_multi{variant['multi_loss']}" if "multi_loss" in keys and variant["multi_loss"] != VARIANT_DEFAULTS["multi_loss"] else "")
+    )
 
 
 def autoencoder_ceilings(args, demo, t0: float) -> None:
@@ -171,21 +222,44 @@ def autoencoder_ceilings(args, demo, t0: float) -> None:
                 t = time.perf_counter()
                 cfg = variant_config(plan, seed, variant, {"latents": RECIPE["latents"]})
                 run_training(demo.data.store, run_dir, cfg, stage="autoencoder", progress=False)
-                row = {"seed": seed, "autoencoder_steps": steps, **variant, "train_seconds": round(time.perf_counter() - t, 1),
-                       "ceiling": ceiling(demo, run_dir)}
+                row = {
+                    "seed": seed,
+                    "autoencoder_steps": steps,
+                    **variant,
+                    "train_seconds": round(time.perf_counter() - t, 1),
+                    "ceiling": ceiling(demo, run_dir),
+                }
                 done.write_text(json.dumps(row) + "\n")
             rows.append(DATA_DEFAULTS | json.loads(done.read_text()))
             mine = {ident(r) for r in rows}
             merged = sorted([r for r in earlier if ident(r) not in mine] + rows, key=ident)
-            print(json.dumps({k: rows[-1][k] for k in ("seed", "autoencoder_steps", *DATA_DEFAULTS)} | {
-                "ssim": round(rows[-1]["ceiling"]["ssim"], 4), "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}), flush=True)
+            print(
+                json.dumps(
+                    {k: rows[-1][k] for k in ("seed", "autoencoder_steps", *DATA_DEFAULTS)}
+                    | {"ssim": round(rows[-1]["ceiling"]["ssim"], 4), "psnr": round(rows[-1]["ceiling"]["psnr"], 2)}
+                ),
+                flush=True,
+            )
             names = {ident(r)[:-1]: f"{r['autoencoder_steps']}{variant_suffix(r, DATA_DEFAULTS).replace('_', ':')}" for r in merged}
-            table = {name: {m: summary([r["ceiling"][m] for r in merged if ident(r)[:-1] == key]) for m in ("ssim", "psnr")}
-                     for key, name in sorted(names.items())}
+            table = {
+                name: {m: summary([r["ceiling"][m] for r in merged if ident(r)[:-1] == key]) for m in ("ssim", "psnr")}
+                for key, name in sorted(names.items())
+            }
             args.out.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps({"simulator_version": demo.simulator_version, "recipe": RECIPE, "summary": table,
-                                        "seconds_this_invocation": round(time.perf_counter() - t0, 1), "runs": merged},
-                                       indent=1) + "\n", encoding="utf-8")
+            file.write_text(
+                json.dumps(
+                    {
+                        "simulator_version": demo.simulator_version,
+                        "recipe": RECIPE,
+                        "summary": table,
+                        "seconds_this_invocation": round(time.perf_counter() - t0, 1),
+                        "runs": merged,
+                    },
+                    indent=1,
+                )
+                + "\n",
+                encoding="utf-8",
+            )
 
 
 def ident(row: dict) -> tuple:
@@ -204,7 +278,9 @@ def ceiling(demo, run_dir: Path) -> dict:
 
 def run_name(row: dict) -> str:
     """A run's key in the summary: its diffusion steps, with its context span if it has one."""
-    return f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "") + variant_suffix(row).replace("_", ":")
+    return (
+        f"{row['diffusion_steps']}" + (f":{row['context_span']}" if row.get("context_span") else "") + variant_suffix(row).replace("_", ":")
+    )
 
 
 def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -> None:
@@ -220,18 +296,27 @@ def write(out: Path, demo, runs: list[dict], draws: list[int], seconds: float) -
         table[name] = {f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score")} for d in draws}
         gated = [r["gate_in_training"] for r in mine if r.get("gate_in_training")]  # DAMMP phase, per region: what the DFL taught
         if gated:
-            table[name]["gate_in_training"] = {g: {k: summary([r[g][k] for r in gated]) for k in ("dfl_label_rate", "mean_kappa")}
-                                               for g in gated[0]}
+            table[name]["gate_in_training"] = {
+                g: {k: summary([r[g][k] for r in gated]) for k in ("dfl_label_rate", "mean_kappa")} for g in gated[0]
+            }
         with_ceiling = [r for r in mine if "ceiling" in r]
         if with_ceiling:
             table[name]["ceiling"] = {m: summary([r["ceiling"][m] for r in with_ceiling]) for m in ("ssim", "psnr")}
         for d in draws:
             table[name][f"draws{d}"]["regions"] = {
                 g: {m: summary([r[f"draws{d}"]["regions"][g][m] for r in mine]) for m in ("ssim", "psnr", "multimodal_share")}
-                for g in mine[0][f"draws{d}"]["regions"]}
+                for g in mine[0][f"draws{d}"]["regions"]
+            }
     out.mkdir(parents=True, exist_ok=True)
-    result = {"simulator_version": demo.simulator_version, "plan": demo.plan.__dict__, "recipe": RECIPE, "seconds_this_invocation": round(seconds, 1),
-              "blurred_vessels": demo.blur, "summary": table, "runs": runs}
+    result = {
+        "simulator_version": demo.simulator_version,
+        "plan": demo.plan.__dict__,
+        "recipe": RECIPE,
+        "seconds_this_invocation": round(seconds, 1),
+        "blurred_vessels": demo.blur,
+        "summary": table,
+        "runs": runs,
+    }
     file.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 

@@ -55,8 +55,13 @@ def main() -> None:
             row = {"seed": seed, "span": span}
             for draws in (1, 4):
                 row[f"draws{draws}"] = predict_and_score(demo, run_dir, draws, seed)
-            print(json.dumps({k: row[k] for k in ("seed", "span")} | {f"draws{d}": (round(row[f'draws{d}']['ssim'], 4), round(row[f'draws{d}']['psnr'], 2))
-                                                                      for d in (1, 4)}), flush=True)
+            print(
+                json.dumps(
+                    {k: row[k] for k in ("seed", "span")}
+                    | {f"draws{d}": (round(row[f"draws{d}"]["ssim"], 4), round(row[f"draws{d}"]["psnr"], 2)) for d in (1, 4)}
+                ),
+                flush=True,
+            )
             runs.append(row)
     table = {}
     for span in args.spans:
@@ -65,13 +70,24 @@ def main() -> None:
         for d in (1, 4):
             table[f"span{span}"][f"draws{d}"]["regions"] = {
                 g: {m: summary([r[f"draws{d}"]["regions"][g][m] for r in mine]) for m in ("ssim", "psnr")}
-                for g in mine[0][f"draws{d}"]["regions"]}
-    result = {"simulator_version": demo.simulator_version, "plan": demo.plan.__dict__, "seconds": round(time.perf_counter() - t0, 1),
-              "blurred_vessels": demo.blur, "summary": table, "runs": runs}
+                for g in mine[0][f"draws{d}"]["regions"]
+            }
+    result = {
+        "simulator_version": demo.simulator_version,
+        "plan": demo.plan.__dict__,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "blurred_vessels": demo.blur,
+        "summary": table,
+        "runs": runs,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "context.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps({"blur": (demo.blur["ssim"], demo.blur["psnr"])} | {k: {d: (v[d]["ssim"]["mean"], v[d]["psnr"]["mean"]) for d in ("draws1", "draws4")}
-                                                                for k, v in table.items()}))
+    print(
+        json.dumps(
+            {"blur": (demo.blur["ssim"], demo.blur["psnr"])}
+            | {k: {d: (v[d]["ssim"]["mean"], v[d]["psnr"]["mean"]) for d in ("draws1", "draws4")} for k, v in table.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -69,14 +69,30 @@ def main() -> None:
             t_map = time.perf_counter()
             m = regression_map(reg_dir, demo.held.spec, reg_dir / "map.ome.zarr", progress=False)
             scored = scores(run_evaluate([(m, demo.held.spec)], reg_dir / "report", [demo.held.clean], **demo.scoring))
-            reg = _brief(scored) | {"seam_score": scored["seam_score"], "setting": setting, "train_seconds": trained["seconds"], "map_seconds": round(time.perf_counter() - t_map, 1),
-                    "final_l1": trained["final_l1"], "train_patches": trained["train_patches"]}
+            reg = _brief(scored) | {
+                "seam_score": scored["seam_score"],
+                "setting": setting,
+                "train_seconds": trained["seconds"],
+                "map_seconds": round(time.perf_counter() - t_map, 1),
+                "final_l1": trained["final_l1"],
+                "train_patches": trained["train_patches"],
+            }
         damm = json.loads((run / "row.json").read_text())
         one_step = [r for r in point if r["family"] == key["family"] and r["seed"] == key["seed"] and r["steps"] == 1 and r["draws"] == 1]
-        rows.append(key | {"regression": reg, "damm_one_draw": _brief(damm["draws1"]), "damm_four_draws": _brief(damm["draws4"]) if "draws4" in damm else None,
-                           "damm_one_step": _brief(one_step[0]) if one_step else None,
-                           "seconds": round(time.perf_counter() - t, 1)})
-        print(json.dumps(key | {"ssim": round(reg["ssim"], 4), "psnr": round(reg["psnr"], 2), "train_seconds": reg["train_seconds"]}), flush=True)
+        rows.append(
+            key
+            | {
+                "regression": reg,
+                "damm_one_draw": _brief(damm["draws1"]),
+                "damm_four_draws": _brief(damm["draws4"]) if "draws4" in damm else None,
+                "damm_one_step": _brief(one_step[0]) if one_step else None,
+                "seconds": round(time.perf_counter() - t, 1),
+            }
+        )
+        print(
+            json.dumps(key | {"ssim": round(reg["ssim"], 4), "psnr": round(reg["psnr"], 2), "train_seconds": reg["train_seconds"]}),
+            flush=True,
+        )
         write(file, demo, rows, time.perf_counter() - t0)
     write(file, demo, rows, time.perf_counter() - t0)
 
@@ -97,20 +113,34 @@ def write(file: Path, demo, rows: list[dict], seconds: float) -> None:
             paired = [r for r in mine if r[name] is not None]
             if paired:
                 entry[name] = _summarise([r[name] for r in paired])
-                entry[f"{name}_minus_regression"] = {
-                    m: summary([r[name][m] - r["regression"][m] for r in paired]) for m in METRICS} | {
-                    "regions": {g: {m: summary([r[name]["regions"][g][m] - r["regression"]["regions"][g][m] for r in paired])
-                                    for m in METRICS} for g in paired[0]["regression"]["regions"]}}
+                entry[f"{name}_minus_regression"] = {m: summary([r[name][m] - r["regression"][m] for r in paired]) for m in METRICS} | {
+                    "regions": {
+                        g: {m: summary([r[name]["regions"][g][m] - r["regression"]["regions"][g][m] for r in paired]) for m in METRICS}
+                        for g in paired[0]["regression"]["regions"]
+                    }
+                }
         table[fam] = entry
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({"simulator_version": demo.simulator_version, "blurred_vessels": demo.blur,
-                                "seconds_this_invocation": round(seconds, 1), "summary": table, "runs": rows}, indent=1) + "\n",
-                    encoding="utf-8")
+    file.write_text(
+        json.dumps(
+            {
+                "simulator_version": demo.simulator_version,
+                "blurred_vessels": demo.blur,
+                "seconds_this_invocation": round(seconds, 1),
+                "summary": table,
+                "runs": rows,
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
 
 def _summarise(scored: list[dict]) -> dict:
     return {m: summary([s[m] for s in scored]) for m in METRICS} | {
-        "regions": {g: {m: summary([s["regions"][g][m] for s in scored]) for m in METRICS} for g in scored[0]["regions"]}}
+        "regions": {g: {m: summary([s["regions"][g][m] for s in scored]) for m in METRICS} for g in scored[0]["regions"]}
+    }
 
 
 if __name__ == "__main__":

@@ -49,8 +49,12 @@ def main() -> None:
                     continue
                 score = predict_and_score(demo, run, draws, seed, "shifted", steps, name=f"steps{steps}_draws{draws}")
                 rows.append(key | score)
-                print(json.dumps(key | {"ssim": round(score["ssim"], 4), "psnr": round(score["psnr"], 2),
-                                        "seconds": score["predict_seconds"]}), flush=True)
+                print(
+                    json.dumps(
+                        key | {"ssim": round(score["ssim"], 4), "psnr": round(score["psnr"], 2), "seconds": score["predict_seconds"]}
+                    ),
+                    flush=True,
+                )
                 write(file, demo, rows, time.perf_counter() - t0)
 
 
@@ -61,12 +65,28 @@ def write(file: Path, demo, rows: list[dict], seconds: float) -> None:
         mine = [r for r in rows if (r["family"], r["steps"], r["draws"]) == (fam, steps, draws)]
         table.setdefault(fam, {})[f"steps{steps}_draws{draws}"] = {
             **{m: summary([r[m] for r in mine]) for m in ("ssim", "psnr", "seam_score", "predict_seconds")},
-            "regions": {g: {m: summary([r["regions"][g][m] for r in mine]) for m in ("ssim", "psnr", "multimodal_share")}
-                        for g in mine[0]["regions"]}}
+            "regions": {
+                g: {m: summary([r["regions"][g][m] for r in mine]) for m in ("ssim", "psnr", "multimodal_share")}
+                for g in mine[0]["regions"]
+            },
+        }
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({"simulator_version": demo.simulator_version, "sampler": "dpm++", "sampling": "shifted",
-                                "blurred_vessels": demo.blur, "seconds_this_invocation": round(seconds, 1), "summary": table,
-                                "runs": rows}, indent=1) + "\n", encoding="utf-8")
+    file.write_text(
+        json.dumps(
+            {
+                "simulator_version": demo.simulator_version,
+                "sampler": "dpm++",
+                "sampling": "shifted",
+                "blurred_vessels": demo.blur,
+                "seconds_this_invocation": round(seconds, 1),
+                "summary": table,
+                "runs": rows,
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
 
 
 if __name__ == "__main__":

@@ -40,21 +40,49 @@ def main() -> None:
         for sampling in args.sampling:
             name = f"{sampling}_k{k}"
             t0 = time.perf_counter()
-            done = predict_maps(args.run or args.demo / "run", [spec], work / f"{name}.zarr",
-                                PredictConfig(sampling=sampling, steps=args.steps, batch_size=32, samples=k), overwrite=True, progress=False)
+            done = predict_maps(
+                args.run or args.demo / "run",
+                [spec],
+                work / f"{name}.zarr",
+                PredictConfig(sampling=sampling, steps=args.steps, batch_size=32, samples=k),
+                overwrite=True,
+                progress=False,
+            )
             seconds = time.perf_counter() - t0
-            m = run_evaluate([(done.maps[0], spec)], args.out / "reports" / name, [held / "truth" / "heldout_000.np_clean.ome.tif"],
-                             progress=False, regions=[held / "truth" / "heldout_000.divergence.ome.tif"], region_names=DIVERGENCE_LABELS)
+            m = run_evaluate(
+                [(done.maps[0], spec)],
+                args.out / "reports" / name,
+                [held / "truth" / "heldout_000.np_clean.ome.tif"],
+                progress=False,
+                regions=[held / "truth" / "heldout_000.divergence.ome.tif"],
+                region_names=DIVERGENCE_LABELS,
+            )
             r = m["slides"][0]
-            rows.append({"sampling": sampling, "samples": k, "steps": args.steps, "sampler": "dpm++", "predict_and_stitch_seconds": round(seconds, 1),
-                         "wsi_ssim_tissue": r["wsi"]["ssim_tissue"], "wsi_psnr_tissue": r["wsi"]["psnr_tissue"], "pixels_tissue": r["wsi"]["pixels_tissue"],
-                         "seam_score": r["seams"]["map"], "seam_score_measured": r["seams"]["measured"], "seam_pairs": r["seams"]["pairs"],
-                         "patch_ssim_percent": r["patches"]["ssim_percent"]["mean"], "patches": r["patches"]["ssim_percent"]["n"]})
+            rows.append(
+                {
+                    "sampling": sampling,
+                    "samples": k,
+                    "steps": args.steps,
+                    "sampler": "dpm++",
+                    "predict_and_stitch_seconds": round(seconds, 1),
+                    "wsi_ssim_tissue": r["wsi"]["ssim_tissue"],
+                    "wsi_psnr_tissue": r["wsi"]["psnr_tissue"],
+                    "pixels_tissue": r["wsi"]["pixels_tissue"],
+                    "seam_score": r["seams"]["map"],
+                    "seam_score_measured": r["seams"]["measured"],
+                    "seam_pairs": r["seams"]["pairs"],
+                    "patch_ssim_percent": r["patches"]["ssim_percent"]["mean"],
+                    "patches": r["patches"]["ssim_percent"]["n"],
+                }
+            )
             print(json.dumps(rows[-1]))
     shutil.rmtree(work, ignore_errors=True)
     if args.no_reports:
         shutil.rmtree(args.out / "reports", ignore_errors=True)
-    write_json(args.out / "sampling.json", {"demo": str(args.demo), "run": str(args.run or args.demo / "run"), "slide": spec.slide_id, "rows": rows})
+    write_json(
+        args.out / "sampling.json",
+        {"demo": str(args.demo), "run": str(args.run or args.demo / "run"), "slide": spec.slide_id, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

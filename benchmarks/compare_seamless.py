@@ -27,8 +27,10 @@ from pathlib import Path
 _sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo_budget import budget_config, demo_budget, predict_and_score, summary  # noqa: E402
 
-RECIPES = {"paper": {"local": False, "latents": "patch", "sampling": "independent"},
-           "canvas": {"local": True, "latents": "canvas", "sampling": "shifted"}}
+RECIPES = {
+    "paper": {"local": False, "latents": "patch", "sampling": "independent"},
+    "canvas": {"local": True, "latents": "canvas", "sampling": "shifted"},
+}
 
 
 def main() -> None:
@@ -58,25 +60,50 @@ def main() -> None:
                 print(f"seed {seed} {name}: trained in {row['train_seconds']:.0f} s", flush=True)
             for draws in args.draws:
                 row[f"draws{draws}"] = predict_and_score(demo, run_dir, draws, seed, recipe["sampling"])
-            print(json.dumps({k: row[k] for k in ("seed", "recipe")} | {
-                f"draws{d}": (round(row[f'draws{d}']['ssim'], 4), round(row[f'draws{d}']['psnr'], 2), round(row[f'draws{d}']['seam_score'], 3))
-                for d in args.draws}), flush=True)
+            print(
+                json.dumps(
+                    {k: row[k] for k in ("seed", "recipe")}
+                    | {
+                        f"draws{d}": (
+                            round(row[f"draws{d}"]["ssim"], 4),
+                            round(row[f"draws{d}"]["psnr"], 2),
+                            round(row[f"draws{d}"]["seam_score"], 3),
+                        )
+                        for d in args.draws
+                    }
+                ),
+                flush=True,
+            )
             runs.append(row)
     table = {}
     for name in RECIPES:
         mine = [r for r in runs if r["recipe"] == name]
-        table[name] = {f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score", "predict_seconds")}
-                         for d in args.draws}
+        table[name] = {
+            f"draws{d}": {m: summary([r[f"draws{d}"][m] for r in mine]) for m in ("ssim", "psnr", "seam_score", "predict_seconds")}
+            for d in args.draws
+        }
         for d in args.draws:
             table[name][f"draws{d}"]["regions"] = {
                 g: {m: summary([r[f"draws{d}"]["regions"][g][m] for r in mine]) for m in ("ssim", "psnr")}
-                for g in mine[0][f"draws{d}"]["regions"]}
-    result = {"simulator_version": demo.simulator_version, "plan": demo.plan.__dict__, "recipes": RECIPES, "seconds": round(time.perf_counter() - t0, 1),
-              "blurred_vessels": demo.blur, "summary": table, "runs": runs}
+                for g in mine[0][f"draws{d}"]["regions"]
+            }
+    result = {
+        "simulator_version": demo.simulator_version,
+        "plan": demo.plan.__dict__,
+        "recipes": RECIPES,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "blurred_vessels": demo.blur,
+        "summary": table,
+        "runs": runs,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seamless.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps({"blur": (demo.blur["ssim"], demo.blur["psnr"], demo.blur["seam_score"])} | {
-        k: {d: (v[d]["ssim"]["mean"], v[d]["psnr"]["mean"], v[d]["seam_score"]["mean"]) for d in v} for k, v in table.items()}))
+    print(
+        json.dumps(
+            {"blur": (demo.blur["ssim"], demo.blur["psnr"], demo.blur["seam_score"])}
+            | {k: {d: (v[d]["ssim"]["mean"], v[d]["psnr"]["mean"], v[d]["seam_score"]["mean"]) for d in v} for k, v in table.items()}
+        )
+    )
 
 
 if __name__ == "__main__":

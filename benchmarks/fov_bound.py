@@ -52,7 +52,9 @@ def main() -> None:
     from wsi_damm.workflows.synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, make_layout
 
     t0 = time.perf_counter()
-    data = synthetic_data(args.work / "data", FULL.size, FULL.train_slides, 1, TileConfig(patch_size=FULL.patch, overlap=FULL.overlap), False, print)
+    data = synthetic_data(
+        args.work / "data", FULL.size, FULL.train_slides, 1, TileConfig(patch_size=FULL.patch, overlap=FULL.overlap), False, print
+    )
     held = data.heldout[0]
     # the tiling `predict` uses for a run of the demo's recipe on this store (its canvas sampling aligns the patch grid)
     rc = with_store_tiling(budget_config(FULL, 0, {"local": True}, {"latents": "canvas"}), PatchStore.open(data.store))
@@ -71,24 +73,48 @@ def main() -> None:
             out = args.out / "maps" / f"span_{span}_{label.split()[0]}.ome.zarr"
             fn = window_predictor(held_cfg, held_lay, held.spec, rc, margin_px, table, FULL.patch)
             made = patch_function_map(rc, held.spec, out, fn, {"fov_bound": str(span)}, progress=False)
-            result = scores(run_evaluate([(made, held.spec)], out.with_suffix(".report"), [held.clean], regions=[held.divergence],
-                                         region_names=DIVERGENCE_LABELS, progress=False))
-            row = {"span": span, "window_um": None if margin_px is None else (FULL.patch + 2 * margin_px) * held_cfg.mpp,
-                   "outside": label if margin_px is not None else "none needed", "seconds": round(time.perf_counter() - t, 1), **result}
+            result = scores(
+                run_evaluate(
+                    [(made, held.spec)],
+                    out.with_suffix(".report"),
+                    [held.clean],
+                    regions=[held.divergence],
+                    region_names=DIVERGENCE_LABELS,
+                    progress=False,
+                )
+            )
+            row = {
+                "span": span,
+                "window_um": None if margin_px is None else (FULL.patch + 2 * margin_px) * held_cfg.mpp,
+                "outside": label if margin_px is not None else "none needed",
+                "seconds": round(time.perf_counter() - t, 1),
+                **result,
+            }
             rows.append(row)
-            print(json.dumps({k: row[k] for k in ("span", "window_um", "outside")} | {"ssim": round(row["ssim"], 4), "psnr": round(row["psnr"], 2)}),
-                  flush=True)
+            print(
+                json.dumps(
+                    {k: row[k] for k in ("span", "window_um", "outside")} | {"ssim": round(row["ssim"], 4), "psnr": round(row["psnr"], 2)}
+                ),
+                flush=True,
+            )
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"simulator_version": SIMULATOR_VERSION, "plan": FULL.__dict__, "slide_np_scale": scales, "seconds": round(time.perf_counter() - t0, 1),
-              "rows": rows}
+    result = {
+        "simulator_version": SIMULATOR_VERSION,
+        "plan": FULL.__dict__,
+        "slide_np_scale": scales,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
     (args.out / "fov.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
 def coarse_box(lay, y: int, x: int, size: int, margin: int) -> tuple[slice, slice]:
     """The coarse pixels of the full-resolution window [y - margin, y + size + margin)², clipped to the grid."""
     c, (h, w) = lay.c, lay.tissue.shape
-    return (slice(max((y - margin) // c, 0), min(-(-(y + size + margin) // c), h)),
-            slice(max((x - margin) // c, 0), min(-(-(x + size + margin) // c), w)))
+    return (
+        slice(max((y - margin) // c, 0), min(-(-(y + size + margin) // c), h)),
+        slice(max((x - margin) // c, 0), min(-(-(x + size + margin) // c), w)),
+    )
 
 
 def inside_field(cfg, lay, src: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
@@ -99,9 +125,15 @@ def inside_field(cfg, lay, src: np.ndarray, box: tuple[slice, slice]) -> np.ndar
 
     reach = int(np.ceil(4 * cfg.penetration_sparse / (lay.c * cfg.mpp))) + 1
     h, w = src.shape
-    crop = (slice(max(box[0].start - reach, 0), min(box[0].stop + reach, h)), slice(max(box[1].start - reach, 0), min(box[1].stop + reach, w)))
+    crop = (
+        slice(max(box[0].start - reach, 0), min(box[0].stop + reach, h)),
+        slice(max(box[1].start - reach, 0), min(box[1].stop + reach, w)),
+    )
     masked = np.zeros_like(src[crop])
-    inner = (slice(box[0].start - crop[0].start, box[0].stop - crop[0].start), slice(box[1].start - crop[1].start, box[1].stop - crop[1].start))
+    inner = (
+        slice(box[0].start - crop[0].start, box[0].stop - crop[0].start),
+        slice(box[1].start - crop[1].start, box[1].stop - crop[1].start),
+    )
     masked[inner] = src[box]
     field = np.zeros_like(src)
     field[crop] = np_spread(cfg, lay.c, masked, lay.density[crop])
@@ -165,7 +197,7 @@ def window_predictor(cfg, lay, spec, rc, margin_px: int | None, outside: np.ndar
                 est = dataclasses.replace(lay, np_field=guess.astype(np.float32))
             y0, x0 = max(y - MARGIN, 0), max(x - MARGIN, 0)  # as `synth` renders a tile at the slide's edge
             sig = render_window(cfg, est, 0, y0, x0, y + patch + MARGIN - y0, x + patch + MARGIN - x0)["NP"]
-            out[i, 0] = unit_range(sig[y - y0:y - y0 + patch, x - x0:x - x0 + patch].astype(np.float32), plan.lo[k], plan.hi[k])
+            out[i, 0] = unit_range(sig[y - y0 : y - y0 + patch, x - x0 : x - x0 + patch].astype(np.float32), plan.lo[k], plan.hi[k])
         return torch.from_numpy(out)
 
     return predict

@@ -50,7 +50,7 @@ def draw(runs: list[tuple[str, list[dict], float]], out: Path, columns: int) -> 
     columns = min(columns, len(runs))
     lines = math.ceil(len(runs) / columns)
     fig, axes = plt.subplots(lines, columns, figsize=(4.6 * columns, 3.3 * lines), sharex=True, sharey=True, squeeze=False)
-    for ax in axes.flat[len(runs):]:
+    for ax in axes.flat[len(runs) :]:
         ax.set_visible(False)
     for ax, (title, rows, gamma) in zip(axes.flat, runs):
         draw_gate_by_region(ax, rows, gamma)

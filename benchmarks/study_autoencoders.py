@@ -65,13 +65,23 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--schedules", nargs="+", default=list(LR_SCHEDULES[::-1]), choices=LR_SCHEDULES)
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--damm", choices=LR_SCHEDULES, help="also train DAMM full on this schedule's seed-0 autoencoders (WORK a finished study)")
+    p.add_argument(
+        "--damm", choices=LR_SCHEDULES, help="also train DAMM full on this schedule's seed-0 autoencoders (WORK a finished study)"
+    )
     p.add_argument("--json", type=Path, help="also write the JSON here")
     args = p.parse_args()
     plan = FULL
     tile_cfg = TileConfig(patch_size=plan.patch, overlap=plan.overlap)
-    data = synthetic_data(args.work / "data", plan.size, plan.train_slides, plan.heldout_slides, tile_cfg, False,
-                          lambda m: print(m, file=_sys.stderr), plan.heldout_size)
+    data = synthetic_data(
+        args.work / "data",
+        plan.size,
+        plan.train_slides,
+        plan.heldout_slides,
+        tile_cfg,
+        False,
+        lambda m: print(m, file=_sys.stderr),
+        plan.heldout_size,
+    )
     runs = []
     for schedule in args.schedules:
         for seed in args.seeds:
@@ -80,17 +90,47 @@ def main() -> None:
             if not all(RunDir(path).autoencoder(r).exists() for r in ROLES_NEEDED):
                 base = merge(base_config(args.preset, plan), {"autoencoder": {"lr_schedule": schedule}}, "benchmark")
                 t0 = time.perf_counter()
-                train_autoencoders(data, path, base, seed, False, f"autoencoders, {schedule} lr, seed {seed} → {path}",
-                                   lambda m: print(m, file=_sys.stderr))
+                train_autoencoders(
+                    data,
+                    path,
+                    base,
+                    seed,
+                    False,
+                    f"autoencoders, {schedule} lr, seed {seed} → {path}",
+                    lambda m: print(m, file=_sys.stderr),
+                )
                 seconds_file.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
-            seconds = round(json.loads(seconds_file.read_text())["seconds"], 1) if seconds_file.exists() else None  # None: trained in a killed leg
-            runs.append({"schedule": schedule, "seed": seed, "train_seconds": seconds,
-                         "regions": scored(score_ceiling(data, path, path / "ceiling", "measured", False))})
-    summary = {s: {region: mean_sd([r for r in runs if r["schedule"] == s], region) for region in runs[0]["regions"]} for s in args.schedules}
-    out = {"benchmark": "study_autoencoders", "plan": {"size": plan.size, "heldout_size": plan.heldout_size, "train_slides": plan.train_slides,
-                                                       "heldout_slides": plan.heldout_slides, "ae_steps": plan.ae_steps, "steps": plan.steps,
-                                                       "seeds": list(plan.seeds), "sample_steps": plan.sample_steps, "samples": plan.samples},
-           "machine": machine(), "summary": summary, "runs": runs}
+            seconds = (
+                round(json.loads(seconds_file.read_text())["seconds"], 1) if seconds_file.exists() else None
+            )  # None: trained in a killed leg
+            runs.append(
+                {
+                    "schedule": schedule,
+                    "seed": seed,
+                    "train_seconds": seconds,
+                    "regions": scored(score_ceiling(data, path, path / "ceiling", "measured", False)),
+                }
+            )
+    summary = {
+        s: {region: mean_sd([r for r in runs if r["schedule"] == s], region) for region in runs[0]["regions"]} for s in args.schedules
+    }
+    out = {
+        "benchmark": "study_autoencoders",
+        "plan": {
+            "size": plan.size,
+            "heldout_size": plan.heldout_size,
+            "train_slides": plan.train_slides,
+            "heldout_slides": plan.heldout_slides,
+            "ae_steps": plan.ae_steps,
+            "steps": plan.steps,
+            "seeds": list(plan.seeds),
+            "sample_steps": plan.sample_steps,
+            "samples": plan.samples,
+        },
+        "machine": machine(),
+        "summary": summary,
+        "runs": runs,
+    }
     if args.damm:
         out["damm"] = damm_on(args.damm, data, args.work, plan)
     report(out, args.json)
@@ -105,18 +145,35 @@ def damm_on(schedule: str, data, work: Path, plan) -> dict:
     rows = {"study": [], schedule: []}
     for seed in plan.seeds:
         path = work / "autoencoder_seeds" / f"damm_on_{schedule}_seed0" / f"seed{seed}"
-        run = train_on_autoencoders(data, path, ae, variant_config(trained, plan, VARIANTS[0], seed), False,
-                                    f"DAMM full, seed {seed}, on the {schedule} autoencoders → {path}", lambda m: print(m, file=_sys.stderr))
+        run = train_on_autoencoders(
+            data,
+            path,
+            ae,
+            variant_config(trained, plan, VARIANTS[0], seed),
+            False,
+            f"DAMM full, seed {seed}, on the {schedule} autoencoders → {path}",
+            lambda m: print(m, file=_sys.stderr),
+        )
         for draws in dict.fromkeys((1, plan.samples)):
             cfg = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=draws)
             mine = predict_and_score(run, data, path / f"k{draws}", cfg, False, False)
-            theirs = predict_and_score(work / "runs" / f"damm_seed{seed}", data, work / "predictions" / f"damm_seed{seed}_k{draws}", cfg, False, False)
+            theirs = predict_and_score(
+                work / "runs" / f"damm_seed{seed}", data, work / "predictions" / f"damm_seed{seed}_k{draws}", cfg, False, False
+            )
             rows[schedule].append({"seed": seed, "draws": draws, "regions": scored(mine)})
             rows["study"].append({"seed": seed, "draws": draws, "regions": scored(theirs)})
-    summary = {name: {f"k{k}": {region: mean_sd([r for r in rr if r["draws"] == k], region) for region in rr[0]["regions"]}
-                      for k in dict.fromkeys((1, plan.samples))} for name, rr in rows.items()}
-    return {"autoencoders": {"study": "the study's own (its config.json)", schedule: str(ae.path.relative_to(work))},
-            "summary": summary, "runs": rows}
+    summary = {
+        name: {
+            f"k{k}": {region: mean_sd([r for r in rr if r["draws"] == k], region) for region in rr[0]["regions"]}
+            for k in dict.fromkeys((1, plan.samples))
+        }
+        for name, rr in rows.items()
+    }
+    return {
+        "autoencoders": {"study": "the study's own (its config.json)", schedule: str(ae.path.relative_to(work))},
+        "summary": summary,
+        "runs": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         for mark in item.iter_markers("slow"):
             if not mark.kwargs.get("adds"):
-                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.slow needs adds=\"what this test adds\"")
+                raise pytest.UsageError(f'{item.nodeid}: @pytest.mark.slow needs adds="what this test adds"')
 
 
 def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -43,8 +43,12 @@ def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProce
 
 def kill_when(argv: list[str], ready: Callable[[], bool], delay: float = 0.0, timeout: float = 240) -> None:
     """Start `wsi-damm argv` and SIGKILL it once `ready()` holds, `delay` s later: an interruption at an arbitrary point."""
-    proc = subprocess.Popen([sys.executable, "-m", "wsi_damm_cli.main", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsi_damm_cli.main", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline and not ready():
         time.sleep(0.005)
@@ -87,6 +91,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """Two 2048² synthetic slides (the size the tiling acceptance test names)."""
+
     def build(out: Path) -> None:
         res = run_cli("synth", str(out), "--slides", "2", "--size", "2048", "--seed", "3", "--quiet")
         assert res.returncode == 0, res.stderr
@@ -139,6 +144,7 @@ def fixture(rel: str) -> Path:
 @pytest.fixture(scope="session")
 def small_store(synth_dir, tmp_path_factory) -> Path:
     """A small 64-px patch store at 2 µm/px from the two synthetic slides (~200 patches)."""
+
     def build(d: Path) -> None:
         slides = sorted(str(p) for p in synth_dir.glob("*.ome.tif"))
         res = run_cli("tile", *slides, "--out", str(d / "small.zarr"), "--patch-size", "64", "--overlap", "16", "--mpp", "2.0", "--quiet")

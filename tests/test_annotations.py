@@ -40,13 +40,19 @@ def test_polygons_with_holes_survive_export_and_import(tmp_path):
 
 
 def test_every_container_qupath_writes(tmp_path):
-    feature = {"type": "Feature", "id": "3f1c…", "geometry": shapely.geometry.mapping(SQUARE_WITH_HOLE),
-               "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
+    feature = {
+        "type": "Feature",
+        "id": "3f1c…",
+        "geometry": shapely.geometry.mapping(SQUARE_WITH_HOLE),
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+    }
     variants = {
         "feature": feature,
         "array": [feature, {**feature, "properties": {"classification": {"names": ["Tumor", "Necrosis"]}}}],
-        "collection": {"type": "FeatureCollection", "features": [feature, {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]},
-                                                                          "properties": {}}]},
+        "collection": {
+            "type": "FeatureCollection",
+            "features": [feature, {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}],
+        },
         "geometry": shapely.geometry.mapping(SQUARE_WITH_HOLE),
         "string_class": {**feature, "properties": {"classification": "Tumor"}},
     }
@@ -80,14 +86,17 @@ def test_rasterising_follows_the_pixel_centre_rule(tmp_path):
         assert (got != expect).mean() < 2e-3, d  # differences only where a pixel centre sits on an edge
 
 
-@pytest.mark.parametrize("content,problem", [
-    ("{not json", "is not valid JSON"),
-    ('{"type": "FeatureCollection", "features": []}', "holds no polygons"),
-    ('{"type": "Polygon", "coordinates": [[[0, 0], [50, 50], [50, 0], [0, 50], [0, 0]]]}', "Self-intersection"),
-    ('{"type": "Polygon", "coordinates": [[[900, 900], [1500, 900], [1500, 1500], [900, 900]]]}', "reaches outside the slide"),
-    ('{"type": "Polygon", "coordinates": [[[0, 0], [1]]]}', "malformed Polygon coordinates"),
-    ('{"hello": 1}', "is not GeoJSON"),
-])
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"type": "FeatureCollection", "features": []}', "holds no polygons"),
+        ('{"type": "Polygon", "coordinates": [[[0, 0], [50, 50], [50, 0], [0, 50], [0, 0]]]}', "Self-intersection"),
+        ('{"type": "Polygon", "coordinates": [[[900, 900], [1500, 900], [1500, 1500], [900, 900]]]}', "reaches outside the slide"),
+        ('{"type": "Polygon", "coordinates": [[[0, 0], [1]]]}', "malformed Polygon coordinates"),
+        ('{"hello": 1}', "is not GeoJSON"),
+    ],
+)
 def test_bad_geojson_is_refused_in_one_line(small, tmp_path, content, problem):
     roi = tmp_path / "bad.geojson"
     roi.write_text(content)
@@ -115,9 +124,13 @@ def test_tile_roi_keeps_only_annotated_patches(small, tmp_path):
 
 def test_evaluate_regions_from_geojson_match_a_label_image(small, small_map, tmp_path):
     """The same regions as QuPath GeoJSON and as a label TIFF rasterised independently give the same numbers."""
-    shapes = [Region("Tumor", Polygon([(100.3, 120.7), (700.2, 90.1), (650.5, 600.9), (150.4, 700.6)],
-                                      [[(300, 300), (400, 300), (400, 400), (300, 400)]])),
-              Region("Stroma", Polygon([(80, 760), (420, 760), (420, 1000), (80, 1000)]))]
+    shapes = [
+        Region(
+            "Tumor",
+            Polygon([(100.3, 120.7), (700.2, 90.1), (650.5, 600.9), (150.4, 700.6)], [[(300, 300), (400, 300), (400, 400), (300, 400)]]),
+        ),
+        Region("Stroma", Polygon([(80, 760), (420, 760), (420, 1000), (80, 1000)])),
+    ]
     write_regions(tmp_path / "r.geojson", shapes)
     h, w = tifffile.TiffFile(small).series[0].shape[1:]
     labels = np.zeros((h, w), np.uint8)
@@ -131,8 +144,18 @@ def test_evaluate_regions_from_geojson_match_a_label_image(small, small_map, tmp
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     results = {}
     for name, regions in (("geojson", tmp_path / "r.geojson"), ("tiff", tmp_path / "labels.tif")):
-        res = run_cli("evaluate", str(small_map / "m.ome.zarr"), "--truth", str(small), "--regions", str(regions),
-                      "--out", str(tmp_path / name), "--no-viewer", "--quiet")
+        res = run_cli(
+            "evaluate",
+            str(small_map / "m.ome.zarr"),
+            "--truth",
+            str(small),
+            "--regions",
+            str(regions),
+            "--out",
+            str(tmp_path / name),
+            "--no-viewer",
+            "--quiet",
+        )
         assert res.returncode == 0, res.stderr
         results[name] = json.loads((tmp_path / name / "metrics.json").read_text())["slides"][0]["regions"]
     assert set(results["geojson"]) == {"Stroma", "Tumor"} | ({"label 0"} & set(results["geojson"]))
@@ -144,6 +167,8 @@ def test_evaluate_regions_from_geojson_match_a_label_image(small, small_map, tmp
 
 def test_invalid_regions_raise_input_error(tmp_path):
     path = tmp_path / "x.json"
-    path.write_text(json.dumps([{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}, "properties": {}}]))
+    path.write_text(
+        json.dumps([{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}, "properties": {}}])
+    )
     with pytest.raises(InputError, match="holds no polygons"):
         read_regions(path)

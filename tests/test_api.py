@@ -37,8 +37,9 @@ def test_the_pipeline_from_python(tmp_path):
     again = wsi_damm.stitch(pred.store, out=tmp_path / "again.ome.zarr", blend="linear", quiet=True)
     assert again == [tmp_path / "again.ome.zarr"]
 
-    report = wsi_damm.evaluate(pred.maps, truth=[made.slides[1]], clean=[made.clean[1]], regions=[made.divergence[1]], out=tmp_path / "report",
-                          quiet=True)
+    report = wsi_damm.evaluate(
+        pred.maps, truth=[made.slides[1]], clean=[made.clean[1]], regions=[made.divergence[1]], out=tmp_path / "report", quiet=True
+    )
     on_disk = json.loads(report.metrics_path.read_text())
     assert report.report.exists() and report.viewers == [tmp_path / "report" / "viewer_synth_001.html"] and report.viewers[0].exists()
     assert on_disk["slides"][0]["wsi"]["ssim_tissue"] == report.metrics["slides"][0]["wsi"]["ssim_tissue"]

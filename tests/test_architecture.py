@@ -44,7 +44,10 @@ def _modules() -> dict[str, set[str]]:
 
 def test_no_stage_imports_a_workflow_or_train():
     for name, imports in _modules().items():
-        if name.startswith("wsi_damm.workflows") or name in ("wsi_damm.api", "wsi_damm.__init__"):  # the top: the Python API (exported by the package), like the CLI, sits on everything
+        if name.startswith("wsi_damm.workflows") or name in (
+            "wsi_damm.api",
+            "wsi_damm.__init__",
+        ):  # the top: the Python API (exported by the package), like the CLI, sits on everything
             continue
         assert "wsi_damm.api" not in imports, f"{name} imports the API layer"
         assert not any(i.startswith("wsi_damm.workflows") for i in imports), name
@@ -86,7 +89,7 @@ def test_no_import_cycles_counting_every_import_statement():
         path.append(m)
         for n in sorted(graph.get(m, ())):
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " → ".join(path[path.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " → ".join(path[path.index(n) :] + [n]))
             if n not in state:
                 visit(n)
         path.pop()

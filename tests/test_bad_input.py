@@ -20,8 +20,13 @@ from .conftest import FIXTURES, run_cli
 def _slide(path: Path, data: np.ndarray, names=("CD31", "DAPI", "NP"), tile: int | None = 64) -> Path:
     """A small OME-TIFF (C, Y, X) with channel names, tiled and compressed like a scanner's."""
     opts = {"tile": (tile, tile), "compression": "zlib"} if tile else {}
-    tifffile.imwrite(path, data, photometric="minisblack", metadata={"axes": "CYX", "Channel": {"Name": list(names[: len(data)])},
-                                                                   "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, **opts)
+    tifffile.imwrite(
+        path,
+        data,
+        photometric="minisblack",
+        metadata={"axes": "CYX", "Channel": {"Name": list(names[: len(data)])}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+        **opts,
+    )
     return path
 
 
@@ -78,6 +83,7 @@ def _fixture_case(rel: str):
         if not path.exists():
             pytest.skip(f"shared fixture {rel} not available")
         return ["tile", str(path), "--channels", "vessels=0", "--out", str(tmp / "o.zarr"), "--patch-size", "8", "--overlap", "0"], path, ""
+
     return build
 
 
@@ -92,6 +98,7 @@ def _truncated(fraction: float):
         path = tmp / f"cut{int(fraction * 100)}.ome.tif"
         path.write_bytes(data[: int(len(data) * fraction)])
         return ["tile", str(path), "--out", str(tmp / "o.zarr"), "--patch-size", "64", "--overlap", "0"], path, "truncated"
+
     return build
 
 
@@ -112,6 +119,7 @@ def _simple(make, text: str = "", extra: tuple[str, ...] = ()):
     def build(tmp, good, store):
         path = make(tmp, good)
         return _tile_args(tmp, path, *extra), path, text
+
     return build
 
 
@@ -120,6 +128,7 @@ def _float_slide(value: float):
         data = _tissue().astype(np.float32)
         data[1, 100:110, 100:110] = value
         return _slide(tmp / "float.ome.tif", data)
+
     return make
 
 
@@ -209,8 +218,9 @@ CASES = {
     "missing file": _simple(lambda tmp, good: tmp / "nope.ome.tif", "no such file"),
     "directory as slide": _simple(lambda tmp, good: (tmp / "d").mkdir() or tmp / "d", "directory"),
     # a PNG signature is read as a plain image whatever the name; this one has no image after it
-    "broken PNG named .svs": _simple(lambda tmp, good: _write(tmp / "x.svs", bytes.fromhex("89504e470d0a1a0a") + bytes(64)),
-                                     "cannot open the png file"),
+    "broken PNG named .svs": _simple(
+        lambda tmp, good: _write(tmp / "x.svs", bytes.fromhex("89504e470d0a1a0a") + bytes(64)), "cannot open the png file"
+    ),
     "manifest shapes differ": _manifest_shapes,
     "manifest without role columns": _bad_manifest,
     "missing role": _simple(lambda tmp, good: _slide(tmp / "two.ome.tif", _tissue()[:2], ("GFP", "DAPI")), "vessels"),
@@ -220,9 +230,21 @@ CASES = {
     "Inf in a float channel": _simple(_float_slide(np.inf), "Inf"),
     "all-zero slide": _simple(lambda tmp, good: _slide(tmp / "zero.ome.tif", np.zeros((3, 256, 256), np.uint16)), "tissue"),
     "slide smaller than a patch": _simple(lambda tmp, good: _slide(tmp / "tiny.ome.tif", _tissue(48), tile=16), "smaller"),
-    "negative patch size": lambda tmp, good, store: (["tile", str(good), "--out", str(tmp / "o.zarr"), "--patch-size", "-64"], "--patch-size", "positive"),
-    "zero patch size": lambda tmp, good, store: (["tile", str(good), "--out", str(tmp / "o.zarr"), "--patch-size", "0"], "--patch-size", "positive"),
-    "overlap ≥ patch": lambda tmp, good, store: (["tile", str(good), "--out", str(tmp / "o.zarr"), "--patch-size", "64", "--overlap", "64"], "--overlap", ""),
+    "negative patch size": lambda tmp, good, store: (
+        ["tile", str(good), "--out", str(tmp / "o.zarr"), "--patch-size", "-64"],
+        "--patch-size",
+        "positive",
+    ),
+    "zero patch size": lambda tmp, good, store: (
+        ["tile", str(good), "--out", str(tmp / "o.zarr"), "--patch-size", "0"],
+        "--patch-size",
+        "positive",
+    ),
+    "overlap ≥ patch": lambda tmp, good, store: (
+        ["tile", str(good), "--out", str(tmp / "o.zarr"), "--patch-size", "64", "--overlap", "64"],
+        "--overlap",
+        "",
+    ),
     "negative overlap": lambda tmp, good, store: (["tile", str(good), "--out", str(tmp / "o.zarr"), "--overlap", "-1"], "--overlap", ""),
     "store from a newer version": _newer_store,
     "store never completed": _incomplete_store,

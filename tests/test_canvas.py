@@ -71,8 +71,10 @@ def test_overlapping_windows_leave_no_seams_only_when_fused():
 
     fused = run_canvas(plan, windows, (1, 1, size, size), lambda idx, crops, t: eps_of(crops, t, crops_of(idx)))[0, 0]
     merger = BlendMerger(0, size, 0, size, window("gaussian", p), 1)
-    alone = [sample(lambda x, t, j=j: eps_of(x, t, crops_of([j])), canvas_normal(100 + j, 1, 0, 1, 0, p, 0, p), plan)[0, 0].numpy()
-             for j in range(len(yx))]
+    alone = [
+        sample(lambda x, t, j=j: eps_of(x, t, crops_of([j])), canvas_normal(100 + j, 1, 0, 1, 0, p, 0, p), plan)[0, 0].numpy()
+        for j in range(len(yx))
+    ]
     merger.aggregate([np.stack(alone)], yx, np.zeros((len(yx), 2), np.float32))
     blended = merger.finalize()[0][0]
     covered = np.ones((size, size), bool)

@@ -39,7 +39,7 @@ def test_a_flipped_byte_names_the_store_array_and_patch(store):
         read_rows(PatchStore.open(store).images, np.arange(images.shape[0]))
     line = str(err.value.one_line())
     assert str(store) in line and "'images'" in line and "patch 16 (shard 1)" in line and "\n" not in line
-    intact = np.r_[0:16, 17:images.shape[0]]  # every other patch still reads, unchanged
+    intact = np.r_[0:16, 17 : images.shape[0]]  # every other patch still reads, unchanged
     np.testing.assert_array_equal(read_rows(PatchStore.open(store).images, intact), before[intact])
 
 

@@ -43,8 +43,10 @@ def test_tile_stitch_and_evaluate_on_a_cluster_match_local(small, small_map, clu
     for key in here:
         np.testing.assert_array_equal(here[key], there[key], err_msg=key)
 
-    scores = [api.evaluate(small_map / "m.ome.zarr", truth=small, out=tmp_path / name, viewer=False, quiet=True, scheduler=sched).metrics
-              for name, sched in (("threads", "threads"), ("cluster", cluster))]
+    scores = [
+        api.evaluate(small_map / "m.ome.zarr", truth=small, out=tmp_path / name, viewer=False, quiet=True, scheduler=sched).metrics
+        for name, sched in (("threads", "threads"), ("cluster", cluster))
+    ]
     here, there = scores[0]["slides"][0]["wsi"], scores[1]["slides"][0]["wsi"]
     assert here.keys() == there.keys() and here["pixels_tissue"] > 0
     for key, value in here.items():  # counts exact; float sums may combine partial sums in another order (last bit)

@@ -47,8 +47,12 @@ def test_unavailable_or_unknown_devices_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
-    for name, message in (("cuda:0", "no CUDA device is available"), ("mps", "Metal backend is not available"),
-                          ("gpu", "unknown device 'gpu'"), ("cuda:x", "unknown device")):
+    for name, message in (
+        ("cuda:0", "no CUDA device is available"),
+        ("mps", "Metal backend is not available"),
+        ("gpu", "unknown device 'gpu'"),
+        ("cuda:x", "unknown device"),
+    ):
         with pytest.raises(InputError, match=message):
             resolve_device(name)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -57,8 +61,10 @@ def test_unavailable_or_unknown_devices_are_refused(monkeypatch):
 
 
 def test_cli_refuses_a_bad_device_in_one_line(small_store, tmp_path):
-    for args in (["train", str(small_store), "--out", str(tmp_path / "r1"), "--device", "gpu0"],
-                 ["train", str(small_store), "--out", str(tmp_path / "r2"), "--device", "cuda:0"]):
+    for args in (
+        ["train", str(small_store), "--out", str(tmp_path / "r1"), "--device", "gpu0"],
+        ["train", str(small_store), "--out", str(tmp_path / "r2"), "--device", "cuda:0"],
+    ):
         r = run_cli(*args)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -130,8 +136,11 @@ def test_every_option_says_what_it_does():
     r = run_cli("train", "--help")
     text = " ".join(r.stdout.split())
     assert "tiny 1000, paper 200000" in text and "tiny off, paper off" in text  # what the presets resolve to
-    workers = {name: next(p.help for p in cmd.params if p.name == "workers") for name, cmd in cli.commands.items()
-               if any(p.name == "workers" for p in cmd.params)}
+    workers = {
+        name: next(p.help for p in cmd.params if p.name == "workers")
+        for name, cmd in cli.commands.items()
+        if any(p.name == "workers" for p in cmd.params)
+    }
     assert set(workers) == {"synth", "tile", "stitch"}
     assert all(h.startswith("Tasks run at once on this machine (default: all cores)") for h in workers.values())
     samples = next(p.help for p in cli.commands["predict"].params if p.name == "samples")

@@ -26,7 +26,12 @@ def perfect_map(tmp_path_factory):
     write_slides(d, 1, SynthConfig(size=1100, seed=21), progress=False)
     slide = d / "synth_000.ome.tif"
     store = d / "st.zarr"
-    assert run_cli("tile", str(slide), "--out", str(store), "--patch-size", "128", "--overlap", "32", "--store-dtype", "uint16", "--quiet").returncode == 0
+    assert (
+        run_cli(
+            "tile", str(slide), "--out", str(store), "--patch-size", "128", "--overlap", "32", "--store-dtype", "uint16", "--quiet"
+        ).returncode
+        == 0
+    )
     cond = PatchStore.open(store)
     root = create_prediction_store(d / "pred.zarr", cond, {"roles": cond.roles, "nuclei": True})
     root["pred"][:] = (np.asarray(cond.images[:, 2:3]) / 65535).astype(np.float16)
@@ -41,7 +46,9 @@ def perfect_map(tmp_path_factory):
 def test_evaluate_writes_the_report_and_scores_a_perfect_map(perfect_map, tmp_path):
     d, m, slide = perfect_map
     out = tmp_path / "report"
-    res = run_cli("evaluate", str(m), "--truth", str(slide), "--clean", str(d / "truth" / "synth_000.np_clean.ome.tif"), "--out", str(out), "--quiet")
+    res = run_cli(
+        "evaluate", str(m), "--truth", str(slide), "--clean", str(d / "truth" / "synth_000.np_clean.ome.tif"), "--out", str(out), "--quiet"
+    )
     assert res.returncode == 0, res.stderr
     for name in ("metrics.json", "patches.csv", "overview.png", "zoom.png", "metrics_hist.png", "divergence_vs_error.png", "report.html"):
         assert (out / name).exists() and (out / name).stat().st_size > 0, name

@@ -60,8 +60,15 @@ def test_gate_sums_per_region_match_a_loop():
 def test_gate_in_training_pools_the_dammp_rows_sample_by_sample():
     """Two log rows of the DAMMP phase pooled equal the rates over all their samples at once; warm-up rows do not count."""
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(-1, 2, (n,), generator=g), *(torch.randn(n, 2, 4, 4, generator=g) for _ in range(2)), torch.rand(n, 4, 4, generator=g),
-                torch.randn(n, 2, 4, 4, generator=g)) for n in (9, 14, 6)]
+    batches = [
+        (
+            torch.randint(-1, 2, (n,), generator=g),
+            *(torch.randn(n, 2, 4, 4, generator=g) for _ in range(2)),
+            torch.rand(n, 4, 4, generator=g),
+            torch.randn(n, 2, 4, 4, generator=g),
+        )
+        for n in (9, 14, 6)
+    ]
     tracker, rows = GateByRegion(NAMES), []
     for step, (phase, batch) in enumerate(zip(("warmup", "dammp", "dammp"), batches)):
         tracker.add(*batch)

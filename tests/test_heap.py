@@ -74,8 +74,14 @@ def _reuse_figures() -> dict:
 def test_training_reuses_freed_memory_and_gives_it_back_afterwards():
     # in a fresh interpreter: a test worker's heap, fragmented by earlier tests, decides how many pages a step faults in
     code = "import json; from tests.test_heap import _reuse_figures; print(json.dumps(_reuse_figures()))"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     f = json.loads(res.stdout.splitlines()[-1])
     assert f["applied"]

@@ -102,10 +102,16 @@ def wide_prediction(tmp_path_factory):
     d = tmp_path_factory.mktemp("wide")
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:3072, :3072]
-    disc = ((yy - 1536) ** 2 + (xx - 1536) ** 2 < 1400**2)
+    disc = (yy - 1536) ** 2 + (xx - 1536) ** 2 < 1400**2
     data = np.stack([(100 + 2000 * disc * rng.random((3072, 3072))).astype(np.uint16) for _ in range(3)])
-    tifffile.imwrite(d / "w.ome.tif", data, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}},
-                     tile=(256, 256), compression="zlib", photometric="minisblack")
+    tifffile.imwrite(
+        d / "w.ome.tif",
+        data,
+        metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}},
+        tile=(256, 256),
+        compression="zlib",
+        photometric="minisblack",
+    )
     res = run_cli("tile", str(d / "w.ome.tif"), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
     assert res.returncode == 0, res.stderr
     cond = PatchStore.open(d / "c.zarr")

@@ -118,7 +118,9 @@ def test_training_crops_are_crops_of_the_slide_encoding_and_stay_on_tissue():
     painted = np.zeros((size_y, size_x), bool)
     for y, x in yx:
         painted[y : y + patch, x : x + patch] = True
-    seen = torch.where(torch.from_numpy(painted), image, torch.full_like(image, GLASS))[:, : yx[:, 0].max() + patch, : yx[:, 1].max() + patch]
+    seen = torch.where(torch.from_numpy(painted), image, torch.full_like(image, GLASS))[
+        :, : yx[:, 0].max() + patch, : yx[:, 1].max() + patch
+    ]
     rows = np.arange(len(yx))
     off = canv.offsets(rows, torch.Generator().manual_seed(0))
     assert (np.abs(off) <= patch // f // 2).all() and (off != 0).any(axis=1).mean() > 0.3
@@ -154,9 +156,16 @@ def test_a_moved_crop_carries_the_context_of_where_it_was_cut(small_store):
         return torch.nn.functional.avg_pool2d(x, f).repeat(1, 2, 1, 1)
 
     roles = ("vessels", "nuclei", "target")
-    canv = LatentCanvases(lambda r: to_model_range(read_rows(store.images, r)), coords, {r: encode for r in roles},
-                          {r: store.roles.index(r) for r in roles}, f, patch,
-                          context=lambda r, origins: store.context_windows(r, span, origins), context_roles=tuple(store.context_roles))
+    canv = LatentCanvases(
+        lambda r: to_model_range(read_rows(store.images, r)),
+        coords,
+        {r: encode for r in roles},
+        {r: store.roles.index(r) for r in roles},
+        f,
+        patch,
+        context=lambda r, origins: store.context_windows(r, span, origins),
+        context_roles=tuple(store.context_roles),
+    )
     off = canv.offsets(rows, torch.Generator().manual_seed(3))
     lat = canv.batch(rows, off)
     p, side = patch // f, round(span * patch / CONTEXT_DOWNSAMPLE)

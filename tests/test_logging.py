@@ -34,22 +34,39 @@ def test_line_progress_is_quiet_between_intervals(caplog, monkeypatch):
 
 def test_tile_logs_progress_lines_and_a_log_file(small, tmp_path):
     log = tmp_path / "logs" / "tile.log"
-    res = run_cli("tile", str(small), "--out", str(tmp_path / "s.zarr"), "--patch-size", "128", "--overlap", "32",
-                  "--log-file", str(log), env={"WSI_DAMM_PROGRESS_SECONDS": "0"})
+    res = run_cli(
+        "tile",
+        str(small),
+        "--out",
+        str(tmp_path / "s.zarr"),
+        "--patch-size",
+        "128",
+        "--overlap",
+        "32",
+        "--log-file",
+        str(log),
+        env={"WSI_DAMM_PROGRESS_SECONDS": "0"},
+    )
     assert res.returncode == 0, res.stderr
     assert re.search(r"wsi-damm: tiling: \d+/\d+ shard \(100 %\)", res.stderr)
     text = log.read_text()
-    assert "INFO wsi_damm.cli: wsi-damm tile " in text and re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO wsi_damm.progress: tiling: ", text, re.M)
+    assert "INFO wsi_damm.cli: wsi-damm tile " in text and re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO wsi_damm.progress: tiling: ", text, re.M
+    )
     res = run_cli("tile", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "t.zarr"), "--log-file", str(log))
     assert res.returncode == 2 and "ERROR wsi_damm.cli: " in log.read_text() and "missing.tif: no such file" in log.read_text()
 
 
 def test_training_metrics_are_written_between_checkpoints(small_store, tmp_path):
     toml = tmp_path / "t.toml"
-    toml.write_text(TINY_TOML.replace("steps = 6", "steps = 500").replace("checkpoint_every = 3", "checkpoint_every = 400\nmetrics_every = 5"))
+    toml.write_text(
+        TINY_TOML.replace("steps = 6", "steps = 500").replace("checkpoint_every = 3", "checkpoint_every = 400\nmetrics_every = 5")
+    )
     run = tmp_path / "run"
     metrics = run / "metrics.csv"
-    kill_when(["train", str(small_store), "--out", str(run), "--config", str(toml), "--quiet"],
-              lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+    kill_when(
+        ["train", str(small_store), "--out", str(run), "--config", str(toml), "--quiet"],
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+    )
     assert not (run / "checkpoints" / "latest.json").exists()  # no checkpoint yet, and yet the curve is on disk
     assert metrics.read_text().splitlines()[0].startswith("step,phase,lr,loss")

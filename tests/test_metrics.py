@@ -99,7 +99,9 @@ def test_pearson_r_means_and_spreads_equal_numpy_streamed_and_masked():
     meas, pred = _sparse_pair(rng)
     mask = np.zeros(meas.shape, bool)
     mask[40:260, 30:300] = True
-    m = whole_slide_metrics(da.from_array(pred, chunks=(70, 90)), da.from_array(meas, chunks=(70, 90)), da.from_array(mask, chunks=(70, 90)))
+    m = whole_slide_metrics(
+        da.from_array(pred, chunks=(70, 90)), da.from_array(meas, chunks=(70, 90)), da.from_array(mask, chunks=(70, 90))
+    )
     for sfx, a, b in (("", pred, meas), ("_tissue", pred[mask], meas[mask])):
         assert m[f"pearson_r{sfx}"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-9)
         assert m[f"mean{sfx}"] == pytest.approx(a.mean(), abs=1e-12) and m[f"mean_measured{sfx}"] == pytest.approx(b.mean(), abs=1e-12)

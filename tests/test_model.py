@@ -144,8 +144,10 @@ def test_a_squared_error_denoiser_learns_the_mean_where_l1_learns_the_median():
 
     target = torch.tensor([0.0] * 7 + [1.0] * 3).view(10, 1, 1, 1)
     grid = torch.linspace(0, 1, 1001)
-    best = {squared: grid[torch.stack([per_sample_loss(torch.full_like(target, c), target, squared).mean() for c in grid]).argmin()]
-            for squared in (False, True)}
+    best = {
+        squared: grid[torch.stack([per_sample_loss(torch.full_like(target, c), target, squared).mean() for c in grid]).argmin()]
+        for squared in (False, True)
+    }
     assert best[False].item() == pytest.approx(0.0, abs=1e-3) and best[True].item() == pytest.approx(0.3, abs=1e-3)
 
 
@@ -234,6 +236,7 @@ def test_a_power_coded_autoencoder_codes_the_power_and_decodes_it_back():
     torch.testing.assert_close(to_power(to_power(x, 0.5), 2.0), x, atol=1e-6, rtol=0)
     assert to_power(x, 1.0) is x
     ae = Autoencoder(4, 1, (8, 16), local=True, local_norm="none", gamma=0.5)
+
     class MeanAndLogvar(torch.nn.Module):  # the encoder replaced: its input as the mean (and as the log-variance)
         def forward(self, v: torch.Tensor) -> torch.Tensor:
             return torch.cat([v, v], 1)

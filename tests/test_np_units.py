@@ -28,8 +28,14 @@ def _copy_with_np_scaled(src, dst, factor: float) -> None:
         names = ["CD31", "DAPI", "NP"]
     img = img.astype(np.float64)
     img[names.index("NP")] *= factor
-    tifffile.imwrite(dst, np.clip(np.rint(img), 0, 65535).astype(np.uint16), ome=True, resolution=(1e4 / 0.5, 1e4 / 0.5),
-                     resolutionunit="CENTIMETER", metadata={"axes": "CYX", "Channel": {"Name": names}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    tifffile.imwrite(
+        dst,
+        np.clip(np.rint(img), 0, 65535).astype(np.uint16),
+        ome=True,
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+        metadata={"axes": "CYX", "Channel": {"Name": names}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+    )
 
 
 def _measured_mean(scale: NpScale, truth, tmp_path, name, tiff=None) -> dict:
@@ -37,8 +43,9 @@ def _measured_mean(scale: NpScale, truth, tmp_path, name, tiff=None) -> dict:
     rc = RunConfig(patch_size=128, mpp=0.5, roles=spec.roles, np_scale=scale)
     k = spec.roles.index("target")
     identity = lambda x, coords, context: (x[:, k : k + 1] + 1) / 2  # noqa: E731 (the measured NP patch: a perfect "model")
-    m = patch_function_map(rc, spec, tmp_path / f"{name}.ome.zarr", identity, {}, progress=False, tiff=tiff,
-                           tiff_units="measured" if tiff else "normalised")
+    m = patch_function_map(
+        rc, spec, tmp_path / f"{name}.ome.zarr", identity, {}, progress=False, tiff=tiff, tiff_units="measured" if tiff else "normalised"
+    )
     r = api.evaluate(m, truth=truth, out=tmp_path / f"{name}_report", viewer=False, quiet=True).metrics["slides"][0]
     return {"map": m, **r["measured_units"]}
 
@@ -48,9 +55,14 @@ def test_fixed_and_reference_ranges_keep_the_ratio_between_slides(small, tmp_pat
     _copy_with_np_scaled(small, dim, 0.5)
     with tifffile.TiffFile(small) as tif:
         top = float(tif.series[0].levels[0].asarray()[2].max())
-    for scale in (np_scale("fixed", (0.0, top)),
-                  np_scale("reference", reference_range=reference_range(specs_from_paths([small], CHANNELS)[0], TileConfig(patch_size=128, mpp=0.5)),
-                           reference=str(small))):
+    for scale in (
+        np_scale("fixed", (0.0, top)),
+        np_scale(
+            "reference",
+            reference_range=reference_range(specs_from_paths([small], CHANNELS)[0], TileConfig(patch_size=128, mpp=0.5)),
+            reference=str(small),
+        ),
+    ):
         tiff = tmp_path / f"bright_{scale.mode}.ome.tif"
         bright_m = _measured_mean(scale, small, tmp_path, f"bright_{scale.mode}", tiff=tiff)
         dim_m = _measured_mean(scale, dim, tmp_path, f"dim_{scale.mode}")
@@ -75,16 +87,32 @@ def test_fixed_and_reference_ranges_keep_the_ratio_between_slides(small, tmp_pat
 
 def test_tile_records_the_np_normalisation_and_refuses_incomplete_options(small, tmp_path):
     out = tmp_path / "ref.zarr"
-    r = run_cli("tile", str(small), "--out", str(out), "--patch-size", "128", "--mpp", "0.5", "--np-norm", "reference",
-                "--np-reference", str(small), "--quiet")
+    r = run_cli(
+        "tile",
+        str(small),
+        "--out",
+        str(out),
+        "--patch-size",
+        "128",
+        "--mpp",
+        "0.5",
+        "--np-norm",
+        "reference",
+        "--np-reference",
+        str(small),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     attrs = dict(zarr.open_group(str(out), mode="r").attrs)
     norm = attrs.get("np_normalisation") or attrs["wsi_damm"]["np_normalisation"]
     [spec] = specs_from_paths([small], CHANNELS)
     assert norm["mode"] == "reference" and norm["reference"] == str(small)
     assert (norm["low"], norm["high"]) == pytest.approx(reference_range(spec, TileConfig(patch_size=128, mpp=0.5)))
-    for bad, word in ((["--np-norm", "fixed"], "--np-range"), (["--np-norm", "fixed", "--np-range", "9"], "LO,HI"),
-                      (["--np-norm", "reference"], "--np-reference")):
+    for bad, word in (
+        (["--np-norm", "fixed"], "--np-range"),
+        (["--np-norm", "fixed", "--np-range", "9"], "LO,HI"),
+        (["--np-norm", "reference"], "--np-reference"),
+    ):
         r = run_cli("tile", str(small), "--out", str(tmp_path / "bad.zarr"), "--patch-size", "128", "--quiet", *bad)
         assert r.returncode == 2 and word in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "bad.zarr").exists()

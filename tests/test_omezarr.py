@@ -28,15 +28,25 @@ def _image(shape=(3, 300, 420), seed=0) -> np.ndarray:
 
 
 def _omero(n: int) -> dict:
-    return {"channels": [{"label": NAMES[i], "color": "FFFFFF", "window": {"min": 0, "max": 65535, "start": 0, "end": 30000}} for i in range(n)]}
+    return {
+        "channels": [{"label": NAMES[i], "color": "FFFFFF", "window": {"min": 0, "max": 65535, "start": 0, "end": 30000}} for i in range(n)]
+    }
 
 
 def _write(path, img, fmt, axes="cyx", mpp=0.5, units=True) -> None:
     group = zarr.open_group(str(path), mode="w", zarr_format=2 if fmt.version == "0.4" else 3)
     spatial = {"y": mpp, "x": mpp, **({"z": 2.0} if "z" in axes else {})}
     scale = {"c": 1.0, **spatial}
-    ome_writer.write_image(img, group, scale_factors=(2,), fmt=fmt, axes=axes, scale=scale,
-                           axes_units={a: "micrometer" for a in spatial} if units else None, omero=_omero(img.shape[axes.index("c")]))
+    ome_writer.write_image(
+        img,
+        group,
+        scale_factors=(2,),
+        fmt=fmt,
+        axes=axes,
+        scale=scale,
+        axes_units={a: "micrometer" for a in spatial} if units else None,
+        omero=_omero(img.shape[axes.index("c")]),
+    )
 
 
 @pytest.mark.parametrize("fmt", [ome_format.FormatV04(), ome_format.FormatV05()], ids=["ngff0.4", "ngff0.5"])
@@ -92,8 +102,14 @@ def test_ome_zarr_tiles_like_the_same_pixels_as_ome_tiff(tmp_path):
     """The same pixels, as OME-Zarr (ome-zarr-py) and as OME-TIFF (tifffile), give the same patch store."""
     img = _image((3, 512, 640))
     _write(tmp_path / "s.ome.zarr", img, ome_format.FormatV05())
-    tifffile.imwrite(tmp_path / "s.ome.tif", img, ome=True, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER",
-                     metadata={"axes": "CYX", "Channel": {"Name": NAMES}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    tifffile.imwrite(
+        tmp_path / "s.ome.tif",
+        img,
+        ome=True,
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+        metadata={"axes": "CYX", "Channel": {"Name": NAMES}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+    )
     stores = []
     for name in ("s.ome.zarr", "s.ome.tif"):
         out = tmp_path / f"{name}.patches.zarr"
@@ -109,13 +125,16 @@ def test_ome_zarr_tiles_like_the_same_pixels_as_ome_tiff(tmp_path):
     assert '"OmeZarrSlide"' in r.stdout and '"CD31"' in r.stdout
 
 
-@pytest.mark.parametrize("name,head,what", [
-    ("scan.czi", b"ZISRAWFILE" + bytes(100), "Zeiss CZI"),
-    ("scan.bin", b"ZISRAWFILE" + bytes(100), "Zeiss CZI"),  # by signature, whatever the name
-    ("scan.nd2", b"\xda\xce\xbe\x0a" + bytes(100), "Nikon ND2"),
-    ("scan.lif", b"\x70\x00\x00\x00" + bytes(100), "Leica LIF"),
-    ("scan.vsi", b"II*\x00" + bytes(100), "Olympus/Evident VSI"),
-])
+@pytest.mark.parametrize(
+    "name,head,what",
+    [
+        ("scan.czi", b"ZISRAWFILE" + bytes(100), "Zeiss CZI"),
+        ("scan.bin", b"ZISRAWFILE" + bytes(100), "Zeiss CZI"),  # by signature, whatever the name
+        ("scan.nd2", b"\xda\xce\xbe\x0a" + bytes(100), "Nikon ND2"),
+        ("scan.lif", b"\x70\x00\x00\x00" + bytes(100), "Leica LIF"),
+        ("scan.vsi", b"II*\x00" + bytes(100), "Olympus/Evident VSI"),
+    ],
+)
 def test_vendor_formats_are_refused_naming_the_converter(tmp_path, name, head, what):
     path = tmp_path / name
     path.write_bytes(head)

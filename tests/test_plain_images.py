@@ -21,9 +21,9 @@ def _composite(n: int = 384) -> np.ndarray:
     img = np.zeros((n, n, 3), np.uint8)
     img[:, :, 2] = 30
     for y, x in rng.integers(4, n - 4, (400, 2)):
-        img[y - 3:y + 4, x - 3:x + 4, 2] = 220
+        img[y - 3 : y + 4, x - 3 : x + 4, 2] = 220
     for k in range(6):
-        img[40 + 55 * k:46 + 55 * k, :, 0] = 250
+        img[40 + 55 * k : 46 + 55 * k, :, 0] = 250
     img[:, :, 1] = (np.convolve(img[:, n // 2, 0].astype(float), np.ones(31) / 31, "same")[:, None] * 0.8).astype(np.uint8)
     return img
 
@@ -31,7 +31,12 @@ def _composite(n: int = 384) -> np.ndarray:
 @pytest.fixture()
 def images(tmp_path):
     rgb = _composite()
-    paths = {"png": tmp_path / "field.png", "jpg": tmp_path / "field.jpg", "jpg444": tmp_path / "field444.jpg", "tif": tmp_path / "field.tif"}
+    paths = {
+        "png": tmp_path / "field.png",
+        "jpg": tmp_path / "field.jpg",
+        "jpg444": tmp_path / "field444.jpg",
+        "tif": tmp_path / "field.tif",
+    }
     Image.fromarray(rgb).save(paths["png"])
     Image.fromarray(rgb).save(paths["jpg"], quality=95)  # Pillow's default: 4:2:0 chroma subsampling
     Image.fromarray(rgb).save(paths["jpg444"], quality=95, subsampling=0)
@@ -64,8 +69,19 @@ def test_plain_images_need_a_pixel_size(images):
 def test_tile_a_jpeg_composite(images, tmp_path):
     _, paths = images
     out = tmp_path / "s.zarr"
-    args = ["tile", str(paths["jpg"]), "--channels", "vessels=R,nuclei=B,target=G", "--out", str(out), "--patch-size", "128",
-            "--overlap", "32", "--quiet"]
+    args = [
+        "tile",
+        str(paths["jpg"]),
+        "--channels",
+        "vessels=R,nuclei=B,target=G",
+        "--out",
+        str(out),
+        "--patch-size",
+        "128",
+        "--overlap",
+        "32",
+        "--quiet",
+    ]
     res = run_cli(*args)
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "field.jpg" in res.stderr and "--mpp" in res.stderr

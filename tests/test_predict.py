@@ -43,8 +43,14 @@ def test_slide_without_nuclei_predicts_uni_modal(request, synth_dir, tmp_path, s
     tiny_run = run_for_sampling(request, sampling)
     full = tifffile.imread(second_slide(synth_dir))
     path = tmp_path / "no_dapi.ome.tif"
-    tifffile.imwrite(path, full[[0, 2]], ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "NP"]},
-                     "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}, tile=(256, 256), compression="zlib")
+    tifffile.imwrite(
+        path,
+        full[[0, 2]],
+        ome=True,
+        metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "NP"]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+        tile=(256, 256),
+        compression="zlib",
+    )
     store = predict_store(tiny_run, str(path), tmp_path / "u.zarr", "--sampling", sampling, "--samples", "2")
     assert store.attrs["nuclei"] is False and store.roles == ["vessels"]  # the measured NP channel is never read
     assert float(np.asarray(store.root["pred_sd"][:]).astype(np.float32).max()) > 0  # two draws (two canvases) that differ
@@ -59,14 +65,23 @@ def test_prediction_reads_only_its_inputs(tiny_run, synth_dir, tmp_path):
     must predict the same patches: every row of a comparison is then scored on the same pixels."""
     full = tifffile.imread(second_slide(synth_dir))
     rng = np.random.default_rng(0)
-    targets = {"measured": full[2], "zeros": np.zeros_like(full[2]),
-               "noise": rng.integers(0, np.iinfo(full.dtype).max, full[2].shape, dtype=full.dtype)}
+    targets = {
+        "measured": full[2],
+        "zeros": np.zeros_like(full[2]),
+        "noise": rng.integers(0, np.iinfo(full.dtype).max, full[2].shape, dtype=full.dtype),
+    }
     stores = {}
     for name, target in targets.items():
         (tmp_path / name).mkdir()
         path = tmp_path / name / "slide.ome.tif"  # one slide id: the noise is keyed by it
-        tifffile.imwrite(path, np.stack([full[0], full[1], target]), ome=True, tile=(256, 256), compression="zlib",
-                         metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        tifffile.imwrite(
+            path,
+            np.stack([full[0], full[1], target]),
+            ome=True,
+            tile=(256, 256),
+            compression="zlib",
+            metadata={"axes": "CYX", "Channel": {"Name": ["CD31", "DAPI", "NP"]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+        )
         stores[name] = predict_store(tiny_run, str(path), tmp_path / f"{name}.zarr", "--no-stitch")
     ref = stores["measured"]
     assert ref.roles == ["vessels", "nuclei"] and len(ref.coords) > 20
@@ -90,13 +105,45 @@ def test_two_ranks_share_the_work_and_give_the_same_result(request, synth_dir, t
     tiny_run = run_for_sampling(request, sampling)
     slide = second_slide(synth_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # the same kernels in every process
-    args = ["predict", str(tiny_run), slide, "--steps", "4", "--eta", "1", "--sampler", "ddim", "--shard-patches", "8", "--no-stitch",
-            "--sampling", sampling, "--quiet"]
-    res = sp.run([sys.executable, "-m", "wsi_damm_cli.main", *args, "--out", str(tmp_path / "one.zarr")], capture_output=True, text=True,
-                 timeout=300, env=env)
+    args = [
+        "predict",
+        str(tiny_run),
+        slide,
+        "--steps",
+        "4",
+        "--eta",
+        "1",
+        "--sampler",
+        "ddim",
+        "--shard-patches",
+        "8",
+        "--no-stitch",
+        "--sampling",
+        sampling,
+        "--quiet",
+    ]
+    res = sp.run(
+        [sys.executable, "-m", "wsi_damm_cli.main", *args, "--out", str(tmp_path / "one.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "wsi_damm_cli.main", *args, "--out", str(tmp_path / "two.zarr")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "wsi_damm_cli.main",
+        *args,
+        "--out",
+        str(tmp_path / "two.zarr"),
+    ]
     res = sp.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     one, two = PredictionStore.open(tmp_path / "one.zarr"), PredictionStore.open(tmp_path / "two.zarr")

@@ -24,7 +24,16 @@ def uninterrupted(request, synth_dir, tmp_path_factory):
     def ref(sampling: str) -> Path:
         if sampling not in refs:
             out = tmp_path_factory.mktemp(f"ref_{sampling}") / "ref.zarr"
-            res = run_cli("predict", str(run_for_sampling(request, sampling)), second_slide(synth_dir), "--out", str(out), "--sampling", sampling, *KILL_ARGS)
+            res = run_cli(
+                "predict",
+                str(run_for_sampling(request, sampling)),
+                second_slide(synth_dir),
+                "--out",
+                str(out),
+                "--sampling",
+                sampling,
+                *KILL_ARGS,
+            )
             assert res.returncode == 0, res.stderr
             refs[sampling] = out
         return refs[sampling]
@@ -33,8 +42,10 @@ def uninterrupted(request, synth_dir, tmp_path_factory):
 
 
 @pytest.mark.slow(adds="a SIGKILL at an arbitrary moment of each phase of a real predict process, per sampling")
-@pytest.mark.parametrize("sampling,phase", [("canvas", "sampling"), ("shifted", "sampling"), ("independent", "sampling"),
-                                            ("independent", "tiling"), ("independent", "stitching")])
+@pytest.mark.parametrize(
+    "sampling,phase",
+    [("canvas", "sampling"), ("shifted", "sampling"), ("independent", "sampling"), ("independent", "tiling"), ("independent", "stitching")],
+)
 def test_kill_and_resume_gives_the_identical_map(request, uninterrupted, synth_dir, tmp_path, sampling, phase):
     """Killed while tiling the inputs, sampling or writing the map, `--resume` finishes the same map bit for bit."""
     tiny_run = run_for_sampling(request, sampling)

@@ -57,11 +57,28 @@ def test_svs_rgb_roles(tmp_path):
 
 def test_z_axis_refused_unless_plane_chosen(tmp_path):
     path = fixture("fluorescence/ome_multi-channel-z-series.ome.tif")
-    res = run_cli("tile", str(path), "--channels", "vessels=0,nuclei=1", "--out", str(tmp_path / "z.zarr"), "--patch-size", "64", "--overlap", "0")
+    res = run_cli(
+        "tile", str(path), "--channels", "vessels=0,nuclei=1", "--out", str(tmp_path / "z.zarr"), "--patch-size", "64", "--overlap", "0"
+    )
     assert res.returncode == 2 and "Z axis" in res.stderr and "--plane Z=" in res.stderr
     out = tmp_path / "z2.zarr"
-    res = run_cli("tile", str(path), "--channels", "vessels=0,nuclei=1", "--plane", "Z=2", "--out", str(out),
-                  "--patch-size", "64", "--overlap", "0", "--min-tissue", "0", "--quiet")
+    res = run_cli(
+        "tile",
+        str(path),
+        "--channels",
+        "vessels=0,nuclei=1",
+        "--plane",
+        "Z=2",
+        "--out",
+        str(out),
+        "--patch-size",
+        "64",
+        "--overlap",
+        "0",
+        "--min-tissue",
+        "0",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     store = PatchStore.open(out)
     assert store.images.dtype == np.uint8 and len(store) > 0

@@ -30,14 +30,26 @@ def _move(channel: np.ndarray, dy: float, dx: float, degrees: float) -> np.ndarr
     a = np.deg2rad(degrees)
     inv = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
     c = (np.array(channel.shape) - 1) / 2
-    out = ndimage.affine_transform(channel.astype(np.float64), inv, offset=c - inv @ (c + np.array([dy, dx])), order=3,
-                                   mode="constant", cval=float(np.percentile(channel, 1)))
+    out = ndimage.affine_transform(
+        channel.astype(np.float64),
+        inv,
+        offset=c - inv @ (c + np.array([dy, dx])),
+        order=3,
+        mode="constant",
+        cval=float(np.percentile(channel, 1)),
+    )
     return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
 
 
 def _write(path, data):
-    tifffile.imwrite(path, data, metadata={"axes": "CYX", "Channel": {"Name": NAMES[: len(data)]}, "PhysicalSizeX": 0.5,
-                                           "PhysicalSizeY": 0.5}, tile=(256, 256), compression="zlib", photometric="minisblack")
+    tifffile.imwrite(
+        path,
+        data,
+        metadata={"axes": "CYX", "Channel": {"Name": NAMES[: len(data)]}, "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5},
+        tile=(256, 256),
+        compression="zlib",
+        photometric="minisblack",
+    )
     return path
 
 
@@ -62,9 +74,28 @@ def tiled(slides, tmp_path_factory):
     out = {}
     for name, method in (("original", "translation"), ("translation", "translation"), ("original", "rigid"), ("rigid", "rigid")):
         store = d / f"{name}_{method}.zarr"
-        res = CliRunner().invoke(cli, ["tile", str(slides[name]), "--out", str(store), "--patch-size", "128", "--overlap", "0",
-                                       "--register", method, "--store-dtype", "uint16", "--qc", str(d / f"qc_{method}"), "--quiet",
-                                       "--log-file", str(d / "tile.log")])
+        res = CliRunner().invoke(
+            cli,
+            [
+                "tile",
+                str(slides[name]),
+                "--out",
+                str(store),
+                "--patch-size",
+                "128",
+                "--overlap",
+                "0",
+                "--register",
+                method,
+                "--store-dtype",
+                "uint16",
+                "--qc",
+                str(d / f"qc_{method}"),
+                "--quiet",
+                "--log-file",
+                str(d / "tile.log"),
+            ],
+        )
         assert res.exit_code == 0, res.stderr[-2000:]
         assert "registration:" in res.stderr
         out[name, method] = (store, d / f"qc_{method}")

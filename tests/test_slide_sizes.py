@@ -22,6 +22,7 @@ from .conftest import TINY_TOML, built_once
 @pytest.fixture(scope="session")
 def odd_slides(tmp_path_factory):
     """Synthetic slides of 999, 1001 and 1026 px (none a multiple of 4 but 1026 of 2)."""
+
     def build(d):
         for n in (999, 1001, 1026):
             write_slides(d / str(n), 1, SynthConfig(size=n, seed=n), progress=False)
@@ -48,12 +49,23 @@ def test_a_999_px_slide_trains_on_canvas_latents_and_predicts(odd_slides, tmp_pa
     store = tmp_path / "s.zarr"
     run_tile([odd_slides[999]], store, TileConfig(patch_size=64, overlap=16), progress=False)
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    args = ["train", str(store), "--out", str(tmp_path / "run"), "--config", str(tmp_path / "tiny.toml"), "--ae-local", "--latents", "canvas",
-            "--quiet"]
+    args = [
+        "train",
+        str(store),
+        "--out",
+        str(tmp_path / "run"),
+        "--config",
+        str(tmp_path / "tiny.toml"),
+        "--ae-local",
+        "--latents",
+        "canvas",
+        "--quiet",
+    ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.stderr
-    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "run"), str(odd_slides[999]), "--out", str(tmp_path / "p.zarr"),
-                                   "--steps", "2", "--quiet"])
+    res = CliRunner().invoke(
+        cli, ["predict", str(tmp_path / "run"), str(odd_slides[999]), "--out", str(tmp_path / "p.zarr"), "--steps", "2", "--quiet"]
+    )
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "p.ome.zarr").exists()
 
@@ -64,8 +76,10 @@ def test_a_store_tiled_before_is_refused_before_any_training(odd_slides, tmp_pat
     assert (PatchStore.open(store).coords[:, 1:] % 4).any()
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     run = tmp_path / "run"
-    res = CliRunner().invoke(cli, ["train", str(store), "--out", str(run), "--config", str(tmp_path / "tiny.toml"), "--ae-local",
-                                   "--latents", "canvas", "--quiet"])
+    res = CliRunner().invoke(
+        cli,
+        ["train", str(store), "--out", str(run), "--config", str(tmp_path / "tiny.toml"), "--ae-local", "--latents", "canvas", "--quiet"],
+    )
     assert res.exit_code == 2
     [line] = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert line.startswith(f"wsi-damm: error: {store}: has ") and "off the autoencoder's 4-pixel grid" in line

@@ -31,8 +31,15 @@ def test_role_errors_list_the_channels(small):
 
 
 def _write_single(path, plane, mpp=0.5):
-    tifffile.imwrite(path, plane, tile=(128, 128), compression="zlib", photometric="minisblack",
-                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        plane,
+        tile=(128, 128),
+        compression="zlib",
+        photometric="minisblack",
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+    )
 
 
 def test_manifest_assembles_per_channel_files(small, tmp_path):

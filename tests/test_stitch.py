@@ -27,8 +27,21 @@ def odd_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("odd")
     write_slides(d, 1, SynthConfig(size=1100, seed=11), progress=False)
     out = d / "st.zarr"
-    res = run_cli("tile", str(d / "synth_000.ome.tif"), "--out", str(out), "--patch-size", "128", "--overlap", "32",
-                  "--store-dtype", "uint16", "--shard-patches", "16", "--quiet")
+    res = run_cli(
+        "tile",
+        str(d / "synth_000.ome.tif"),
+        "--out",
+        str(out),
+        "--patch-size",
+        "128",
+        "--overlap",
+        "32",
+        "--store-dtype",
+        "uint16",
+        "--shard-patches",
+        "16",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr
     return out
 
@@ -132,7 +145,9 @@ def test_constant_patches_blend_smoothly(odd_store, tmp_path):
 def test_ome_outputs_open_in_other_readers(odd_store, tmp_path):
     cond = PatchStore.open(odd_store)
     _fake_prediction(odd_store, tmp_path / "pred.zarr", np.asarray(cond.images[:, 2:3]) / 65535)
-    res = run_cli("stitch", str(tmp_path / "pred.zarr"), "--out", str(tmp_path / "map.ome.zarr"), "--tiff", str(tmp_path / "map.ome.tif"), "--quiet")
+    res = run_cli(
+        "stitch", str(tmp_path / "pred.zarr"), "--out", str(tmp_path / "map.ome.zarr"), "--tiff", str(tmp_path / "map.ome.tif"), "--quiet"
+    )
     assert res.returncode == 0, res.stderr
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
@@ -148,8 +163,10 @@ def test_ome_outputs_open_in_other_readers(odd_store, tmp_path):
     maps = next(iter(Reader(parse_url(str(tmp_path / "map.ome.zarr" / PATCH_MAPS)))()))
     assert maps.metadata["channel_names"] == ["divergence", "multi-modal share", "coverage"]
     assert [tuple(a.shape) for a in maps.data] == [(3, 138, 138)]
-    assert maps.metadata["coordinateTransformations"][0] == [{"type": "scale", "scale": [1.0, 4.0, 4.0]},
-                                                             {"type": "translation", "translation": [0.0, 1.75, 1.75]}]
+    assert maps.metadata["coordinateTransformations"][0] == [
+        {"type": "scale", "scale": [1.0, 4.0, 4.0]},
+        {"type": "translation", "translation": [0.0, 1.75, 1.75]},
+    ]
     with tifffile.TiffFile(tmp_path / "map.ome.tif") as tif:
         assert tif.is_ome and len(tif.series[0].levels) == 2
         assert "NP (predicted)" in tif.ome_metadata
@@ -174,8 +191,14 @@ class _Conditions:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(h=st.integers(40, 300), w=st.integers(40, 300), patch=st.sampled_from([16, 32, 40]), overlap_frac=st.floats(0, 0.75),
-       blend=st.sampled_from(["gaussian", "cosine", "linear", "mean"]), seed=st.integers(0, 10))
+@given(
+    h=st.integers(40, 300),
+    w=st.integers(40, 300),
+    patch=st.sampled_from([16, 32, 40]),
+    overlap_frac=st.floats(0, 0.75),
+    blend=st.sampled_from(["gaussian", "cosine", "linear", "mean"]),
+    seed=st.integers(0, 10),
+)
 def test_stitching_true_patches_round_trips(tmp_path_factory, h, w, patch, overlap_frac, blend, seed):
     overlap = int(patch * overlap_frac)
     ys, xs = grid_positions(h, patch, patch - overlap), grid_positions(w, patch, patch - overlap)

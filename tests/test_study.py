@@ -16,8 +16,12 @@ from wsi_damm.workflows.study import markdown_table, same_pixels, sample_sd
 
 def _result(kind: str, patches: list[tuple[int, int]], tissue: int = 1000, divergent: int = 300) -> dict:
     rows = [{"slide": "heldout_000", "y": y, "x": x, "ssim": 0.5, "psnr": 20.0, "region": 0} for y, x in patches]
-    slide = {"slide": "heldout_000", "wsi": {"pixels_tissue": tissue},
-             "regions": {"informative": {"pixels": tissue - divergent}, "divergent": {"pixels": divergent}}, "patch_rows": rows}
+    slide = {
+        "slide": "heldout_000",
+        "wsi": {"pixels_tissue": tissue},
+        "regions": {"informative": {"pixels": tissue - divergent}, "divergent": {"pixels": divergent}},
+        "patch_rows": rows,
+    }
     return {"kind": kind, "slides": [slide]}
 
 
@@ -49,10 +53,19 @@ def test_spread_over_seeds_is_the_sample_sd():
 
 
 def test_table_shows_draws_and_spread():
-    region = {"wsi_ssim": 0.5, "wsi_ssim_sd": 0.01, "wsi_psnr": 17.0, "wsi_psnr_sd": 0.1, "patch_ssim_percent": 50.0,
-              "patch_ssim_percent_sd": 5.0, "multimodal_share": 0.5}
-    rows = [{"model": "DAMM full", "draws": 1, "seeds": 3, "regions": {"tissue": region}},
-            {"model": "DAMM full", "draws": 4, "seeds": 3, "regions": {"tissue": region}}]
+    region = {
+        "wsi_ssim": 0.5,
+        "wsi_ssim_sd": 0.01,
+        "wsi_psnr": 17.0,
+        "wsi_psnr_sd": 0.1,
+        "patch_ssim_percent": 50.0,
+        "patch_ssim_percent_sd": 5.0,
+        "multimodal_share": 0.5,
+    }
+    rows = [
+        {"model": "DAMM full", "draws": 1, "seeds": 3, "regions": {"tissue": region}},
+        {"model": "DAMM full", "draws": 4, "seeds": 3, "regions": {"tissue": region}},
+    ]
     table = markdown_table(rows, 3)
     assert "| DAMM full | 1 | 0.5000 ± 0.010 | 17.00 ± 0.100 |" in table and "| DAMM full | 4 |" in table
     assert "ddof = 1" in table
@@ -72,8 +85,10 @@ def test_the_gate_panel_shows_every_seed_and_redraws_from_the_json(tmp_path):
     from wsi_damm.workflows.study import gate_points, redraw
 
     def row(name, shares):
-        regions = {g: {"wsi_ssim": 0.6, "wsi_psnr": 18.0, "multimodal_share": float(np.mean(shares)), "multimodal_share_per_seed": shares}
-                   for g in ("tissue", "informative", "divergent")}
+        regions = {
+            g: {"wsi_ssim": 0.6, "wsi_psnr": 18.0, "multimodal_share": float(np.mean(shares)), "multimodal_share_per_seed": shares}
+            for g in ("tissue", "informative", "divergent")
+        }
         return {"model": name, "kind": "learned", "draws": 1, "seeds": 3, "regions": regions}
 
     rows = [row("DAMM full", [1.0, 0.0, 1.0]), row("no MMFM", [1.0, 1.0, 0.0])]
@@ -82,8 +97,10 @@ def test_the_gate_panel_shows_every_seed_and_redraws_from_the_json(tmp_path):
     assert len(xs) == len(ys) == 2 * 2 * 3  # regions × models × seeds
     assert ys[:3].tolist() == [1.0, 0.0, 1.0] and ys[3:6].tolist() == [1.0, 1.0, 0.0]
     assert xs[:3].max() < xs[3:6].min() and xs[:6].max() < 0.5 < xs[6:].min()  # each model's dots over its own bar, each region by its tick
-    write_json(tmp_path / "study.json", {"models": rows, "samplers": [{"sampler": "dpm++", "steps": 10, "wsi_ssim": 0.6, "wsi_psnr": 18.0,
-                                                                         "seconds": 5.0}]})
+    write_json(
+        tmp_path / "study.json",
+        {"models": rows, "samplers": [{"sampler": "dpm++", "steps": 10, "wsi_ssim": 0.6, "wsi_psnr": 18.0, "seconds": 5.0}]},
+    )
     png = redraw(tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

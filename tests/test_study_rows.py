@@ -28,7 +28,9 @@ def test_a_patch_function_map_is_predicts_grid_stitched(small, tmp_path):
     """fn = the CD31 patch itself: the map must be the normalised CD31 channel wherever a patch landed."""
     rc = RunConfig(patch_size=128, mpp=None, level=0)
     (spec,) = specs_from_paths([small], {})
-    path = patch_function_map(rc, spec, tmp_path / "vessels.ome.zarr", lambda images, coords, context: (images[:, :1] + 1) / 2, {}, progress=False)
+    path = patch_function_map(
+        rc, spec, tmp_path / "vessels.ome.zarr", lambda images, coords, context: (images[:, :1] + 1) / 2, {}, progress=False
+    )
     m = np.asarray(zarr.open_group(str(path), mode="r")["0"][0]).astype(np.float64)
     plan = plan_slide(spec.without("target"), condition_config(rc, PredictConfig()))
     raw = tifffile.imread(small)[0].astype(np.float64)
@@ -51,8 +53,12 @@ def test_regression_unet_shapes_and_range():
 def test_regression_row_trains_at_the_runs_budget_and_maps_predicts_patches(small_store, synth_dir, tmp_path, span):
     """With the run's context (span 4) the regression U-Net gets the same surroundings as the diffusion model."""
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
-    rc = replace(resolve("tiny", tmp_path / "tiny.toml", {"model": {"context_span": span}}), patch_size=64, mpp=2.0,
-                 roles=tuple(PatchStore.open(small_store).roles))
+    rc = replace(
+        resolve("tiny", tmp_path / "tiny.toml", {"model": {"context_span": span}}),
+        patch_size=64,
+        mpp=2.0,
+        roles=tuple(PatchStore.open(small_store).roles),
+    )
     run = train_regression(small_store, tmp_path / "reg", rc, progress=False)
     assert build(rc).stem.in_channels == (4 if span else 2)
     info = json.loads((run / "config.json").read_text())

@@ -61,7 +61,7 @@ def test_np_spreads_from_a_point_as_a_gaussian_of_the_penetration_length(density
     src[n // 2, n // 2] = 1.0
     field = np_spread(cfg, c, src, np.full((n, n), density))
     sigma = length_um / (c * cfg.mpp)  # coarse px
-    r2 = ((np.arange(n) - n // 2)[:, None] ** 2 + (np.arange(n) - n // 2)[None, :] ** 2)
+    r2 = (np.arange(n) - n // 2)[:, None] ** 2 + (np.arange(n) - n // 2)[None, :] ** 2
     expected = np.exp(-r2 / (2 * sigma**2)) / (2 * np.pi * sigma**2)
     near = r2 < (3.5 * sigma) ** 2  # scipy truncates its Gaussians at 4 σ
     np.testing.assert_allclose(field[near], expected[near], rtol=0.02, atol=1e-4 * expected.max())
@@ -93,8 +93,11 @@ def test_version_2_renders_the_np_slides_of_version_1():
     figures recorded from version 1, commit 8b1feed)."""
     cfg = SynthConfig(size=1024, seed=4)
     w = render_window(cfg, make_layout(cfg, 0), 0, 100, 200, 300, 260)
-    version_1 = {"CD31": (29535174.578485124, 11944862423.511398), "DAPI": (88391723.2962577, 263605610353.44824),
-                 "NP": (43338079.313968465, 32511843923.070774)}
+    version_1 = {
+        "CD31": (29535174.578485124, 11944862423.511398),
+        "DAPI": (88391723.2962577, 263605610353.44824),
+        "NP": (43338079.313968465, 32511843923.070774),
+    }
     for name, (total, squares) in version_1.items():
         assert float(w[name].sum()) == pytest.approx(total, rel=1e-9)
         assert float((w[name] ** 2).sum()) == pytest.approx(squares, rel=1e-9)

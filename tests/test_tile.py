@@ -139,15 +139,34 @@ def test_processes_scheduler_gives_the_same_store(small, tmp_path):
     digests = []
     for sched in ("threads", "processes"):
         out = tmp_path / f"{sched}.zarr"
-        res = run_cli("tile", str(small), "--out", str(out), "--patch-size", "128", "--overlap", "32",
-                      "--shard-patches", "8", "--scheduler", sched, "--workers", "2", "--quiet")
+        res = run_cli(
+            "tile",
+            str(small),
+            "--out",
+            str(out),
+            "--patch-size",
+            "128",
+            "--overlap",
+            "32",
+            "--shard-patches",
+            "8",
+            "--scheduler",
+            sched,
+            "--workers",
+            "2",
+            "--quiet",
+        )
         assert res.returncode == 0, res.stderr
         digests.append(hashlib.sha256(np.asarray(PatchStore.open(out).images[:]).tobytes()).hexdigest())
     assert digests[0] == digests[1]
 
 
 def test_bad_options_exit_2(small, tmp_path):
-    for args, text in ((["--patch-size", "0"], "--patch-size"), (["--overlap", "256"], "--overlap"), (["--min-tissue", "2"], "--min-tissue")):
+    for args, text in (
+        (["--patch-size", "0"], "--patch-size"),
+        (["--overlap", "256"], "--overlap"),
+        (["--min-tissue", "2"], "--min-tissue"),
+    ):
         res = run_cli("tile", str(small), "--out", str(tmp_path / "x.zarr"), *args)
         assert res.returncode == 2 and text in res.stderr, res.stderr
         assert not (tmp_path / "x.zarr").exists()

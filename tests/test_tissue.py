@@ -22,14 +22,14 @@ def _tissue(rng: np.random.Generator, dim: float = 0.25) -> np.ndarray:
     base = np.where(np.arange(N)[None, :] < N // 2, dim, 0.6) * np.ones((N, N))
     nuclei = np.zeros((N, N))
     for y, x in rng.integers(0, N, (1500, 2)):
-        nuclei[max(0, y - 2):y + 3, max(0, x - 2):x + 3] = 0.4 if x < N // 2 else 0.8
+        nuclei[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3] = 0.4 if x < N // 2 else 0.8
     vessels = base + 0.05 * rng.standard_normal((N, N))
     return np.stack([vessels, base + nuclei + 0.05 * rng.standard_normal((N, N))]).astype(np.float32)
 
 
 def _disk(radius: float) -> np.ndarray:
     yy, xx = np.mgrid[:N, :N]
-    return (yy - N / 2) ** 2 + (xx - N / 2) ** 2 < radius ** 2
+    return (yy - N / 2) ** 2 + (xx - N / 2) ** 2 < radius**2
 
 
 def test_a_tissue_filling_field_is_all_tissue():
@@ -39,6 +39,7 @@ def test_a_tissue_filling_field_is_all_tissue():
     # the two populations are real: without the glass rule, Otsu alone drops the dim half
     signal = np.max([(c - np.percentile(c, 1)) / (np.percentile(c, 99.5) - np.percentile(c, 1)) for c in img], axis=0)
     from skimage.filters import threshold_otsu
+
     assert (signal > threshold_otsu(signal)).mean() < 0.7
 
 
@@ -69,8 +70,12 @@ def test_tissue_all_is_every_pixel():
 
 
 def _write(path, img: np.ndarray, mpp: float = 0.5):
-    tifffile.imwrite(path, (img.clip(0, 1) * 255).astype(np.uint8), ome=True,
-                     metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "Channel": {"Name": ["CD31", "DAPI"]}})
+    tifffile.imwrite(
+        path,
+        (img.clip(0, 1) * 255).astype(np.uint8),
+        ome=True,
+        metadata={"axes": "CYX", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "Channel": {"Name": ["CD31", "DAPI"]}},
+    )
     return resolve_slides([path], channels="vessels=CD31,nuclei=DAPI")[0]
 
 
@@ -87,6 +92,7 @@ def test_every_patch_with_tissue_all_or_min_tissue_zero(tmp_path):
 
 def test_tissue_mode_is_checked():
     from wsi_damm.errors import InputError
+
     with pytest.raises(InputError, match="--tissue"):
         TileConfig(tissue="some").validate()
 

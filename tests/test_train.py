@@ -30,8 +30,16 @@ def test_train_cli_writes_a_complete_run(small_store, tiny_toml, tmp_path):
     out = tmp_path / "run"
     res = run_cli("train", str(small_store), "--out", str(out), "--config", str(tiny_toml), "--steps", "12", "--quiet")
     assert res.returncode == 0, res.stderr
-    for name in ("config.json", "unet_ema.safetensors", "unet.safetensors", "metrics.csv", "loss.png",
-                 "autoencoder_vessels.safetensors", "autoencoder_nuclei.safetensors", "autoencoder_target.safetensors"):
+    for name in (
+        "config.json",
+        "unet_ema.safetensors",
+        "unet.safetensors",
+        "metrics.csv",
+        "loss.png",
+        "autoencoder_vessels.safetensors",
+        "autoencoder_nuclei.safetensors",
+        "autoencoder_target.safetensors",
+    ):
         assert (out / name).exists(), name
     assert not list(out.rglob("*.pkl")) and not list(out.rglob("*.pth"))
     cfg = json.loads((out / "config.json").read_text())
@@ -60,8 +68,24 @@ def test_resume_continues_on_the_same_curve(small_store, tiny_toml, tmp_path):
 @pytest.mark.slow(adds="two torchrun ranks training with gloo DDP keep identical parameters")
 def test_two_rank_gloo_ddp_keeps_ranks_identical(small_store, tiny_toml, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "wsi_damm_cli.main", "train", str(small_store), "--out", str(out), "--config", str(tiny_toml), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "wsi_damm_cli.main",
+        "train",
+        str(small_store),
+        "--out",
+        str(out),
+        "--config",
+        str(tiny_toml),
+        "--quiet",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     state = json.loads((out / "training_state.json").read_text())
@@ -141,9 +165,14 @@ def test_autoencoder_learning_rate_follows_its_schedule(small_store, tiny_toml, 
     with open(run.ae_metrics, newline="") as fh:
         logged = [float(r["lr"]) for r in csv.DictReader(fh)]
     lr = cfg.autoencoder.lr
-    expected = [lr * (s + 1) / 50 if s < 50 else
-                lr if schedule == "constant" else lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 50) / (steps - 50))))
-                for s in range(steps)]
+    expected = [
+        lr * (s + 1) / 50
+        if s < 50
+        else lr
+        if schedule == "constant"
+        else lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 50) / (steps - 50))))
+        for s in range(steps)
+    ]
     assert logged == pytest.approx(expected, rel=1e-12)
     assert json.loads(run.config.read_text())["autoencoder"]["lr_schedule"] == schedule
 
@@ -266,8 +295,12 @@ def test_the_real_inform_fields_sparse_channel_is_recognised_as_sparse(tmp_path)
     shares = {}
     for target in ("Alexa 594", "DAPI"):
         out = tmp_path / f"{target.replace(' ', '_')}.zarr"
-        run_tile(resolve_slides([field], channels=f"vessels=Cy5,nuclei=FITC,target={target}"), out, TileConfig(patch_size=64, overlap=16),
-                 progress=False)
+        run_tile(
+            resolve_slides([field], channels=f"vessels=Cy5,nuclei=FITC,target={target}"),
+            out,
+            TileConfig(patch_size=64, overlap=16),
+            progress=False,
+        )
         store = PatchStore.open(out)
         shares[target] = bright_fraction(store, np.arange(len(store)), store.roles.index("target"))
     assert shares["Alexa 594"] < 0.05 < SPARSE_BELOW < shares["DAPI"]

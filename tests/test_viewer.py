@@ -30,7 +30,7 @@ def _pyramid(full: np.ndarray, reads: list | None = None) -> Pyramid:
         def read(y, x, h, w, level=level):
             if reads is not None:
                 reads.append(h * w)
-            return level[y:y + h, x:x + w]
+            return level[y : y + h, x : x + w]
 
         levels.append(SourceLevel(read, level.shape, float(2**k)))
     return Pyramid(levels)
@@ -91,7 +91,10 @@ def test_report_links_a_viewer_that_ships_its_viewer(report):
     html = (report / "report.html").read_text()
     assert "viewer_synth_000.html" in html
     assert (report / "viewer" / "openseadragon.min.js").stat().st_size > 300_000
-    assert "BSD" in (report / "viewer" / "OPENSEADRAGON_LICENSE.txt").read_text() or "Redistribution" in (report / "viewer" / "OPENSEADRAGON_LICENSE.txt").read_text()
+    assert (
+        "BSD" in (report / "viewer" / "OPENSEADRAGON_LICENSE.txt").read_text()
+        or "Redistribution" in (report / "viewer" / "OPENSEADRAGON_LICENSE.txt").read_text()
+    )
     page = (report / "viewer_synth_000.html").read_text()
     for key in ("measured", "predicted", "error", "divergence", "share", "vessels", "nuclei"):
         assert f"viewer/synth_000/{key}_files/" in page
@@ -118,11 +121,13 @@ def test_viewer_in_a_real_browser(report, small_map, tmp_path):
             const b = v.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(s.x, s.y));
             return [r.left + a.x, r.top + a.y, r.left + b.x, r.top + b.y]; })()""")
         x0, y0, x1, y1 = (int(round(v)) for v in box)
-        bar = browser.js("(() => { const r = document.querySelector('#osd-predicted .scale').getBoundingClientRect();"
-                         " return [r.left, r.top, r.right, r.bottom]; })()")
+        bar = browser.js(
+            "(() => { const r = document.querySelector('#osd-predicted .scale').getBoundingClientRect();"
+            " return [r.left, r.top, r.right, r.bottom]; })()"
+        )
         panel = shot[y0:y1, x0:x1]
         keep = np.ones(panel.shape[:2], bool)  # the scale bar is drawn over the map: not the map's pixels
-        keep[max(0, int(bar[1]) - y0 - 2):int(bar[3]) - y0 + 2, max(0, int(bar[0]) - x0 - 2):int(bar[2]) - x0 + 2] = False
+        keep[max(0, int(bar[1]) - y0 - 2) : int(bar[3]) - y0 + 2, max(0, int(bar[0]) - x0 - 2) : int(bar[2]) - x0 + 2] = False
         m = open_map(small_map / "m.ome.zarr")
         thumb = np.asarray(m.levels[-1][0], np.float32)
         expect = colour_map("viridis", 0, 1)(resize(thumb, panel.shape[:2], order=1, anti_aliasing=True)).astype(np.float32)
@@ -135,10 +140,15 @@ def test_viewer_in_a_real_browser(report, small_map, tmp_path):
 
         # zoom and pan the predicted panel; every other panel follows to the same place
         before = browser.js("document.querySelector('#osd-predicted .scale').textContent")
-        browser.js("(() => { const v = window.wsiViewers[1]; v.viewport.zoomTo(6, null, true);"
-                   " v.viewport.panTo(new OpenSeadragon.Point(0.3, 0.4), true); return true; })()")
-        browser.wait_for("(() => { const vs = window.wsiViewers, z = vs[1].viewport.getZoom();"
-                         " return vs.every(v => Math.abs(v.viewport.getZoom() - z) < 1e-9); })()", timeout=10)
+        browser.js(
+            "(() => { const v = window.wsiViewers[1]; v.viewport.zoomTo(6, null, true);"
+            " v.viewport.panTo(new OpenSeadragon.Point(0.3, 0.4), true); return true; })()"
+        )
+        browser.wait_for(
+            "(() => { const vs = window.wsiViewers, z = vs[1].viewport.getZoom();"
+            " return vs.every(v => Math.abs(v.viewport.getZoom() - z) < 1e-9); })()",
+            timeout=10,
+        )
         views = browser.js("window.wsiViewers.map(v => [v.viewport.getZoom(), v.viewport.getCenter().x, v.viewport.getCenter().y])")
         for z, cx, cy in views:
             assert z == pytest.approx(6) and cx == pytest.approx(0.3) and cy == pytest.approx(0.4)

@@ -112,14 +112,20 @@ def read_regions(path: str | Path, size: tuple[int, int] | None = None) -> Annot
         if g.is_empty:
             continue
         if not g.is_valid:
-            raise InputError(path, f"feature {k} ({name}): invalid {g.geom_type}: {explain_validity(g)}",
-                             "fix it in QuPath (e.g. Objects > Annotations > Simplify or redraw the shape)")
+            raise InputError(
+                path,
+                f"feature {k} ({name}): invalid {g.geom_type}: {explain_validity(g)}",
+                "fix it in QuPath (e.g. Objects > Annotations > Simplify or redraw the shape)",
+            )
         if size is not None:
             w, h = size
             if not shapely.box(-1, -1, w + 1, h + 1).contains(g):
                 x0, y0, x1, y1 = g.bounds
-                raise InputError(path, f"feature {k} ({name}) reaches outside the slide: bounds x {x0:.0f}…{x1:.0f}, "
-                                 f"y {y0:.0f}…{y1:.0f} px, slide {w}×{h} px", "export the annotations from this slide's image")
+                raise InputError(
+                    path,
+                    f"feature {k} ({name}) reaches outside the slide: bounds x {x0:.0f}…{x1:.0f}, y {y0:.0f}…{y1:.0f} px, slide {w}×{h} px",
+                    "export the annotations from this slide's image",
+                )
         regions.append(Region(name, g, props if isinstance(props, dict) else {}))
     if not regions:
         raise InputError(path, "holds no polygons (an empty collection, or only points and lines)")
@@ -142,8 +148,9 @@ def write_regions(path: str | Path, regions: list[Region]) -> Path:
     for r in regions:
         geom = mapping(r.geometry)
         props = {"objectType": "annotation", "classification": {"name": r.name}, **(r.properties or {})}
-        features.append({"type": "Feature", "geometry": {"type": geom["type"], "coordinates": rounded(geom["coordinates"])},
-                         "properties": props})
+        features.append(
+            {"type": "Feature", "geometry": {"type": geom["type"], "coordinates": rounded(geom["coordinates"])}, "properties": props}
+        )
     path = Path(path)
     write_json(path, {"type": "FeatureCollection", "features": features})
     return path

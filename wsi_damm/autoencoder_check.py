@@ -47,9 +47,17 @@ def ceiling_of(ae: Autoencoder, images: PatchImages, channel: int, device: torch
     got = agreement(sums, n)
     mean, mean_in, sd, sd_in = got["mean"], got["mean_measured"], got["sd"], got["sd_measured"]
     mse = squared_error / n
-    return {"patches": int(len(rows)), "pearson_r": got["pearson_r"], "mean": mean, "mean_input": mean_in,
-            "mean_ratio": mean / mean_in if mean_in > 0 else math.nan, "sd": sd, "sd_input": sd_in,
-            "spread_ratio": sd / sd_in if sd_in > 0 else math.nan, "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf}
+    return {
+        "patches": int(len(rows)),
+        "pearson_r": got["pearson_r"],
+        "mean": mean,
+        "mean_input": mean_in,
+        "mean_ratio": mean / mean_in if mean_in > 0 else math.nan,
+        "sd": sd,
+        "sd_input": sd_in,
+        "spread_ratio": sd / sd_in if sd_in > 0 else math.nan,
+        "psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
+    }
 
 
 def collapsed(ceiling: dict) -> bool:
@@ -57,11 +65,15 @@ def collapsed(ceiling: dict) -> bool:
     return not (ceiling["pearson_r"] >= MIN_CEILING_R and ceiling["spread_ratio"] >= MIN_CEILING_SPREAD)
 
 
-def measure_ceilings(aes: dict[str, Autoencoder], images: PatchImages, roles: list[str], device: torch.device, which: str,
-                     path: Path | None) -> dict:
+def measure_ceilings(
+    aes: dict[str, Autoencoder], images: PatchImages, roles: list[str], device: torch.device, which: str, path: Path | None
+) -> dict:
     """Every autoencoder's ceiling on `images` (`which` says in words which patches they are), written to `path` if given."""
-    report = {"patches": which, "limits": {"pearson_r": MIN_CEILING_R, "spread_ratio": MIN_CEILING_SPREAD},
-              "roles": {r: ceiling_of(ae, images, roles.index(r), device) for r, ae in aes.items()}}
+    report = {
+        "patches": which,
+        "limits": {"pearson_r": MIN_CEILING_R, "spread_ratio": MIN_CEILING_SPREAD},
+        "roles": {r: ceiling_of(ae, images, roles.index(r), device) for r, ae in aes.items()},
+    }
     report["collapsed"] = [r for r, c in report["roles"].items() if collapsed(c)]
     if path is not None:
         write_json(path, report)
@@ -70,5 +82,7 @@ def measure_ceilings(aes: dict[str, Autoencoder], images: PatchImages, roles: li
 
 def describe(role: str, ceiling: dict) -> str:
     """One clause: an autoencoder's ceiling figures."""
-    return (f"the {role} autoencoder reconstructs its channel with Pearson's r {ceiling['pearson_r']:.2f}, "
-            f"{ceiling['spread_ratio']:.2f}× its spread and {ceiling['mean_ratio']:.2f}× its mean")
+    return (
+        f"the {role} autoencoder reconstructs its channel with Pearson's r {ceiling['pearson_r']:.2f}, "
+        f"{ceiling['spread_ratio']:.2f}× its spread and {ceiling['mean_ratio']:.2f}× its mean"
+    )

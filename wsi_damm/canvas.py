@@ -138,8 +138,13 @@ def owner(windows: Windows, points: np.ndarray) -> np.ndarray:
     return np.searchsorted(keys, row * (1 << 32) + points[:, 1], side="right") - 1
 
 
-def fuse_sweep(windows: Windows, width: int, values: Callable[[int, int], torch.Tensor],
-               emit: Callable[[int, int, torch.Tensor, torch.Tensor], None], group: int = 1) -> None:
+def fuse_sweep(
+    windows: Windows,
+    width: int,
+    values: Callable[[int, int], torch.Tensor],
+    emit: Callable[[int, int, torch.Tensor, torch.Tensor], None],
+    group: int = 1,
+) -> None:
     """Σ w·v and Σ w of every window's values over the canvas, swept window row by window row:
     `values(a, b)` gives the (K, b − a, C, p, p) values of windows [a, b) — whole window rows, as
     many as fit in `group` windows (at least one), so the denoiser's batches are full, not padded
@@ -186,8 +191,20 @@ def row_crops(yx: np.ndarray, p: int, band_at: Callable[[int], torch.Tensor], di
     return torch.stack(crops, dim)
 
 
-def canvas_step(plan: Plan, i: int, windows: Windows, x_in, x0_in, x_out, x0_out, denoise: Denoise, noise: Noise,
-                write: bool = True, owned: Callable[[int, int], torch.Tensor] | None = None, group: int = 1) -> None:
+def canvas_step(
+    plan: Plan,
+    i: int,
+    windows: Windows,
+    x_in,
+    x0_in,
+    x_out,
+    x0_out,
+    denoise: Denoise,
+    noise: Noise,
+    write: bool = True,
+    owned: Callable[[int, int], torch.Tensor] | None = None,
+    group: int = 1,
+) -> None:
     """Sampler step `i` over the canvas. Arrays are (K, C, H, W) (numpy or zarr): `x_in`, `x0_in` hold
     the state after step i − 1 (unread at i = 0: x_T is `noise(0, …)`), `x_out`, `x0_out` receive
     the state after step i and the fused x̂0. Pixels no window covers keep their value.
@@ -256,8 +273,9 @@ def _gather(ranks: Ranks, part: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat(pieces)[:total]
 
 
-def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks,
-                    progress: bool) -> None:
+def sample_canvases(
+    root: zarr.Group, source: Path, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, progress: bool
+) -> None:
     """Fill the prediction store `root` (rows = `conditions` rows) by canvas sampling, resumably:
     condition latents per patch, or per slide as one canvas (canvas-latent runs), once; then every
     slide's canvas step by step, then every patch decoded from the final canvas. Work state lives in
@@ -268,8 +286,16 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
     s = int(root.attrs["shard_patches"])
     roles = conditions.roles
     plan = predictor.plan
-    work_plan = {"sampler": cfg.sampler, "steps": plan.steps, "eta": cfg.eta, "samples": k, "seed": cfg.seed, "window": LATENT_WINDOW,
-                 "grid": "shifted" if cfg.sampling == "shifted" else "tissue", "nuclei": predictor.uses_nuclei(roles)}
+    work_plan = {
+        "sampler": cfg.sampler,
+        "steps": plan.steps,
+        "eta": cfg.eta,
+        "samples": k,
+        "seed": cfg.seed,
+        "window": LATENT_WINDOW,
+        "grid": "shifted" if cfg.sampling == "shifted" else "tissue",
+        "nuclei": predictor.uses_nuclei(roles),
+    }
     if ranks.main:
         work = root.require_group("canvas")
         if "plan" in work.attrs and dict(work.attrs)["plan"] != work_plan:
@@ -277,8 +303,9 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
         work.attrs["plan"] = work_plan
         cc = condition_channels(predictor.rc) * (2 if predictor.uses_nuclei(roles) else 1)
         if "cond" not in work:
-            work.create_array("cond", shape=(n, cc, p, p), dtype=np.float32, chunks=(1, cc, p, p), shards=(s, cc, p, p),
-                              compressors=None, fill_value=0)
+            work.create_array(
+                "cond", shape=(n, cc, p, p), dtype=np.float32, chunks=(1, cc, p, p), shards=(s, cc, p, p), compressors=None, fill_value=0
+            )
             work.create_array("cond_done", shape=root["shard_done"].shape, dtype=np.uint8, chunks=(1,), fill_value=0)
             work.create_array("steps_done", shape=(len(conditions.slides),), dtype=np.int32, chunks=(1,), fill_value=0)
             for name in ("gate_divergence", "gate_share"):
@@ -289,14 +316,19 @@ def sample_canvases(root: zarr.Group, source: Path, conditions: PatchStore, pred
         _encode_conditions(work, conditions, predictor, s, ranks, progress)
     ranks.barrier()
     coords = conditions.coords
-    bar = progress_bar(total=plan.steps * n, desc=f"sampling ({plan.kind}, {plan.steps} steps, canvas)", unit="patch-step",
-               disable=None if (progress and ranks.main) else True)
+    bar = progress_bar(
+        total=plan.steps * n,
+        desc=f"sampling ({plan.kind}, {plan.steps} steps, canvas)",
+        unit="patch-step",
+        disable=None if (progress and ranks.main) else True,
+    )
     for si, entry in enumerate(conditions.slides):
         rows = np.nonzero(coords[:, 0] == si)[0]
         if not len(rows):
             continue
-        _sample_slide(work, si, entry, conditions, rows, coords[rows, 1:] // f, p, c, int(conditions.attrs["stride"]) // f, predictor, cfg,
-                      ranks, bar)
+        _sample_slide(
+            work, si, entry, conditions, rows, coords[rows, 1:] // f, p, c, int(conditions.attrs["stride"]) // f, predictor, cfg, ranks, bar
+        )
     bar.close()
     _decode(root, work, conditions, predictor, cfg, p, c, ranks, progress)
 
@@ -313,8 +345,9 @@ def _encode_conditions(work: zarr.Group, conditions: PatchStore, predictor: Pred
         done[shard] = 1
 
 
-def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: np.ndarray, predictor: Predictor, height: int, width: int,
-                      stride_rows: int) -> None:
+def _condition_canvas(
+    work: zarr.Group, si: int, conditions: PatchStore, rows: np.ndarray, predictor: Predictor, height: int, width: int, stride_rows: int
+) -> None:
     """The slide's conditions as one (1, C, H, W) latent canvas: its tiled inputs reassembled band by band
     (glass where no patch lies) and encoded in tiles with a halo (`encode_tiled`), so any window cut
     from it is what the run's canvas-latent training cut. Built once per slide, resumably."""
@@ -343,8 +376,21 @@ def _condition_canvas(work: zarr.Group, si: int, conditions: PatchStore, rows: n
     group.attrs["cond_canvas_done"] = True
 
 
-def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore, rows: np.ndarray, yx: np.ndarray, p: int, c: int,
-                  stride_rows: int, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, bar) -> None:
+def _sample_slide(
+    work: zarr.Group,
+    si: int,
+    entry: dict,
+    conditions: PatchStore,
+    rows: np.ndarray,
+    yx: np.ndarray,
+    p: int,
+    c: int,
+    stride_rows: int,
+    predictor: Predictor,
+    cfg: PredictConfig,
+    ranks: Ranks,
+    bar,
+) -> None:
     """Every step of one slide's canvas; `rows` its store rows (sorted by y, then x), `yx` their latent corners.
     `cfg.sampling` "canvas": every step denoises the tissue windows and fuses their overlaps;
     "shifted": every step denoises the cells of a grid shifted by `grid_shift`, conditions cut from
@@ -411,8 +457,20 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
     for i in range(first, plan.steps):
         windows = step_windows(tissue, height, width, key, i, plan.steps, SHIFT_MARGIN) if shifted else tissue
         gate = np.zeros((len(windows), 2), np.float32)
-        canvas_step(plan, i, windows, xs[i % 2], x0s[i % 2], xs[(i + 1) % 2], x0s[(i + 1) % 2], denoiser_over(windows, gate), noise,
-                    write=ranks.main, owned=owned if shifted else None, group=SWEEP_WINDOWS)
+        canvas_step(
+            plan,
+            i,
+            windows,
+            xs[i % 2],
+            x0s[i % 2],
+            xs[(i + 1) % 2],
+            x0s[(i + 1) % 2],
+            denoiser_over(windows, gate),
+            noise,
+            write=ranks.main,
+            owned=owned if shifted else None,
+            group=SWEEP_WINDOWS,
+        )
         if shifted:
             gate = gate[owner(windows, centres)]
         if ranks.main:
@@ -424,8 +482,9 @@ def _sample_slide(work: zarr.Group, si: int, entry: dict, conditions: PatchStore
         ranks.barrier()
 
 
-def context_band(canvas, y0: int, y1: int, all_windows: np.ndarray, p: int, halo: int, margin: int = 0,
-                 mirror_edges: bool = False) -> torch.Tensor:
+def context_band(
+    canvas, y0: int, y1: int, all_windows: np.ndarray, p: int, halo: int, margin: int = 0, mirror_edges: bool = False
+) -> torch.Tensor:
     """(K, C, y1 − y0 + 2·halo, W + 2·halo): canvas rows [y0, y1) with `halo` latent pixels of context on
     every side; context no window of `all_windows` (grown by `margin`, the ring a shifted grid samples
     too) covers is zero; beyond the slide's edge it is zero, or the canvas mirrored (`mirror_edges`,
@@ -438,7 +497,9 @@ def context_band(canvas, y0: int, y1: int, all_windows: np.ndarray, p: int, halo
     return torch.nn.functional.pad(band, pad, mode="reflect" if mirror_edges else "constant")
 
 
-def window_crops(canvas, windows: np.ndarray, all_windows: np.ndarray, p: int, halo: int, margin: int = 0, mirror_edges: bool = False) -> torch.Tensor:
+def window_crops(
+    canvas, windows: np.ndarray, all_windows: np.ndarray, p: int, halo: int, margin: int = 0, mirror_edges: bool = False
+) -> torch.Tensor:
     """(K, n, C, p + 2·halo, p + 2·halo): the `windows` (n, 2) of a (K, C, H, W) canvas with `halo`
     latent pixels of context around each, as `context_band` gives it."""
     y0 = int(windows[:, 0].min())
@@ -457,7 +518,9 @@ def region_blocks(windows: np.ndarray, p: int, spare: float = 2.0) -> list[np.nd
         span = int(windows[idx, 1].max()) + p - int(windows[idx, 1].min())
         if cur:
             sel = np.concatenate(cur + [idx])
-            box = (int(windows[sel, 0].max()) + p - int(windows[sel, 0].min())) * (int(windows[sel, 1].max()) + p - int(windows[sel, 1].min()))
+            box = (int(windows[sel, 0].max()) + p - int(windows[sel, 0].min())) * (
+                int(windows[sel, 1].max()) + p - int(windows[sel, 1].min())
+            )
             if box > spare * (own + span * p):
                 blocks.append(np.concatenate(cur))
                 cur, own = [], 0
@@ -466,8 +529,17 @@ def region_blocks(windows: np.ndarray, p: int, spare: float = 2.0) -> list[np.nd
     return blocks + ([np.concatenate(cur)] if cur else [])
 
 
-def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, p: int, c: int,
-            ranks: Ranks, progress: bool) -> None:
+def _decode(
+    root: zarr.Group,
+    work: zarr.Group,
+    conditions: PatchStore,
+    predictor: Predictor,
+    cfg: PredictConfig,
+    p: int,
+    c: int,
+    ranks: Ranks,
+    progress: bool,
+) -> None:
     """Every patch's NP map decoded from the final canvas with DECODE_HALO latent pixels of canvas around
     it (so overlapping patches decode alike and patch borders carry no decoder edge), mean and sd over
     draws, with the gate's divergence and multi-modal share averaged over steps; shard by shard.
@@ -501,8 +573,10 @@ def _decode(root: zarr.Group, work: zarr.Group, conditions: PatchStore, predicto
                 z = context_band(canvas, int(y0), int(y1), slide_windows, p, halo, margin, mirror_edges=True)[:, :, :, x0 : x1 + 2 * halo]
                 m, d = predictor.decode_region(z, halo)
                 for j, (y, x) in zip(sel[block], windows[block]):
-                    mean[j], sd[j] = m[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f], \
-                        d[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f]
+                    mean[j], sd[j] = (
+                        m[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f],
+                        d[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f],
+                    )
         root["pred"][a:b] = mean.astype(np.float16)
         if "pred_sd" in root:
             root["pred_sd"][a:b] = sd.astype(np.float16)

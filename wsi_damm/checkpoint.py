@@ -30,7 +30,9 @@ def load_weights(path: Path, module: torch.nn.Module | None = None, device: str 
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(path, f"is not a readable safetensors file ({exc})", "the checkpoint is truncated or corrupt; retrain or restore it") from exc
+        raise InputError(
+            path, f"is not a readable safetensors file ({exc})", "the checkpoint is truncated or corrupt; retrain or restore it"
+        ) from exc
     if module is not None:
         try:
             module.load_state_dict(state)
@@ -49,5 +51,8 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for crafted files, EOFError for torn ones
-        raise InputError(path, f"refused to load training state: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                         "only tensors and plain values are accepted; restart without --resume") from exc
+        raise InputError(
+            path,
+            f"refused to load training state: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "only tensors and plain values are accepted; restart without --resume",
+        ) from exc

@@ -170,7 +170,9 @@ class RunConfig:
 
 PRESETS: dict[str, RunConfig] = {
     # the CPU preset samples seamless maps: local autoencoders, the U-Net on canvas-latent crops (README, Seamless maps)
-    "tiny": RunConfig(schedule=ScheduleConfig(objective="v"), autoencoder=AutoencoderConfig(local=True), model=ModelConfig(latents="canvas")),
+    "tiny": RunConfig(
+        schedule=ScheduleConfig(objective="v"), autoencoder=AutoencoderConfig(local=True), model=ModelConfig(latents="canvas")
+    ),
     "paper": RunConfig(
         autoencoder=AutoencoderConfig(factor=16, latent_channels=8, channels=(64, 128, 256, 256, 512), steps=20000, batch_size=16, lr=1e-4),
         model=ModelConfig(channels=(64, 128, 256, 512), res_blocks=2, heads=8),
@@ -256,7 +258,9 @@ def validate(cfg: RunConfig) -> None:
     if m.latents not in LATENT_KINDS:
         raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
     if m.latents == "canvas" and not cfg.autoencoder.local:
-        raise InputError("--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch")
+        raise InputError(
+            "--latents", "canvas latents need local autoencoders (--ae-local): GroupNorm makes a latent depend on its whole patch"
+        )
     if cfg.autoencoder.sparse_target not in SPARSE_CHOICES:
         raise InputError("autoencoder.sparse_target", f"must be {', '.join(SPARSE_CHOICES)}, got {cfg.autoencoder.sparse_target!r}")
     if cfg.autoencoder.on_collapse not in ("stop", "warn"):

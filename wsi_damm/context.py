@@ -34,8 +34,9 @@ def context_roles(roles: list[str]) -> list[str]:
     return [r for r in roles if r in CONTEXT_ROLES]
 
 
-def context_image(low: np.ndarray, low_ds: float, grid_ds: float, grid_shape: tuple[int, int], lo: list[float], hi: list[float],
-                  channels: list[int]) -> np.ndarray:
+def context_image(
+    low: np.ndarray, low_ds: float, grid_ds: float, grid_shape: tuple[int, int], lo: list[float], hi: list[float], channels: list[int]
+) -> np.ndarray:
     """(len(channels), ⌈H/D⌉, ⌈W/D⌉) float32 in [0, 1]: the slide at D = CONTEXT_DOWNSAMPLE tiled-grid pixels
     per pixel, resampled at pixel centres from `low` (level-0 downsample `low_ds`) with an anti-aliasing
     blur, normalised by the slide's range (`lo`, `hi` per channel of `low`)."""

@@ -72,8 +72,16 @@ def dzi_geometry(width: int, height: int) -> list[tuple[int, int]]:
 
 def descriptor(width: int, height: int, url: str, tile: int, overlap: int, fmt: str = "jpg") -> dict:
     """The .dzi XML as OpenSeadragon's inline object (it loads from file://, where XHR is blocked)."""
-    return {"Image": {"xmlns": DZI_XMLNS, "Url": url, "Format": fmt, "Overlap": str(overlap), "TileSize": str(tile),
-                      "Size": {"Width": str(width), "Height": str(height)}}}
+    return {
+        "Image": {
+            "xmlns": DZI_XMLNS,
+            "Url": url,
+            "Format": fmt,
+            "Overlap": str(overlap),
+            "TileSize": str(tile),
+            "Size": {"Width": str(width), "Height": str(height)},
+        }
+    }
 
 
 def _save(path: Path, rgb: np.ndarray, quality: int) -> None:
@@ -107,8 +115,16 @@ def _halve(image: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
     return image.reshape(h, 2, w, 2).mean(axis=(1, 3))
 
 
-def write_dzi(folder: Path, name: str, pyramid: Pyramid, colour: Callable[[np.ndarray], np.ndarray], tile: int = 254,
-              overlap: int = 1, quality: int = 88, workers: int = 2) -> dict:
+def write_dzi(
+    folder: Path,
+    name: str,
+    pyramid: Pyramid,
+    colour: Callable[[np.ndarray], np.ndarray],
+    tile: int = 254,
+    overlap: int = 1,
+    quality: int = 88,
+    workers: int = 2,
+) -> dict:
     """Write `folder/NAME_files/…` (JPEG tiles coloured by `colour`: float (h, w) → uint8 (h, w, 3))
     and `folder/NAME.dzi.json`; returns the inline descriptor (Url relative to `folder`)."""
     height, width = pyramid.shape

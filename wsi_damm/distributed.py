@@ -66,8 +66,9 @@ def data_parallel(module: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     # the confidence head gets no gradient during warm-up, hence find_unused_parameters
-    return DistributedDataParallel(module, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+    return DistributedDataParallel(
+        module, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None, find_unused_parameters=True
+    )
 
 
 def average_gradients(module: torch.nn.Module, ranks: Ranks) -> None:

@@ -59,8 +59,11 @@ def gate_in_training(metrics: list[dict]) -> dict[str, dict]:
         rows = [r for r in metrics if r.get("phase") == "dammp" and r.get(f"samples_{name}") not in ("", None, 0)]
         n = sum(r[f"samples_{name}"] for r in rows)
         if n:
-            out[name] = {"samples": int(n), "dfl_label_rate": sum(r[f"samples_{name}"] * r[f"dfl_label_rate_{name}"] for r in rows) / n,
-                         "mean_kappa": sum(r[f"samples_{name}"] * r[f"mean_kappa_{name}"] for r in rows) / n}
+            out[name] = {
+                "samples": int(n),
+                "dfl_label_rate": sum(r[f"samples_{name}"] * r[f"dfl_label_rate_{name}"] for r in rows) / n,
+                "mean_kappa": sum(r[f"samples_{name}"] * r[f"mean_kappa_{name}"] for r in rows) / n,
+            }
     return out
 
 

@@ -29,10 +29,19 @@ def parse_planes(values: Sequence[str]) -> dict[str, int]:
     return planes
 
 
-def resolve_slides(slides: Sequence[str | Path] = (), manifest: str | Path | None = None, channels: str | None = None,
-                   planes: dict[str, int] | None = None, max_slide_gb: float = DEFAULT_MAX_SLIDE_GB,
-                   required: tuple[str, ...] = ("vessels",), register: str = "none", size_tolerance: float = 0.0,
-                   qc: Path | None = None, log: Callable[[str], None] | None = None, mpp: float | None = None) -> list[SlideSpec]:
+def resolve_slides(
+    slides: Sequence[str | Path] = (),
+    manifest: str | Path | None = None,
+    channels: str | None = None,
+    planes: dict[str, int] | None = None,
+    max_slide_gb: float = DEFAULT_MAX_SLIDE_GB,
+    required: tuple[str, ...] = ("vessels",),
+    register: str = "none",
+    size_tolerance: float = 0.0,
+    qc: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    mpp: float | None = None,
+) -> list[SlideSpec]:
     """Slide files (channels found by name, or mapped by `channels`: "vessels=CD31,nuclei=DAPI") or a
     manifest CSV (exactly one of them), checked for the `required` roles and aligned by `register`
     ("none", "translation", "rigid"; overlays in `qc`). `mpp` is the pixel size of files that carry
@@ -46,7 +55,8 @@ def resolve_slides(slides: Sequence[str | Path] = (), manifest: str | Path | Non
             raise InputError("--channels", "cannot be combined with --manifest (the manifest names the channels)")
         specs = specs_from_manifest(manifest, required=required, planes=planes, max_bytes=max_bytes, mpp=mpp)
     else:
-        specs = specs_from_paths([str(s) for s in slides], parse_channel_map(channels), required=required, planes=planes, max_bytes=max_bytes,
-                                 mpp=mpp)
+        specs = specs_from_paths(
+            [str(s) for s in slides], parse_channel_map(channels), required=required, planes=planes, max_bytes=max_bytes, mpp=mpp
+        )
     specs = [replace(s, size_tolerance=size_tolerance) for s in specs]
     return register_specs(specs, register, qc, log=log)

@@ -80,18 +80,24 @@ def check_resources(out: Path, disk_bytes: int, workers: int, bytes_per_worker: 
     """Refuse before writing anything when the output cannot fit on disk or the workers in memory."""
     free = free_disk(Path(out).parent)
     if disk_bytes > free:
-        raise InputError(out, f"{what} needs up to {_gb(disk_bytes)} (uncompressed) but only {_gb(free)} is free there",
-                         "free some space or write somewhere else")
+        raise InputError(
+            out,
+            f"{what} needs up to {_gb(disk_bytes)} (uncompressed) but only {_gb(free)} is free there",
+            "free some space or write somewhere else",
+        )
     avail = available_memory()
     if avail is not None and workers * bytes_per_worker > avail:
-        raise InputError("--workers", f"{workers} workers × {_gb(bytes_per_worker)} for {what} exceed the {_gb(avail)} of memory available",
-                         memory_hint)
+        raise InputError(
+            "--workers", f"{workers} workers × {_gb(bytes_per_worker)} for {what} exceed the {_gb(avail)} of memory available", memory_hint
+        )
 
 
 #: `--scheduler` names that run on this machine; anything else is a dask.distributed scheduler address
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
-SCHEDULER_HELP = ("threads | processes | sync (this machine), or a dask.distributed scheduler address such as "
-                  "tcp://host:8786 (a cluster sharing this file system; install wsi-damm[cluster]).")
+SCHEDULER_HELP = (
+    "threads | processes | sync (this machine), or a dask.distributed scheduler address such as "
+    "tcp://host:8786 (a cluster sharing this file system; install wsi-damm[cluster])."
+)
 
 
 def is_cluster(scheduler: str) -> bool:
@@ -105,8 +111,9 @@ def cluster_client(address: str) -> Iterator:
     try:
         from dask.distributed import Client
     except ImportError as exc:
-        raise InputError("--scheduler", f"{address!r} is a cluster address but dask.distributed is not installed",
-                         "pip install 'wsi-damm[cluster]'") from exc
+        raise InputError(
+            "--scheduler", f"{address!r} is a cluster address but dask.distributed is not installed", "pip install 'wsi-damm[cluster]'"
+        ) from exc
     try:
         client = Client(address, timeout="10s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:

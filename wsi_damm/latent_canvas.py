@@ -41,8 +41,9 @@ def coverage(yx: np.ndarray, p: int, y0: int, y1: int, width: int) -> torch.Tens
     return torch.from_numpy(d.cumsum(0).cumsum(1)[:-1, :-1] > 0)
 
 
-def encode_tiled(x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], factor: int, tile: int = ENCODE_TILE,
-                 halo: int = ENCODE_HALO) -> torch.Tensor:
+def encode_tiled(
+    x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], factor: int, tile: int = ENCODE_TILE, halo: int = ENCODE_HALO
+) -> torch.Tensor:
     """(B, C, H, W) image (H, W multiples of `factor`) → (B, c, H/f, W/f) latents, encoded tile by tile with
     `halo` latent pixels of image around each tile and the tile's interior kept: with a local encoder
     this equals encoding the whole image, in bounded memory. The image is mirrored `halo` latent
@@ -50,15 +51,18 @@ def encode_tiled(x: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]
     return map_tiled(mirror(x, halo * factor), encode, tile, halo, factor, 1)
 
 
-def decode_tiled(z: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], factor: int, tile: int = ENCODE_TILE,
-                 halo: int = ENCODE_HALO) -> torch.Tensor:
+def decode_tiled(
+    z: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], factor: int, tile: int = ENCODE_TILE, halo: int = ENCODE_HALO
+) -> torch.Tensor:
     """(B, c, h + 2·halo, w + 2·halo) latents, a region with `halo` latent pixels of context around it →
     (B, C, h·f, w·f) the region decoded tile by tile, each tile with its halo: with a local decoder
     this equals decoding the whole, and a region costs its area once, not once per overlapping patch."""
     return map_tiled(z, decode, tile, halo, 1, factor)
 
 
-def map_tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, halo: int, scale_in: int, scale_out: int) -> torch.Tensor:
+def map_tiled(
+    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, halo: int, scale_in: int, scale_out: int
+) -> torch.Tensor:
     """`fn` over `x` (B, C, H, W) cell by cell: a cell is `scale_in` input pixels and `scale_out` output
     pixels a side; `x` carries `halo` cells of context on every side. Tiles of `tile` cells are mapped
     with their halo and their interiors joined: (B, c, (H/scale_in − 2·halo)·scale_out, …)."""
@@ -70,8 +74,9 @@ def map_tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile:
             y = fn(x[:, :, ty * scale_in : (ty + th + 2 * halo) * scale_in, tx * scale_in : (tx + tw + 2 * halo) * scale_in])
             if out is None:
                 out = torch.zeros((x.shape[0], y.shape[1], h * scale_out, w * scale_out), dtype=y.dtype, device=y.device)
-            out[:, :, ty * scale_out : (ty + th) * scale_out, tx * scale_out : (tx + tw) * scale_out] = \
-                y[:, :, halo * scale_out : (halo + th) * scale_out, halo * scale_out : (halo + tw) * scale_out]
+            out[:, :, ty * scale_out : (ty + th) * scale_out, tx * scale_out : (tx + tw) * scale_out] = y[
+                :, :, halo * scale_out : (halo + th) * scale_out, halo * scale_out : (halo + tw) * scale_out
+            ]
     return out
 
 
@@ -101,8 +106,11 @@ def paste_patches(patches: torch.Tensor, yx: np.ndarray, y0: int, y1: int, width
 
 def check_aligned(yx: np.ndarray, factor: int, source) -> None:
     if (np.asarray(yx) % factor).any():
-        raise InputError(source, f"has patch corners off the autoencoder's {factor}-pixel grid, which canvas latents need",
-                         f"tile with a stride that is a multiple of {factor}")
+        raise InputError(
+            source,
+            f"has patch corners off the autoencoder's {factor}-pixel grid, which canvas latents need",
+            f"tile with a stride that is a multiple of {factor}",
+        )
 
 
 class PatchLatents:
@@ -134,9 +142,19 @@ class LatentCanvases(PatchLatents):
     around patch-sized windows at pixel `origins` (B, 2) of those rows' slides; each role of
     `context_roles` then gets its window as one more channel, on the latent grid."""
 
-    def __init__(self, images: Callable[[np.ndarray], torch.Tensor], coords: np.ndarray, encoders: dict[str, Callable],
-                 channel: dict[str, int], factor: int, patch: int, device: torch.device | str = "cpu", source=None,
-                 context: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, context_roles: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        images: Callable[[np.ndarray], torch.Tensor],
+        coords: np.ndarray,
+        encoders: dict[str, Callable],
+        channel: dict[str, int],
+        factor: int,
+        patch: int,
+        device: torch.device | str = "cpu",
+        source=None,
+        context: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        context_roles: tuple[str, ...] = (),
+    ) -> None:
         coords = np.asarray(coords)
         self.roles = list(encoders)
         self.factor, self.origin = factor, coords[:, 1:].astype(np.int64)

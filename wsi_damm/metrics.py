@@ -62,8 +62,9 @@ def ssim_field(a: da.Array, b: da.Array, data_range: float = 1.0) -> da.Array:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     b = b.rechunk(a.chunks)
-    s = da.map_overlap(_block_ssim, a, b, depth=RADIUS, boundary="none", trim=True, dtype=np.float64,
-                       data_range=data_range, align_arrays=False)
+    s = da.map_overlap(
+        _block_ssim, a, b, depth=RADIUS, boundary="none", trim=True, dtype=np.float64, data_range=data_range, align_arrays=False
+    )
     h, w = a.shape
     ys = da.arange(h, chunks=a.chunks[0])[:, None]
     xs = da.arange(w, chunks=a.chunks[1])[None, :]
@@ -92,12 +93,18 @@ def agreement(sums: dict[str, float], n: int) -> dict:
     va, vb = max(sums["aa"] / n - ma * ma, 0.0), max(sums["bb"] / n - mb * mb, 0.0)
     cov = sums["ab"] / n - ma * mb
     r = cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
-    return {"pearson_r": float(min(1.0, max(-1.0, r))) if not math.isnan(r) else math.nan, "mean": float(ma + 0.5),
-            "mean_measured": float(mb + 0.5), "sd": math.sqrt(va), "sd_measured": math.sqrt(vb)}
+    return {
+        "pearson_r": float(min(1.0, max(-1.0, r))) if not math.isnan(r) else math.nan,
+        "mean": float(ma + 0.5),
+        "mean_measured": float(mb + 0.5),
+        "sd": math.sqrt(va),
+        "sd_measured": math.sqrt(vb),
+    }
 
 
-def whole_slide_metrics(a: da.Array, b: da.Array, mask: da.Array | None = None, data_range: float = 1.0,
-                        scheduler: str = "threads") -> dict:
+def whole_slide_metrics(
+    a: da.Array, b: da.Array, mask: da.Array | None = None, data_range: float = 1.0, scheduler: str = "threads"
+) -> dict:
     """SSIM / PSNR, Pearson's r and both images' means and spreads over the whole image and, if `mask` is
     given, over mask pixels only (keys suffixed `_tissue`); streamed. `a` is the map, `b` the measurement."""
     s = ssim_field(a, b, data_range)
@@ -105,13 +112,21 @@ def whole_slide_metrics(a: da.Array, b: da.Array, mask: da.Array | None = None, 
     diff2 = (a64 - b64) ** 2
     valid = ~da.isnan(s)
     parts = {
-        "ssim_sum": da.nansum(s), "ssim_n": valid.sum(), "sq_sum": diff2.sum(), "n": diff2.size,
+        "ssim_sum": da.nansum(s),
+        "ssim_n": valid.sum(),
+        "sq_sum": diff2.sum(),
+        "n": diff2.size,
         "moments": _moment_sums(a64, b64, None),
     }
     if mask is not None:
         m = mask.astype(bool).rechunk(a.chunks)
-        parts.update(ssim_sum_mask=da.nansum(da.where(m, s, np.nan)), ssim_n_mask=(valid & m).sum(),
-                     sq_sum_mask=da.where(m, diff2, 0).sum(), n_mask=m.sum(), moments_mask=_moment_sums(a64, b64, m))
+        parts.update(
+            ssim_sum_mask=da.nansum(da.where(m, s, np.nan)),
+            ssim_n_mask=(valid & m).sum(),
+            sq_sum_mask=da.where(m, diff2, 0).sum(),
+            n_mask=m.sum(),
+            moments_mask=_moment_sums(a64, b64, m),
+        )
     (vals,) = da.compute(parts, scheduler=scheduler)
     out = {
         "ssim": float(vals["ssim_sum"] / vals["ssim_n"]),

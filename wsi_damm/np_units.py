@@ -52,8 +52,11 @@ class NpScale:
 
     def to_measured(self, values: np.ndarray) -> np.ndarray:
         if not self.comparable:
-            raise InputError("--units", "the map's NP was normalised per slide, so its values have no common unit",
-                             "tile the training slides with --np-norm fixed or reference")
+            raise InputError(
+                "--units",
+                "the map's NP was normalised per slide, so its values have no common unit",
+                "tile the training slides with --np-norm fixed or reference",
+            )
         return values * (self.high - self.low) + self.low
 
     def inverse_transform(self) -> dict | None:
@@ -82,8 +85,9 @@ def parse_range(text: str | tuple | list | None) -> tuple[float, float] | None:
     return low, high
 
 
-def np_scale(mode: str = "slide", np_range=None, reference_range: tuple[float, float] | None = None,
-             reference: str | None = None) -> NpScale:
+def np_scale(
+    mode: str = "slide", np_range=None, reference_range: tuple[float, float] | None = None, reference: str | None = None
+) -> NpScale:
     """The NpScale the tile options ask for; `reference_range` is the reference slide's measured range."""
     if mode == "reference":
         if reference_range is None:

@@ -47,12 +47,22 @@ def level_chunk(level: int) -> int:
     return max(256, TOP_CHUNK >> level)
 
 
-def create_level(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, level: int,
-                 dimension_names: tuple[str, ...] | None = None) -> zarr.Array:
+def create_level(
+    group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype, level: int, dimension_names: tuple[str, ...] | None = None
+) -> zarr.Array:
     """An empty (C, H, W) pyramid level chunked by channel and `level_chunk(level)` squares (`writable`)."""
     side = level_chunk(level)
-    return writable(group.create_array(name, shape=shape, dtype=dtype, chunks=(1, min(side, shape[1]), min(side, shape[2])),
-                                       compressors=fast_codec(dtype), fill_value=0, dimension_names=dimension_names))
+    return writable(
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=(1, min(side, shape[1]), min(side, shape[2])),
+            compressors=fast_codec(dtype),
+            fill_value=0,
+            dimension_names=dimension_names,
+        )
+    )
 
 
 def writable(array: zarr.Array) -> zarr.Array:
@@ -137,8 +147,12 @@ def write_ome_tiff(
         metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
         resolution = (1e4 / mpp, 1e4 / mpp)
     opts = dict(
-        tile=(tile, tile), compression=compression, compressionargs={"level": level},
-        photometric="minisblack", dtype=dtype, maxworkers=os.cpu_count(),
+        tile=(tile, tile),
+        compression=compression,
+        compressionargs={"level": level},
+        photometric="minisblack",
+        dtype=dtype,
+        maxworkers=os.cpu_count(),
     )
     if mpp:
         opts["resolutionunit"] = "CENTIMETER"
@@ -146,12 +160,23 @@ def write_ome_tiff(
     def write(tmp: Path) -> None:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             tif.write(
-                _tiles(levels[0], tile, channels, dtype, values), shape=(c, h, w), subifds=len(levels) - 1, resolution=resolution,
-                metadata=metadata, **opts,
+                _tiles(levels[0], tile, channels, dtype, values),
+                shape=(c, h, w),
+                subifds=len(levels) - 1,
+                resolution=resolution,
+                metadata=metadata,
+                **opts,
             )
             for i, lev in enumerate(levels[1:], start=1):
                 res = (1e4 / (mpp * 2**i),) * 2 if mpp else None
-                tif.write(_tiles(lev, tile, channels, dtype, values), shape=(c,) + lev.shape[1:], subfiletype=1, resolution=res, metadata=None, **opts)
+                tif.write(
+                    _tiles(lev, tile, channels, dtype, values),
+                    shape=(c,) + lev.shape[1:],
+                    subfiletype=1,
+                    resolution=res,
+                    metadata=None,
+                    **opts,
+                )
 
     atomic_write(Path(path), write)
 
@@ -174,16 +199,27 @@ def ome_zarr_attrs(name: str, n_levels: int, mpp: float | None, channels: list[d
 
     return {
         "version": "0.5",
-        "multiscales": [{
-            "name": name,
-            "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
-            "datasets": [{"path": str(i), "coordinateTransformations": transforms(i)} for i in range(n_levels)],
-            "type": "local_mean",
-        }],
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
+                "datasets": [{"path": str(i), "coordinateTransformations": transforms(i)} for i in range(n_levels)],
+                "type": "local_mean",
+            }
+        ],
         "omero": {
-            "channels": [{"label": ch["label"], "color": ch["color"], "active": True, "coefficient": 1, "family": "linear",
-                          "inverted": False, "window": {"min": ch["min"], "max": ch["max"], "start": ch["min"], "end": ch["max"]}}
-                         for ch in channels],
+            "channels": [
+                {
+                    "label": ch["label"],
+                    "color": ch["color"],
+                    "active": True,
+                    "coefficient": 1,
+                    "family": "linear",
+                    "inverted": False,
+                    "window": {"min": ch["min"], "max": ch["max"], "start": ch["min"], "end": ch["max"]},
+                }
+                for ch in channels
+            ],
             "rdefs": {"model": "color"},
         },
     }

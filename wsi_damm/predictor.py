@@ -102,8 +102,16 @@ def in_micro_batches(fn, *inputs: torch.Tensor | None):
 class GatedDenoiser:
     """ε(x, t) of the DAMM U-Net with the per-sample gate; remembers each sample's choices."""
 
-    def __init__(self, model, c_uni: torch.Tensor, c_multi: torch.Tensor | None, gamma: float, dammp: bool, amp: str,
-                 v_schedule: NoiseSchedule | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        c_uni: torch.Tensor,
+        c_multi: torch.Tensor | None,
+        gamma: float,
+        dammp: bool,
+        amp: str,
+        v_schedule: NoiseSchedule | None = None,
+    ) -> None:
         self.model, self.c_uni, self.c_multi = model, c_uni, c_multi
         self.gamma, self.dammp, self.amp = gamma, dammp, amp
         self.v_schedule = v_schedule  # set when the model predicts v: outputs are turned into ε
@@ -170,9 +178,15 @@ class Predictor:
         `micro_batches=False` encodes the batch as given: for the condition canvas's large tiles, one
         at a time, which padding to MICRO_BATCH would multiply sixteenfold."""
         x = images.to(self.device)
-        enc = {r: (in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1]) if micro_batches
-                   else self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1]))
-               for r in self.branch_roles(roles) if r in roles}
+        enc = {
+            r: (
+                in_micro_batches(self.aes[r].encode, x[:, roles.index(r) : roles.index(r) + 1])
+                if micro_batches
+                else self.aes[r].encode(x[:, roles.index(r) : roles.index(r) + 1])
+            )
+            for r in self.branch_roles(roles)
+            if r in roles
+        }
         c_uni, c_multi = branch_conditions(enc["vessels"], enc.get("nuclei"), self.rc.model.uni_branch)
         return c_uni if c_multi is None else torch.cat([c_uni, c_multi], 1)
 
@@ -201,8 +215,15 @@ class Predictor:
         c = condition_channels(self.rc)
         c_uni = conditions[:, :c].repeat(k, 1, 1, 1)
         c_multi = conditions[:, c:].repeat(k, 1, 1, 1) if conditions.shape[1] > c else None
-        return GatedDenoiser(self.model, c_uni, c_multi, self.rc.damm.gamma, self.rc.damm.dammp, self.cfg.amp,
-                             self.schedule if self.rc.schedule.objective == "v" else None)
+        return GatedDenoiser(
+            self.model,
+            c_uni,
+            c_multi,
+            self.rc.damm.gamma,
+            self.rc.damm.dammp,
+            self.cfg.amp,
+            self.schedule if self.rc.schedule.objective == "v" else None,
+        )
 
     @torch.inference_mode()
     def decode(self, z0: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +239,9 @@ class Predictor:
         return mean[0], sd[0]
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, roles: list[str], keys: torch.Tensor,
-                context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def predict(
+        self, images: torch.Tensor, roles: list[str], keys: torch.Tensor, context: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Independent sampling: images (B, C, P, P) in [-1, 1] → NP map in [0, 1] (B, 1, P, P) — the mean of
         K draws —, its sd over the draws (zeros for K = 1), mean divergence and multi-modal share per patch.
         The K draws of every patch are sampled as one batch of K·B from noise keyed per patch."""

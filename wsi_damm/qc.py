@@ -63,12 +63,17 @@ def tiling_picture(path: Path, plan, patch_size: int) -> Path:
     s = plan.choice.downsample / low_ds  # tiled-grid pixels → thumbnail pixels
     from matplotlib.collections import PolyCollection
 
-    boxes = [[(x * s, y * s), ((x + patch_size) * s, y * s), ((x + patch_size) * s, (y + patch_size) * s), (x * s, (y + patch_size) * s)]
-             for y, x in zip(plan.ys, plan.xs)]
+    boxes = [
+        [(x * s, y * s), ((x + patch_size) * s, y * s), ((x + patch_size) * s, (y + patch_size) * s), (x * s, (y + patch_size) * s)]
+        for y, x in zip(plan.ys, plan.xs)
+    ]
     ax.add_collection(PolyCollection(boxes, facecolors="none", edgecolors=(0.2, 1.0, 0.2, 0.6), linewidths=0.5))
     ax.set(xlim=(-0.5, w - 0.5), ylim=(h - 0.5, -0.5), xticks=[], yticks=[])
-    ax.set_title(f"{plan.spec.slide_id}: {len(plan.ys)} patches of {patch_size} px, tissue {100 * plan.tissue_pixels:.1f} % "
-                 "(CD31 magenta, DAPI cyan, tissue outline yellow, patches green)", fontsize=9)
+    ax.set_title(
+        f"{plan.spec.slide_id}: {len(plan.ys)} patches of {patch_size} px, tissue {100 * plan.tissue_pixels:.1f} % "
+        "(CD31 magenta, DAPI cyan, tissue outline yellow, patches green)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -83,14 +83,16 @@ def _band_transfer(shape: tuple[int, int], fine_px: float, coarse_px: float) -> 
     """Frequency response of (fine − coarse) Gaussian on a padded window, one per window shape: the
     fine search band-passes the moved window once per iteration, and both Gaussians at once in the
     Fourier domain cost a fifth of four 1-D passes of a 129-tap kernel."""
+
     def axis(sigma: float, n: int, half: bool) -> np.ndarray:
         k, r = _gaussian_kernel(sigma)
         centred = np.roll(np.pad(k, (0, n - len(k))), -r)
         return np.fft.rfft(centred) if half else np.fft.fft(centred)
 
     (h, w) = shape
-    return (np.outer(axis(fine_px, h, False), axis(fine_px, w, True))
-            - np.outer(axis(coarse_px, h, False), axis(coarse_px, w, True))).astype(np.complex64)
+    return (
+        np.outer(axis(fine_px, h, False), axis(fine_px, w, True)) - np.outer(axis(coarse_px, h, False), axis(coarse_px, w, True))
+    ).astype(np.complex64)
 
 
 def _band(img: np.ndarray, fine_px: float, coarse_px: float) -> np.ndarray:
@@ -107,9 +109,11 @@ def _band(img: np.ndarray, fine_px: float, coarse_px: float) -> np.ndarray:
 
 def _taper(shape: tuple[int, int], margin: float) -> np.ndarray:
     """Weights 0 at the window border rising smoothly (raised cosine) to 1 at `margin` px inside."""
+
     def ramp(n: int) -> np.ndarray:
         d = np.minimum(np.arange(n), np.arange(n)[::-1]) / max(min(margin, n / 4), 1.0)
         return 0.5 - 0.5 * np.cos(np.pi * np.clip(d, 0, 1))
+
     return np.outer(ramp(shape[0]), ramp(shape[1])).astype(np.float32)
 
 
@@ -119,8 +123,7 @@ def _shift(ref: np.ndarray, mov: np.ndarray, ref_spectrum: np.ndarray | None = N
     if ref_spectrum is None:
         s, _, _ = phase_cross_correlation(ref, mov, upsample_factor=50, normalization=None)
     else:
-        s, _, _ = phase_cross_correlation(ref_spectrum, sfft.fft2(mov, workers=-1), upsample_factor=50, normalization=None,
-                                          space="fourier")
+        s, _, _ = phase_cross_correlation(ref_spectrum, sfft.fft2(mov, workers=-1), upsample_factor=50, normalization=None, space="fourier")
     shifted = ndimage.shift(mov, s, order=1, mode="constant")
     return s, abs(float(np.sum(ref * shifted)))
 
@@ -134,8 +137,12 @@ def _integer_peak(ref_spectrum: np.ndarray, mov: np.ndarray) -> float:
 
 def _best_angle(ref: np.ndarray, mov: np.ndarray, centre: float, half_range: float, tol: float) -> float:
     ref_spectrum = sfft.fft2(ref, workers=-1)
-    res = optimize.minimize_scalar(lambda d: -_shift(ref, _rotate(mov, d), ref_spectrum)[1],
-                                   bounds=(centre - half_range, centre + half_range), method="bounded", options={"xatol": tol})
+    res = optimize.minimize_scalar(
+        lambda d: -_shift(ref, _rotate(mov, d), ref_spectrum)[1],
+        bounds=(centre - half_range, centre + half_range),
+        method="bounded",
+        options={"xatol": tol},
+    )
     return float(res.x)
 
 
@@ -270,13 +277,18 @@ def register_specs(specs: list[SlideSpec], method: str, qc_dir: Path | None = No
         for role in (r for r in spec.roles if r != "vessels"):
             t = estimate(spec, role, method)
             if t.score is None or t.score < MIN_SCORE:
-                raise InputError(spec.paths[0], f"{role} channel does not overlap the vessels channel after registration "
-                                 f"(correlation {t.score:.2f} < {MIN_SCORE})", "check that both files show the same section")
+                raise InputError(
+                    spec.paths[0],
+                    f"{role} channel does not overlap the vessels channel after registration (correlation {t.score:.2f} < {MIN_SCORE})",
+                    "check that both files show the same section",
+                )
             if t.score < WARN_SCORE:
                 warnings.warn(f"{spec.slide_id}: {role} registration is doubtful (correlation {t.score:.2f})", stacklevel=2)
             if log:
-                log(f"{spec.slide_id}: {role} → vessels: dy {t.dy:+.2f} px, dx {t.dx:+.2f} px, {t.degrees:+.3f}°, "
-                    f"correlation {t.score_before:.3f} → {t.score:.3f}")
+                log(
+                    f"{spec.slide_id}: {role} → vessels: dy {t.dy:+.2f} px, dx {t.dx:+.2f} px, {t.degrees:+.3f}°, "
+                    f"correlation {t.score_before:.3f} → {t.score:.3f}"
+                )
             moved.append((role, t))
         registered = replace(spec, transforms=tuple(moved))
         if qc_dir is not None:

@@ -88,7 +88,15 @@ def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     blank = np.zeros((th, tw))
     scale = lambda key: (LAYER_STYLE[key].cmap, LAYER_STYLE[key].vmin, LAYER_STYLE[key].vmax)  # noqa: E731 - the viewer's colour scales
     _panel(fig, axes[0, 0], chans.get("vessels", blank), "CD31 (vessels)", *scale("vessels"), um, "normalised intensity")
-    _panel(fig, axes[0, 1], chans.get("nuclei", blank), "DAPI (nuclei)" if "nuclei" in chans else "DAPI: not in slide", *scale("nuclei"), um, "normalised intensity")
+    _panel(
+        fig,
+        axes[0, 1],
+        chans.get("nuclei", blank),
+        "DAPI (nuclei)" if "nuclei" in chans else "DAPI: not in slide",
+        *scale("nuclei"),
+        um,
+        "normalised intensity",
+    )
     _panel(fig, axes[0, 2], chans["target"], "NP measured", *scale("measured"), um, "normalised NP")
     _panel(fig, axes[1, 0], pred, "NP predicted", *scale("predicted"), um, "normalised NP")
     _panel(fig, axes[1, 1], err, "|predicted − measured|", *scale("error"), um, "absolute error")
@@ -96,8 +104,10 @@ def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     wsi, check = result["wsi"], result.get("check") or {}
     where = "tissue" if "ssim_tissue" in wsi else "whole slide"
     key = (lambda k: f"{k}_tissue") if "ssim_tissue" in wsi else (lambda k: k)  # noqa: E731
-    title = (f"{m.slide_id} — {where}: Pearson's r {wsi[key('pearson_r')]:.3f}, spread {check.get('spread_ratio', float('nan')):.2f}× "
-             f"the measured, PSNR {wsi[key('psnr')]:.2f} dB, SSIM {wsi[key('ssim')]:.3f}")
+    title = (
+        f"{m.slide_id} — {where}: Pearson's r {wsi[key('pearson_r')]:.3f}, spread {check.get('spread_ratio', float('nan')):.2f}× "
+        f"the measured, PSNR {wsi[key('psnr')]:.2f} dB, SSIM {wsi[key('ssim')]:.3f}"
+    )
     if check.get("warning"):
         title += "\n" + textwrap.fill(f"WARNING: {check['warning']}", 130)
     fig.suptitle(title, fontsize=13, color="firebrick" if check.get("warning") else "black")
@@ -158,15 +168,25 @@ def divergence_scatter(path: Path, rows: list[dict], gamma: float | None) -> Non
     fig, ax = plt.subplots(figsize=(6.5, 5))
     usable = [r for r in rows if math.isfinite(r["divergence"])]
     if usable:
-        sc = ax.scatter([r["divergence"] for r in usable], [r["mae"] for r in usable], c=[r["multimodal_share"] for r in usable],
-                        cmap="viridis", vmin=0, vmax=1, s=12, alpha=0.8)
+        sc = ax.scatter(
+            [r["divergence"] for r in usable],
+            [r["mae"] for r in usable],
+            c=[r["multimodal_share"] for r in usable],
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            s=12,
+            alpha=0.8,
+        )
         fig.colorbar(sc, ax=ax, label="share of steps on the multi-modal branch")
         if gamma is not None:
             ax.axvline(gamma, color="r", ls=":", label=f"γ = {gamma:g}: uni-modal at or above")
             ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no divergence: uni-modal prediction (no nuclei)", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="mean divergence d of the patch", ylabel="mean |predicted − measured|", title="Where the gate doubted fusion, and the error")
+    ax.set(
+        xlabel="mean divergence d of the patch", ylabel="mean |predicted − measured|", title="Where the gate doubted fusion, and the error"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -182,81 +202,113 @@ def _fmt(v) -> str:
 
 def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[dict] = ()) -> None:
     """One offline page: headline numbers, per-slide tables, every figure embedded, links to the viewers."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>wsi-damm evaluation</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}"
-             ".note{color:#666;font-size:90%}</style></head><body><h1>NP distribution prediction — evaluation</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>wsi-damm evaluation</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}"
+        ".note{color:#666;font-size:90%}</style></head><body><h1>NP distribution prediction — evaluation</h1>",
+    ]
     percentiles = sorted({tuple(r["normalisation"]["percentiles"]) for r in metrics["slides"]})
     rule = " or ".join(f"{lo:g} / {hi:g}" for lo, hi in percentiles)
-    parts.append("<p><b>Read Pearson's r and the map's spread first.</b> On a sparse target (a stain that marks a few per cent "
-                 "of the pixels) SSIM and PSNR reward a black map, because both images agree wherever both are near zero; "
-                 "Pearson's r and the ratio of the map's spread to the measured channel's do not.</p>")
-    parts.append("<p class='note'>SSIM: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, 5-px border excluded — "
-                 "the definition of scikit-image. PSNR = 10·log10(1 / MSE) on maps normalised to [0, 1] by the slide's "
-                 f"{html.escape(rule)} percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>")
+    parts.append(
+        "<p><b>Read Pearson's r and the map's spread first.</b> On a sparse target (a stain that marks a few per cent "
+        "of the pixels) SSIM and PSNR reward a black map, because both images agree wherever both are near zero; "
+        "Pearson's r and the ratio of the map's spread to the measured channel's do not.</p>"
+    )
+    parts.append(
+        "<p class='note'>SSIM: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, 5-px border excluded — "
+        "the definition of scikit-image. PSNR = 10·log10(1 / MSE) on maps normalised to [0, 1] by the slide's "
+        f"{html.escape(rule)} percentiles over tissue. Patch protocol: non-overlapping patches with ≥ 50 % tissue (paper Tab. 1).</p>"
+    )
     pages = {v["page"].removeprefix("viewer_").removesuffix(".html"): v for v in viewers}
     for r in metrics["slides"]:
         wsi = r["wsi"]
         parts.append(f"<h2>{html.escape(r['slide'])}</h2>")
         if r["slide"] in pages:
             v = pages[r["slide"]]
-            parts.append(f"<p><a href='{html.escape(v['page'])}'><b>Open the deep-zoom viewer</b></a>: {len(v['layers'])} layers "
-                         f"({html.escape(', '.join(v['layers']))}) side by side with linked pan and zoom, or overlaid; full resolution "
-                         "to the whole slide. Opens from disk, no server needed.</p>")
+            parts.append(
+                f"<p><a href='{html.escape(v['page'])}'><b>Open the deep-zoom viewer</b></a>: {len(v['layers'])} layers "
+                f"({html.escape(', '.join(v['layers']))}) side by side with linked pan and zoom, or overlaid; full resolution "
+                "to the whole slide. Opens from disk, no server needed.</p>"
+            )
         check = r.get("check")
         if check:
             if check.get("warning"):
                 parts.append(f"<p style='color:#b22222'><b>Warning: {html.escape(check['warning'])}.</b></p>")
-            parts.append(f"<p>Headline ({'tissue' if 'ssim_tissue' in wsi else 'whole slide'}): Pearson's r with the measured channel "
-                         f"<b>{_fmt(check['pearson_r'])}</b>, the map's spread <b>{_fmt(check['spread_ratio'])}×</b> and its mean "
-                         f"<b>{_fmt(check['mean_ratio'])}×</b> the measured channel's.</p>")
+            parts.append(
+                f"<p>Headline ({'tissue' if 'ssim_tissue' in wsi else 'whole slide'}): Pearson's r with the measured channel "
+                f"<b>{_fmt(check['pearson_r'])}</b>, the map's spread <b>{_fmt(check['spread_ratio'])}×</b> and its mean "
+                f"<b>{_fmt(check['mean_ratio'])}×</b> the measured channel's.</p>"
+            )
         ceiling = r.get("autoencoder_ceiling")
         if ceiling:
             style = " style='color:#b22222'" if ceiling["collapsed"] else ""
-            parts.append(f"<p{style}>The run's target autoencoder reconstructs its {html.escape(ceiling['measured_on'])} "
-                         f"with Pearson's r {_fmt(ceiling['pearson_r'])}, {_fmt(ceiling['spread_ratio'])}× "
-                         f"their spread and {_fmt(ceiling['mean_ratio'])}× their mean — the best any map of this run can be"
-                         + (" (<b>collapsed</b>: this map cannot be better than a flat image)" if ceiling["collapsed"] else "") + ".</p>")
+            parts.append(
+                f"<p{style}>The run's target autoencoder reconstructs its {html.escape(ceiling['measured_on'])} "
+                f"with Pearson's r {_fmt(ceiling['pearson_r'])}, {_fmt(ceiling['spread_ratio'])}× "
+                f"their spread and {_fmt(ceiling['mean_ratio'])}× their mean — the best any map of this run can be"
+                + (" (<b>collapsed</b>: this map cannot be better than a flat image)" if ceiling["collapsed"] else "")
+                + ".</p>"
+            )
         if r.get("uni_modal_only"):
             parts.append("<p><b>Uni-modal prediction:</b> the slide had no nuclei channel; only the vessels branch was used.</p>")
-        parts.append("<table><tr><th></th><th>Pearson's r</th><th>mean (map / measured)</th><th>sd (map / measured)</th><th>SSIM</th>"
-                     "<th>PSNR (dB)</th><th>pixels</th></tr>")
+        parts.append(
+            "<table><tr><th></th><th>Pearson's r</th><th>mean (map / measured)</th><th>sd (map / measured)</th><th>SSIM</th>"
+            "<th>PSNR (dB)</th><th>pixels</th></tr>"
+        )
+
         def moments(sfx: str) -> str:
             get = lambda k: _fmt(wsi.get(k + sfx))  # noqa: E731
             return f"<td>{get('pearson_r')}</td><td>{get('mean')} / {get('mean_measured')}</td><td>{get('sd')} / {get('sd_measured')}</td>"
 
-        parts.append(f"<tr><th>whole slide</th>{moments('')}<td>{_fmt(wsi['ssim'])}</td><td>{_fmt(wsi['psnr'])}</td>"
-                     f"<td>{wsi['pixels']}</td></tr>")
+        parts.append(
+            f"<tr><th>whole slide</th>{moments('')}<td>{_fmt(wsi['ssim'])}</td><td>{_fmt(wsi['psnr'])}</td><td>{wsi['pixels']}</td></tr>"
+        )
         if "ssim_tissue" in wsi:
-            parts.append(f"<tr><th>tissue only</th>{moments('_tissue')}<td>{_fmt(wsi['ssim_tissue'])}</td>"
-                         f"<td>{_fmt(wsi['psnr_tissue'])}</td><td>{wsi['pixels_tissue']}</td></tr>")
+            parts.append(
+                f"<tr><th>tissue only</th>{moments('_tissue')}<td>{_fmt(wsi['ssim_tissue'])}</td>"
+                f"<td>{_fmt(wsi['psnr_tissue'])}</td><td>{wsi['pixels_tissue']}</td></tr>"
+            )
         pp = r["patches"]
-        parts.append(f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 3}<td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
-                     f"<td>{_fmt(pp['psnr']['mean'])} ± {_fmt(pp['psnr']['sd'])}</td><td></td></tr>")
+        parts.append(
+            f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 3}<td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
+            f"<td>{_fmt(pp['psnr']['mean'])} ± {_fmt(pp['psnr']['sd'])}</td><td></td></tr>"
+        )
         if "oracle_wsi" in r:
             o = r["oracle_wsi"]
-            parts.append(f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o.get('pearson_r'))}</td><td></td><td></td>"
-                         f"<td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>")
+            parts.append(
+                f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o.get('pearson_r'))}</td><td></td><td></td>"
+                f"<td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>"
+            )
         parts.append("</table>")
         seams = r.get("seams") or {}
         if seams:
-            parts.append(f"<p>Seam score at the {seams['stride']}-px patch stride (worst phase's mean adjacent-pixel difference over the "
-                         f"median phase's; 1 = no grid): map <b>{_fmt(seams['map'])}</b>, measured NP {_fmt(seams['measured'])}"
-                         + (f" ({html.escape(r['sampling'])} sampling)" if r.get("sampling") else "") + ".</p>")
+            parts.append(
+                f"<p>Seam score at the {seams['stride']}-px patch stride (worst phase's mean adjacent-pixel difference over the "
+                f"median phase's; 1 = no grid): map <b>{_fmt(seams['map'])}</b>, measured NP {_fmt(seams['measured'])}"
+                + (f" ({html.escape(r['sampling'])} sampling)" if r.get("sampling") else "")
+                + ".</p>"
+            )
         if "regions" in r:
-            parts.append("<table><tr><th>region</th><th>pixels</th><th>SSIM</th><th>PSNR (dB)</th><th>patch SSIM (%)</th>"
-                         "<th>patch PSNR (dB)</th><th>multi-modal share</th></tr>")
+            parts.append(
+                "<table><tr><th>region</th><th>pixels</th><th>SSIM</th><th>PSNR (dB)</th><th>patch SSIM (%)</th>"
+                "<th>patch PSNR (dB)</th><th>multi-modal share</th></tr>"
+            )
             for name, g in r["regions"].items():
                 ps, pp = g["patches"]["ssim_percent"], g["patches"]["psnr"]
-                parts.append(f"<tr><th>{html.escape(name)}</th><td>{g['pixels']}</td><td>{_fmt(g['ssim'])}</td><td>{_fmt(g['psnr'])}</td>"
-                             f"<td>{_fmt(ps['mean'])} ± {_fmt(ps['sd'])} (n={ps['n']})</td><td>{_fmt(pp['mean'])} ± {_fmt(pp['sd'])}</td>"
-                             f"<td>{_fmt(g['multimodal_share'])}</td></tr>")
+                parts.append(
+                    f"<tr><th>{html.escape(name)}</th><td>{g['pixels']}</td><td>{_fmt(g['ssim'])}</td><td>{_fmt(g['psnr'])}</td>"
+                    f"<td>{_fmt(ps['mean'])} ± {_fmt(ps['sd'])} (n={ps['n']})</td><td>{_fmt(pp['mean'])} ± {_fmt(pp['sd'])}</td>"
+                    f"<td>{_fmt(g['multimodal_share'])}</td></tr>"
+                )
             parts.append("</table>")
     if len(metrics["slides"]) > 1:
         pw = metrics["pooled"]
-        parts.append(f"<h2>Pooled over {pw['slides']} slides</h2><p>WSI SSIM {_fmt(pw['wsi']['ssim'])}, PSNR {_fmt(pw['wsi']['psnr'])} dB; "
-                     f"patches SSIM {_fmt(pw['patches']['ssim_percent']['mean'])} ± {_fmt(pw['patches']['ssim_percent']['sd'])} %, "
-                     f"PSNR {_fmt(pw['patches']['psnr']['mean'])} ± {_fmt(pw['patches']['psnr']['sd'])} dB</p>")
+        parts.append(
+            f"<h2>Pooled over {pw['slides']} slides</h2><p>WSI SSIM {_fmt(pw['wsi']['ssim'])}, PSNR {_fmt(pw['wsi']['psnr'])} dB; "
+            f"patches SSIM {_fmt(pw['patches']['ssim_percent']['mean'])} ± {_fmt(pw['patches']['ssim_percent']['sd'])} %, "
+            f"PSNR {_fmt(pw['patches']['psnr']['mean'])} ± {_fmt(pw['patches']['psnr']['sd'])} dB</p>"
+        )
     for fig in figures:
         if fig.exists():
             data = base64.b64encode(fig.read_bytes()).decode()

@@ -23,8 +23,22 @@ from .models.autoencoder import Autoencoder
 from .models.damm_unet import DammUNet, UNetShape
 
 ROLES_NEEDED = ("vessels", "nuclei", "target")  # one autoencoder each
-METRIC_FIELDS = ["step", "phase", "lr", "loss", "l_uni", "l_multi", "dfl", "multi_share", "mean_kappa",
-                 "val_loss", "val_l_uni", "val_l_multi", "val_multi_share", "steps_per_s"]
+METRIC_FIELDS = [
+    "step",
+    "phase",
+    "lr",
+    "loss",
+    "l_uni",
+    "l_multi",
+    "dfl",
+    "multi_share",
+    "mean_kappa",
+    "val_loss",
+    "val_l_uni",
+    "val_l_multi",
+    "val_multi_share",
+    "steps_per_s",
+]
 
 
 class RunDir:
@@ -127,5 +141,7 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
-        return [{k: (v if v in ("", None) or k == "phase" else int(v) if k == "step" else float(v)) for k, v in r.items()}
-                for r in csv.DictReader(fh)]
+        return [
+            {k: (v if v in ("", None) or k == "phase" else int(v) if k == "step" else float(v)) for k, v in r.items()}
+            for r in csv.DictReader(fh)
+        ]

@@ -32,17 +32,24 @@ def run_summary(path: Path) -> dict:
         "last_val_loss": last_val.get("val_loss"),
         "validation": json.loads(run.validation.read_text())["description"] if run.validation.exists() else None,
         "finished": run.unet.exists(),
-        "ablations": {"mmfm": cfg.model.mmfm, "fusion": cfg.model.fusion, "dammp": cfg.damm.dammp, "dfl": cfg.damm.dfl,
-                      "uni_branch": cfg.model.uni_branch, "gamma": cfg.damm.gamma},
+        "ablations": {
+            "mmfm": cfg.model.mmfm,
+            "fusion": cfg.model.fusion,
+            "dammp": cfg.damm.dammp,
+            "dfl": cfg.damm.dfl,
+            "uni_branch": cfg.model.uni_branch,
+            "gamma": cfg.damm.gamma,
+        },
         # what `predict --sampling auto` will do with it
-        "recipe": {"latents": cfg.model.latents, "local_autoencoders": cfg.autoencoder.local,
-                   "sampling": sampling_for(cfg)},
+        "recipe": {"latents": cfg.model.latents, "local_autoencoders": cfg.autoencoder.local, "sampling": sampling_for(cfg)},
     }
     if run.ae_ceiling.exists():  # decode(encode(x)) against x on held-out patches: the best any map can be
         ceiling = read_json(run.ae_ceiling)
         summary["autoencoder_ceiling"] = {
             role: f"r {c['pearson_r']:.3f}, mean {c['mean_ratio']:.2f}×, spread {c['spread_ratio']:.2f}×, {c['psnr']:.2f} dB"
-            + (" — COLLAPSED" if role in ceiling["collapsed"] else "") for role, c in ceiling["roles"].items()}
+            + (" — COLLAPSED" if role in ceiling["collapsed"] else "")
+            for role, c in ceiling["roles"].items()
+        }
         summary["autoencoder_ceiling"]["measured on"] = ceiling["patches"]
     if cfg.preset == "paper":
         summary["authors_unet_parameters"] = AUTHORS_UNET_PARAMS

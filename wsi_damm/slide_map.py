@@ -50,8 +50,9 @@ def create_map(root: zarr.Group, height: int, width: int, n_values: int, n_level
     """Empty full-resolution levels 0 … n_levels − 1 (n_values channels) and patch-maps level 0."""
     shapes = pyramid_shapes(height, width, PYRAMID_MIN)[:n_levels]
     levels = [create_level(root, str(i), (n_values,) + shape, MAP_DTYPE, i, DIMS) for i, shape in enumerate(shapes)]
-    patch0 = create_level(root.require_group(PATCH_MAPS), "0", (len(PATCH_MAP_CHANNELS),) + block_shape(height, width),
-                          MAP_DTYPE, BLOCK_LEVEL, DIMS)
+    patch0 = create_level(
+        root.require_group(PATCH_MAPS), "0", (len(PATCH_MAP_CHANNELS),) + block_shape(height, width), MAP_DTYPE, BLOCK_LEVEL, DIMS
+    )
     return levels, patch0
 
 
@@ -73,8 +74,9 @@ def finish_map(root: zarr.Group, name: str, mpp: float | None, existing: int, in
     levels = build_pyramid(root, "", min_size=PYRAMID_MIN, dimension_names=DIMS, existing=existing)
     patch_levels = build_pyramid(root[PATCH_MAPS], "", min_size=PYRAMID_MIN, dimension_names=DIMS)
     root.attrs["ome"] = ome_zarr_attrs(name, len(levels), mpp, VALUE_CHANNELS[: levels[0].shape[0]])
-    root[PATCH_MAPS].attrs["ome"] = ome_zarr_attrs(f"{name}: per-patch maps in {BLOCK}-px blocks", len(patch_levels), mpp,
-                                                   PATCH_MAP_CHANNELS, factor=BLOCK)
+    root[PATCH_MAPS].attrs["ome"] = ome_zarr_attrs(
+        f"{name}: per-patch maps in {BLOCK}-px blocks", len(patch_levels), mpp, PATCH_MAP_CHANNELS, factor=BLOCK
+    )
     root.attrs["wsi_damm"] = {**info, "patch_maps": {"path": PATCH_MAPS, "block": BLOCK}}
     return levels
 
@@ -138,9 +140,20 @@ def open_map(path: str | Path) -> MapImage:
     pm = dict(root[PATCH_MAPS].attrs)["ome"]["multiscales"][0]
     unit = ms["axes"][1].get("unit")
     mpp = float(ms["datasets"][0]["coordinateTransformations"][0]["scale"][1]) if unit == "micrometer" else None
-    return MapImage(path, [root[d["path"]] for d in ms["datasets"]], [root[PATCH_MAPS][d["path"]] for d in pm["datasets"]],
-                    int(info["patch_maps"]["block"]), mpp, info.get("slide", ms.get("name", path.stem)),
-                    int(info.get("patch_size", 256)), bool(info.get("nuclei", True)),
-                    tuple(info.get("percentiles", DEFAULT_PERCENTILES)), info.get("gamma"),
-                    int(info["stride"]) if info.get("stride") else None, info.get("sampling"), info.get("tissue", "auto"),
-                    NpScale.from_attrs(info.get("np_normalisation")), info.get("source"))
+    return MapImage(
+        path,
+        [root[d["path"]] for d in ms["datasets"]],
+        [root[PATCH_MAPS][d["path"]] for d in pm["datasets"]],
+        int(info["patch_maps"]["block"]),
+        mpp,
+        info.get("slide", ms.get("name", path.stem)),
+        int(info.get("patch_size", 256)),
+        bool(info.get("nuclei", True)),
+        tuple(info.get("percentiles", DEFAULT_PERCENTILES)),
+        info.get("gamma"),
+        int(info["stride"]) if info.get("stride") else None,
+        info.get("sampling"),
+        info.get("tissue", "auto"),
+        NpScale.from_attrs(info.get("np_normalisation")),
+        info.get("source"),
+    )

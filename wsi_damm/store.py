@@ -46,8 +46,13 @@ def create_patch_store(
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     s = max(1, min(shard_patches, n))
     root.create_array(
-        "images", shape=(n, n_channels, patch, patch), dtype=dtype, chunks=(1, n_channels, patch, patch),
-        shards=(s, n_channels, patch, patch), compressors=_codec(dtype), fill_value=0,
+        "images",
+        shape=(n, n_channels, patch, patch),
+        dtype=dtype,
+        chunks=(1, n_channels, patch, patch),
+        shards=(s, n_channels, patch, patch),
+        compressors=_codec(dtype),
+        fill_value=0,
         dimension_names=("patch", "c", "y", "x"),
     )
     root.create_array("coords", shape=(n, 3), dtype=np.int64, chunks=(max(n, 1), 3), fill_value=0)[:] = coords
@@ -81,7 +86,8 @@ class PatchStore:
         version = int(attrs.get("format_version", 0))
         if version > FORMAT_VERSION:
             raise InputError(
-                path, f"was written by a newer wsi-damm (store format {version}, this version reads ≤ {FORMAT_VERSION})",
+                path,
+                f"was written by a newer wsi-damm (store format {version}, this version reads ≤ {FORMAT_VERSION})",
                 "upgrade wsi-damm",
             )
         if require_complete and not attrs.get("complete"):
@@ -187,18 +193,36 @@ def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dic
     s = int(conditions.attrs["shard_patches"])
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for name in ("pred", "pred_sd") if with_sd else ("pred",):
-        root.create_array(name, shape=(n, 1, p, p), dtype=np.float16, chunks=(1, 1, p, p), shards=(s, 1, p, p),
-                          compressors=[ZstdCodec(level=1), Crc32cCodec()], fill_value=0, dimension_names=("patch", "c", "y", "x"))
+        root.create_array(
+            name,
+            shape=(n, 1, p, p),
+            dtype=np.float16,
+            chunks=(1, 1, p, p),
+            shards=(s, 1, p, p),
+            compressors=[ZstdCodec(level=1), Crc32cCodec()],
+            fill_value=0,
+            dimension_names=("patch", "c", "y", "x"),
+        )
     for name in ("divergence", "multimodal_fraction"):
         root.create_array(name, shape=(n,), dtype=np.float32, chunks=(s,), fill_value=np.nan)
     root.create_array("coords", shape=(n, 3), dtype=np.int64, chunks=(max(n, 1), 3), fill_value=0)[:] = conditions.coords
     root.create_array("shard_done", shape=(math.ceil(n / s),), dtype=np.uint8, chunks=(1,), fill_value=0)
-    root.attrs.update({
-        "format": PRED_FORMAT, "format_version": FORMAT_VERSION, "shard_patches": s, "complete": False,
-        "patch_size": p, "stride": conditions.attrs["stride"], "overlap": conditions.attrs["overlap"],
-        "mpp": conditions.attrs["mpp"], "percentiles": conditions.attrs.get("percentiles"),
-        "tissue": conditions.attrs.get("tissue", "auto"), "slides": conditions.slides, **attrs,
-    })
+    root.attrs.update(
+        {
+            "format": PRED_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "shard_patches": s,
+            "complete": False,
+            "patch_size": p,
+            "stride": conditions.attrs["stride"],
+            "overlap": conditions.attrs["overlap"],
+            "mpp": conditions.attrs["mpp"],
+            "percentiles": conditions.attrs.get("percentiles"),
+            "tissue": conditions.attrs.get("tissue", "auto"),
+            "slides": conditions.slides,
+            **attrs,
+        }
+    )
     return root
 
 
@@ -228,8 +252,11 @@ def _read_checked(array: zarr.Array, a: int, b: int) -> np.ndarray:
             except ValueError:
                 store = str(array.store_path).removeprefix("file://").removesuffix("/" + array.path)
                 shard = row // array.shards[0] if array.shards else row
-                raise InputError(store, f"array {array.path!r}, patch {row} (shard {shard}) is corrupted: its crc32c checksum does not "
-                                 "match the bytes on disk", "re-create the store (rerun the command with --overwrite)") from exc
+                raise InputError(
+                    store,
+                    f"array {array.path!r}, patch {row} (shard {shard}) is corrupted: its crc32c checksum does not match the bytes on disk",
+                    "re-create the store (rerun the command with --overwrite)",
+                ) from exc
         raise
 
 

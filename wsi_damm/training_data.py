@@ -32,8 +32,7 @@ class ValidationSplit:
     cuts: dict = field(default_factory=dict)  # region split: slide id → (axis, first validation pixel)
 
 
-def split_validation(store: PatchStore, val_fraction: float, val_slides: tuple[str, ...], seed: int,
-                     how: str = "auto") -> ValidationSplit:
+def split_validation(store: PatchStore, val_fraction: float, val_slides: tuple[str, ...], seed: int, how: str = "auto") -> ValidationSplit:
     """Train / validation patch indices. By slide (a slide's patches are never on both sides) when the
     store holds several; from one slide ("auto" with a single slide, or "region"), the last `val_fraction`
     of each slide along its longer side is held out, and patches that would overlap both sides are left
@@ -56,8 +55,9 @@ def split_validation(store: PatchStore, val_fraction: float, val_slides: tuple[s
             order = np.random.default_rng(seed).permutation(len(ids))
             val = sorted(order[: max(1, min(len(ids) - 1, math.ceil(val_fraction * len(ids))))].tolist())
         is_val = np.isin(slide_of, val)
-        return _checked(store, np.nonzero(~is_val)[0], np.nonzero(is_val)[0], "slides",
-                        f"validation slides: {', '.join(ids[v] for v in val)}")
+        return _checked(
+            store, np.nonzero(~is_val)[0], np.nonzero(is_val)[0], "slides", f"validation slides: {', '.join(ids[v] for v in val)}"
+        )
     return _region_split(store, val_fraction)
 
 
@@ -86,12 +86,13 @@ def _region_split(store: PatchStore, fraction: float) -> ValidationSplit:
         cuts[entry["slide_id"]] = (axis, cut)
         parts.append(f"{entry['slide_id']} {axis} ≥ {cut} px")
     dropped = int(len(coords) - is_train.sum() - is_val.sum())
-    description = (f"validation region: {', '.join(parts)} ({is_val.sum()} patches; {dropped} patches on the boundary "
-                   "left out of both)")
+    description = f"validation region: {', '.join(parts)} ({is_val.sum()} patches; {dropped} patches on the boundary left out of both)"
     return _checked(store, np.nonzero(is_train)[0], np.nonzero(is_val)[0], "region", description, cuts)
 
 
-def _checked(store: PatchStore, train: np.ndarray, val: np.ndarray, kind: str, description: str, cuts: dict | None = None) -> ValidationSplit:
+def _checked(
+    store: PatchStore, train: np.ndarray, val: np.ndarray, kind: str, description: str, cuts: dict | None = None
+) -> ValidationSplit:
     if len(train) == 0:
         raise InputError(store.path, "no training patches left after the validation split")
     return ValidationSplit(train, val, kind, description, cuts or {})
@@ -154,7 +155,7 @@ class PatchDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        raw = self._cache[i] if self._cache is not None else read_rows(self.store.images, self.indices[i:i + 1])[0]
+        raw = self._cache[i] if self._cache is not None else read_rows(self.store.images, self.indices[i : i + 1])[0]
         x = to_model_range(raw)
         item = {role: x[k : k + 1] for k, role in enumerate(self.roles)}
         item["index"] = int(self.indices[i])

@@ -72,15 +72,27 @@ class Truth(ReopensSlide):
 
 def load_truth(spec: SlideSpec, m: MapImage) -> Truth:
     """Plan the truth slide at the map's resolution and check that both cover the same tissue."""
-    cfg = TileConfig(patch_size=m.patch_size, overlap=0, mpp=m.mpp, level=None if m.mpp else 0, min_tissue=0.0, percentiles=m.percentiles, align=1,
-                     tissue=m.tissue, np_scale=m.np_scale)  # a fixed / reference NP range normalises the truth the same way
+    cfg = TileConfig(
+        patch_size=m.patch_size,
+        overlap=0,
+        mpp=m.mpp,
+        level=None if m.mpp else 0,
+        min_tissue=0.0,
+        percentiles=m.percentiles,
+        align=1,
+        tissue=m.tissue,
+        np_scale=m.np_scale,
+    )  # a fixed / reference NP range normalises the truth the same way
     plan = plan_slide(spec, cfg)
     mh, mw = m.level0.shape[1:]
     th, tw = plan.choice.shape
     if abs(mh - th) > SIZE_TOLERANCE * th or abs(mw - tw) > SIZE_TOLERANCE * tw:
         size = lambda h, w: f"{h}×{w} px" + (f" = {h * m.mpp:.0f}×{w * m.mpp:.0f} µm" if m.mpp else "")  # noqa: E731
-        raise InputError(spec.paths[0], f"covers {size(th, tw)} at the map's resolution but the map {m.path} covers {size(mh, mw)}",
-                         "evaluate the map against the slide it was predicted from")
+        raise InputError(
+            spec.paths[0],
+            f"covers {size(th, tw)} at the map's resolution but the map {m.path} covers {size(mh, mw)}",
+            "evaluate the map against the slide it was predicted from",
+        )
     return Truth(plan, (min(mh, th), min(mw, tw)), spec.open())
 
 

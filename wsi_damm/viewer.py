@@ -72,8 +72,11 @@ def _map_channel(m: MapImage, channel: int, shape: tuple[int, int]) -> Pyramid:
     levels = []
     for lv in m.levels:
         ds = w0 / lv.shape[2]
-        levels.append(SourceLevel(lambda y, x, h, w, lv=lv: np.asarray(lv[channel, y:y + h, x:x + w], np.float32),
-                                  shape if ds == 1 else lv.shape[1:], ds))
+        levels.append(
+            SourceLevel(
+                lambda y, x, h, w, lv=lv: np.asarray(lv[channel, y : y + h, x : x + w], np.float32), shape if ds == 1 else lv.shape[1:], ds
+            )
+        )
     return Pyramid(levels)
 
 
@@ -86,8 +89,9 @@ def _patch_map(m: MapImage, channel: int, shape: tuple[int, int]) -> Pyramid:
 
     levels = [SourceLevel(full, shape, 1.0)]
     for lv in m.patch_maps:
-        levels.append(SourceLevel(lambda y, x, h, w, lv=lv: np.asarray(lv[channel, y:y + h, x:x + w], np.float32),
-                                  lv.shape[1:], w0 / lv.shape[2]))
+        levels.append(
+            SourceLevel(lambda y, x, h, w, lv=lv: np.asarray(lv[channel, y : y + h, x : x + w], np.float32), lv.shape[1:], w0 / lv.shape[2])
+        )
     return Pyramid(levels)
 
 
@@ -99,9 +103,15 @@ def _slide_channel(truth: "Truth", role: str) -> Pyramid:
     for j, lev in enumerate(slide.levels):
         ds = lev.downsample / plan.choice.downsample
         if ds > 1.001:
-            levels.append(SourceLevel(
-                lambda y, x, h, w, j=j: unit_range(slide.read_region(j, y, x, h, w, (k,))[0].astype(np.float32), plan.lo[k], plan.hi[k]),
-                lev.shape[1:], ds))
+            levels.append(
+                SourceLevel(
+                    lambda y, x, h, w, j=j: unit_range(
+                        slide.read_region(j, y, x, h, w, (k,))[0].astype(np.float32), plan.lo[k], plan.hi[k]
+                    ),
+                    lev.shape[1:],
+                    ds,
+                )
+            )
     return Pyramid(levels)
 
 
@@ -157,8 +167,17 @@ def write_viewer(report: Path, m: MapImage, truth: "Truth", workers: int = 2) ->
             continue
         desc = write_dzi(tiles, layer.key, sources[layer.key], colour_map(layer.cmap, layer.vmin, layer.vmax), workers=workers)
         desc["Image"]["Url"] = f"viewer/{slide}/{desc['Image']['Url']}"
-        layers.append({"key": layer.key, "title": layer.title, "unit": layer.unit, "vmin": layer.vmin, "vmax": layer.vmax,
-                       "gradient": _gradient(layer), "dzi": desc})
+        layers.append(
+            {
+                "key": layer.key,
+                "title": layer.title,
+                "unit": layer.unit,
+                "vmin": layer.vmin,
+                "vmax": layer.vmax,
+                "gradient": _gradient(layer),
+                "dzi": desc,
+            }
+        )
     page = report / f"viewer_{slide}.html"
     page.write_text(_html(slide, layers, m.mpp, truth.shape), encoding="utf-8")
     return {"page": page.name, "layers": [la["key"] for la in layers], "seconds": round(time.perf_counter() - t0, 1)}

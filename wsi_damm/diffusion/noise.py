@@ -73,8 +73,9 @@ def canvas_key(seed: int, slide_id: str) -> int:
 _POS_BITS = 21  # latent rows and columns below 2²¹ (an 8-million-pixel slide side at 4× downsampling)
 
 
-def canvas_normal(key: int, draws: int, step: int, channels: int, y0: int, y1: int, x0: int, x1: int,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+def canvas_normal(
+    key: int, draws: int, step: int, channels: int, y0: int, y1: int, x0: int, x1: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(draws, channels, y1 − y0, x1 − x0) standard normals of the canvas region [y0, y1) × [x0, x1):
     element (k, c, y, x) depends only on (key, draw k, step, c, y, x), so any crop of the canvas —
     in any batch, order, rank or resumed run — reads the same numbers there."""

@@ -36,7 +36,9 @@ def ddim_grid(T: int, steps: int) -> list[int]:
     return sorted(set(grid.tolist()), reverse=True)
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, eta: float, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_step(
+    x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, eta: float, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update from ᾱ_t to ᾱ_prev; returns (x_prev, x̂0)."""
     x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     return _ddim_from(x0, eps, a_t, a_prev, eta, noise), x0
@@ -107,8 +109,15 @@ class Plan:
         """x̂0 from the model's ε at step i."""
         return (x - self.sigma[i] * eps) / self.alpha[i]
 
-    def update(self, i: int, x: torch.Tensor, x0: torch.Tensor, prev_x0: torch.Tensor | None = None,
-               noise: torch.Tensor | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+    def update(
+        self,
+        i: int,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        prev_x0: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The state after step i from x_t, x̂0 (and, for DPM++(2M), the previous step's x̂0); ε is
         derived from them unless given. After the last step: x̂0 itself."""
         if self.kind == "ddim":
@@ -161,7 +170,9 @@ def sample(eps_fn: EpsFn, x: torch.Tensor, plan: Plan, noise_fn: NoiseFn | None 
     return x
 
 
-def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 150, eta: float = 0.0, noise_fn: NoiseFn | None = None) -> torch.Tensor:
+def sample_ddim(
+    eps_fn: EpsFn, x: torch.Tensor, schedule: NoiseSchedule, steps: int = 150, eta: float = 0.0, noise_fn: NoiseFn | None = None
+) -> torch.Tensor:
     return sample(eps_fn, x, ddim_plan(schedule, steps, eta), noise_fn)
 
 

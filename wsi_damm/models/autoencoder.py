@@ -29,8 +29,15 @@ class Autoencoder(nn.Module):
     sparse stain, get a larger share of the code's range, so the background level and faint signal are
     reconstructed finely in linear units. Pointwise, so it keeps a local autoencoder local."""
 
-    def __init__(self, factor: int = 4, latent_channels: int = 4, channels: tuple[int, ...] = (32, 64), local: bool = False,
-                 local_norm: str = "pixel", gamma: float = 1.0) -> None:
+    def __init__(
+        self,
+        factor: int = 4,
+        latent_channels: int = 4,
+        channels: tuple[int, ...] = (32, 64),
+        local: bool = False,
+        local_norm: str = "pixel",
+        gamma: float = 1.0,
+    ) -> None:
         super().__init__()
         if factor not in (1, 2, 4, 8, 16):
             raise ValueError(f"downsampling factor must be 1, 2, 4, 8 or 16, got {factor}")
@@ -49,7 +56,12 @@ class Autoencoder(nn.Module):
         enc: list[nn.Module] = [nn.Conv2d(1, chs[0], 3, padding=1)]
         for i in range(levels):
             enc += [Downsample(chs[i]), ResBlock(chs[i], chs[i + 1], norm=norm)]
-        enc += [ResBlock(chs[-1], chs[-1], norm=norm), norm_layer(norm, chs[-1]), nn.SiLU(), nn.Conv2d(chs[-1], 2 * latent_channels, 3, padding=1)]
+        enc += [
+            ResBlock(chs[-1], chs[-1], norm=norm),
+            norm_layer(norm, chs[-1]),
+            nn.SiLU(),
+            nn.Conv2d(chs[-1], 2 * latent_channels, 3, padding=1),
+        ]
         self.encoder = nn.Sequential(*enc)
         with torch.no_grad():  # start with a narrow posterior: early training is not drowned in sampling noise
             self.encoder[-1].bias[latent_channels:].fill_(-6.0)

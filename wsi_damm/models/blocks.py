@@ -32,7 +32,7 @@ class PixelNorm(nn.Module):
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
-    """"group": GroupNorm (statistics over the whole image); "pixel": PixelNorm (per pixel); "none": no
+    """ "group": GroupNorm (statistics over the whole image); "pixel": PixelNorm (per pixel); "none": no
     normalisation (local like "pixel", and it keeps each pixel's activation magnitude)."""
     if kind == "none":
         return nn.Identity()

@@ -105,7 +105,11 @@ class DammUNet(nn.Module):
         self.uafm = UAFM(shape.channels[-1], shape.heads, confidence_input)
 
     def forward(
-        self, z_t: torch.Tensor, t: torch.Tensor, c_uni: torch.Tensor, c_multi: torch.Tensor | None = None,
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        c_uni: torch.Tensor,
+        c_multi: torch.Tensor | None = None,
         use_confidence: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         emb = self.time(t)
@@ -114,9 +118,7 @@ class DammUNet(nn.Module):
         eps_uni = self.uni.decode(u_mid, u_skips, emb)
         if c_multi is None:
             return eps_uni, None, None
-        m_mid, m_skips = self.multi.encode(
-            torch.cat([z_t, c_multi], 1), emb, fuse=lambda i, h: self.stage_fusion[i](stages[i], h)
-        )
+        m_mid, m_skips = self.multi.encode(torch.cat([z_t, c_multi], 1), emb, fuse=lambda i, h: self.stage_fusion[i](stages[i], h))
         fused, kappa = self.uafm(u_mid, m_mid, use_confidence=use_confidence and self.fusion == "uafm")
         eps_multi = self.multi.decode(fused, m_skips, emb)
         return eps_uni, eps_multi, kappa

@@ -23,9 +23,7 @@ class SpatialAttention(nn.Module):
     def __init__(self, ch: int, reduction: int = 4) -> None:
         super().__init__()
         mid = max(ch // reduction, 1)
-        self.net = nn.Sequential(
-            nn.Conv2d(ch, mid, 1), group_norm(mid), nn.ReLU(inplace=True), nn.Conv2d(mid, 1, 1), nn.GroupNorm(1, 1)
-        )
+        self.net = nn.Sequential(nn.Conv2d(ch, mid, 1), group_norm(mid), nn.ReLU(inplace=True), nn.Conv2d(mid, 1, 1), nn.GroupNorm(1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.net(x))

@@ -40,9 +40,7 @@ class Slide(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def read_region(
-        self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...] | None = None
-    ) -> np.ndarray:
+    def read_region(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...] | None = None) -> np.ndarray:
         """(C, h, w) pixels of `level` (only `channels` if given); decoder failures → InputError."""
         n_channels, height, width = self.levels[level].shape
         channels = tuple(range(n_channels)) if channels is None else tuple(channels)

@@ -16,8 +16,19 @@ from ..errors import InputError
 from .base import DEFAULT_MAX_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
 
 #: NGFF space units (UDUNITS names) → micrometres
-UNIT_UM = {"micrometer": 1.0, "micron": 1.0, "µm": 1.0, "um": 1.0, "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3,
-           "centimeter": 1e4, "meter": 1e6, "angstrom": 1e-4}
+UNIT_UM = {
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "µm": 1.0,
+    "um": 1.0,
+    "nanometer": 1e-3,
+    "nm": 1e-3,
+    "millimeter": 1e3,
+    "mm": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+    "angstrom": 1e-4,
+}
 
 
 def is_ome_zarr(path: str | Path) -> bool:
@@ -58,16 +69,18 @@ def _image_group(path: str, root: zarr.Group, series: int) -> zarr.Group:
         image = root[str(series)]
         if "multiscales" in _ome_attrs(image):
             return image
-    raise InputError(path, "is a zarr group but not an OME-Zarr image (no 'multiscales' metadata)",
-                     "write it with bioformats2raw or ome-zarr-py, or pass the image group inside it")
+    raise InputError(
+        path,
+        "is a zarr group but not an OME-Zarr image (no 'multiscales' metadata)",
+        "write it with bioformats2raw or ome-zarr-py, or pass the image group inside it",
+    )
 
 
 def _axes(path: str, multiscale: dict, ndim: int) -> list[dict]:
     axes = multiscale.get("axes")
     if axes is None:  # NGFF 0.1 / 0.2: always t, c, z, y, x
         axes = ["t", "c", "z", "y", "x"][-ndim:]
-    axes = [a if isinstance(a, dict) else {"name": a, "type": "channel" if a == "c" else "space" if a in "zyx" else "time"}
-            for a in axes]
+    axes = [a if isinstance(a, dict) else {"name": a, "type": "channel" if a == "c" else "space" if a in "zyx" else "time"} for a in axes]
     if len(axes) != ndim:
         raise InputError(path, f"declares {len(axes)} axes but its arrays have {ndim} dimensions")
     names = [a["name"].lower() for a in axes]
@@ -121,8 +134,11 @@ class OmeZarrSlide(Slide):
             if name in ("y", "x") or i == self._channel_axis:
                 continue
             if n > 1 and name.upper() not in planes:
-                raise InputError(self.path, f"has a {name} axis of size {n} (axes {names}, shape {shape})",
-                                 f"choose one plane with --plane {name.upper()}=<0..{n - 1}>")
+                raise InputError(
+                    self.path,
+                    f"has a {name} axis of size {n} (axes {names}, shape {shape})",
+                    f"choose one plane with --plane {name.upper()}=<0..{n - 1}>",
+                )
             k = planes.get(name.upper(), 0)
             if not 0 <= k < n:
                 raise InputError(self.path, f"plane {name.upper()}={k} outside 0..{n - 1}")

@@ -21,8 +21,9 @@ def _vendor_format(p: Path) -> str | None:
     return CONVERT_FIRST.get(suffix)
 
 
-def open_file(path: str | Path, planes: dict[str, int] | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-              mpp: float | None = None) -> Slide:
+def open_file(
+    path: str | Path, planes: dict[str, int] | None = None, max_bytes: int = DEFAULT_MAX_BYTES, mpp: float | None = None
+) -> Slide:
     """Open one slide with all its channels: TIFF family via tifffile, OME-Zarr (a directory) via zarr,
     JPEG / PNG / BMP via Pillow, else OpenSlide; vendor formats we cannot decode are refused with the
     converter to use. `mpp` declares the pixel size of a slide that carries none (plain images need

@@ -65,8 +65,7 @@ class PlainImageSlide(Slide):
         else:
             raise InputError(self.path, f"has the unsupported image mode {mode!r}", "save it as RGB or greyscale")
         if mpp is None:
-            raise InputError(self.path, f"is a plain {self.format} image and carries no pixel size",
-                             "declare it with --mpp <µm per pixel>")
+            raise InputError(self.path, f"is a plain {self.format} image and carries no pixel size", "declare it with --mpp <µm per pixel>")
         if not 0.01 <= mpp <= 100:
             raise InputError("--mpp", f"must be a pixel size in µm between 0.01 and 100, got {mpp}")
         self._mode = mode
@@ -91,7 +90,7 @@ class PlainImageSlide(Slide):
             return self._pixels
 
     def _read(self, level: int, y: int, x: int, h: int, w: int, channels: tuple[int, ...]) -> np.ndarray:
-        return self._decoded()[list(channels), y:y + h, x:x + w]
+        return self._decoded()[list(channels), y : y + h, x : x + w]
 
     def close(self) -> None:
         self._pixels = None

@@ -81,8 +81,15 @@ class SlideSpec:
 
     def describe(self) -> dict:
         moved = dict(self.transforms)
-        return {role: {"path": ref.path, "channel": ref.name, "index": ref.index,
-                       **({"registration": asdict(moved[role])} if role in moved else {})} for role, ref in self.channels}
+        return {
+            role: {
+                "path": ref.path,
+                "channel": ref.name,
+                "index": ref.index,
+                **({"registration": asdict(moved[role])} if role in moved else {}),
+            }
+            for role, ref in self.channels
+        }
 
     def transform(self, role: str) -> Transform | None:
         t = dict(self.transforms).get(role)
@@ -227,7 +234,8 @@ def specs_from_manifest(
                 auto = auto_roles(path, names)
                 if role not in auto:
                     raise InputError(
-                        where, f"{path} has {len(names)} channels ({', '.join(names)}); say which is {role}",
+                        where,
+                        f"{path} has {len(names)} channels ({', '.join(names)}); say which is {role}",
                         f"write {file_part}#<name|index>",
                     )
                 index = auto[role]
@@ -276,7 +284,8 @@ class RoleSlide(Slide):
             off = max(abs(a - b) / b for a, b in zip(hw, hw0))
             if off > spec.size_tolerance:
                 raise InputError(
-                    p, f"size {hw} differs from {spec.paths[0]} {hw0}",
+                    p,
+                    f"size {hw} differs from {spec.paths[0]} {hw0}",
                     "per-channel files of one slide must have the same height and width, or allow a difference with "
                     "--size-tolerance (they are then aligned by --register)",
                 )
@@ -284,9 +293,18 @@ class RoleSlide(Slide):
         # levels of the first file that every file has at (nearly) the same downsample
         self.levels, self._level_index = [], {p: [] for p in self._files}
         for lev in first.levels:
-            match = {p: next((i for i, o in enumerate(s.levels) if abs(o.downsample / lev.downsample - 1) < 0.02
-                              and max(abs(a - b) for a, b in zip(o.shape[1:], lev.shape[1:])) <= spec.size_tolerance * max(lev.shape[1:]) + 1), None)
-                     for p, s in self._files.items()}
+            match = {
+                p: next(
+                    (
+                        i
+                        for i, o in enumerate(s.levels)
+                        if abs(o.downsample / lev.downsample - 1) < 0.02
+                        and max(abs(a - b) for a, b in zip(o.shape[1:], lev.shape[1:])) <= spec.size_tolerance * max(lev.shape[1:]) + 1
+                    ),
+                    None,
+                )
+                for p, s in self._files.items()
+            }
             if all(i is not None for i in match.values()):
                 self.levels.append(Level((n,) + lev.shape[1:], lev.downsample))
                 for p, i in match.items():
@@ -309,8 +327,19 @@ class RoleSlide(Slide):
                 role, ref = self.spec.channels[ch]
                 t = self.spec.transform(role)
                 if t is not None:
-                    out[k] = _read_transformed(s, self._level_index[p][level], y, x, h, w, ref.index, t,
-                                               self.levels[level].downsample, self.levels[0].shape[1:], self.dtype)
+                    out[k] = _read_transformed(
+                        s,
+                        self._level_index[p][level],
+                        y,
+                        x,
+                        h,
+                        w,
+                        ref.index,
+                        t,
+                        self.levels[level].downsample,
+                        self.levels[0].shape[1:],
+                        self.dtype,
+                    )
         return out
 
     def close(self) -> None:
@@ -330,8 +359,9 @@ def _read_padded(s: Slide, level: int, y: int, x: int, h: int, w: int, channels:
     return out
 
 
-def _read_transformed(s: Slide, level: int, y: int, x: int, h: int, w: int, index: int, t: Transform, downsample: float,
-                      shape0: tuple[int, int], dtype) -> np.ndarray:
+def _read_transformed(
+    s: Slide, level: int, y: int, x: int, h: int, w: int, index: int, t: Transform, downsample: float, shape0: tuple[int, int], dtype
+) -> np.ndarray:
     """Lazily resample one channel into the reference frame: only the window's source pixels are read."""
     from scipy import ndimage
 

@@ -13,8 +13,10 @@ def slide_summary(path: str | Path, mpp: float | None = None) -> dict:
         notes = []
         sampling = getattr(slide, "chroma_subsampling", None)
         if sampling and sampling != "4:4:4":
-            notes.append(f"JPEG with {sampling} chroma subsampling: colour is stored at reduced resolution, so the R, G and B "
-                         "channels blur into each other at fine scale; export TIFF or PNG for quantitative work")
+            notes.append(
+                f"JPEG with {sampling} chroma subsampling: colour is stored at reduced resolution, so the R, G and B "
+                "channels blur into each other at fine scale; export TIFF or PNG for quantitative work"
+            )
         if getattr(slide, "format", None) and mpp is not None:
             notes.append(f"pixel size {mpp} µm declared with --mpp (a {slide.format} file carries none)")
         return {

@@ -86,8 +86,11 @@ class TiffSlide(Slide):
         beyond = log.offsets_beyond(self._tif.filehandle.size)
         if beyond:
             self._tif.close()
-            raise InputError(self.path, f"is truncated: it points to byte {beyond} but holds {self._tif.filehandle.size} bytes",
-                             "copy or export the file again")
+            raise InputError(
+                self.path,
+                f"is truncated: it points to byte {beyond} but holds {self._tif.filehandle.size} bytes",
+                "copy or export the file again",
+            )
         try:
             self._setup(series_list, planes, max_bytes, max_chunk_bytes, tile_cache_bytes)
         except Exception:
@@ -105,9 +108,7 @@ class TiffSlide(Slide):
             raise InputError(self.path, f"image axes {axes!r} have no Y and X")
         channel_axes = [a for a in axes if a in CHANNEL_AXES and shape[axes.index(a)] > 1]
         if len(channel_axes) > 1:
-            raise InputError(
-                self.path, f"several channel-like axes {channel_axes} in {axes} {shape}", "export one channel axis"
-            )
+            raise InputError(self.path, f"several channel-like axes {channel_axes} in {axes} {shape}", "export one channel axis")
         self._channel_axis = channel_axes[0] if channel_axes else None
         self._index_fixed: dict[str, int] = {}
         for a, n in zip(axes, shape):

@@ -57,9 +57,16 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", region
             if near[COVERAGE].min() < 1:  # not fully predicted
                 continue
             pred, truth_p = band[sl], meas[sl]
-            row = {"slide": m.slide_id, "y": int(y), "x": x, "ssim": ssim(pred, truth_p), "psnr": psnr(pred, truth_p),
-                   "mae": float(np.abs(pred - truth_p).mean()), "divergence": float(near[DIVERGENCE].mean()),
-                   "multimodal_share": float(near[SHARE].mean())}
+            row = {
+                "slide": m.slide_id,
+                "y": int(y),
+                "x": x,
+                "ssim": ssim(pred, truth_p),
+                "psnr": psnr(pred, truth_p),
+                "mae": float(np.abs(pred - truth_p).mean()),
+                "divergence": float(near[DIVERGENCE].mean()),
+                "multimodal_share": float(near[SHARE].mean()),
+            }
             if ref is not None:
                 row["oracle_ssim"] = ssim(ref[sl], truth_p)
                 row["oracle_psnr"] = psnr(ref[sl], truth_p)
@@ -84,10 +91,16 @@ def seam_numbers(m: MapImage, truth: Truth, progress: bool) -> dict:
         for name, band in bands.items():
             sums[name] += seam_sums(band, covered, m.stride, y)
             if last is not None:  # the pairs across the band edge
-                sums[name] += seam_sums(np.stack([last[name], band[0]]), np.stack([last["covered"], covered[0]]), m.stride, y - 1, axes=(0,))
+                sums[name] += seam_sums(
+                    np.stack([last[name], band[0]]), np.stack([last["covered"], covered[0]]), m.stride, y - 1, axes=(0,)
+                )
         last = {**{name: band[-1] for name, band in bands.items()}, "covered": covered[-1]}
-    return {"stride": m.stride, "map": seam_score(sums["map"]), "measured": seam_score(sums["measured"]),
-            "pairs": int(sums["map"][1].sum())}
+    return {
+        "stride": m.stride,
+        "map": seam_score(sums["map"]),
+        "measured": seam_score(sums["measured"]),
+        "pairs": int(sums["map"][1].sum()),
+    }
 
 
 def measured_units(pred: da.Array, truth: Truth, mask: da.Array | None, covered: da.Array | None, scale: NpScale, scheduler) -> dict:
@@ -99,24 +112,48 @@ def measured_units(pred: da.Array, truth: Truth, mask: da.Array | None, covered:
     where = (mask & covered) if mask is not None else da.ones(truth.shape, bool, chunks=BLOCK)
     meas = lazy_blocks(lambda y, x, h, w: truth.raw("target", y, x, h, w), truth.shape, "truth-raw-target", np.float64)
     pred_m = scale.to_measured(pred)
-    n, s_pred, s_meas, s_abs = da.compute(where.sum(), da.where(where, pred_m, 0).sum(), da.where(where, meas, 0).sum(),
-                                          da.where(where, abs(pred_m - meas), 0).sum(), scheduler=scheduler)
+    n, s_pred, s_meas, s_abs = da.compute(
+        where.sum(),
+        da.where(where, pred_m, 0).sum(),
+        da.where(where, meas, 0).sum(),
+        da.where(where, abs(pred_m - meas), 0).sum(),
+        scheduler=scheduler,
+    )
     if not n:
         return {"comparable": True, "pixels": 0}
     mean_pred, mean_meas = float(s_pred / n), float(s_meas / n)
-    return {"comparable": True, "unit": MEASURED_UNIT, "range": [scale.low, scale.high], "pixels": int(n),
-            "mean_predicted": mean_pred, "mean_measured": mean_meas,
-            "ratio_predicted_to_measured": mean_pred / mean_meas if mean_meas else math.nan, "mae": float(s_abs / n)}
+    return {
+        "comparable": True,
+        "unit": MEASURED_UNIT,
+        "range": [scale.low, scale.high],
+        "pixels": int(n),
+        "mean_predicted": mean_pred,
+        "mean_measured": mean_meas,
+        "ratio_predicted_to_measured": mean_pred / mean_meas if mean_meas else math.nan,
+        "mae": float(s_abs / n),
+    }
 
 
 def summarise(values: list[float]) -> dict:
     finite = [v for v in values if math.isfinite(v)]
-    return {"mean": float(np.mean(finite)) if finite else math.nan, "sd": float(np.std(finite)) if finite else math.nan,
-            "n": len(values), "n_infinite": len(values) - len(finite)}
+    return {
+        "mean": float(np.mean(finite)) if finite else math.nan,
+        "sd": float(np.std(finite)) if finite else math.nan,
+        "n": len(values),
+        "n_infinite": len(values) - len(finite),
+    }
 
 
-def region_metrics(pred: da.Array, meas: da.Array, share: da.Array, tissue: da.Array, labels: da.Array,
-                   names: dict[int, str], rows: list[dict], scheduler="threads") -> dict:
+def region_metrics(
+    pred: da.Array,
+    meas: da.Array,
+    share: da.Array,
+    tissue: da.Array,
+    labels: da.Array,
+    names: dict[int, str],
+    rows: list[dict],
+    scheduler="threads",
+) -> dict:
     """WSI SSIM / PSNR, multi-modal share and patch-protocol numbers inside each labelled region of tissue."""
     present = np.unique(labels[:: max(1, labels.shape[0] // 512), :: max(1, labels.shape[1] // 512)].compute(scheduler=scheduler))
     out = {}
@@ -128,7 +165,11 @@ def region_metrics(pred: da.Array, meas: da.Array, share: da.Array, tissue: da.A
             continue
         sel = [r for r in rows if r.get("region") == label]
         out[names.get(label, f"label {label}")] = {
-            "label": label, "pixels": int(n_in), "ssim": w["ssim_tissue"], "psnr": w["psnr_tissue"], "mse": w["mse_tissue"],
+            "label": label,
+            "pixels": int(n_in),
+            "ssim": w["ssim_tissue"],
+            "psnr": w["psnr_tissue"],
+            "mse": w["mse_tissue"],
             "multimodal_share": float(share_sum / n_in),
             "patches": {"ssim_percent": summarise([100 * r["ssim"] for r in sel]), "psnr": summarise([r["psnr"] for r in sel])},
         }
@@ -141,13 +182,26 @@ def autoencoder_ceiling_of(m: MapImage) -> dict | None:
     try:
         run_dir = Path(dict(zarr.open_group(str(m.source), mode="r").attrs)["run_dir"])
         report = read_json(run_dir / "autoencoder_ceiling.json")
-        return {**report["roles"]["target"], "run": str(run_dir), "measured_on": report["patches"], "collapsed": "target" in report["collapsed"]}
+        return {
+            **report["roles"]["target"],
+            "run": str(run_dir),
+            "measured_on": report["patches"],
+            "collapsed": "target" in report["collapsed"],
+        }
     except (OSError, KeyError, TypeError, ValueError, zarr.errors.BaseZarrError):
         return None
 
 
-def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use_mask: bool, progress: bool,
-                   regions_path: Path | None = None, region_names: dict[int, str] | None = None, scheduler="threads") -> SlideEvaluation:
+def evaluate_slide(
+    map_path: Path,
+    spec: SlideSpec,
+    clean_path: Path | None,
+    use_mask: bool,
+    progress: bool,
+    regions_path: Path | None = None,
+    region_names: dict[int, str] | None = None,
+    scheduler="threads",
+) -> SlideEvaluation:
     """`regions_path`: an integer label image registered to the slide (e.g. annotations); metrics per label.
     `scheduler`: where the streamed whole-slide reductions run (a local scheduler name or a dask Client)."""
     if "target" not in spec.roles:
@@ -158,10 +212,22 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
     pred = da.from_zarr(m.level0)[0, :h, :w].rechunk(BLOCK).astype(np.float64)
     meas = truth.lazy("target").astype(np.float64)
     mask = truth.lazy_tissue() if use_mask else None
-    result = {"slide": m.slide_id, "map": str(map_path), "truth": spec.paths[0], "shape": [h, w], "mpp": m.mpp,
-              "data_range": 1.0, "normalisation": {"low": truth.plan.lo[truth.index("target")], "high": truth.plan.hi[truth.index("target")],
-                                                   "percentiles": list(m.percentiles), "np": m.np_scale.attrs()},
-              "gamma": m.gamma, "uni_modal_only": not m.nuclei}
+    result = {
+        "slide": m.slide_id,
+        "map": str(map_path),
+        "truth": spec.paths[0],
+        "shape": [h, w],
+        "mpp": m.mpp,
+        "data_range": 1.0,
+        "normalisation": {
+            "low": truth.plan.lo[truth.index("target")],
+            "high": truth.plan.hi[truth.index("target")],
+            "percentiles": list(m.percentiles),
+            "np": m.np_scale.attrs(),
+        },
+        "gamma": m.gamma,
+        "uni_modal_only": not m.nuclei,
+    }
     result["wsi"] = whole_slide_metrics(pred, meas, mask, scheduler=scheduler)
     result["check"] = map_check(result["wsi"], "_tissue" if mask is not None else "")
     if m.source is not None and (ceiling := autoencoder_ceiling_of(m)) is not None:
@@ -180,11 +246,16 @@ def evaluate_slide(map_path: Path, spec: SlideSpec, clean_path: Path | None, use
     if isinstance(regions, GeoJSONRegions) and not region_names:
         region_names = regions.annotations.names
     rows = _patch_protocol(m, truth, clean, regions, progress)
-    result["patches"] = {"size": m.patch_size, "ssim_percent": summarise([100 * r["ssim"] for r in rows]),
-                         "psnr": summarise([r["psnr"] for r in rows])}
+    result["patches"] = {
+        "size": m.patch_size,
+        "ssim_percent": summarise([100 * r["ssim"] for r in rows]),
+        "psnr": summarise([r["psnr"] for r in rows]),
+    }
     if clean is not None and rows:
-        result["oracle_patches"] = {"ssim_percent": summarise([100 * r["oracle_ssim"] for r in rows]),
-                                    "psnr": summarise([r["oracle_psnr"] for r in rows])}
+        result["oracle_patches"] = {
+            "ssim_percent": summarise([100 * r["oracle_ssim"] for r in rows]),
+            "psnr": summarise([r["oracle_psnr"] for r in rows]),
+        }
     if regions is not None:
         labels = lazy_blocks(regions.labels, truth.shape, f"regions-{regions_path}", np.int32)
         share = m.lazy_patch_map(SHARE, (h, w), BLOCK).astype(np.float64)
@@ -201,8 +272,11 @@ def pooled(results: list[dict], rows: list[dict]) -> dict:
     n = sum(r["wsi"]["pixels"] for r in results)
     mse = sum(r["wsi"]["mse"] * r["wsi"]["pixels"] for r in results) / n
     ssim_w = sum(r["wsi"]["ssim"] * r["wsi"]["pixels"] for r in results) / n
-    out = {"slides": len(results), "wsi": {"ssim": ssim_w, "mse": mse, "psnr": psnr_from_mse(mse), "pixels": n},
-           "patches": {"ssim_percent": summarise([100 * r["ssim"] for r in rows]), "psnr": summarise([r["psnr"] for r in rows])}}
+    out = {
+        "slides": len(results),
+        "wsi": {"ssim": ssim_w, "mse": mse, "psnr": psnr_from_mse(mse), "pixels": n},
+        "patches": {"ssim_percent": summarise([100 * r["ssim"] for r in rows]), "psnr": summarise([r["psnr"] for r in rows])},
+    }
     return out
 
 
@@ -246,21 +320,34 @@ def compare(a_path: Path, b_path: Path, data_range: float | None) -> dict:
     return {"a": str(a_path), "b": str(b_path), "shape": list(a.shape), "data_range": data_range, **m}
 
 
-def run_evaluate(pairs: list[tuple[Path, SlideSpec]], out: Path, clean: list[Path | None], use_mask: bool = True,
-                 progress: bool = True, regions: list[Path | None] | None = None, region_names: dict[int, str] | None = None,
-                 viewer: bool = True, scheduler: str = "threads") -> dict:
+def run_evaluate(
+    pairs: list[tuple[Path, SlideSpec]],
+    out: Path,
+    clean: list[Path | None],
+    use_mask: bool = True,
+    progress: bool = True,
+    regions: list[Path | None] | None = None,
+    region_names: dict[int, str] | None = None,
+    viewer: bool = True,
+    scheduler: str = "threads",
+) -> dict:
     """Score (map, slide spec) pairs; write `metrics.json` and `patches.csv`, then the figures,
     `report.html` and (with `viewer`) the deep-zoom pages (`report.write_report`). Returns the metrics.
     `scheduler`: threads, sync or a dask.distributed address for the streamed whole-slide numbers."""
     out = Path(out)
     with compute_scheduler(scheduler) as sched:
-        evaluated = [evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names, sched)
-                     for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))]
+        evaluated = [
+            evaluate_slide(map_path, spec, clean_path, use_mask, progress, regions_path, region_names, sched)
+            for (map_path, spec), clean_path, regions_path in zip(pairs, clean, regions or [None] * len(pairs))
+        ]
     out.mkdir(parents=True, exist_ok=True)  # only once every input has been read: a refused input leaves nothing
     results = [e.result for e in evaluated]
     rows = [r for e in evaluated for r in e.rows]
-    metrics = {"slides": results, "pooled": pooled(results, rows),
-               "versions": {p: version(p) for p in ("wsi-damm", "numpy", "scikit-image", "torch", "zarr", "dask")}}
+    metrics = {
+        "slides": results,
+        "pooled": pooled(results, rows),
+        "versions": {p: version(p) for p in ("wsi-damm", "numpy", "scikit-image", "torch", "zarr", "dask")},
+    }
     write_json(out / "metrics.json", metrics)
     write_csv(out / "patches.csv", rows, PATCH_FIELDS)
     write_report(out, metrics, evaluated, viewer)

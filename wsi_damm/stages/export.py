@@ -28,8 +28,14 @@ from .evaluate import load_truth
 
 HIGH_NP = 0.5
 TRACE_SIDE = 2048
-EXPORT_LAYERS = (("vessels", "CD31"), ("nuclei", "DAPI"), ("measured", "NP measured"), ("predicted", "NP predicted"),
-                 ("error", "NP |error|"), ("sd", "NP sd"))
+EXPORT_LAYERS = (
+    ("vessels", "CD31"),
+    ("nuclei", "DAPI"),
+    ("measured", "NP measured"),
+    ("predicted", "NP predicted"),
+    ("error", "NP |error|"),
+    ("sd", "NP sd"),
+)
 BLOCK = 2048
 
 
@@ -69,7 +75,9 @@ def export_for_qupath(map_path: Path, spec: SlideSpec, out: Path, threshold: flo
         for y in range(0, h, BLOCK):
             for x in range(0, w, BLOCK):
                 bh, bw = min(BLOCK, h - y), min(BLOCK, w - x)
-                level0[:, y:y + bh, x:x + bw] = np.stack([np.nan_to_num(sources[k].region(1.0, y, x, bh, bw), nan=0.0) for k, _ in layers])
+                level0[:, y : y + bh, x : x + bw] = np.stack(
+                    [np.nan_to_num(sources[k].region(1.0, y, x, bh, bw), nan=0.0) for k, _ in layers]
+                )
         levels = build_pyramid(group, min_size=512)
         tiff = out / f"{slide}.ome.tif"
         write_ome_tiff(tiff, levels, [name for _, name in layers], m.mpp, description=f"wsi-damm export of {Path(map_path).name}")
@@ -82,7 +90,9 @@ def export_for_qupath(map_path: Path, spec: SlideSpec, out: Path, threshold: flo
     lh, lw = -(-h // round(f)), -(-w // round(f))
     pred = np.asarray(level[0, :lh, :lw], np.float32)
     covered = m.patch_maps_like(pred.shape, level.shape[1:])[COVERAGE] >= 0.5
-    regions = [Region("High NP", p, {"measurements": {"threshold": threshold}}) for p in polygons_from_mask((pred >= threshold) & covered, f * d)]
+    regions = [
+        Region("High NP", p, {"measurements": {"threshold": threshold}}) for p in polygons_from_mask((pred >= threshold) & covered, f * d)
+    ]
     high = write_regions(out / f"{slide}.high_np.geojson", regions)
 
     # the patches, with what the gate saw
@@ -99,10 +109,17 @@ def export_for_qupath(map_path: Path, spec: SlideSpec, out: Path, threshold: flo
         share = np.asarray(store.root["multimodal_fraction"][:])[rows]
         import shapely
 
-        patches = [Region("Patch", shapely.box(x * d, y * d, (x + p) * d, (y + p) * d),
-                          {"objectType": "detection", "measurements": {"divergence": float(dv) if np.isfinite(dv) else None,
-                                                                       "multimodal_share": float(sh)}})
-                   for (_, y, x), dv, sh in zip(store.coords[rows], div, share)]
+        patches = [
+            Region(
+                "Patch",
+                shapely.box(x * d, y * d, (x + p) * d, (y + p) * d),
+                {
+                    "objectType": "detection",
+                    "measurements": {"divergence": float(dv) if np.isfinite(dv) else None, "multimodal_share": float(sh)},
+                },
+            )
+            for (_, y, x), dv, sh in zip(store.coords[rows], div, share)
+        ]
         written["patches"] = str(write_regions(out / f"{slide}.patches.geojson", patches))
         written["patch_count"] = len(patches)
     write_json(out / f"{slide}.export.json", {**written, "threshold": threshold, "map": str(map_path)})

@@ -50,7 +50,7 @@ RANKS_READY = "ranks_ready"
 
 
 def resolve_sampling(rc: RunConfig, sampling: str) -> str:
-    """"auto": what the run was trained for (`config.sampling_for`)."""
+    """ "auto": what the run was trained for (`config.sampling_for`)."""
     return sampling_for(rc) if sampling == "auto" else sampling
 
 
@@ -59,10 +59,20 @@ def condition_config(rc: RunConfig, cfg: PredictConfig) -> TileConfig:
     cfg = replace(cfg, sampling=resolve_sampling(rc, cfg.sampling))
     p = int(rc.patch_size)
     overlap = cfg.overlap if cfg.overlap is not None else p // 4
-    return TileConfig(patch_size=p, overlap=overlap, level=None if rc.mpp else (rc.level or 0), mpp=rc.mpp,
-                      min_tissue=cfg.min_tissue, store_dtype=rc.store_dtype, shard_patches=cfg.shard_patches,
-                      percentiles=tuple(rc.percentiles), tissue=cfg.tissue or rc.tissue, roi=cfg.roi,
-                      align=rc.autoencoder.factor if cfg.sampling in CANVAS_SAMPLING else 1, np_scale=rc.np_scale)
+    return TileConfig(
+        patch_size=p,
+        overlap=overlap,
+        level=None if rc.mpp else (rc.level or 0),
+        mpp=rc.mpp,
+        min_tissue=cfg.min_tissue,
+        store_dtype=rc.store_dtype,
+        shard_patches=cfg.shard_patches,
+        percentiles=tuple(rc.percentiles),
+        tissue=cfg.tissue or rc.tissue,
+        roi=cfg.roi,
+        align=rc.autoencoder.factor if cfg.sampling in CANVAS_SAMPLING else 1,
+        np_scale=rc.np_scale,
+    )
 
 
 def run_predict(
@@ -86,14 +96,19 @@ def run_predict(
         if "vessels" not in spec.roles:
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
         if rc.model.uni_branch == "nuclei" and not (cfg.nuclei and "nuclei" in spec.roles):
-            raise InputError(run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel (or --no-nuclei was given)")
+            raise InputError(
+                run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel (or --no-nuclei was given)"
+            )
     if resume and not overwrite and Path(out).exists():  # killed after sampling, while writing the map: the store is done
         return _finished(out, run_dir, cfg)
     if rc.model.latents == "canvas" and cfg.sampling not in CANVAS_SAMPLING:
         raise InputError(run_dir, "was trained on canvas latents, which patch-by-patch sampling does not give it", "use --sampling shifted")
     if cfg.sampling == "shifted" and rc.model.latents != "canvas":
-        raise InputError(run_dir, "was trained on patch latents; shifted-grid sampling cuts windows anywhere on the canvas",
-                         "train with --latents canvas --ae-local")
+        raise InputError(
+            run_dir,
+            "was trained on patch latents; shifted-grid sampling cuts windows anywhere on the canvas",
+            "train with --latents canvas --ae-local",
+        )
     predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
@@ -108,9 +123,14 @@ def run_predict(
             release_free_memory()
         if not (partial / "zarr.json").exists():
             conditions = PatchStore.open(cond_path)
-            attrs = {"run_dir": str(Path(run_dir).resolve()), "predict": asdict(cfg), "roles": conditions.roles,
-                     "np_normalisation": rc.np_scale.attrs(),
-                     "nuclei": predictor.uses_nuclei(conditions.roles), "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma}}
+            attrs = {
+                "run_dir": str(Path(run_dir).resolve()),
+                "predict": asdict(cfg),
+                "roles": conditions.roles,
+                "np_normalisation": rc.np_scale.attrs(),
+                "nuclei": predictor.uses_nuclei(conditions.roles),
+                "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma},
+            }
             create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
         ready.touch()
     else:  # tiling a large slide can outlast the process-group timeout
@@ -141,12 +161,17 @@ def _finished(out: Path, run_dir: Path, cfg: PredictConfig) -> PredictionStore:
     store = PredictionStore.open(out)
     same = store.attrs.get("run_dir") == str(Path(run_dir).resolve()) and store.attrs.get("predict") == json.loads(json.dumps(asdict(cfg)))
     if not same:
-        raise InputError(out, "already holds a finished prediction made by another run or with other settings",
-                         f"pass --overwrite to predict again, or map it as it is: wsi-damm stitch {out} --out <map> --resume")
+        raise InputError(
+            out,
+            "already holds a finished prediction made by another run or with other settings",
+            f"pass --overwrite to predict again, or map it as it is: wsi-damm stitch {out} --out <map> --resume",
+        )
     return store
 
 
-def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, progress: bool) -> None:
+def _sample_shards(
+    root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, progress: bool
+) -> None:
     s = int(root.attrs["shard_patches"])
     n = root["pred"].shape[0]
     done = np.asarray(root["shard_done"][:])
@@ -157,8 +182,13 @@ def _sample_shards(root: zarr.Group, conditions: PatchStore, predictor: Predicto
     keys_all = torch.tensor([patch_key(cfg.seed, ids[c[0]], int(c[1]), int(c[2])) for c in coords], dtype=torch.int64)
     roles = conditions.roles
     group = max(1, cfg.batch_size // s)  # shards sampled together, so batches can exceed a shard
-    bar = progress_bar(total=sum(min((i + 1) * s, n) - i * s for i in mine), initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
-               desc="predicting", unit="patch", disable=None if (progress and ranks.main) else True)
+    bar = progress_bar(
+        total=sum(min((i + 1) * s, n) - i * s for i in mine),
+        initial=sum(min((i + 1) * s, n) - i * s for i in mine if done[i]),
+        desc="predicting",
+        unit="patch",
+        disable=None if (progress and ranks.main) else True,
+    )
     for g in range(0, len(todo), group):
         shards = todo[g : g + group]
         spans = [(i * s, min((i + 1) * s, n)) for i in shards]
@@ -196,9 +226,20 @@ class Predicted:
     maps: list[Path]  # one per slide; empty when not stitched (or on ranks other than 0)
 
 
-def predict_maps(run_dir: Path, specs: list[SlideSpec], out: Path, cfg: PredictConfig, stitch: bool = True,
-                 map_path: Path | None = None, blend: str = "gaussian", tiff: Path | None = None, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True, tiff_units: str = "normalised") -> Predicted:
+def predict_maps(
+    run_dir: Path,
+    specs: list[SlideSpec],
+    out: Path,
+    cfg: PredictConfig,
+    stitch: bool = True,
+    map_path: Path | None = None,
+    blend: str = "gaussian",
+    tiff: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    tiff_units: str = "normalised",
+) -> Predicted:
     """Predict every tissue patch into `out`, then (rank 0) stitch the whole-slide maps: `map_path`,
     by default `out` with `.ome.zarr`."""
     if blend not in BLENDS:

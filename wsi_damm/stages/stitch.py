@@ -65,8 +65,16 @@ class Band:
     gate: np.ndarray  # (K, 2) their divergence (0 where uni-modal only) and multi-modal share
 
 
-def plan_bands(yx: np.ndarray, idx: np.ndarray, gate: np.ndarray, height: int, width: int, patch: int,
-               band_bytes: int = BAND_BYTES, pixel_bytes: int = 8) -> list[Band]:
+def plan_bands(
+    yx: np.ndarray,
+    idx: np.ndarray,
+    gate: np.ndarray,
+    height: int,
+    width: int,
+    patch: int,
+    band_bytes: int = BAND_BYTES,
+    pixel_bytes: int = 8,
+) -> list[Band]:
     """Canvas tiles sized by `band_bytes` (`pixel_bytes` of float32 planes per pixel) and the patches each
     needs (store rows `idx` at `yx`, with `gate` values): a band's task then reads only predictions.
 
@@ -102,8 +110,9 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
-def merge_band(pred_path: str, band: Band, levels: list[zarr.Array], patch_level: zarr.Array, w: np.ndarray,
-               done: zarr.Array, index: int) -> int:
+def merge_band(
+    pred_path: str, band: Band, levels: list[zarr.Array], patch_level: zarr.Array, w: np.ndarray, done: zarr.Array, index: int
+) -> int:
     """One band: blend the patches touching it, write its chunks of `levels` and `patch_level`, then
     flag it done (after its chunks: a flag never names unwritten data)."""
     root = zarr.open_group(pred_path, mode="r")
@@ -132,9 +141,19 @@ def _open_partial(partial: Path, n_values: int, height: int, width: int, n_bands
     return root
 
 
-def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str = "gaussian", tiff: Path | None = None,
-                 workers: int | None = None, progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES,
-                 scheduler: str = "processes", tiff_units: str = "normalised") -> Path:
+def stitch_slide(
+    store: PredictionStore,
+    slide_index: int,
+    out: Path,
+    blend: str = "gaussian",
+    tiff: Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    band_bytes: int = BAND_BYTES,
+    scheduler: str = "processes",
+    tiff_units: str = "normalised",
+) -> Path:
     """Write one slide's map as OME-Zarr 0.5 (pyramid to ≤ 1024 px, patch maps), optionally OME-TIFF.
 
     Bands are the unit of resume: a killed run continued with `resume` redoes only unfinished bands.
@@ -152,8 +171,13 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     w = window(blend, patch)
     coords = store.coords
     idx = np.nonzero(coords[:, 0] == slide_index)[0]
-    gate = np.stack([np.nan_to_num(np.asarray(store.root["divergence"][:])[idx], nan=0.0),  # NaN: uni-modal only
-                     np.asarray(store.root["multimodal_fraction"][:])[idx]], 1).astype(np.float32)
+    gate = np.stack(
+        [
+            np.nan_to_num(np.asarray(store.root["divergence"][:])[idx], nan=0.0),  # NaN: uni-modal only
+            np.asarray(store.root["multimodal_fraction"][:])[idx],
+        ],
+        1,
+    ).astype(np.float32)
     n_values = 2 if "pred_sd" in store.root else 1
     bands = plan_bands(coords[idx, 1:], idx, gate, height, width, patch, band_bytes, pixel_bytes=4 * (n_values + 1))
     partial = partial_path(out)
@@ -161,19 +185,39 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     item = np.dtype(MAP_DTYPE).itemsize
     map_bytes = (n_values * height * width + len(PATCH_MAP_CHANNELS) * math.prod(block_shape(height, width))) * item * 4 // 3
     map_bytes += height * width * 4 * 4 // 3 if tiff else 0
-    check_resources(out, map_bytes, 1 if is_cluster(scheduler) else n_workers, band_bytes * 3 // 2 + WORKER_BYTES, "the map",
-                    "use fewer --workers or a smaller --band-mb")
-    plan = {"blend": blend, "source": str(Path(store.path).resolve()), "slide": entry["slide_id"], "bands": [[b.y0, b.y1, b.x0, b.x1] for b in bands]}
+    check_resources(
+        out,
+        map_bytes,
+        1 if is_cluster(scheduler) else n_workers,
+        band_bytes * 3 // 2 + WORKER_BYTES,
+        "the map",
+        "use fewer --workers or a smaller --band-mb",
+    )
+    plan = {
+        "blend": blend,
+        "source": str(Path(store.path).resolve()),
+        "slide": entry["slide_id"],
+        "bands": [[b.y0, b.y1, b.x0, b.x1] for b in bands],
+    }
     root = _open_partial(partial, n_values, height, width, len(bands), plan, resume)
     n_written = min(BAND_LEVELS, len(pyramid_shapes(height, width, PYRAMID_MIN)))
     written, patch0, done = [writable(root[str(level)]) for level in range(n_written)], writable(root[PATCH_MAPS]["0"]), root["bands_done"]
     todo = np.nonzero(np.asarray(done[:]) == 0)[0]
-    tasks = [dask.delayed(merge_band, pure=False, traverse=False)(str(store.path), bands[i], written, patch0, w, done, int(i), dask_key_name=f"merge-{i:08d}")
-             for i in todo]
+    tasks = [
+        dask.delayed(merge_band, pure=False, traverse=False)(
+            str(store.path), bands[i], written, patch0, w, done, int(i), dask_key_name=f"merge-{i:08d}"
+        )
+        for i in todo
+    ]
     fresh = len(todo) == len(bands)
     try:
-        with progress_bar(total=len(bands), initial=len(bands) - len(todo), desc=f"stitching {entry['slide_id']}", unit="band",
-                          disable=None if progress else True) as bar:
+        with progress_bar(
+            total=len(bands),
+            initial=len(bands) - len(todo),
+            desc=f"stitching {entry['slide_id']}",
+            unit="band",
+            disable=None if progress else True,
+        ) as bar:
             run_tasks(tasks, scheduler, n_workers, bar, "merge-")
     except InputError:  # bad input (e.g. a corrupted prediction store): nothing half-written is left behind
         if fresh or not resume:
@@ -182,25 +226,53 @@ def stitch_slide(store: PredictionStore, slide_index: int, out: Path, blend: str
     del root["bands_done"]  # resume bookkeeping is not part of the map
     del root.attrs["stitch_plan"]
     mpp = entry.get("mpp")
-    levels = finish_map(root, entry["slide_id"], mpp, n_written,
-                        {"blend": blend, "patch_size": patch, "stride": store.attrs["stride"], "slide": entry["slide_id"],
-                         "source": str(store.path), "nuclei": bool(store.attrs.get("nuclei", True)),
-                         "percentiles": store.attrs.get("percentiles") or list(DEFAULT_PERCENTILES),
-                         "tissue": store.attrs.get("tissue", "auto"),
-                         "gamma": store.attrs.get("model", {}).get("gamma"),
-                         "sampling": store.attrs.get("predict", {}).get("sampling", "independent"),
-                         "np_normalisation": scale.attrs(), "inverse_transform": scale.inverse_transform()})
+    levels = finish_map(
+        root,
+        entry["slide_id"],
+        mpp,
+        n_written,
+        {
+            "blend": blend,
+            "patch_size": patch,
+            "stride": store.attrs["stride"],
+            "slide": entry["slide_id"],
+            "source": str(store.path),
+            "nuclei": bool(store.attrs.get("nuclei", True)),
+            "percentiles": store.attrs.get("percentiles") or list(DEFAULT_PERCENTILES),
+            "tissue": store.attrs.get("tissue", "auto"),
+            "gamma": store.attrs.get("model", {}).get("gamma"),
+            "sampling": store.attrs.get("predict", {}).get("sampling", "independent"),
+            "np_normalisation": scale.attrs(),
+            "inverse_transform": scale.inverse_transform(),
+        },
+    )
     if tiff is not None:
         measured = tiff_units == "measured"
-        write_ome_tiff(tiff, levels, [f"{VALUE_CHANNELS[0]['label']}{' (measured units)' if measured else ''}"], mpp, channels=[0],
-                       dtype=np.float32, values=scale.to_measured if measured else None)
+        write_ome_tiff(
+            tiff,
+            levels,
+            [f"{VALUE_CHANNELS[0]['label']}{' (measured units)' if measured else ''}"],
+            mpp,
+            channels=[0],
+            dtype=np.float32,
+            values=scale.to_measured if measured else None,
+        )
     map_picture(thumbnail_path(out), levels, entry["slide_id"], mpp)
     return publish(partial, out)
 
 
-def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path | None = None, workers: int | None = None,
-               progress: bool = True, resume: bool = False, band_bytes: int = BAND_BYTES, scheduler: str = "processes",
-               tiff_units: str = "normalised") -> list[Path]:
+def run_stitch(
+    pred_path: Path,
+    out: Path,
+    blend: str = "gaussian",
+    tiff: Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    band_bytes: int = BAND_BYTES,
+    scheduler: str = "processes",
+    tiff_units: str = "normalised",
+) -> list[Path]:
     """One map per slide: `out` itself for a one-slide store, else `out/<slide_id>.ome.zarr`."""
     window(blend, 8)  # validate the name before any work
     store = PredictionStore.open(pred_path)
@@ -214,6 +286,7 @@ def run_stitch(pred_path: Path, out: Path, blend: str = "gaussian", tiff: Path |
         t = Path(tiff) / f"{sid}.ome.tif" if tiff is not None else None
         if t is not None:
             t.parent.mkdir(parents=True, exist_ok=True)
-        written.append(stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes, scheduler,
-                                    tiff_units))
+        written.append(
+            stitch_slide(store, i, Path(out) / f"{sid}.ome.zarr", blend, t, workers, progress, resume, band_bytes, scheduler, tiff_units)
+        )
     return written

@@ -88,8 +88,12 @@ class TileConfig:
         if self.shard_patches <= 0:
             raise InputError("--shard-patches", f"must be positive, got {self.shard_patches}")
         if self.align is not None and (self.stride % self.align or self.patch_size % self.align):
-            raise InputError("--overlap", f"patch size {self.patch_size} and stride {self.stride} must be multiples of {self.align} "
-                             "(the autoencoder's downsampling) to share a latent canvas", f"choose an overlap divisible by {self.align}")
+            raise InputError(
+                "--overlap",
+                f"patch size {self.patch_size} and stride {self.stride} must be multiples of {self.align} "
+                "(the autoencoder's downsampling) to share a latent canvas",
+                f"choose an overlap divisible by {self.align}",
+            )
         if not 0 <= self.min_tissue <= 1:
             raise InputError("--min-tissue", f"must be a fraction in [0, 1], got {self.min_tissue}")
         if self.tissue not in TISSUE_MODES:
@@ -151,7 +155,8 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         h, w = choice.shape
         if h < cfg.patch_size or w < cfg.patch_size:
             raise InputError(
-                slide.path, f"is {h}×{w} px at the tiled level, smaller than one {cfg.patch_size}-px patch",
+                slide.path,
+                f"is {h}×{w} px at the tiled level, smaller than one {cfg.patch_size}-px patch",
                 "use a smaller --patch-size or a finer --level",
             )
         low, low_ds = low_resolution(slide, cfg.mask_max_side)
@@ -239,23 +244,32 @@ def run_tile(
             n = sum(len(p.ys) for p in plans)
             per_patch = len(specs[0].roles) * cfg.patch_size**2
             # a shard task holds its patches as float32 a few times over (read, normalise, cast)
-            check_resources(out, n * per_patch * np.dtype(cfg.store_dtype).itemsize, workers or os.cpu_count() or 1,
-                            3 * 4 * per_patch * cfg.shard_patches, "the patch store", "use fewer --workers or a smaller --shard-patches")
+            check_resources(
+                out,
+                n * per_patch * np.dtype(cfg.store_dtype).itemsize,
+                workers or os.cpu_count() or 1,
+                3 * 4 * per_patch * cfg.shard_patches,
+                "the patch store",
+                "use fewer --workers or a smaller --shard-patches",
+            )
             root = _create(partial, plans, cfg, fingerprint)
             created = True
         n_patches = root["images"].shape[0]
         if n_patches == 0:
-            raise InputError(specs[0].paths[0] if len(specs) == 1 else "slides", "no tissue patches found", "check the channels or lower --min-tissue")
+            raise InputError(
+                specs[0].paths[0] if len(specs) == 1 else "slides", "no tissue patches found", "check the channels or lower --min-tissue"
+            )
         done = np.asarray(root["shard_done"][:])
         todo = [int(i) for i in np.nonzero(done == 0)[0]]
         frozen = tuple((p.spec, p.choice, tuple(p.lo), tuple(p.hi)) for p in plans)
         # zero-padded key names: dask runs independent tasks in key order, so neighbouring
         # shards (which share decoded tile rows in the reader's cache) run close in time
         tasks = [
-            dask.delayed(write_shard, pure=False)(str(partial), shard, frozen, dask_key_name=f"write_shard-{shard:09d}")
-            for shard in todo
+            dask.delayed(write_shard, pure=False)(str(partial), shard, frozen, dask_key_name=f"write_shard-{shard:09d}") for shard in todo
         ]
-        with progress_bar(total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=None if progress else True) as bar:
+        with progress_bar(
+            total=len(done), initial=len(done) - len(todo), desc="tiling", unit="shard", disable=None if progress else True
+        ) as bar:
             run_tasks(tasks, scheduler, workers, bar, "write_shard")
         if not np.asarray(root["shard_done"][:]).all():
             raise RuntimeError(f"{partial}: some shards were not written")
@@ -273,14 +287,16 @@ def run_tile(
 
 
 def _create(path: Path, plans: list[SlidePlan], cfg: TileConfig, fingerprint: str) -> zarr.Group:
-    coords = np.concatenate(
-        [np.stack([np.full(len(p.ys), i), p.ys, p.xs], 1) for i, p in enumerate(plans)] or [np.zeros((0, 3))]
-    ).astype(np.int64)
+    coords = np.concatenate([np.stack([np.full(len(p.ys), i), p.ys, p.xs], 1) for i, p in enumerate(plans)] or [np.zeros((0, 3))]).astype(
+        np.int64
+    )
     tissue = np.concatenate([p.tissue for p in plans]).astype(np.float32)
     roles = plans[0].spec.roles
     for p in plans[1:]:
         if p.spec.roles != roles:
-            raise InputError(p.spec.paths[0], f"has roles {p.spec.roles}, unlike {roles} of the first slide", "all slides of a store need the same roles")
+            raise InputError(
+                p.spec.paths[0], f"has roles {p.spec.roles}, unlike {roles} of the first slide", "all slides of a store need the same roles"
+            )
     attrs = {
         "roles": roles,
         "patch_size": cfg.patch_size,

@@ -55,8 +55,9 @@ from ..training_data import PatchImages, batch_rows, split_of, step_generator
 AE_WARMUP_STEPS = 50
 
 
-def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: RunConfig, ranks: Ranks, progress: bool,
-                       resume: bool = False) -> dict[str, Autoencoder]:
+def train_autoencoders(
+    images: PatchImages, roles: list[str], run: RunDir, cfg: RunConfig, ranks: Ranks, progress: bool, resume: bool = False
+) -> dict[str, Autoencoder]:
     """Three autoencoders stepped together on the same batches; latents scaled to unit variance.
     Checkpointed like the diffusion stage (every `checkpoint_every` steps), so a killed run resumes."""
     a = cfg.autoencoder
@@ -78,8 +79,14 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
             opts[r].load_state_dict(state[f"optimizer_{r}"])
         start = int(state["step"])
         rows = [r for r in read_metrics(run.ae_metrics) if int(r["step"]) < start]
-    bar = progress_bar(range(start, a.steps), initial=start, total=a.steps, desc="autoencoders", unit="step",
-               disable=None if (progress and ranks.main) else True)
+    bar = progress_bar(
+        range(start, a.steps),
+        initial=start,
+        total=a.steps,
+        desc="autoencoders",
+        unit="step",
+        disable=None if (progress and ranks.main) else True,
+    )
     for step in bar:
         sel = batch_rows(len(images), a.batch_size * ranks.world, step, cfg.train.seed + 17)
         x = images.get(sel[ranks.rank * a.batch_size : (ranks.rank + 1) * a.batch_size]).to(ranks.device)
@@ -100,13 +107,20 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
         if step % 10 == 0:
             bar.set_postfix({k.split("_")[0]: f"{v:.3f}" for k, v in logs.items() if k not in ("step", "lr")})
         if ranks.main and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < a.steps:
-            _checkpoint(run.ae_ckpt, step + 1, {f"autoencoder_{r}": aes[r] for r in ROLES_NEEDED},
-                        {f"optimizer_{r}": opts[r] for r in ROLES_NEEDED}, lambda: write_csv(run.ae_metrics, rows, list(rows[0])))
+            _checkpoint(
+                run.ae_ckpt,
+                step + 1,
+                {f"autoencoder_{r}": aes[r] for r in ROLES_NEEDED},
+                {f"optimizer_{r}": opts[r] for r in ROLES_NEEDED},
+                lambda: write_csv(run.ae_metrics, rows, list(rows[0])),
+            )
     with torch.no_grad():
         probe = images.get(np.arange(min(len(images), 512)))
         for r, ae in aes.items():
             ae.eval()
-            z = torch.cat([ae.moments(probe[i : i + 64, roles.index(r) : roles.index(r) + 1].to(ranks.device))[0] for i in range(0, len(probe), 64)])
+            z = torch.cat(
+                [ae.moments(probe[i : i + 64, roles.index(r) : roles.index(r) + 1].to(ranks.device))[0] for i in range(0, len(probe), 64)]
+            )
             ae.scale.fill_(1.0 / max(float(z.std()), 1e-6))
     if ranks.main:
         for r, ae in aes.items():
@@ -117,8 +131,9 @@ def train_autoencoders(images: PatchImages, roles: list[str], run: RunDir, cfg: 
 
 
 @torch.no_grad()
-def encode_all(images: PatchImages, roles: list[str], aes: dict[str, Autoencoder], device: torch.device, batch: int = 64,
-               context_span: int = 0) -> dict[str, torch.Tensor]:
+def encode_all(
+    images: PatchImages, roles: list[str], aes: dict[str, Autoencoder], device: torch.device, batch: int = 64, context_span: int = 0
+) -> dict[str, torch.Tensor]:
     """Latents of every patch, per role, kept on `device` (encoded once: the big stage-2 speed-up). With
     `context_span`, each condition role's latent is followed by its context channel (`wsi_damm.context`)."""
     out: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES_NEEDED}
@@ -182,8 +197,9 @@ def train_diffusion(
     by_region = GateByRegion(regions[1]) if regions is not None else None
     fields = METRIC_FIELDS + (by_region.columns if by_region else [])
     sched = build_schedule(cfg.schedule)
-    loss_cfg = DammLoss(cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl, cfg.damm.multi_loss == "always",
-                        cfg.damm.loss == "l2")
+    loss_cfg = DammLoss(
+        cfg.damm.gamma, cfg.damm.alpha, cfg.damm.beta, cfg.damm.dammp, cfg.damm.dfl, cfg.damm.multi_loss == "always", cfg.damm.loss == "l2"
+    )
     torch.manual_seed(t_cfg.seed)
     model = build_unet(cfg).to(ranks.device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -212,7 +228,14 @@ def train_diffusion(
     n = len(latents)
     micro = t_cfg.batch_size // t_cfg.grad_accum
     end = t_cfg.steps if stop_after is None else min(t_cfg.steps, stop_after)
-    bar = progress_bar(range(start, end), initial=start, total=t_cfg.steps, desc="diffusion", unit="step", disable=None if (progress and ranks.main) else True)
+    bar = progress_bar(
+        range(start, end),
+        initial=start,
+        total=t_cfg.steps,
+        desc="diffusion",
+        unit="step",
+        disable=None if (progress and ranks.main) else True,
+    )
     t0, last_t, last_step = time.perf_counter(), time.perf_counter(), start
     for step in bar:
         warm = step < warmup_steps
@@ -259,9 +282,14 @@ def train_diffusion(
         done = step + 1
         if ranks.main and (done % t_cfg.log_every == 0 or done == t_cfg.steps or done % t_cfg.val_every == 0):
             now = time.perf_counter()
-            row = {"step": done, "phase": "warmup" if warm else "dammp", "lr": lr_at(step, cfg),
-                   "steps_per_s": (done - last_step) / max(now - last_t, 1e-9), **{k: float(v) for k, v in logs.items()},
-                   **(by_region.row() if by_region is not None else {})}
+            row = {
+                "step": done,
+                "phase": "warmup" if warm else "dammp",
+                "lr": lr_at(step, cfg),
+                "steps_per_s": (done - last_step) / max(now - last_t, 1e-9),
+                **{k: float(v) for k, v in logs.items()},
+                **(by_region.row() if by_region is not None else {}),
+            }
             last_t, last_step = now, done
             if done % t_cfg.val_every == 0 or done == t_cfg.steps:
                 row.update(validate(ema.eval(), val_latents, sched, cfg, ranks.device))
@@ -275,14 +303,26 @@ def train_diffusion(
     if ranks.main and end == t_cfg.steps:
         save_weights(run.unet, ema, {"steps": t_cfg.steps})
         save_weights(run.unet_raw, model, {"steps": t_cfg.steps})
-        write_json(run.state, {"steps_done": end, "seconds": time.perf_counter() - t0, "world_size": ranks.world,
-                              **({"ddp_param_checksums": checksums} if checksums else {})})
+        write_json(
+            run.state,
+            {
+                "steps_done": end,
+                "seconds": time.perf_counter() - t0,
+                "world_size": ranks.world,
+                **({"ddp_param_checksums": checksums} if checksums else {}),
+            },
+        )
         plot_losses(run)
     return ema
 
 
-def _checkpoint(ckpt: Path, step: int, weights: dict[str, torch.nn.Module], optimizers: dict[str, "torch.optim.Optimizer | torch.amp.GradScaler"],
-                write_rows) -> None:
+def _checkpoint(
+    ckpt: Path,
+    step: int,
+    weights: dict[str, torch.nn.Module],
+    optimizers: dict[str, "torch.optim.Optimizer | torch.amp.GradScaler"],
+    write_rows,
+) -> None:
     """Step k's weights and state go into a folder of their own; `latest.json` is switched to it last
     (one atomic rename), so a kill at any instant leaves the previous checkpoint whole and named.
     Both stages checkpoint this way: `weights` name → module, `optimizers` state key → optimiser."""
@@ -290,7 +330,9 @@ def _checkpoint(ckpt: Path, step: int, weights: dict[str, torch.nn.Module], opti
     folder.mkdir(parents=True, exist_ok=True)
     for name, module in weights.items():
         save_weights(folder / f"{name}.safetensors", module, {"step": step})
-    save_state(folder / "state.pt", {"step": step, **{k: o.state_dict() for k, o in optimizers.items()}, "torch_rng": torch.get_rng_state()})
+    save_state(
+        folder / "state.pt", {"step": step, **{k: o.state_dict() for k, o in optimizers.items()}, "torch_rng": torch.get_rng_state()}
+    )
     write_rows()  # the metrics so far; rows beyond the named step are dropped on resume
     write_json(ckpt / "latest.json", {"step": step, "folder": folder.name})
     for old in ckpt.glob("step_*"):
@@ -314,14 +356,24 @@ def plot_losses(run: RunDir) -> None:
     regions = [k.removeprefix("dfl_label_rate_") for k in rows[0] if k.startswith("dfl_label_rate_")]
     fig, axes = plt.subplots(1, 3 if regions else 2, figsize=(16.5 if regions else 11, 4))
     ax1, ax2 = axes[:2]
-    for key, label, style in (("loss", "train total", "-"), ("l_uni", "train uni", ":"), ("l_multi", "train multi", ":"),
-                              ("val_loss", "val (gated)", "o-"), ("val_l_uni", "val uni", "s--"), ("val_l_multi", "val multi", "^--")):
+    for key, label, style in (
+        ("loss", "train total", "-"),
+        ("l_uni", "train uni", ":"),
+        ("l_multi", "train multi", ":"),
+        ("val_loss", "val (gated)", "o-"),
+        ("val_l_uni", "val uni", "s--"),
+        ("val_l_multi", "val multi", "^--"),
+    ):
         pts = col(key)
         if pts:
             ax1.plot(*zip(*pts), style, label=label, ms=3)
     ax1.set(xlabel="step", ylabel="L1 ε-loss", title="Diffusion loss", yscale="log")
     ax1.legend(fontsize=8)
-    for key, label in (("multi_share", "gate: multi-modal share (train)"), ("val_multi_share", "gate: multi-modal share (val)"), ("mean_kappa", "mean confidence κ")):
+    for key, label in (
+        ("multi_share", "gate: multi-modal share (train)"),
+        ("val_multi_share", "gate: multi-modal share (val)"),
+        ("mean_kappa", "mean confidence κ"),
+    ):
         pts = col(key)
         if pts:
             ax2.plot(*zip(*pts), label=label)
@@ -347,17 +399,27 @@ def bright_fraction(store: PatchStore, rows: np.ndarray, channel: int, most: int
         return 1.0
     pick = rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), most)).round().astype(np.int64))]
     images = PatchImages(store, pick)
-    return float(sum(int((images.get(np.arange(i, min(i + 64, len(pick))))[:, channel] > -0.8).sum()) for i in range(0, len(pick), 64))
-                 / (len(pick) * int(store.attrs["patch_size"]) ** 2))
+    return float(
+        sum(int((images.get(np.arange(i, min(i + 64, len(pick))))[:, channel] > -0.8).sum()) for i in range(0, len(pick), 64))
+        / (len(pick) * int(store.attrs["patch_size"]) ** 2)
+    )
 
 
 def with_store_tiling(cfg: RunConfig, store: PatchStore) -> RunConfig:
     """`cfg` with what the store's tiling fixed (patch size, roles, resolution, percentiles, NP units): what
     `predict` later tiles new slides by."""
     a = store.attrs
-    return replace(cfg, patch_size=int(a["patch_size"]), roles=tuple(store.roles), mpp=a.get("mpp"), level=a.get("level"),
-                   store_dtype=str(store.images.dtype), percentiles=tuple(a.get("percentiles", (0.5, 99.8))),
-                   tissue=a.get("tissue", "auto"), np_scale=NpScale.from_attrs(a.get("np_normalisation")))
+    return replace(
+        cfg,
+        patch_size=int(a["patch_size"]),
+        roles=tuple(store.roles),
+        mpp=a.get("mpp"),
+        level=a.get("level"),
+        store_dtype=str(store.images.dtype),
+        percentiles=tuple(a.get("percentiles", (0.5, 99.8))),
+        tissue=a.get("tissue", "auto"),
+        np_scale=NpScale.from_attrs(a.get("np_normalisation")),
+    )
 
 
 def run_training(
@@ -395,22 +457,39 @@ def check_store_grid(store: PatchStore, store_path: Path, factor: int) -> None:
         overlap = patch - stride // factor * factor
         cause = f"its stride ({patch} − {patch - stride} = {stride} px) is not a multiple of {factor}"
     else:
-        cause = (f"its last row and column of patches sit flush with slide borders that are not on that grid "
-                 f"(slide {s} is {store.slides[s]['shape'][0]}×{store.slides[s]['shape'][1]} px; this wsi-damm keeps every corner on it)")
+        cause = (
+            f"its last row and column of patches sit flush with slide borders that are not on that grid "
+            f"(slide {s} is {store.slides[s]['shape'][0]}×{store.slides[s]['shape'][1]} px; this wsi-damm keeps every corner on it)"
+        )
     paths = " ".join(dict.fromkeys(ch["path"] for sl in store.slides for ch in sl["channels"].values()))
     mpp = f" --mpp {store.attrs['mpp']}" if store.attrs.get("mpp") else ""
-    raise InputError(store_path, f"has {int(off.sum())} patch corners off the autoencoder's {factor}-pixel grid (first: slide {s} at y {y}, "
-                     f"x {x}), which training on canvas latents needs: {cause}",
-                     f"tile again: wsi-damm tile {paths} --out NEW.zarr --patch-size {patch} --overlap {overlap}{mpp}; "
-                     "or train on patch latents: --latents patch --no-ae-local")
+    raise InputError(
+        store_path,
+        f"has {int(off.sum())} patch corners off the autoencoder's {factor}-pixel grid (first: slide {s} at y {y}, "
+        f"x {x}), which training on canvas latents needs: {cause}",
+        f"tile again: wsi-damm tile {paths} --out NEW.zarr --patch-size {patch} --overlap {overlap}{mpp}; "
+        "or train on patch latents: --latents patch --no-ae-local",
+    )
 
 
-COLLAPSE_HINT = ("train the autoencoders longer (--ae-steps) or with another --seed; on a sparse stain try autoencoder.sparse_target "
-                 "= \"yes\" in a --config TOML; check the channel mapping; --force trains the diffusion model regardless")
+COLLAPSE_HINT = (
+    "train the autoencoders longer (--ae-steps) or with another --seed; on a sparse stain try autoencoder.sparse_target "
+    '= "yes" in a --config TOML; check the channel mapping; --force trains the diffusion model regardless'
+)
 
 
-def check_autoencoders(run: RunDir, aes: dict[str, Autoencoder], store: PatchStore, val_idx: np.ndarray, train_idx: np.ndarray,
-                       roles: list[str], ranks: Ranks, strict: bool, go_on: str | None, log) -> dict:
+def check_autoencoders(
+    run: RunDir,
+    aes: dict[str, Autoencoder],
+    store: PatchStore,
+    val_idx: np.ndarray,
+    train_idx: np.ndarray,
+    roles: list[str],
+    ranks: Ranks,
+    strict: bool,
+    go_on: str | None,
+    log,
+) -> dict:
     """Measure every autoencoder's ceiling (on the validation patches; on the training patches when there are
     none, which the report says) into the run (rank 0 writes), then, when `strict`, refuse a collapsed one
     unless `go_on` names what lets it go on (--force or the config). Every rank decides alike, so none is left waiting in a collective."""
@@ -419,18 +498,31 @@ def check_autoencoders(run: RunDir, aes: dict[str, Autoencoder], store: PatchSto
     if not report["collapsed"]:
         return report
     figures = "; ".join(describe(role, report["roles"][role]) for role in report["collapsed"])
-    problem = (f"{figures} on the {which}: {'it has' if len(report['collapsed']) == 1 else 'they have'} collapsed "
-               f"(r < {MIN_CEILING_R} or spread < {MIN_CEILING_SPREAD}×), and no diffusion model on such latents can do better")
+    problem = (
+        f"{figures} on the {which}: {'it has' if len(report['collapsed']) == 1 else 'they have'} collapsed "
+        f"(r < {MIN_CEILING_R} or spread < {MIN_CEILING_SPREAD}×), and no diffusion model on such latents can do better"
+    )
     if strict and not go_on:
         raise InputError(run.path, problem, COLLAPSE_HINT)
     if ranks.main:
-        (log or warnings.warn)(f"{run.path}: {problem} — "
-                               + (f"going on because of {go_on}" if strict else "the diffusion stage will refuse this without --force"))
+        (log or warnings.warn)(
+            f"{run.path}: {problem} — "
+            + (f"going on because of {go_on}" if strict else "the diffusion stage will refuse this without --force")
+        )
     return report
 
 
-def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resume: bool, progress: bool, stop_after: int | None,
-                  force: bool = False, log=None) -> RunDir:
+def _run_training(
+    store_path: Path,
+    out: Path,
+    cfg: RunConfig,
+    stage: str,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    force: bool = False,
+    log=None,
+) -> RunDir:
     ranks = setup_ranks(cfg.train.device, cfg.train.dist_timeout_min)
     store = PatchStore.open(store_path)
     roles = store.roles
@@ -438,7 +530,9 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
     if missing:
         raise InputError(store_path, f"has no {', '.join(missing)} channel; training needs vessels, nuclei and target")
     if cfg.model.context_span and not store.context_roles:
-        raise InputError(store_path, "has no context images, which model.context_span needs (tiled by an older wsi-damm)", "tile the slides again")
+        raise InputError(
+            store_path, "has no context images, which model.context_span needs (tiled by an older wsi-damm)", "tile the slides again"
+        )
     patch = int(store.attrs["patch_size"])
     if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
@@ -469,8 +563,16 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
     if ranks.main:
         run.path.mkdir(parents=True, exist_ok=True)
         write_json(run.config, asdict(cfg))
-        write_json(run.validation, {"kind": split.kind, "description": split.description, "cuts": split.cuts,
-                                                "train_patches": len(train_idx), "val_patches": len(val_idx)})
+        write_json(
+            run.validation,
+            {
+                "kind": split.kind,
+                "description": split.description,
+                "cuts": split.cuts,
+                "train_patches": len(train_idx),
+                "val_patches": len(val_idx),
+            },
+        )
     images = PatchImages(store, train_idx)
     trained = stage in ("autoencoder", "all") and not (resume and all(run.autoencoder(r).exists() for r in ROLES_NEEDED))
     if trained:
@@ -490,14 +592,27 @@ def _run_training(store_path: Path, out: Path, cfg: RunConfig, stage: str, resum
 
         def canvases(idx: np.ndarray, imgs: PatchImages) -> LatentCanvases:
             context = (lambda rows, origins: store.context_windows(idx[rows], span, origins)) if span else None
-            return LatentCanvases(imgs.get, store.coords[idx], encoders, channel, cfg.autoencoder.factor, patch, ranks.device, store_path,
-                                  context, tuple(store.context_roles))
+            return LatentCanvases(
+                imgs.get,
+                store.coords[idx],
+                encoders,
+                channel,
+                cfg.autoencoder.factor,
+                patch,
+                ranks.device,
+                store_path,
+                context,
+                tuple(store.context_roles),
+            )
 
         source, val_source = canvases(train_idx, images), canvases(val_idx, PatchImages(store, val_idx))
     else:
         latents = encode_all(images, roles, aes, ranks.device, context_span=span)
-        val_latents = (encode_all(PatchImages(store, val_idx), roles, aes, ranks.device, context_span=span) if len(val_idx)
-                       else {r: latents[r][:0] for r in ROLES_NEEDED})
+        val_latents = (
+            encode_all(PatchImages(store, val_idx), roles, aes, ranks.device, context_span=span)
+            if len(val_idx)
+            else {r: latents[r][:0] for r in ROLES_NEEDED}
+        )
         source, val_source = PatchLatents(latents), PatchLatents(val_latents)
     regions = None
     if "region" in store.root and store.attrs.get("region_names"):

@@ -36,8 +36,9 @@ class BlurBaseline:
 
 def _need_mpp(spec: SlideSpec, mpp: float | None) -> float:
     if not mpp:
-        raise InputError(spec.paths[0], "has no µm/px in its metadata; the blurred-vessel baseline's σ is in µm",
-                         "export the slide with its pixel size")
+        raise InputError(
+            spec.paths[0], "has no µm/px in its metadata; the blurred-vessel baseline's σ is in µm", "export the slide with its pixel size"
+        )
     return mpp
 
 
@@ -81,23 +82,47 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     depth = int(4 * sigma_px) + 1
     slide = spec.open()
     vessels = lazy_blocks(lambda y, x, bh, bw: plan.normalised(slide, "vessels", y, x, bh, bw), (h, w), f"baseline-vessels-{spec.slide_id}")
-    pred = da.map_overlap(lambda b: np.clip(model.a * ndimage.gaussian_filter(b, sigma_px, mode="nearest") + model.b, 0, 1),
-                          vessels, depth=depth, boundary="nearest", dtype=np.float32)
+    pred = da.map_overlap(
+        lambda b: np.clip(model.a * ndimage.gaussian_filter(b, sigma_px, mode="nearest") + model.b, 0, 1),
+        vessels,
+        depth=depth,
+        boundary="nearest",
+        dtype=np.float32,
+    )
     mask_step = plan.choice.downsample / plan.mask_downsample  # mask pixels per map pixel
-    cover = lazy_blocks(lambda y, x, bh, bw: nearest(plan.mask, mask_step, y, x, bh, bw).astype(np.float32), (h, w), f"baseline-cover-{spec.slide_id}")
+    cover = lazy_blocks(
+        lambda y, x, bh, bw: nearest(plan.mask, mask_step, y, x, bh, bw).astype(np.float32), (h, w), f"baseline-cover-{spec.slide_id}"
+    )
     partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
     root = zarr.open_group(str(partial), mode="w", zarr_format=3)
     [level0], patch0 = create_map(root, h, w, 1, 1)
     (pred * cover)[None].astype(MAP_DTYPE).rechunk(level0.chunks).store(level0, lock=False, scheduler="threads")
     # no gate: divergence and share stay 0; coverage is the tissue mask at the blocks' centres
-    blocks = lazy_blocks(lambda y, x, bh, bw: nearest(plan.mask, BLOCK * mask_step, y, x, bh, bw).astype(np.float32), block_shape(h, w),
-                         f"baseline-cover-blocks-{spec.slide_id}")
+    blocks = lazy_blocks(
+        lambda y, x, bh, bw: nearest(plan.mask, BLOCK * mask_step, y, x, bh, bw).astype(np.float32),
+        block_shape(h, w),
+        f"baseline-cover-blocks-{spec.slide_id}",
+    )
     planes = [blocks if c == COVERAGE else da.zeros_like(blocks) for c in range(len(PATCH_MAP_CHANNELS))]
     da.stack(planes).astype(MAP_DTYPE).rechunk(patch0.chunks).store(patch0, lock=False, scheduler="threads")
-    finish_map(root, spec.slide_id, mpp, 1, {"slide": spec.slide_id, "patch_size": cfg.patch_size, "baseline": "blurred vessels",
-                                            "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False,
-                                            "percentiles": list(cfg.percentiles), "stride": cfg.stride,
-                                            "tissue": cfg.tissue})
+    finish_map(
+        root,
+        spec.slide_id,
+        mpp,
+        1,
+        {
+            "slide": spec.slide_id,
+            "patch_size": cfg.patch_size,
+            "baseline": "blurred vessels",
+            "sigma_um": model.sigma_um,
+            "a": model.a,
+            "b": model.b,
+            "nuclei": False,
+            "percentiles": list(cfg.percentiles),
+            "stride": cfg.stride,
+            "tissue": cfg.tissue,
+        },
+    )
     slide.close()
     return publish(partial, out)

@@ -40,8 +40,18 @@ def ceiling_map(run_dir: Path, spec: SlideSpec, clean: Path | None, out: Path, s
             x = images[:, k : k + 1]
         else:
             p = images.shape[-1]
-            x = torch.from_numpy(np.stack([unit_range(read_scaled(field, plan.choice, int(y), int(xx), p, p)[0].astype(np.float32),
-                                                      plan.lo[k], plan.hi[k]) for _, y, xx in coords])[:, None]) * 2 - 1
+            x = (
+                torch.from_numpy(
+                    np.stack(
+                        [
+                            unit_range(read_scaled(field, plan.choice, int(y), int(xx), p, p)[0].astype(np.float32), plan.lo[k], plan.hi[k])
+                            for _, y, xx in coords
+                        ]
+                    )[:, None]
+                )
+                * 2
+                - 1
+            )
         return (in_micro_batches(lambda t: ae.decode(ae.encode(t)), x).clamp(-1, 1) + 1) / 2
 
     try:

@@ -32,8 +32,17 @@ class SyntheticData:
     store: Path  # patch store of the training slides
 
 
-def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg: TileConfig, progress: bool, log,
-                   heldout_size: int | None = None, target: str = "np") -> SyntheticData:
+def synthetic_data(
+    out: Path,
+    size: int,
+    n_train: int,
+    n_heldout: int,
+    tile_cfg: TileConfig,
+    progress: bool,
+    log,
+    heldout_size: int | None = None,
+    target: str = "np",
+) -> SyntheticData:
     """Training and held-out synthetic slides (different seeds) and the training patch store; reused if present.
     `heldout_size` (default `size`): held-out slides may be smaller — every model predicts each of them,
     so their area is what a study's prediction time scales with. `target`: the simulator's target kind
@@ -52,16 +61,23 @@ def synthetic_data(out: Path, size: int, n_train: int, n_heldout: int, tile_cfg:
         sizes = f"{size}² px" if heldout_size == size else f"{size}² px; held out {heldout_size}² px"
         log(f"synthetic slides ({n_train} for training, {n_heldout} held out, {sizes} at {cfg.mpp} µm/px) → {out / 'slides'}")
         write_slides(out / "slides" / "train", n_train, cfg, progress=progress)
-        write_slides(out / "slides" / "heldout", n_heldout, replace(cfg, seed=HELDOUT_SEED, size=heldout_size), progress=progress, prefix="heldout")
+        write_slides(
+            out / "slides" / "heldout", n_heldout, replace(cfg, seed=HELDOUT_SEED, size=heldout_size), progress=progress, prefix="heldout"
+        )
         shutil.rmtree(out / "patches.zarr", ignore_errors=True)  # tiles of other slides
         write_json(done, wanted)
     vessels, nuclei, target_channel = cfg.channels
     channels = f"vessels={vessels},nuclei={nuclei},target={target_channel}"
     train_specs = resolve_slides([out / "slides" / "train" / f"{n}.ome.tif" for n in names[0]], channels=channels)
     held_dir = out / "slides" / "heldout"
-    heldout = [HeldOut(resolve_slides([held_dir / f"{n}.ome.tif"], channels=channels)[0],
-                       held_dir / "truth" / f"{n}.{cfg.clean_suffix}.ome.tif",
-                       held_dir / "truth" / f"{n}.divergence.ome.tif") for n in names[1]]
+    heldout = [
+        HeldOut(
+            resolve_slides([held_dir / f"{n}.ome.tif"], channels=channels)[0],
+            held_dir / "truth" / f"{n}.{cfg.clean_suffix}.ome.tif",
+            held_dir / "truth" / f"{n}.divergence.ome.tif",
+        )
+        for n in names[1]
+    ]
     store = out / "patches.zarr"
     if not store.exists():
         log(f"tiling → {store}")

@@ -50,8 +50,12 @@ def demo_config(plan: DemoPlan, preset: str = "tiny") -> RunConfig:
     warm-up (`damm.multi_loss = "always"`): with the paper's gated loss, 500 steps left the gate locked on the
     vessel branch in two of three seeds (the demo's among them), a map blind to DAPI."""
     cfg = resolve(preset)
-    return replace(cfg, autoencoder=replace(cfg.autoencoder, steps=plan.ae_steps, on_collapse=plan.on_collapse), damm=replace(cfg.damm, multi_loss="always"),
-                   train=replace(cfg.train, steps=plan.steps, val_every=max(10, plan.steps // 5), checkpoint_every=plan.steps))
+    return replace(
+        cfg,
+        autoencoder=replace(cfg.autoencoder, steps=plan.ae_steps, on_collapse=plan.on_collapse),
+        damm=replace(cfg.damm, multi_loss="always"),
+        train=replace(cfg.train, steps=plan.steps, val_every=max(10, plan.steps // 5), checkpoint_every=plan.steps),
+    )
 
 
 def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: bool = True, log=print) -> dict:
@@ -67,10 +71,20 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     cfg = demo_config(plan, preset)
     run = run_training(out / "patches.zarr", out / "run", cfg, progress=progress)
     draws = f"mean of {plan.samples} draws" if plan.samples > 1 else "one draw"
-    log(f"{stamp()} predicting the held-out slide (DPM-Solver++, {plan.sample_steps} steps, {draws}, "
-        f"{resolve_sampling(cfg, 'auto')} sampling) → {out / 'prediction.zarr'}")
-    predicted = predict_maps(run.path, [held_spec], out / "prediction.zarr", PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples),
-                             map_path=out / "prediction.ome.zarr", tiff=out / "prediction.ome.tif", overwrite=True, progress=progress)
+    log(
+        f"{stamp()} predicting the held-out slide (DPM-Solver++, {plan.sample_steps} steps, {draws}, "
+        f"{resolve_sampling(cfg, 'auto')} sampling) → {out / 'prediction.zarr'}"
+    )
+    predicted = predict_maps(
+        run.path,
+        [held_spec],
+        out / "prediction.zarr",
+        PredictConfig(steps=plan.sample_steps, batch_size=32, samples=plan.samples),
+        map_path=out / "prediction.ome.zarr",
+        tiff=out / "prediction.ome.tif",
+        overwrite=True,
+        progress=progress,
+    )
     [map_path] = predicted.maps
 
     log(f"{stamp()} blurred-vessel baseline fitted on the training slides")
@@ -86,19 +100,38 @@ def run_demo(out: Path, preset: str = "tiny", quick: bool = False, progress: boo
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "simulator_version": SIMULATOR_VERSION,
-        "damm": {"pearson_r": d["check"]["pearson_r"], "spread_ratio": d["check"]["spread_ratio"], "mean_ratio": d["check"]["mean_ratio"],
-                 "warning": d["check"]["warning"], "wsi_ssim": d["wsi"]["ssim_tissue"], "wsi_psnr": d["wsi"]["psnr_tissue"],
-                 "patch_ssim_percent": d["patches"]["ssim_percent"]["mean"], "patch_psnr": d["patches"]["psnr"]["mean"],
-                 "seam_score": d["seams"]["map"], "sampling": d["sampling"]},
+        "damm": {
+            "pearson_r": d["check"]["pearson_r"],
+            "spread_ratio": d["check"]["spread_ratio"],
+            "mean_ratio": d["check"]["mean_ratio"],
+            "warning": d["check"]["warning"],
+            "wsi_ssim": d["wsi"]["ssim_tissue"],
+            "wsi_psnr": d["wsi"]["psnr_tissue"],
+            "patch_ssim_percent": d["patches"]["ssim_percent"]["mean"],
+            "patch_psnr": d["patches"]["psnr"]["mean"],
+            "seam_score": d["seams"]["map"],
+            "sampling": d["sampling"],
+        },
         "measured_seam_score": d["seams"]["measured"],
-        "blurred_vessel_baseline": {"pearson_r": b["check"]["pearson_r"], "spread_ratio": b["check"]["spread_ratio"],
-                                    "wsi_ssim": b["wsi"]["ssim_tissue"], "wsi_psnr": b["wsi"]["psnr_tissue"],
-                                    "patch_ssim_percent": b["patches"]["ssim_percent"]["mean"], "patch_psnr": b["patches"]["psnr"]["mean"],
-                                    "sigma_um": fitted.sigma_um, "r2_train": fitted.r2},
+        "blurred_vessel_baseline": {
+            "pearson_r": b["check"]["pearson_r"],
+            "spread_ratio": b["check"]["spread_ratio"],
+            "wsi_ssim": b["wsi"]["ssim_tissue"],
+            "wsi_psnr": b["wsi"]["psnr_tissue"],
+            "patch_ssim_percent": b["patches"]["ssim_percent"]["mean"],
+            "patch_psnr": b["patches"]["psnr"]["mean"],
+            "sigma_um": fitted.sigma_um,
+            "r2_train": fitted.r2,
+        },
         "autoencoders_collapsed": read_json(run.ae_ceiling)["collapsed"],
         "oracle": {"wsi_ssim": d["oracle_wsi"]["ssim_tissue"], "wsi_psnr": d["oracle_wsi"]["psnr_tissue"]},
-        "outputs": {"map": str(map_path), "tiff": str(out / "prediction.ome.tif"), "report": str(out / "report" / "report.html"),
-                    "baseline_report": str(out / "report_baseline" / "report.html"), "run": str(run.path)},
+        "outputs": {
+            "map": str(map_path),
+            "tiff": str(out / "prediction.ome.tif"),
+            "report": str(out / "report" / "report.html"),
+            "baseline_report": str(out / "report_baseline" / "report.html"),
+            "run": str(run.path),
+        },
     }
     write_json(out / "demo_summary.json", summary)
     return summary

@@ -33,8 +33,16 @@ def tiling(rc: RunConfig) -> TileConfig:
 
 
 @torch.inference_mode()
-def patch_function_map(rc: RunConfig, spec: SlideSpec, out: Path, fn: PatchFunction, attrs: dict, progress: bool = True,
-                       tiff: Path | None = None, tiff_units: str = "normalised") -> Path:
+def patch_function_map(
+    rc: RunConfig,
+    spec: SlideSpec,
+    out: Path,
+    fn: PatchFunction,
+    attrs: dict,
+    progress: bool = True,
+    tiff: Path | None = None,
+    tiff_units: str = "normalised",
+) -> Path:
     """Tile `spec` as `predict` would, apply `fn` shard by shard, stitch the map `out` (and `tiff`, as
     `stitch` writes it). Returns the map path."""
     out = Path(out)

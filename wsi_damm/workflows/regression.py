@@ -87,8 +87,17 @@ def train_regression(store_path: Path, run_dir: Path, rc: RunConfig, progress: b
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - t.ema_decay)
             losses.append(loss.item())
-    write_json(run_dir / CONFIG, {"model": "regression U-Net (L1)", "inputs": list(INPUTS), "run": asdict(rc),
-                                  "train_patches": len(train_idx), "seconds": round(time.perf_counter() - t0, 1), "final_l1": float(np.mean(losses[-max(1, t.log_every):]))})
+    write_json(
+        run_dir / CONFIG,
+        {
+            "model": "regression U-Net (L1)",
+            "inputs": list(INPUTS),
+            "run": asdict(rc),
+            "train_patches": len(train_idx),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "final_l1": float(np.mean(losses[-max(1, t.log_every) :])),
+        },
+    )
     save_weights(run_dir / WEIGHTS, ema)  # last: its presence marks a finished run
     return run_dir
 

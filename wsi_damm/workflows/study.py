@@ -84,8 +84,17 @@ class StudyPlan:
 # Sized for about 2 hours on 2 cores: per seed an autoencoder set (300 steps), 4 diffusion models and a regression
 # U-Net (600 steps each), and 11 maps per seed of two 1024² held-out slides (the demo trains 1000 steps on the same preset)
 FULL = StudyPlan(size=2048, heldout_size=1024, train_slides=3, heldout_slides=2, ae_steps=300, steps=600, seeds=(0, 1, 2), sample_steps=10)
-QUICK = StudyPlan(size=1024, train_slides=2, heldout_slides=2, ae_steps=30, steps=40, seeds=(0, 1), sample_steps=5, samples=2,
-                  samplers=(("ddim", 10), ("dpm++", 5)))
+QUICK = StudyPlan(
+    size=1024,
+    train_slides=2,
+    heldout_slides=2,
+    ae_steps=30,
+    steps=40,
+    seeds=(0, 1),
+    sample_steps=5,
+    samples=2,
+    samplers=(("ddim", 10), ("dpm++", 5)),
+)
 
 
 def variant_config(base: RunConfig, plan: StudyPlan, v: Variant, seed: int) -> RunConfig:
@@ -100,9 +109,15 @@ def base_config(preset: str, plan: StudyPlan) -> RunConfig:
     so one seed's autoencoders decided every DAMM row; decayed, 0.75 ± 0.03. The target is coded as it is
     (`target_gamma` 1), as the paper codes it. A collapsed autoencoder is said, not fatal: the study's ceiling
     rows show what it cost every row above them."""
-    return merge(resolve(preset), {"autoencoder": {"steps": plan.ae_steps, "local": False, "lr_schedule": "cosine", "target_gamma": 1.0,
-                                                   "on_collapse": "warn"},
-                                   "model": {"latents": "patch"}, "train": {"val_fraction": 0.0}}, "study")
+    return merge(
+        resolve(preset),
+        {
+            "autoencoder": {"steps": plan.ae_steps, "local": False, "lr_schedule": "cosine", "target_gamma": 1.0, "on_collapse": "warn"},
+            "model": {"latents": "patch"},
+            "train": {"val_fraction": 0.0},
+        },
+        "study",
+    )
 
 
 def autoencoders_dir(out: Path, seed: int) -> Path:
@@ -117,8 +132,15 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
     trained = {}
     for seed in plan.seeds:
         runs["autoencoders", seed] = autoencoders_dir(out, seed)
-        trained[seed] = train_autoencoders(data, runs["autoencoders", seed], base, seed, progress,
-                                           f"autoencoders, seed {seed} ({plan.ae_steps} steps) → {runs['autoencoders', seed]}", log)
+        trained[seed] = train_autoencoders(
+            data,
+            runs["autoencoders", seed],
+            base,
+            seed,
+            progress,
+            f"autoencoders, seed {seed} ({plan.ae_steps} steps) → {runs['autoencoders', seed]}",
+            log,
+        )
     for seed in plan.seeds:  # the regression U-Net, at DAMM full's budget and batch order
         path = out / "runs" / f"regression_seed{seed}"
         if not (path / REGRESSION_WEIGHTS).exists():
@@ -127,13 +149,21 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
     for v in (v for v in VARIANTS if v.trained_as is None):
         for seed in plan.seeds:
             path = out / "runs" / f"{v.name}_seed{seed}"
-            runs[v.name, seed] = train_on_autoencoders(data, path, RunDir(runs["autoencoders", seed]), variant_config(trained[seed], plan, v, seed),
-                                                       progress, f"training {v.label}, seed {seed} ({plan.steps} steps) → {path}", log)
+            runs[v.name, seed] = train_on_autoencoders(
+                data,
+                path,
+                RunDir(runs["autoencoders", seed]),
+                variant_config(trained[seed], plan, v, seed),
+                progress,
+                f"training {v.label}, seed {seed} ({plan.steps} steps) → {path}",
+                log,
+            )
     return runs
 
 
-def train_autoencoders(data: SyntheticData, path: Path, base: RunConfig, seed: int, progress: bool,
-                       message: str = "", log: Callable[[str], None] = print) -> RunConfig:
+def train_autoencoders(
+    data: SyntheticData, path: Path, base: RunConfig, seed: int, progress: bool, message: str = "", log: Callable[[str], None] = print
+) -> RunConfig:
     """A seed's autoencoders (`base`'s settings, trained unless done) and their config, with the patch size,
     roles, … filled in from the store: what the diffusion models of that seed build on."""
     run = RunDir(path)
@@ -144,8 +174,15 @@ def train_autoencoders(data: SyntheticData, path: Path, base: RunConfig, seed: i
     return RunConfig.from_dict(json.loads(run.config.read_text()))
 
 
-def train_on_autoencoders(data: SyntheticData, path: Path, autoencoders: RunDir, cfg: RunConfig, progress: bool,
-                          message: str = "", log: Callable[[str], None] = print) -> Path:
+def train_on_autoencoders(
+    data: SyntheticData,
+    path: Path,
+    autoencoders: RunDir,
+    cfg: RunConfig,
+    progress: bool,
+    message: str = "",
+    log: Callable[[str], None] = print,
+) -> Path:
     """A diffusion model trained on given autoencoders (copied into its run), resumed if killed, skipped if done;
     `message` is logged when training (re)starts."""
     run = RunDir(path)
@@ -177,10 +214,17 @@ def _cached(out: Path, compute: Callable[[], dict]) -> dict:
 
 def predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictConfig, no_nuclei: bool, progress: bool) -> dict:
     """Predict every held-out slide, stitch, score per region."""
+
     def compute() -> dict:
         t0 = time.perf_counter()
-        run_predict(run, [h.spec for h in data.heldout], out / "prediction.zarr", replace(cfg, nuclei=not no_nuclei), overwrite=True,
-                    progress=progress)
+        run_predict(
+            run,
+            [h.spec for h in data.heldout],
+            out / "prediction.zarr",
+            replace(cfg, nuclei=not no_nuclei),
+            overwrite=True,
+            progress=progress,
+        )
         seconds = time.perf_counter() - t0
         maps = run_stitch(out / "prediction.zarr", out / "maps", progress=progress)
         slides = [_score(m, h, progress) for m, h in zip(maps, data.heldout)]
@@ -192,14 +236,18 @@ def predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictCon
 
 def _score(map_path: Path, held, progress: bool) -> dict:
     e = evaluate_slide(map_path, held.spec, held.clean, True, progress, held.divergence, REGIONS)
-    e.result["patch_rows"] = [{k: row[k] for k in ("slide", "y", "x", "ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows]
+    e.result["patch_rows"] = [
+        {k: row[k] for k in ("slide", "y", "x", "ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows
+    ]
     return e.result
 
 
 def _baseline(data: SyntheticData, out: Path, tile_cfg: TileConfig, progress: bool) -> dict:
     def compute() -> dict:
         fitted = baseline.fit(data.train_specs, tile_cfg)
-        slides = [_score(baseline.write_map(h.spec, tile_cfg, fitted, out / f"{h.spec.slide_id}.ome.zarr"), h, progress) for h in data.heldout]
+        slides = [
+            _score(baseline.write_map(h.spec, tile_cfg, fitted, out / f"{h.spec.slide_id}.ome.zarr"), h, progress) for h in data.heldout
+        ]
         return {"sigma_um": fitted.sigma_um, "r2_train": fitted.r2, "slides": slides}
 
     return _cached(out, compute)
@@ -217,6 +265,7 @@ def _regression(run: Path, data: SyntheticData, out: Path, progress: bool) -> di
 
 def score_ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress: bool) -> dict:
     """The autoencoder ceiling (decode(encode(NP)) of the measured or noiseless field) on every held-out slide."""
+
     def compute() -> dict:
         maps = [ceiling_map(ae_run, h.spec, h.clean, out / f"{h.spec.slide_id}.ome.zarr", source, progress) for h in data.heldout]
         return {"source": source, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
@@ -245,9 +294,13 @@ def region_numbers(result: dict, key: str = "regions", oracle: bool = False) -> 
         mse = sum(p[0] * p[2] for p in parts) / n
         rows = [r for s in result["slides"] for r in s["patch_rows"] if region == "tissue" or REGIONS.get(r.get("region")) == region]
         ps = [100 * r["oracle_ssim" if oracle else "ssim"] for r in rows]
-        out[region] = {"ssim": sum(p[0] * p[1] for p in parts) / n, "psnr": psnr_from_mse(mse),
-                       "share": sum(p[0] * p[3] for p in parts) / n, "patch_ssim": ps,
-                       "patch_psnr": [r["oracle_psnr" if oracle else "psnr"] for r in rows]}
+        out[region] = {
+            "ssim": sum(p[0] * p[1] for p in parts) / n,
+            "psnr": psnr_from_mse(mse),
+            "share": sum(p[0] * p[3] for p in parts) / n,
+            "patch_ssim": ps,
+            "patch_psnr": [r["oracle_psnr" if oracle else "psnr"] for r in rows],
+        }
     return out
 
 
@@ -262,8 +315,12 @@ def same_pixels(rows: dict[str, dict]) -> int:
     pixel counts are the same in every row (one mask per slide), keeps in every row only the patches every
     row scored, and returns how many that is. Raises when the learned rows (same tiling) scored different
     patches or when any pixel count differs — a comparison on other pixels is not a comparison."""
+
     def pixel_counts(res: dict) -> list:
-        return [(s["slide"], s["wsi"]["pixels_tissue"], sorted((k, g["pixels"]) for k, g in s.get("regions", {}).items())) for s in res["slides"]]
+        return [
+            (s["slide"], s["wsi"]["pixels_tissue"], sorted((k, g["pixels"]) for k, g in s.get("regions", {}).items()))
+            for s in res["slides"]
+        ]
 
     def patches(res: dict) -> set:
         return {(r["slide"], r["y"], r["x"]) for s in res["slides"] for r in s["patch_rows"]}
@@ -297,11 +354,18 @@ def _summarise_model(label: str, per_seed: list[dict], kind: str, draws: int | N
         pp = pp[np.isfinite(pp)]
         share = [v["share"] for v in vals if math.isfinite(v["share"])] if kind == "learned" else []
         row["regions"][region] = {
-            "wsi_ssim": float(ssim.mean()), "wsi_ssim_sd": sample_sd(ssim), "wsi_psnr": float(psnr.mean()), "wsi_psnr_sd": sample_sd(psnr),
-            "wsi_ssim_per_seed": ssim.tolist(), "wsi_psnr_per_seed": psnr.tolist(),
-            "patch_ssim_percent": float(ps.mean()) if len(ps) else math.nan, "patch_ssim_percent_sd": sample_sd(ps),
-            "patch_psnr": float(pp.mean()) if len(pp) else math.nan, "patch_psnr_sd": sample_sd(pp),
-            "patches": int(len(ps)) // max(1, len(vals)), "multimodal_share": float(np.mean(share)) if share else None,
+            "wsi_ssim": float(ssim.mean()),
+            "wsi_ssim_sd": sample_sd(ssim),
+            "wsi_psnr": float(psnr.mean()),
+            "wsi_psnr_sd": sample_sd(psnr),
+            "wsi_ssim_per_seed": ssim.tolist(),
+            "wsi_psnr_per_seed": psnr.tolist(),
+            "patch_ssim_percent": float(ps.mean()) if len(ps) else math.nan,
+            "patch_ssim_percent_sd": sample_sd(ps),
+            "patch_psnr": float(pp.mean()) if len(pp) else math.nan,
+            "patch_psnr_sd": sample_sd(pp),
+            "patches": int(len(ps)) // max(1, len(vals)),
+            "multimodal_share": float(np.mean(share)) if share else None,
             "multimodal_share_per_seed": [v["share"] for v in vals] if kind == "learned" else None,
         }
     return row
@@ -320,14 +384,19 @@ def markdown_table(rows: list[dict], seeds: int) -> str:
                 cells += ["–"] * 4
                 continue
             sd = lambda v: f" ± {v:.3f}" if r["seeds"] > 1 else ""  # noqa: E731 (sd over seeds, ddof = 1)
-            cells += [f"{g['wsi_ssim']:.4f}{sd(g['wsi_ssim_sd'])}", f"{g['wsi_psnr']:.2f}{sd(g['wsi_psnr_sd'])}",
-                      f"{g['patch_ssim_percent']:.1f} ± {g['patch_ssim_percent_sd']:.1f}",
-                      "–" if g["multimodal_share"] is None else f"{g['multimodal_share']:.2f}"]
+            cells += [
+                f"{g['wsi_ssim']:.4f}{sd(g['wsi_ssim_sd'])}",
+                f"{g['wsi_psnr']:.2f}{sd(g['wsi_psnr_sd'])}",
+                f"{g['patch_ssim_percent']:.1f} ± {g['patch_ssim_percent_sd']:.1f}",
+                "–" if g["multimodal_share"] is None else f"{g['multimodal_share']:.2f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"WSI columns: mean ± sample sd (ddof = 1) over {seeds} training seed(s) (pixel-weighted over held-out slides); patch columns: "
-                 "mean ± sd over the paper's non-overlapping patches, pooled over seeds; a patch belongs to its majority region. "
-                 "Multi-modal share: fraction of sampling steps on which the DAMMP gate chose the multi-modal branch.")
+    lines.append(
+        f"WSI columns: mean ± sample sd (ddof = 1) over {seeds} training seed(s) (pixel-weighted over held-out slides); patch columns: "
+        "mean ± sd over the paper's non-overlapping patches, pooled over seeds; a patch belongs to its majority region. "
+        "Multi-modal share: fraction of sampling steps on which the DAMMP gate chose the multi-modal branch."
+    )
     return "\n".join(lines)
 
 
@@ -341,15 +410,20 @@ def gate_table(gate: dict[str, dict]) -> str:
     for run, per in gate.items():
         cells = [run] + [f"{per[g][k]:.3f}" if g in per else "–" for g in regions for k in ("dfl_label_rate", "mean_kappa")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "DFL label rate: share of training samples on which the multi-modal branch's loss was no larger than the "
-              "uni-modal one's — what the divergence feedback loss teaches the gate (1 = always trust nuclei)."]
+    lines += [
+        "",
+        "DFL label rate: share of training samples on which the multi-modal branch's loss was no larger than the "
+        "uni-modal one's — what the divergence feedback loss teaches the gate (1 = always trust nuclei).",
+    ]
     return "\n".join(lines)
 
 
 def sampler_table(rows: list[dict]) -> str:
     ref = max(rows, key=lambda r: (r["sampler"] == "ddim", r["steps"]))  # the paper's sampler, most steps
-    lines = [f"| sampler | steps | WSI SSIM (tissue) | WSI PSNR (tissue) | SSIM vs {ref['sampler']}-{ref['steps']} | predict wall time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| sampler | steps | WSI SSIM (tissue) | WSI PSNR (tissue) | SSIM vs {ref['sampler']}-{ref['steps']} | predict wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         rel = 100 * (r["wsi_ssim"] - ref["wsi_ssim"]) / ref["wsi_ssim"]
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['wsi_ssim']:.4f} | {r['wsi_psnr']:.2f} | {rel:+.2f} % | {r['seconds']:.1f} |")
@@ -380,8 +454,10 @@ def redraw(out: Path) -> Path:
     """study.png again from OUT/study.json (after a change to the figure; nothing is recomputed)."""
     # write_json stores non-finite floats as strings ("nan" for a one-seed spread): numbers again
     nonfinite = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
-    data = json.loads((Path(out) / "study.json").read_text(encoding="utf-8"),
-                      object_hook=lambda d: {k: nonfinite.get(v, v) if isinstance(v, str) else v for k, v in d.items()})
+    data = json.loads(
+        (Path(out) / "study.json").read_text(encoding="utf-8"),
+        object_hook=lambda d: {k: nonfinite.get(v, v) if isinstance(v, str) else v for k, v in d.items()},
+    )
     figure(Path(out) / "study.png", data["models"], data["samplers"])
     return Path(out) / "study.png"
 
@@ -411,9 +487,14 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(rows), 6), fontsize=9, frameon=False)
     gated = [r for r in rows if r["regions"]["tissue"].get("multimodal_share") is not None and r["kind"] == "learned"]
     for i, r in enumerate(gated):
-        axes[2].bar(np.arange(2) + (i - len(gated) / 2 + 0.5) * (0.8 / max(1, len(gated))),
-                    [r["regions"].get(g, {}).get("multimodal_share") or 0 for g in REGIONS.values()], 0.8 / max(1, len(gated)), label=_label(r),
-                    color=colours[rows.index(r)], alpha=0.6)  # the colours of the legend
+        axes[2].bar(
+            np.arange(2) + (i - len(gated) / 2 + 0.5) * (0.8 / max(1, len(gated))),
+            [r["regions"].get(g, {}).get("multimodal_share") or 0 for g in REGIONS.values()],
+            0.8 / max(1, len(gated)),
+            label=_label(r),
+            color=colours[rows.index(r)],
+            alpha=0.6,
+        )  # the colours of the legend
     xs_dots, ys_dots = gate_points(gated)
     axes[2].scatter(xs_dots, ys_dots, s=14, color="black", zorder=3)
     axes[2].set_xticks(np.arange(2), list(REGIONS.values()))
@@ -421,7 +502,9 @@ def figure(path: Path, rows: list[dict], samplers: list[dict]) -> None:
     axes[2].set_title("DAMMP: share of steps on the multi-modal branch\n(bars: mean over seeds; dots: each seed)", fontsize=10)
     for s in samplers:
         axes[3].scatter(s["seconds"], s["wsi_ssim"], s=40)
-        axes[3].annotate(f"{s['sampler']}-{s['steps']}", (s["seconds"], s["wsi_ssim"]), fontsize=9, xytext=(4, 4), textcoords="offset points")
+        axes[3].annotate(
+            f"{s['sampler']}-{s['steps']}", (s["seconds"], s["wsi_ssim"]), fontsize=9, xytext=(4, 4), textcoords="offset points"
+        )
     axes[3].set_xlabel("predict wall time (s)")
     axes[3].set_ylabel("WSI SSIM (tissue)")
     axes[3].set_title("samplers (DAMM full, seed 0)")
@@ -451,21 +534,31 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
             cfg = PredictConfig(steps=plan.sample_steps, batch_size=32, samples=draws)
             for seed in plan.seeds:
                 log_step(f"predicting with {v.label}, seed {seed}, {draws} draw(s)")
-                res = predict_and_score(runs[v.trained_as or v.name, seed], data, out / "predictions" / f"{v.name}_seed{seed}_k{draws}",
-                                         cfg, v.no_nuclei, progress)
+                res = predict_and_score(
+                    runs[v.trained_as or v.name, seed],
+                    data,
+                    out / "predictions" / f"{v.name}_seed{seed}_k{draws}",
+                    cfg,
+                    v.no_nuclei,
+                    progress,
+                )
                 results[f"{v.name}/k{draws}/seed{seed}"] = {**res, "kind": "learned"}
     for seed in plan.seeds:
         log_step(f"predicting with the regression U-Net, seed {seed}")
-        results[f"regression/seed{seed}"] = {**_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
-                                             "kind": "regression"}
+        results[f"regression/seed{seed}"] = {
+            **_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
+            "kind": "regression",
+        }
     log_step("blurred-vessel baseline and oracle")
     base = _baseline(data, out / "predictions" / "baseline", tile_cfg, progress)
     results["baseline"] = {**base, "kind": "reference"}
     for source in SOURCES:
         for seed in plan.seeds:
             log_step(f"autoencoder ceiling: decode(encode({source} NP)), seed {seed}")
-            results[f"ceiling/{source}/seed{seed}"] = {**score_ceiling(data, runs["autoencoders", seed], out / "predictions" / f"ceiling_{source}_seed{seed}",
-                                                                       source, progress), "kind": "ceiling"}
+            results[f"ceiling/{source}/seed{seed}"] = {
+                **score_ceiling(data, runs["autoencoders", seed], out / "predictions" / f"ceiling_{source}_seed{seed}", source, progress),
+                "kind": "ceiling",
+            }
     scored_patches = same_pixels(results)
 
     rows = []
@@ -473,12 +566,19 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
         for draws in dict.fromkeys((1, plan.samples)):
             per_seed = [region_numbers(results[f"{v.name}/k{draws}/seed{seed}"]) for seed in plan.seeds]
             rows.append(_summarise_model(v.label, per_seed, "learned", draws))
-    rows.append(_summarise_model(REGRESSION_LABEL, [region_numbers(results[f"regression/seed{seed}"]) for seed in plan.seeds], "regression"))
+    rows.append(
+        _summarise_model(REGRESSION_LABEL, [region_numbers(results[f"regression/seed{seed}"]) for seed in plan.seeds], "regression")
+    )
     rows.append(_summarise_model(f"blurred-vessel baseline (σ = {base['sigma_um']:g} µm)", [region_numbers(base)], "reference"))
     rows.append(_summarise_model("oracle (noiseless field)", [region_numbers(base, "oracle_regions", oracle=True)], "reference"))
     for source in SOURCES:
-        rows.append(_summarise_model(f"autoencoder ceiling: decode(encode({source} NP))",
-                                     [region_numbers(results[f"ceiling/{source}/seed{seed}"]) for seed in plan.seeds], "ceiling"))
+        rows.append(
+            _summarise_model(
+                f"autoencoder ceiling: decode(encode({source} NP))",
+                [region_numbers(results[f"ceiling/{source}/seed{seed}"]) for seed in plan.seeds],
+                "ceiling",
+            )
+        )
 
     samplers = []
     for sampler, steps in plan.samplers:
@@ -486,24 +586,58 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
         cfg = PredictConfig(sampler=sampler, steps=steps, batch_size=32)
         res = predict_and_score(runs["damm", plan.seeds[0]], data, out / "samplers" / f"{sampler}_{steps}", cfg, False, progress)
         tissue = region_numbers(res)["tissue"]
-        samplers.append({"sampler": sampler, "steps": steps, "wsi_ssim": tissue["ssim"], "wsi_psnr": tissue["psnr"], "seconds": res["predict_seconds"]})
+        samplers.append(
+            {"sampler": sampler, "steps": steps, "wsi_ssim": tissue["ssim"], "wsi_psnr": tissue["psnr"], "seconds": res["predict_seconds"]}
+        )
 
     first = results[f"damm/k1/seed{plan.seeds[0]}"]["slides"]
-    scored = {"tissue_pixels": sum(s["wsi"]["pixels_tissue"] for s in first), "patches": scored_patches,
-              "tissue_uncovered_pixels": {name: sum(s["wsi"].get("tissue_uncovered_pixels", 0) for s in r["slides"]) for name, r in results.items()}}
-    gate = {f"{v.name}_seed{seed}": gate_in_training(read_metrics(RunDir(runs[v.name, seed]).metrics))
-            for v in VARIANTS if v.trained_as is None for seed in plan.seeds}
-    summary = {"plan": asdict(plan), "preset": preset, "simulator_version": SIMULATOR_VERSION, "seconds": clock.tick(), "legs": clock.legs,
-               "scored": scored, "gate_in_training": gate, "models": rows, "samplers": samplers, "heldout": [h.spec.slide_id for h in data.heldout]}
+    scored = {
+        "tissue_pixels": sum(s["wsi"]["pixels_tissue"] for s in first),
+        "patches": scored_patches,
+        "tissue_uncovered_pixels": {
+            name: sum(s["wsi"].get("tissue_uncovered_pixels", 0) for s in r["slides"]) for name, r in results.items()
+        },
+    }
+    gate = {
+        f"{v.name}_seed{seed}": gate_in_training(read_metrics(RunDir(runs[v.name, seed]).metrics))
+        for v in VARIANTS
+        if v.trained_as is None
+        for seed in plan.seeds
+    }
+    summary = {
+        "plan": asdict(plan),
+        "preset": preset,
+        "simulator_version": SIMULATOR_VERSION,
+        "seconds": clock.tick(),
+        "legs": clock.legs,
+        "scored": scored,
+        "gate_in_training": gate,
+        "models": rows,
+        "samplers": samplers,
+        "heldout": [h.spec.slide_id for h in data.heldout],
+    }
     write_json(out / "study.json", summary)
-    md = ["# DAMM-Diffusion ablation study on synthetic slides", "",
-          f"Simulator version {SIMULATOR_VERSION}. Preset `{preset}`, {plan.train_slides} training slides of {plan.size}² px and "
-          f"{plan.heldout_slides} held-out slides of {plan.heldout_size or plan.size}² px, {plan.steps} diffusion steps per model, seeds {list(plan.seeds)}, per seed one autoencoder set ({plan.ae_steps} steps) under all of that seed's models; every model is scored with one draw "
-          f"per patch and with the mean of {plan.samples} draws (DPM-Solver++ {plan.sample_steps} steps). Every row is scored on the same "
-          f"{scored['tissue_pixels']} tissue pixels and the same {scored_patches} patches.", "",
-          markdown_table(rows, len(plan.seeds)), "", "## The gate in training", "", gate_table(gate), "",
-          "## Samplers (DAMM full, first seed, one draw)", "", sampler_table(samplers), "",
-          "![study](study.png)", ""]
+    md = [
+        "# DAMM-Diffusion ablation study on synthetic slides",
+        "",
+        f"Simulator version {SIMULATOR_VERSION}. Preset `{preset}`, {plan.train_slides} training slides of {plan.size}² px and "
+        f"{plan.heldout_slides} held-out slides of {plan.heldout_size or plan.size}² px, {plan.steps} diffusion steps per model, seeds {list(plan.seeds)}, per seed one autoencoder set ({plan.ae_steps} steps) under all of that seed's models; every model is scored with one draw "
+        f"per patch and with the mean of {plan.samples} draws (DPM-Solver++ {plan.sample_steps} steps). Every row is scored on the same "
+        f"{scored['tissue_pixels']} tissue pixels and the same {scored_patches} patches.",
+        "",
+        markdown_table(rows, len(plan.seeds)),
+        "",
+        "## The gate in training",
+        "",
+        gate_table(gate),
+        "",
+        "## Samplers (DAMM full, first seed, one draw)",
+        "",
+        sampler_table(samplers),
+        "",
+        "![study](study.png)",
+        "",
+    ]
     (out / "study.md").write_text("\n".join(md), encoding="utf-8")
     figure(out / "study.png", rows, samplers)
     return summary

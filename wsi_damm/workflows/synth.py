@@ -193,8 +193,9 @@ def make_layout(cfg: SynthConfig, index: int) -> Layout:
     return Layout(c, tissue, density, density_seen, divergent, np_field, p0, p1, radius, leak, bright, scale)
 
 
-def np_sources(cfg: SynthConfig, c: int, shape: tuple[int, int], p0: np.ndarray, p1: np.ndarray, radius: np.ndarray,
-               leak: np.ndarray) -> np.ndarray:
+def np_sources(
+    cfg: SynthConfig, c: int, shape: tuple[int, int], p0: np.ndarray, p1: np.ndarray, radius: np.ndarray, leak: np.ndarray
+) -> np.ndarray:
     """NP released per coarse pixel: line sources on the vessel segments, by leakiness² × calibre."""
     src = np.zeros(shape, np.float64)
     if len(p0):
@@ -243,8 +244,10 @@ def render_window(cfg: SynthConfig, lay: Layout, index: int, y0: int, x0: int, h
     label = np.zeros((h, w), np.int32)
     pad = MARGIN + 16 * px
     near = (
-        (np.minimum(lay.p0[:, 0], lay.p1[:, 0]) < y0 + h + pad) & (np.maximum(lay.p0[:, 0], lay.p1[:, 0]) > y0 - pad)
-        & (np.minimum(lay.p0[:, 1], lay.p1[:, 1]) < x0 + w + pad) & (np.maximum(lay.p0[:, 1], lay.p1[:, 1]) > x0 - pad)
+        (np.minimum(lay.p0[:, 0], lay.p1[:, 0]) < y0 + h + pad)
+        & (np.maximum(lay.p0[:, 0], lay.p1[:, 0]) > y0 - pad)
+        & (np.minimum(lay.p0[:, 1], lay.p1[:, 1]) < x0 + w + pad)
+        & (np.maximum(lay.p0[:, 1], lay.p1[:, 1]) > x0 - pad)
     )
     seg = np.nonzero(near)[0]
     if len(seg):
@@ -359,7 +362,9 @@ def write_slide(out_dir: Path, name: str, index: int, cfg: SynthConfig, workers:
         tiles = [(ty, tx) for ty in range(0, size, TILE) for tx in range(0, size, TILE)]
         with ThreadPoolExecutor(max(1, workers)) as pool:
             jobs = pool.map(lambda t: _render_tile(cfg, lay, index, t[0], t[1], root), tiles)
-            for _ in progress_bar(jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=None if progress else True, leave=False):
+            for _ in progress_bar(
+                jobs, total=len(tiles), desc=f"synth {name}", unit="tile", disable=None if progress else True, leave=False
+            ):
                 pass
         paths = {
             "slide": out_dir / f"{name}.ome.tif",
@@ -391,7 +396,9 @@ def simulator_version(path: str | Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def write_slides(out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 2, progress: bool = True, prefix: str = "synth") -> list[dict[str, Path]]:
+def write_slides(
+    out_dir: Path, n_slides: int, cfg: SynthConfig, workers: int = 2, progress: bool = True, prefix: str = "synth"
+) -> list[dict[str, Path]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

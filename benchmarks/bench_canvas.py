@@ -110,7 +110,8 @@ def main() -> None:
                     )
             best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
             result = {
-                "name": f"predict, shifted-grid and canvas vs independent sampling, {size}² slide, tiny preset sizes, DPM++ {args.steps} steps, 1 draw",
+                "name": f"predict, shifted-grid and canvas vs independent sampling, {size}² slide,"
+                " tiny preset sizes, DPM++ {args.steps} steps, 1 draw",
                 "unit": "patches/s",
                 "ours": best["shifted"]["patches"] / best["shifted"]["seconds"],
                 "reference": best["independent"]["patches"] / best["independent"]["seconds"],

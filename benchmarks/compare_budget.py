@@ -14,14 +14,16 @@ steps), so the two differ in the context alone. `--ae-norm none` / `--ae-ssim-we
 its autoencoder-only run when that exists. `--multi-loss gated` (runs named `STEPS:multigated`) trains
 the multi-modal branch after warm-up only on the samples the gate fuses, the paper's loss; the demo's
 (since 3 Dec) lets both branches learn from every sample (`damm.multi_loss = "always"`); both on the
-same autoencoders. Rows written before that option existed were all gated and are read as such. `--val-fraction 0` trains both stages on both training
+same autoencoders. Rows written before that option existed were all gated and are read as such.
+`--val-fraction 0` trains both stages on both training
 slides (runs named `STEPS:val0`); the preset's 0.2 holds one of the two out for the validation curve, as
 the demo does. `budget.json` is rewritten after every run (mean ± sd with
 ddof = 1 over seeds, and per run) and keeps the runs of earlier invocations; rerun with the same
 --work to resume.
 
     python benchmarks/compare_budget.py --out benchmarks/results/budget [--runs 900 1800 900:4] [--seeds 0 1 2]
-    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-norm none] [--ae-ssim-weight 0.5] [--ae-lr-schedule cosine]   # the autoencoders alone: their ceiling
+    # the autoencoders alone: their ceiling
+    python benchmarks/compare_budget.py --autoencoder-steps 150 600 [--ae-norm none] [--ae-ssim-weight 0.5] [--ae-lr-schedule cosine]
     python benchmarks/compare_budget.py --runs 900 --ae-norm none   # the canvas recipe on that variant
 """
 
@@ -81,7 +83,8 @@ def main() -> None:
         "--multi-loss",
         choices=("gated", "always"),
         default=VARIANT_DEFAULTS["multi_loss"],
-        help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses (the paper) or from every sample (the demo)",
+        help="damm.multi_loss: after warm-up the multi-modal branch learns where the gate fuses"
+        " (the paper) or from every sample (the demo)",
     )
     ap.add_argument(
         "--val-fraction",

@@ -178,7 +178,8 @@ def markdown(results: list[dict]) -> str:
             out.append(
                 f"| {recipe} | {n} | {s['refused_by_guard']} of {n} | {_cell(s, 'ceiling_r')} | {_cell(s, 'ceiling_mean_ratio', 2)} | "
                 f"{_cell(s, 'ceiling_spread_ratio', 2)} | {_cell(s, 'map_r')} | {_cell(s, 'map_mean_ratio', 2)} | "
-                f"{_cell(s, 'map_spread_ratio', 2)} | {_cell(s, 'map_ssim')} | {_cell(s, 'map_psnr', 2)} | {_cell(s, 'map_seam_score', 2)} | "
+                f"{_cell(s, 'map_spread_ratio', 2)} | {_cell(s, 'map_ssim')} |"
+                f" {_cell(s, 'map_psnr', 2)} | {_cell(s, 'map_seam_score', 2)} | "
                 f"{_cell(s, 'fixture_ceiling_r')} | {_cell(s, 'fixture_ceiling_mean_ratio', 2)} |"
             )
         out += [
@@ -192,8 +193,10 @@ def markdown(results: list[dict]) -> str:
             f = figures(row)
             fx = f"{f['fixture_ceiling_r']:.3f} / {f['fixture_ceiling_mean_ratio']:.2f}" if "fixture_ceiling_r" in f else ""
             out.append(
-                f"| {row['recipe']} | {row['seed']} | {f['ceiling_r']:.3f} / {f['ceiling_mean_ratio']:.2f} / {f['ceiling_spread_ratio']:.2f} | "
-                f"{f['map_r']:.3f} / {f['map_mean_ratio']:.2f} / {f['map_spread_ratio']:.2f} | {f['map_ssim']:.3f} / {f['map_psnr']:.2f} | {fx} |"
+                f"| {row['recipe']} | {row['seed']} |"
+                f" {f['ceiling_r']:.3f} / {f['ceiling_mean_ratio']:.2f} / {f['ceiling_spread_ratio']:.2f} | "
+                f"{f['map_r']:.3f} / {f['map_mean_ratio']:.2f} / {f['map_spread_ratio']:.2f} |"
+                f" {f['map_ssim']:.3f} / {f['map_psnr']:.2f} | {fx} |"
             )
         out.append("")
     return "\n".join(out)

@@ -7,7 +7,8 @@ the step, with the warm-up shaded. The gate fuses a sample when its mean κ exce
 run whose κ falls under that line stops sending samples to the multi-modal branch; with the paper's
 gated loss that branch then stops learning too, its loss rises, the labels fall, and the gate locks.
 
-    python benchmarks/plot_gate.py --out gate.png --columns 3 "gated, seed 0=W/budget500_multigated/seed0" ... "always, seed 0=W/budget500/seed0" ...
+    python benchmarks/plot_gate.py --out gate.png --columns 3 \
+        "gated, seed 0=W/budget500_multigated/seed0" ... "always, seed 0=W/budget500/seed0" ...
 """
 
 from __future__ import annotations

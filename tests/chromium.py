@@ -115,7 +115,7 @@ class Chromium:
         os.close(self._to_browser)
         os.close(self._from_browser)
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -236,6 +236,7 @@ def run_in_process(*args: str):
     """`wsi-damm …` through click's runner in this process: the command's parsing, errors and exit code without
     a new interpreter (the tests about processes — kill, resume, ranks — use `run_cli`)."""
     from click.testing import CliRunner
+
     from wsi_damm_cli.main import cli
 
     return CliRunner().invoke(cli, list(args))

@@ -264,6 +264,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, good, store):
     import traceback
 
     from click.testing import CliRunner
+
     from wsi_damm_cli.main import cli
 
     argv, named, text = CASES[case](tmp_path, good, store)

@@ -164,7 +164,7 @@ class RunConfig:
     np_scale: NpScale = field(default_factory=NpScale)  # the store's NP normalisation; maps carry it (np_units)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
+    def from_dict(cls, data: dict) -> RunConfig:
         return _build(cls, data, "config")
 
 

@@ -85,7 +85,7 @@ def cut_windows(image: np.ndarray, yx: np.ndarray, patch: int, span: int) -> np.
     return padded[:, ry[:, :, None], rx[:, None, :]].transpose(1, 0, 2, 3)
 
 
-def to_latent_grid(windows: "np.ndarray | torch.Tensor", side: int, device: "torch.device | str" = "cpu") -> "torch.Tensor":
+def to_latent_grid(windows: np.ndarray | torch.Tensor, side: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Windows in [0, 1] → model range [−1, 1] on the latent grid (side × side), antialiased."""
     import torch  # lazily: tiling and the stores need none of torch
     import torch.nn.functional as F

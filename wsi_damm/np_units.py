@@ -28,7 +28,7 @@ class NpScale:
     high: float | None = None  # … to 1
     reference: str | None = None  # the slide the range was measured on (reference)
 
-    def validate(self) -> "NpScale":
+    def validate(self) -> NpScale:
         if self.mode not in NP_NORMS:
             raise InputError("--np-norm", f"must be {', '.join(NP_NORMS)}, got {self.mode!r}")
         if self.mode == "slide":
@@ -69,7 +69,7 @@ class NpScale:
         return asdict(self)
 
     @classmethod
-    def from_attrs(cls, data: dict | None) -> "NpScale":
+    def from_attrs(cls, data: dict | None) -> NpScale:
         return cls(**data) if data else cls()
 
 

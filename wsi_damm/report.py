@@ -66,7 +66,7 @@ def divergence_panel(div: np.ndarray, m: MapImage) -> tuple[np.ndarray, str]:
     return div, "divergence d = 1 − mean κ" if m.nuclei else "divergence: uni-modal only"
 
 
-def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
+def overview(path: Path, m: MapImage, truth: Truth, result: dict) -> None:
     """CD31, DAPI, measured NP, predicted NP, |error| and divergence on one field of view."""
     level = next((lv for lv in m.levels if max(lv.shape[1:]) <= THUMB * 1.5), m.levels[-1])
     h, w = truth.shape
@@ -116,7 +116,7 @@ def overview(path: Path, m: MapImage, truth: "Truth", result: dict) -> None:
     plt.close(fig)
 
 
-def zoom(path: Path, m: MapImage, truth: "Truth", rows: list[dict]) -> None:
+def zoom(path: Path, m: MapImage, truth: Truth, rows: list[dict]) -> None:
     """Full-resolution crops of the best, median and worst patches by SSIM."""
     if not rows:
         return
@@ -271,7 +271,8 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
             )
         pp = r["patches"]
         parts.append(
-            f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 3}<td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
+            f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 3}"
+            f"<td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
             f"<td>{_fmt(pp['psnr']['mean'])} ± {_fmt(pp['psnr']['sd'])}</td><td></td></tr>"
         )
         if "oracle_wsi" in r:
@@ -317,7 +318,7 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def write_report(out: Path, metrics: dict, evaluated: list["SlideEvaluation"], viewer: bool = True) -> list[Path]:
+def write_report(out: Path, metrics: dict, evaluated: list[SlideEvaluation], viewer: bool = True) -> list[Path]:
     """overview and zoom figures per slide, patch histograms, divergence scatter, `report.html` (every
     figure embedded) and, with `viewer`, a deep-zoom comparison page per slide, in `out`; returns the figures."""
     out = Path(out)

@@ -71,7 +71,7 @@ class PatchStore:
     format_name = FORMAT
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", require_complete: bool = True) -> "PatchStore":
+    def open(cls, path: str | Path, mode: str = "r", require_complete: bool = True) -> PatchStore:
         path = Path(path)
         if not path.exists():
             raise InputError(path, "no such patch store")

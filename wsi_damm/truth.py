@@ -108,7 +108,7 @@ class Companion(ReopensSlide):
         return open_file(self.path)
 
     @classmethod
-    def open(cls, path: Path, truth: Truth) -> "Companion":
+    def open(cls, path: Path, truth: Truth) -> Companion:
         slide = open_file(path)
         if slide.levels[0].shape[1:] != truth.slide.levels[0].shape[1:]:
             raise InputError(path, f"size {slide.levels[0].shape[1:]} differs from the slide's {truth.slide.levels[0].shape[1:]}")
@@ -134,7 +134,7 @@ class GeoJSONRegions:
     truth: Truth
 
     @classmethod
-    def open(cls, path: Path, truth: Truth) -> "GeoJSONRegions":
+    def open(cls, path: Path, truth: Truth) -> GeoJSONRegions:
         h, w = truth.slide.levels[0].shape[1:]
         return cls(read_regions(path, (w, h)), truth)
 
@@ -142,7 +142,7 @@ class GeoJSONRegions:
         return self.annotations.labels(y, x, h, w, self.truth.plan.choice.downsample)
 
 
-def open_regions(path: Path, truth: Truth) -> "Companion | GeoJSONRegions":
+def open_regions(path: Path, truth: Truth) -> Companion | GeoJSONRegions:
     """`--regions`: an integer label image registered to the slide, or QuPath GeoJSON."""
     if Path(path).suffix.lower() in (".geojson", ".json"):
         return GeoJSONRegions.open(path, truth)

@@ -95,7 +95,7 @@ def _patch_map(m: MapImage, channel: int, shape: tuple[int, int]) -> Pyramid:
     return Pyramid(levels)
 
 
-def _slide_channel(truth: "Truth", role: str) -> Pyramid:
+def _slide_channel(truth: Truth, role: str) -> Pyramid:
     """A channel of the measured slide, normalised as evaluation does, from the slide's own levels."""
     plan, slide = truth.plan, truth.slide
     k = plan.spec.roles.index(role)
@@ -115,7 +115,7 @@ def _slide_channel(truth: "Truth", role: str) -> Pyramid:
     return Pyramid(levels)
 
 
-def layer_sources(m: MapImage, truth: "Truth") -> dict[str, object]:
+def layer_sources(m: MapImage, truth: Truth) -> dict[str, object]:
     """Every layer this map and slide have, as objects with `.shape` and `.region(scale, y, x, h, w)`."""
     shape = truth.shape
     covered = _patch_map(m, COVERAGE, shape)
@@ -151,7 +151,7 @@ def copy_assets(folder: Path) -> None:
             shutil.copyfile(src, folder / name)
 
 
-def write_viewer(report: Path, m: MapImage, truth: "Truth", workers: int = 2) -> dict:
+def write_viewer(report: Path, m: MapImage, truth: Truth, workers: int = 2) -> dict:
     """`report/viewer_<slide>.html` and its tiles in `report/viewer/<slide>/`; returns what was written
     and how long the tiles took."""
     t0 = time.perf_counter()
@@ -267,7 +267,8 @@ function showOverlay(){
   addScaleBar(ov, document.getElementById('osd-overlay'));
   window.wsiOverlay=ov;
 }
-document.getElementById('opacity').addEventListener('input',e=>{ if(ov&&ov.world.getItemCount()>1) ov.world.getItemAt(1).setOpacity(parseFloat(e.target.value)); });
+document.getElementById('opacity').addEventListener('input',e=>{
+  if(ov&&ov.world.getItemCount()>1) ov.world.getItemAt(1).setOpacity(parseFloat(e.target.value)); });
 base.addEventListener('change',showOverlay); top_.addEventListener('change',showOverlay);
 for(const r of document.querySelectorAll('input[name=mode]')){
   r.addEventListener('change',()=>{ const o=r.value==='overlay'&&r.checked;

@@ -753,7 +753,8 @@ def compare(a, b, data_range, as_json) -> None:
 @click.option(
     "--quick",
     is_flag=True,
-    help="Smaller slides and 150 training steps: a smoke test of the pipeline in a few minutes; too few steps for the map to learn the vessels.",
+    help="Smaller slides and 150 training steps:"
+    " a smoke test of the pipeline in a few minutes; too few steps for the map to learn the vessels.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, preset, quick, quiet) -> None:
@@ -791,7 +792,8 @@ def demo(out, preset, quick, quiet) -> None:
     if quick:
         click.echo(
             "\n--quick is a smoke test of the pipeline: 60 autoencoder and 150 diffusion steps are too few for the models to learn, "
-            "so an autoencoder may collapse (the run goes on and says so), the map is close to flat and the blur may beat it. Run `wsi-damm demo` (about 9 minutes on 2 AVX-512 cores, longer on older CPUs) for a map worth reading."
+            "so an autoencoder may collapse (the run goes on and says so), the map is close to flat and the blur may beat it."
+            " Run `wsi-damm demo` (about 9 minutes on 2 AVX-512 cores, longer on older CPUs) for a map worth reading."
         )
 
 

@@ -19,7 +19,7 @@ class NoiseSchedule:
         return int(self.alphas_cumprod.shape[0])
 
     @classmethod
-    def make(cls, kind: str = "scaled_linear", T: int = 1000, beta_start: float = 0.002, beta_end: float = 0.02) -> "NoiseSchedule":
+    def make(cls, kind: str = "scaled_linear", T: int = 1000, beta_start: float = 0.002, beta_end: float = 0.02) -> NoiseSchedule:
         """`scaled_linear` (authors' default: linspace(√β0, √β1, T)²), `linear`, or `cosine`."""
         if kind == "scaled_linear":
             betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64) ** 2

@@ -85,7 +85,7 @@ class Slide(ABC):
                 best = i
         return best
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -72,10 +72,10 @@ class SlideSpec:
         inputs = [i for i, r in enumerate(self.roles) if r in INPUT_ROLES]
         return inputs or list(range(len(self.channels)))
 
-    def open(self) -> "RoleSlide":
+    def open(self) -> RoleSlide:
         return RoleSlide(self)
 
-    def without(self, role: str) -> "SlideSpec":
+    def without(self, role: str) -> SlideSpec:
         """The same slide with one role ignored (e.g. `--no-nuclei`: uni-modal prediction)."""
         return replace(self, channels=tuple((r, ref) for r, ref in self.channels if r != role))
 

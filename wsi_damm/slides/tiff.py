@@ -45,7 +45,7 @@ class _TiffLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> "_TiffLog":
+    def __enter__(self) -> _TiffLog:
         self._logger = logging.getLogger("tifffile")
         self._saved = self._logger.level, self._logger.propagate
         self._logger.setLevel(logging.ERROR)

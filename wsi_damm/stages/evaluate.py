@@ -33,7 +33,7 @@ from ..truth import Companion, GeoJSONRegions, ReopensSlide, SlideEvaluation, Tr
 PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
 
 
-def _patch_protocol(m: MapImage, truth: Truth, clean: "Companion | None", regions: "Companion | None", progress: bool) -> list[dict]:
+def _patch_protocol(m: MapImage, truth: Truth, clean: Companion | None, regions: Companion | None, progress: bool) -> list[dict]:
     """SSIM / PSNR per non-overlapping patch with ≥ 50 % tissue and full prediction coverage."""
     p = m.patch_size
     h, w = truth.shape

@@ -320,7 +320,7 @@ def _checkpoint(
     ckpt: Path,
     step: int,
     weights: dict[str, torch.nn.Module],
-    optimizers: dict[str, "torch.optim.Optimizer | torch.amp.GradScaler"],
+    optimizers: dict[str, torch.optim.Optimizer | torch.amp.GradScaler],
     write_rows,
 ) -> None:
     """Step k's weights and state go into a folder of their own; `latest.json` is switched to it last

@@ -3,7 +3,8 @@
 Same data and step budget for every model and, within a seed, the same autoencoders (trained with
 that seed): only the DAMM part changes. Each model is trained with every seed; every held-out map
 is scored over tissue, over the region where nuclei are informative and over the region where the
-simulator made them divergent (its truth mask). Two non-learned references sit beside them: the blurred-vessel baseline and the noiseless oracle.
+simulator made them divergent (its truth mask). Two non-learned references sit beside them: the
+blurred-vessel baseline and the noiseless oracle.
 Every model is scored with a single draw and with the mean of K draws, and every row on the same
 pixels and patches (`same_pixels` refuses a table that is not). A sampler comparison (DDIM-150/50,
 DPM++-20/10, wall time) runs on the first seed of DAMM full.
@@ -621,7 +622,9 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
         "# DAMM-Diffusion ablation study on synthetic slides",
         "",
         f"Simulator version {SIMULATOR_VERSION}. Preset `{preset}`, {plan.train_slides} training slides of {plan.size}² px and "
-        f"{plan.heldout_slides} held-out slides of {plan.heldout_size or plan.size}² px, {plan.steps} diffusion steps per model, seeds {list(plan.seeds)}, per seed one autoencoder set ({plan.ae_steps} steps) under all of that seed's models; every model is scored with one draw "
+        f"{plan.heldout_slides} held-out slides of {plan.heldout_size or plan.size}² px, {plan.steps} diffusion steps per model, "
+        f"seeds {list(plan.seeds)}, "
+        f"per seed one autoencoder set ({plan.ae_steps} steps) under all of that seed's models; every model is scored with one draw "
         f"per patch and with the mean of {plan.samples} draws (DPM-Solver++ {plan.sample_steps} steps). Every row is scored on the same "
         f"{scored['tissue_pixels']} tissue pixels and the same {scored_patches} patches.",
         "",

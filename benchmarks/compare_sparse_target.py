@@ -43,14 +43,28 @@ from wsi_damm.training_data import PatchImages  # noqa: E402
 from wsi_damm.workflows.ceiling import ceiling_map  # noqa: E402
 
 # each recipe: its [autoencoder] and [damm] settings on top of the demo's
-RECIPES = {
+RECIPES = {  # autoencoder settings, damm settings, model settings (over the tiny preset at the demo's budget)
     # the tiny preset until simulator version 2: per-pixel layer norm, constant rate, the target coded as it is, L1 denoiser
-    "pixel-constant": ({"sparse_target": "no", "local_norm": "pixel", "lr_schedule": "constant", "target_gamma": 1.0}, {"loss": "l1"}),
+    "pixel-constant": ({"sparse_target": "no", "local_norm": "pixel", "lr_schedule": "constant", "target_gamma": 1.0}, {"loss": "l1"}, {}),
     # autoencoder.sparse_target = "yes" (SPARSE_RECIPE): no normalisation (still local), the rate decayed along a cosine,
     # the target coded as its square root; what "auto" picks for a sparse stain
-    "none-cosine-sqrt": ({"sparse_target": "yes", "local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5}, {"loss": "l1"}),
+    "none-cosine-sqrt": (
+        {"sparse_target": "yes", "local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5},
+        {"loss": "l1"},
+        {},
+    ),
     # … and the denoiser trained on squared error (the conditional mean) instead of the authors' L1 (the median)
-    "none-cosine-sqrt-l2": ({"sparse_target": "yes", "local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5}, {"loss": "l2"}),
+    "none-cosine-sqrt-l2": (
+        {"sparse_target": "yes", "local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5},
+        {"loss": "l2"},
+        {},
+    ),
+    # the paper's recipe: GroupNorm autoencoders, patches encoded one by one, each patch sampled on its own
+    "paper": (
+        {"sparse_target": "no", "local": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"loss": "l1"},
+        {"latents": "patch"},
+    ),
 }
 FIXTURE_CHANNELS = "vessels=Cy5,nuclei=DAPI,target=Alexa 594"  # Alexa 594: the field's sparse channel
 
@@ -75,19 +89,19 @@ def one_run(demo, work: Path, recipe: str, seed: int, fixture) -> dict:
     from wsi_damm.config import merge
     from wsi_damm.workflows.study import train_autoencoders, train_on_autoencoders
 
-    autoencoder, damm = RECIPES[recipe]
+    autoencoder, damm, model = RECIPES[recipe]
     run_dir = work / f"{recipe}_seed{seed}"
     done = run_dir / "scores.json"
     if done.exists():
         row = json.loads(done.read_text())
     else:
-        cfg = merge(budget_config(demo.plan, seed, autoencoder=autoencoder), {"damm": damm}, "benchmark")
+        cfg = merge(budget_config(demo.plan, seed, autoencoder=autoencoder, model=model), {"damm": damm}, "benchmark")
         shared = work / (
             "autoencoders_" + "_".join(f"{k}-{v}" for k, v in sorted(autoencoder.items()) if k != "sparse_target") + f"_seed{seed}"
         )
         t = time.perf_counter()
         cfg = train_autoencoders(demo.data, shared, cfg, seed, False)
-        cfg = merge(cfg, {"damm": damm}, "benchmark")
+        cfg = merge(cfg, {"damm": damm, "model": model}, "benchmark")
         ae_seconds = round(time.perf_counter() - t, 1)
         refused = None
         if not RunDir(run_dir).unet.exists():
@@ -101,6 +115,7 @@ def one_run(demo, work: Path, recipe: str, seed: int, fixture) -> dict:
             "seed": seed,
             "autoencoder": autoencoder,
             "damm": damm,
+            "model": model,
             "autoencoder_seconds": ae_seconds,
             "train_seconds": round(time.perf_counter() - t, 1),
             "refused_by_guard": refused,

@@ -61,8 +61,9 @@ class TileConfig:
     shard_patches: int = 64
     percentiles: tuple[float, float] = (0.5, 99.8)
     mask_max_side: int = 2048
-    # patch origins on multiples of this (canvas sampling: the autoencoder's factor); None: the largest power of two up
-    # to GRID_ALIGN dividing patch size and stride, so a store trains on canvas latents whatever the slide's size
+    # patch origins on multiples of this (canvas sampling: the autoencoder's factor). None: the grid 0, stride, … with
+    # the last row and column flush with the border, plus, where that one is off `grid_align`, a row and column on it
+    # just inside: every pixel covered, and a store trains on canvas latents whatever the slide's size
     align: int | None = None
     np_scale: NpScale = field(default_factory=NpScale)  # NP normalisation: per slide, fixed or from a reference slide
 
@@ -72,11 +73,17 @@ class TileConfig:
 
     @property
     def grid_align(self) -> int:
-        """The grid patch origins lie on: `align`, or by default the largest power of two ≤ GRID_ALIGN dividing
-        the patch size and the stride (the last row and column then move inward from the border by less than it)."""
+        """`align`, or by default the largest power of two ≤ GRID_ALIGN dividing the patch size and the stride."""
         if self.align is not None:
             return self.align
         return next(a for a in (GRID_ALIGN, 8, 4, 2, 1) if self.patch_size % a == 0 and self.stride % a == 0)
+
+    def positions(self, length: int) -> np.ndarray:
+        """Patch origins along an axis of `length` px (see `align`)."""
+        aligned = grid_positions(length, self.patch_size, self.stride, self.grid_align)
+        if self.align is not None:
+            return aligned
+        return np.union1d(aligned, grid_positions(length, self.patch_size, self.stride))
 
     def validate(self) -> None:
         if self.patch_size <= 0:
@@ -172,8 +179,7 @@ def plan_slide(spec: SlideSpec, cfg: TileConfig) -> SlidePlan:
         if cfg.roi:  # annotated regions: the patches are those whose tissue lies inside them
             h0, w0 = slide.levels[0].shape[1:]
             select = mask & (read_regions(cfg.roi, (w0, h0)).labels(0, 0, *mask.shape, low_ds) > 0)
-    ys = grid_positions(h, cfg.patch_size, cfg.stride, cfg.grid_align)
-    xs = grid_positions(w, cfg.patch_size, cfg.stride, cfg.grid_align)
+    ys, xs = cfg.positions(h), cfg.positions(w)
     frac = tissue_fractions(select, low_ds / choice.downsample, ys, xs, cfg.patch_size)
     every = cfg.min_tissue == 0 and not cfg.roi  # `--min-tissue 0`: every patch, whatever the mask says
     keep = np.ones(frac.shape, bool) if every else (frac >= cfg.min_tissue) & (frac > 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import time
 import warnings
@@ -53,6 +54,8 @@ from ..store import PatchStore
 from ..training_data import PatchImages, batch_rows, split_of, step_generator
 
 AE_WARMUP_STEPS = 50
+
+LOG = logging.getLogger("wsi_damm.train")
 
 
 def train_autoencoders(
@@ -442,32 +445,25 @@ def run_training(
         return _run_training(store_path, out, cfg, stage, resume, progress, stop_after, force, log)
 
 
-def check_store_grid(store: PatchStore, store_path: Path, factor: int) -> None:
-    """Canvas latents need every patch corner on the autoencoder's pixel grid: refuse, before any training, a store
-    whose corners are not, naming why (its stride, or a last row and column flush with a border off the grid, as
-    stores tiled before corners were kept on a grid have) and the command that tiles it anew."""
+def canvas_rows(store: PatchStore, store_path: Path, factor: int) -> np.ndarray:
+    """Which patches canvas latents can train on: those with corners on the autoencoder's pixel grid. With a stride
+    on that grid only the rows and columns flush with a border off it are not (their pixels lie in their on-grid
+    neighbours, which `tile` adds beside them); a stride off it is refused before any training, with the command
+    that tiles the slides anew."""
     coords = store.coords
-    off = (coords[:, 1:] % factor).any(1)
-    if not off.any():
-        return
-    s, y, x = (int(v) for v in coords[int(np.argmax(off))])
+    on_grid = ~(coords[:, 1:] % factor).any(1)
     patch, stride = int(store.attrs["patch_size"]), int(store.attrs["stride"])
-    overlap = patch - stride
-    if stride % factor:
-        overlap = patch - stride // factor * factor
-        cause = f"its stride ({patch} − {patch - stride} = {stride} px) is not a multiple of {factor}"
-    else:
-        cause = (
-            f"its last row and column of patches sit flush with slide borders that are not on that grid "
-            f"(slide {s} is {store.slides[s]['shape'][0]}×{store.slides[s]['shape'][1]} px; this wsi-damm keeps every corner on it)"
-        )
+    if stride % factor == 0:
+        return on_grid
+    s, y, x = (int(v) for v in coords[int(np.argmin(on_grid))])
     paths = " ".join(dict.fromkeys(ch["path"] for sl in store.slides for ch in sl["channels"].values()))
     mpp = f" --mpp {store.attrs['mpp']}" if store.attrs.get("mpp") else ""
     raise InputError(
         store_path,
-        f"has {int(off.sum())} patch corners off the autoencoder's {factor}-pixel grid (first: slide {s} at y {y}, "
-        f"x {x}), which training on canvas latents needs: {cause}",
-        f"tile again: wsi-damm tile {paths} --out NEW.zarr --patch-size {patch} --overlap {overlap}{mpp}; "
+        f"has {int((~on_grid).sum())} of {len(coords)} patch corners off the autoencoder's {factor}-pixel grid (first: slide {s} at y {y}, "
+        f"x {x}), which training on canvas latents needs: "
+        f"its stride ({patch} − {patch - stride} = {stride} px) is not a multiple of {factor}",
+        f"tile again: wsi-damm tile {paths} --out NEW.zarr --patch-size {patch} --overlap {patch - stride // factor * factor}{mpp}; "
         "or train on patch latents: --latents patch --no-ae-local",
     )
 
@@ -536,8 +532,7 @@ def _run_training(
     patch = int(store.attrs["patch_size"])
     if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
-    if cfg.model.latents == "canvas" and cfg.autoencoder.factor > 1:
-        check_store_grid(store, store_path, cfg.autoencoder.factor)
+    usable = canvas_rows(store, store_path, cfg.autoencoder.factor) if cfg.model.latents == "canvas" else np.ones(len(store), bool)
     run = RunDir(out)
     cfg = with_store_tiling(cfg, store)
     if run.config.exists():
@@ -549,7 +544,12 @@ def _run_training(
         elif stage == "diffusion":
             cfg = replace(cfg, autoencoder=previous.autoencoder)  # reuses the trained autoencoders
     split = split_of(store, cfg.train)
-    train_idx, val_idx = split.train, split.val
+    train_idx, val_idx = split.train[usable[split.train]], split.val[usable[split.val]]
+    if not usable.all():
+        (log or LOG.info)(
+            f"{store_path}: {int((~usable).sum())} patches flush with a slide border off the autoencoder's "
+            f"{cfg.autoencoder.factor}-pixel grid are left out of training on canvas latents (their on-grid neighbours cover them)"
+        )
     if cfg.autoencoder.sparse_target != "no" and cfg.autoencoder.target_bright_fraction is None:
         if cfg.autoencoder.sparse_target == "auto" and (stage == "diffusion" or (resume and run.config.exists())):
             cfg = with_sparse_choice(cfg, False)  # a run from before the choice existed keeps the recipe it was trained with

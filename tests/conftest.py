@@ -33,12 +33,33 @@ def pytest_collection_modifyitems(config, items) -> None:
                 raise pytest.UsageError(f'{item.nodeid}: @pytest.mark.slow needs adds="what this test adds"')
 
 
-def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """Run `wsi-damm …` in a subprocess exactly as a user would."""
+def run_process(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """Run `wsi-damm …` in a subprocess exactly as a user would: for tests about processes (kill, resume, the
+    console script's exit code)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **kw.pop("env", {})}
     return subprocess.run(
         [sys.executable, "-m", "wsi_damm_cli.main", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
     )
+
+
+def run_cli(*args: str, timeout: float | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `wsi-damm …` in this process through click's runner and answer as `run_process` would: exit code, stdout,
+    stderr (warnings ignored, as there), and for an exception that would have been a traceback, exit code 1 with
+    the traceback on stderr. Saves starting an interpreter and importing torch for every command."""
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from wsi_damm_cli.main import cli
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = CliRunner().invoke(cli, list(args), env=env)
+    code, err = res.exit_code, res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        code, err = 1, err + "".join(traceback.format_exception(*res.exc_info))
+    return subprocess.CompletedProcess(["wsi-damm", *args], code, res.stdout, err)
 
 
 def kill_when(argv: list[str], ready: Callable[[], bool], delay: float = 0.0, timeout: float = 240) -> None:
@@ -232,22 +253,10 @@ def second_slide(synth_dir) -> str:
     return str(sorted(synth_dir.glob("*.ome.tif"))[1])
 
 
-def run_in_process(*args: str):
-    """`wsi-damm …` through click's runner in this process: the command's parsing, errors and exit code without
-    a new interpreter (the tests about processes — kill, resume, ranks — use `run_cli`)."""
-    from click.testing import CliRunner
-
-    from wsi_damm_cli.main import cli
-
-    return CliRunner().invoke(cli, list(args))
-
-
 def predict_store(run, slide, out, *extra):
     """`wsi-damm predict` with 4 steps, as a user would; its prediction store."""
-    import traceback
-
     from wsi_damm.store import PredictionStore
 
-    res = run_in_process("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
-    assert res.exit_code == 0, res.stderr + ("".join(traceback.format_exception(*res.exc_info)) if res.exc_info else "")
+    res = run_cli("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
+    assert res.returncode == 0, res.stderr
     return PredictionStore.open(out)

@@ -14,7 +14,7 @@ import tifffile
 
 from wsi_damm.config import resolve
 
-from .conftest import FIXTURES, run_cli
+from .conftest import FIXTURES, run_cli, run_process
 
 
 def _slide(path: Path, data: np.ndarray, names=("CD31", "DAPI", "NP"), tile: int | None = 64) -> Path:
@@ -284,7 +284,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path, good, store):
 def test_the_console_script_exits_2_with_one_line(tmp_path, good, store):
     """The same contract from a real process: the console script's exit code and nothing else on stderr."""
     argv, named, _ = CASES["store from a newer version"](tmp_path, good, store)
-    res = run_cli(*argv, timeout=120)
+    res = run_process(*argv, timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("wsi-damm: error: ") and str(named) in lines[0], res.stderr[-2000:]

@@ -37,3 +37,38 @@ def test_the_navigation_lists_every_page():
     pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     listed = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, re.M))
     assert pages == listed, (pages - listed, listed - pages)
+
+
+def test_every_command_line_in_the_readme_and_tutorial_names_real_options():
+    """Each `wsi-damm COMMAND --option …` in the README's and the tutorial's examples names a command and options
+    that exist (parsed from the click commands, nothing run)."""
+    import click
+
+    from wsi_damm_cli.main import cli
+
+    for page in (ROOT / "README.md", ROOT / "docs" / "tutorial.md"):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.splitlines():
+                words = line.split("#")[0].split()
+                if len(words) < 2 or words[0] != "wsi-damm":
+                    continue
+                command = cli.get_command(click.Context(cli), words[1])
+                assert command is not None, line
+                known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+                unknown = [w for w in words[2:] if w.startswith("--") and w not in known]
+                assert not unknown, (line, unknown)
+
+
+def test_every_public_name_of_the_api_reference_has_a_docstring():
+    """The API page is generated from `wsi_damm.api`'s docstrings: none of its public functions or results may lack one."""
+    import inspect
+
+    import wsi_damm.api as api
+
+    public = [
+        (name, obj)
+        for name, obj in inspect.getmembers(api, lambda o: inspect.isfunction(o) or inspect.isclass(o))
+        if obj.__module__ == api.__name__ and not name.startswith("_")
+    ]
+    assert len(public) >= 8
+    assert all(inspect.getdoc(obj) for _, obj in public), [name for name, obj in public if not inspect.getdoc(obj)]

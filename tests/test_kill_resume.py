@@ -12,13 +12,13 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from .conftest import TINY_TOML, count_files, kill_when, run_cli
+from .conftest import TINY_TOML, count_files, kill_when, run_process
 
 
 @pytest.fixture(scope="module")
 def big_slide(tmp_path_factory):
     out = tmp_path_factory.mktemp("big")
-    res = run_cli("synth", str(out), "--slides", "1", "--size", "4096", "--seed", "5", "--quiet")
+    res = run_process("synth", str(out), "--slides", "1", "--size", "4096", "--seed", "5", "--quiet")
     assert res.returncode == 0, res.stderr
     return out / "synth_000.ome.tif"
 
@@ -27,7 +27,7 @@ def big_slide(tmp_path_factory):
 def test_kill_then_resume_is_identical(big_slide, tmp_path):
     ref, killed = tmp_path / "ref.zarr", tmp_path / "killed.zarr"
     common = ["--patch-size", "256", "--overlap", "64", "--shard-patches", "8", "--workers", "1", "--quiet"]
-    assert run_cli("tile", str(big_slide), "--out", str(ref), *common).returncode == 0
+    assert run_process("tile", str(big_slide), "--out", str(ref), *common).returncode == 0
 
     partial = killed.with_name(killed.name + ".partial")
     kill_when(["tile", str(big_slide), "--out", str(killed), *common], lambda: count_files(partial / "shard_done" / "c") >= 5)
@@ -35,9 +35,9 @@ def test_kill_then_resume_is_identical(big_slide, tmp_path):
     assert 0 < count_files(partial / "shard_done" / "c") < n_total
     assert not killed.exists()  # a killed run never looks complete
 
-    res = run_cli("tile", str(big_slide), "--out", str(killed), *common)
+    res = run_process("tile", str(big_slide), "--out", str(killed), *common)
     assert res.returncode == 2 and "--resume" in res.stderr  # refuses to silently restart
-    res = run_cli("tile", str(big_slide), "--out", str(killed), "--resume", *common)
+    res = run_process("tile", str(big_slide), "--out", str(killed), "--resume", *common)
     assert res.returncode == 0, res.stderr
     assert not partial.exists()
 
@@ -66,7 +66,7 @@ def test_killed_training_resumes_to_identical_weights(small_store, tmp_path, sta
     toml.write_text(KILL_TOML[stage])
     common = ["--config", str(toml), "--quiet"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    res = run_cli("train", str(small_store), "--out", str(ref), *common)
+    res = run_process("train", str(small_store), "--out", str(ref), *common)
     assert res.returncode == 0, res.stderr[-2000:]
 
     def checkpointed(n: int) -> bool:
@@ -78,7 +78,7 @@ def test_killed_training_resumes_to_identical_weights(small_store, tmp_path, sta
     delay = float(np.random.default_rng(7).uniform(0, 0.3))  # somewhere between two checkpoints
     kill_when(["train", str(small_store), "--out", str(killed), *common], lambda: checkpointed(14), delay=delay)
     assert not (killed / f"{WEIGHTS[stage][0]}.safetensors").exists()
-    res = run_cli("train", str(small_store), "--out", str(killed), "--resume", *common)
+    res = run_process("train", str(small_store), "--out", str(killed), "--resume", *common)
     assert res.returncode == 0, res.stderr[-2000:]
     for name in WEIGHTS[stage]:
         a, b = load_file(str(ref / f"{name}.safetensors")), load_file(str(killed / f"{name}.safetensors"))
@@ -112,7 +112,7 @@ def wide_prediction(tmp_path_factory):
         compression="zlib",
         photometric="minisblack",
     )
-    res = run_cli("tile", str(d / "w.ome.tif"), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
+    res = run_process("tile", str(d / "w.ome.tif"), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
     assert res.returncode == 0, res.stderr
     cond = PatchStore.open(d / "c.zarr")
     root = create_prediction_store(d / "p.zarr", cond, {"roles": cond.roles, "nuclei": True})
@@ -129,7 +129,7 @@ def wide_prediction(tmp_path_factory):
 def test_killed_stitch_resumes_to_the_identical_map(wide_prediction, tmp_path, workers):
     common = ["--band-mb", "1", "--workers", workers, "--quiet"]
     ref, killed = tmp_path / "ref.ome.zarr", tmp_path / "killed.ome.zarr"
-    assert run_cli("stitch", str(wide_prediction), "--out", str(ref), *common).returncode == 0
+    assert run_process("stitch", str(wide_prediction), "--out", str(ref), *common).returncode == 0
     partial = killed.with_name(killed.name + ".partial")
     kill_when(["stitch", str(wide_prediction), "--out", str(killed), *common], lambda: count_files(partial / "bands_done" / "c") >= 2)
     n_bands = zarr.open_group(str(partial), mode="r")["bands_done"].shape[0]
@@ -137,7 +137,7 @@ def test_killed_stitch_resumes_to_the_identical_map(wide_prediction, tmp_path, w
     assert 2 <= finished < n_bands and not killed.exists()
     time.sleep(1.0)
     assert count_files(partial / "bands_done" / "c") == finished, "a worker kept writing after its run was killed"
-    res = run_cli("stitch", str(wide_prediction), "--out", str(killed), "--resume", *common)
+    res = run_process("stitch", str(wide_prediction), "--out", str(killed), "--resume", *common)
     assert res.returncode == 0, res.stderr
     a, b = zarr.open_group(str(ref), mode="r"), zarr.open_group(str(killed), mode="r")
     arrays = lambda g: {name: node for name, node in g.members(max_depth=None) if isinstance(node, zarr.Array)}  # noqa: E731

@@ -11,7 +11,7 @@ import zarr
 
 from wsi_damm.store import PredictionStore
 
-from .conftest import count_files, kill_when, predict_store, run_cli, run_for_sampling, second_slide
+from .conftest import count_files, kill_when, predict_store, run_for_sampling, run_process, second_slide
 
 KILL_ARGS = ["--sampler", "ddim", "--steps", "8", "--batch-size", "4", "--shard-patches", "4", "--quiet"]
 
@@ -24,7 +24,7 @@ def uninterrupted(request, synth_dir, tmp_path_factory):
     def ref(sampling: str) -> Path:
         if sampling not in refs:
             out = tmp_path_factory.mktemp(f"ref_{sampling}") / "ref.zarr"
-            res = run_cli(
+            res = run_process(
                 "predict",
                 str(run_for_sampling(request, sampling)),
                 second_slide(synth_dir),
@@ -64,7 +64,7 @@ def test_kill_and_resume_gives_the_identical_map(request, uninterrupted, synth_d
         ready = lambda: count_files(partial / "shard_done" / "c") >= 3  # noqa: E731
     kill_when(["predict", str(tiny_run), slide, "--out", str(out), *common], ready, delay=0.0 if phase == "stitching" else 0.3)
     assert not (tmp_path / "k.ome.zarr").exists()
-    res = run_cli("predict", str(tiny_run), slide, "--out", str(out), "--resume", *common)
+    res = run_process("predict", str(tiny_run), slide, "--out", str(out), "--resume", *common)
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(np.asarray(PredictionStore.open(ref).pred[:]), np.asarray(PredictionStore.open(out).pred[:]))
     ma = np.asarray(zarr.open_group(str(ref.with_name("ref.ome.zarr")), mode="r")["0"][:])
@@ -75,6 +75,6 @@ def test_kill_and_resume_gives_the_identical_map(request, uninterrupted, synth_d
 def test_resume_refuses_a_finished_store_of_other_settings(tiny_run, synth_dir, tmp_path):
     out = tmp_path / "p.zarr"
     predict_store(tiny_run, second_slide(synth_dir), out, "--no-stitch")
-    res = run_cli("predict", str(tiny_run), second_slide(synth_dir), "--out", str(out), "--steps", "5", "--resume", "--quiet")
+    res = run_process("predict", str(tiny_run), second_slide(synth_dir), "--out", str(out), "--steps", "5", "--resume", "--quiet")
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "other settings" in res.stderr and f"wsi-damm stitch {out} --out <map> --resume" in res.stderr

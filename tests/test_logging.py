@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 
-from tests.conftest import TINY_TOML, kill_when, run_cli
+from tests.conftest import TINY_TOML, kill_when, run_process
 from wsi_damm.progress import LineProgress, progress_bar
 
 
@@ -34,7 +34,7 @@ def test_line_progress_is_quiet_between_intervals(caplog, monkeypatch):
 
 def test_tile_logs_progress_lines_and_a_log_file(small, tmp_path):
     log = tmp_path / "logs" / "tile.log"
-    res = run_cli(
+    res = run_process(
         "tile",
         str(small),
         "--out",
@@ -53,7 +53,7 @@ def test_tile_logs_progress_lines_and_a_log_file(small, tmp_path):
     assert "INFO wsi_damm.cli: wsi-damm tile " in text and re.search(
         r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO wsi_damm.progress: tiling: ", text, re.M
     )
-    res = run_cli("tile", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "t.zarr"), "--log-file", str(log))
+    res = run_process("tile", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "t.zarr"), "--log-file", str(log))
     assert res.returncode == 2 and "ERROR wsi_damm.cli: " in log.read_text() and "missing.tif: no such file" in log.read_text()
 
 

@@ -46,11 +46,11 @@ def demo_budget(work: Path, target: str = "np") -> DemoBudget:
     """The demo's data under `work/data` (reused if there) and the blurred-vessel baseline scored on its held-out slide;
     `target`: the simulator's target kind (`SynthConfig.target`)."""
     from wsi_damm.stages.evaluate import run_evaluate
-    from wsi_damm.stages.tile import TileConfig
+    from wsi_damm.tiling.plan import TileConfig
     from wsi_damm.workflows import baseline
     from wsi_damm.workflows.dataset import synthetic_data
     from wsi_damm.workflows.demo import FULL
-    from wsi_damm.workflows.synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
+    from wsi_damm.workflows.simulator import DIVERGENCE_LABELS, SIMULATOR_VERSION
 
     tile_cfg = TileConfig(patch_size=FULL.patch, overlap=FULL.overlap)
     data = synthetic_data(work / "data", FULL.size, FULL.train_slides, 1, tile_cfg, False, print, target=target)
@@ -70,7 +70,7 @@ def demo_budget(work: Path, target: str = "np") -> DemoBudget:
 
 def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict | None = None, train: dict | None = None):
     """The tiny preset at the demo's budget and loss (`plan`: workflows.demo.FULL; `demo_config`) with training seed `seed`."""
-    from wsi_damm.config import merge
+    from wsi_damm.training.config import merge
     from wsi_damm.workflows.demo import demo_config
 
     return merge(

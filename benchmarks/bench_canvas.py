@@ -36,8 +36,8 @@ PATCH, OVERLAP = 128, 32
 
 
 def _worker(sampling: str, run: str, slide: str, out: str, steps: str) -> None:
-    from wsi_damm.inputs import resolve_slides
     from wsi_damm.stages.predict import PredictConfig, run_predict
+    from wsi_damm.tiling.inputs import resolve_slides
 
     t0 = time.perf_counter()
     store = run_predict(
@@ -54,11 +54,13 @@ def _worker(sampling: str, run: str, slide: str, out: str, steps: str) -> None:
 def _run_dir(work: Path, recipe: str) -> Path:
     """A tiny-preset run trained for a few steps on one small synthetic slide: "canvas" (the preset's
     recipe) or "paper" (GroupNorm autoencoders, patch latents)."""
-    from wsi_damm.config import merge, resolve
-    from wsi_damm.inputs import resolve_slides
-    from wsi_damm.stages.tile import TileConfig, run_tile
+    from wsi_damm.stages.tile import run_tile
     from wsi_damm.stages.train import run_training
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm.tiling.inputs import resolve_slides
+    from wsi_damm.tiling.plan import TileConfig
+    from wsi_damm.training.config import merge, resolve
+    from wsi_damm.workflows.simulator import SynthConfig
+    from wsi_damm.workflows.synth import write_slides
 
     if not (work / "train.zarr").exists():
         write_slides(work / "train", 1, SynthConfig(size=1024, seed=5), progress=False)
@@ -87,7 +89,8 @@ def main() -> None:
     if args.worker:
         _worker(*args.worker)
         return
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.simulator import SynthConfig
+    from wsi_damm.workflows.synth import write_slides
 
     size, big = (1024, 4096) if args.quick else (2048, 16384)
     work = Path(tempfile.mkdtemp(prefix="bench_canvas."))

@@ -46,7 +46,7 @@ def _worker(kind: str, d: str) -> None:
         a, b = np.load(d / "a.npy"), np.load(d / "b.npy")
         value = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     else:
-        from wsi_damm.metrics import whole_slide_metrics
+        from wsi_damm.evaluation.metrics import whole_slide_metrics
 
         a = da.from_array(np.load(d / "a.npy", mmap_mode="r"), chunks=1024)
         b = da.from_array(np.load(d / "b.npy", mmap_mode="r"), chunks=1024)

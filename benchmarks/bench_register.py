@@ -32,7 +32,8 @@ def _spatial_band(img: np.ndarray, fine_px: float, coarse_px: float) -> np.ndarr
 def moved_slide(out: Path, size: int, method: str) -> Path:
     """A synthetic slide with its DAPI and NP channels shifted (`translation`) or also rotated about the
     centre (`rigid`), cubic resampling."""
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.simulator import SynthConfig
+    from wsi_damm.workflows.synth import write_slides
 
     if not (out / "synth_000.ome.tif").exists():
         write_slides(out, 1, SynthConfig(size=size, seed=3), progress=False)
@@ -62,8 +63,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     args = ap.parse_args()
 
-    from wsi_damm import registration
-    from wsi_damm.slides import specs_from_paths
+    from wsi_damm.tiling import registration, specs_from_paths
 
     size = 1024 if args.quick else 2048
     ours_band = registration._band

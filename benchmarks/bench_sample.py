@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from wsi_damm.config import PRESETS
 from wsi_damm.diffusion.samplers import sample_ddim, sample_dpmpp_2m
 from wsi_damm.diffusion.schedule import NoiseSchedule
-from wsi_damm.run_dir import build_unet
 from wsi_damm.stages.predict import GatedDenoiser
+from wsi_damm.training.config import PRESETS
+from wsi_damm.training.run_dir import build_unet
 
 
 def _rate(sample, batch: int) -> float:

@@ -30,8 +30,8 @@ from _common import TreeMemory, machine, measure, peak_rss_mb  # noqa: E402
 
 def make_store(path: Path, size: int, patch: int = 256, overlap: int = 64, shard: int = 64) -> None:
 
-    from wsi_damm.store import create_prediction_store
-    from wsi_damm.tiling import grid_positions
+    from wsi_damm.tiling.grid import grid_positions
+    from wsi_damm.tiling.store import create_prediction_store
 
     pos = grid_positions(size, patch, patch - overlap)
     yy, xx = np.meshgrid(pos, pos, indexing="ij")
@@ -60,8 +60,8 @@ def make_store(path: Path, size: int, patch: int = 256, overlap: int = 64, shard
 def _worker(kind: str, store: str, out: str, sample: str) -> None:
     import zarr
 
-    from wsi_damm.merge import window
     from wsi_damm.stages.stitch import run_stitch
+    from wsi_damm.stitching.merge import window
 
     root = zarr.open_group(store, mode="r")
     size = root.attrs["slides"][0]["shape"][0]

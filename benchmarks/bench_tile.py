@@ -25,7 +25,8 @@ def _worker(kind: str, slide: str, out: str) -> None:
     import tifffile
 
     from wsi_damm.slides import specs_from_paths
-    from wsi_damm.stages.tile import TileConfig, run_tile
+    from wsi_damm.stages.tile import run_tile
+    from wsi_damm.tiling.plan import TileConfig
 
     t0 = time.perf_counter()
     if kind == "reference":
@@ -56,7 +57,8 @@ def main() -> None:
     slide = data / "synth_000.ome.tif"
     try:
         if not slide.exists():
-            from wsi_damm.workflows.synth import SynthConfig, write_slides
+            from wsi_damm.workflows.simulator import SynthConfig
+            from wsi_damm.workflows.synth import write_slides
 
             write_slides(data, 1, SynthConfig(size=size, seed=1), progress=False)
         ref = measure(__file__, "reference", str(slide), str(work / "unused"))

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from _common import machine, peak_rss_mb  # noqa: E402
 
-from wsi_damm.config import PRESETS
 from wsi_damm.diffusion.damm import DammLoss, damm_loss, divergence, gate
 from wsi_damm.diffusion.schedule import NoiseSchedule
-from wsi_damm.run_dir import build_autoencoder, build_unet
+from wsi_damm.training.config import PRESETS
+from wsi_damm.training.run_dir import build_autoencoder, build_unet
 
 
 def _cpu_has_bf16() -> bool:

@@ -26,9 +26,9 @@ from bench_stitch import make_store  # noqa: E402
 
 
 def _worker(kind: str, map_path: str, out: str) -> None:
-    from wsi_damm.deepzoom import colour_map, write_dzi
-    from wsi_damm.slide_map import DIVERGENCE, SHARE, open_map
-    from wsi_damm.viewer import LAYERS, _map_channel, _patch_map
+    from wsi_damm.evaluation.deepzoom import colour_map, write_dzi
+    from wsi_damm.evaluation.viewer import LAYERS, _map_channel, _patch_map
+    from wsi_damm.stitching.slide_map import DIVERGENCE, SHARE, open_map
 
     m = open_map(map_path)
     shape = tuple(m.level0.shape[1:])

@@ -41,10 +41,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: print only)")
     args = ap.parse_args()
 
-    from wsi_damm.metrics import ssim_map, whole_slide_metrics
-    from wsi_damm.slide_map import open_map
+    from wsi_damm.evaluation.metrics import ssim_map, whole_slide_metrics
     from wsi_damm.stages.evaluate import Companion, load_truth
-    from wsi_damm.stages.tile import TileConfig
+    from wsi_damm.stitching.slide_map import open_map
+    from wsi_damm.tiling.plan import TileConfig
     from wsi_damm.workflows.dataset import synthetic_data
     from wsi_damm.workflows.demo import FULL
 

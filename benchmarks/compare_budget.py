@@ -40,9 +40,9 @@ from pathlib import Path
 _sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
 
-from wsi_damm.config import LOCAL_NORMS, LR_SCHEDULES, merge  # noqa: E402
-from wsi_damm.gate_regions import gate_in_training  # noqa: E402
-from wsi_damm.run_dir import RunDir, read_metrics  # noqa: E402
+from wsi_damm.training.config import LOCAL_NORMS, LR_SCHEDULES, merge  # noqa: E402
+from wsi_damm.training.gate_regions import gate_in_training  # noqa: E402
+from wsi_damm.training.run_dir import RunDir, read_metrics  # noqa: E402
 
 RECIPE = {"local": True, "latents": "canvas", "sampling": "shifted"}
 

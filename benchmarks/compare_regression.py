@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/budget"))
     args = ap.parse_args()
 
-    from wsi_damm.run_dir import RunDir, load_run_config
     from wsi_damm.stages.evaluate import run_evaluate
+    from wsi_damm.training.run_dir import RunDir, load_run_config
     from wsi_damm.workflows.regression import regression_map, train_regression
 
     t0 = time.perf_counter()

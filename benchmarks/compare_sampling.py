@@ -26,11 +26,11 @@ def main() -> None:
     ap.add_argument("--no-reports", action="store_true")
     args = ap.parse_args()
 
-    from wsi_damm.files import write_json
-    from wsi_damm.inputs import resolve_slides
     from wsi_damm.stages.evaluate import run_evaluate
     from wsi_damm.stages.predict import PredictConfig, predict_maps
-    from wsi_damm.workflows.synth import DIVERGENCE_LABELS
+    from wsi_damm.tiling.inputs import resolve_slides
+    from wsi_damm.util.files import write_json
+    from wsi_damm.workflows.simulator import DIVERGENCE_LABELS
 
     held = args.demo / "slides" / "heldout"
     spec = resolve_slides([held / "heldout_000.ome.tif"])[0]

@@ -34,12 +34,12 @@ import torch
 from _common import machine, report  # noqa: E402
 from _demo_budget import budget_config, demo_budget, predict_and_score, scores, summary  # noqa: E402
 
-from wsi_damm.autoencoder_check import ceiling_of  # noqa: E402
-from wsi_damm.errors import InputError  # noqa: E402
-from wsi_damm.run_dir import RunDir, load_autoencoders, load_run_config  # noqa: E402
 from wsi_damm.stages.evaluate import run_evaluate  # noqa: E402
 from wsi_damm.stages.train import run_training  # noqa: E402
-from wsi_damm.training_data import PatchImages  # noqa: E402
+from wsi_damm.training.autoencoder_check import ceiling_of  # noqa: E402
+from wsi_damm.training.data import PatchImages  # noqa: E402
+from wsi_damm.training.run_dir import RunDir, load_autoencoders, load_run_config  # noqa: E402
+from wsi_damm.util.errors import InputError  # noqa: E402
 from wsi_damm.workflows.ceiling import ceiling_map  # noqa: E402
 
 # each recipe: its [autoencoder] and [damm] settings on top of the demo's
@@ -71,9 +71,10 @@ FIXTURE_CHANNELS = "vessels=Cy5,nuclei=DAPI,target=Alexa 594"  # Alexa 594: the 
 
 def fixture_images(work: Path, fixture: Path):
     """The inForm field tiled as the demo tiles (128-px patches, 32 px overlap), every patch; None if the file is missing."""
-    from wsi_damm.inputs import resolve_slides
-    from wsi_damm.stages.tile import TileConfig, run_tile
-    from wsi_damm.store import PatchStore
+    from wsi_damm.stages.tile import run_tile
+    from wsi_damm.tiling.inputs import resolve_slides
+    from wsi_damm.tiling.plan import TileConfig
+    from wsi_damm.tiling.store import PatchStore
 
     if not fixture.exists():
         return None
@@ -86,7 +87,7 @@ def fixture_images(work: Path, fixture: Path):
 
 def one_run(demo, work: Path, recipe: str, seed: int, fixture) -> dict:
     """Train (the autoencoders shared by every recipe with the same autoencoder settings and seed), score, cache."""
-    from wsi_damm.config import merge
+    from wsi_damm.training.config import merge
     from wsi_damm.workflows.study import train_autoencoders, train_on_autoencoders
 
     autoencoder, damm, model = RECIPES[recipe]

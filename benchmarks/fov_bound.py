@@ -43,13 +43,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from wsi_damm.stages.evaluate import run_evaluate
-    from wsi_damm.stages.tile import TileConfig
     from wsi_damm.stages.train import with_store_tiling
-    from wsi_damm.store import PatchStore
+    from wsi_damm.tiling.plan import TileConfig
+    from wsi_damm.tiling.store import PatchStore
     from wsi_damm.workflows.dataset import HELDOUT_SEED, TRAIN_SEED, synthetic_data
     from wsi_damm.workflows.demo import FULL
     from wsi_damm.workflows.patch_maps import patch_function_map
-    from wsi_damm.workflows.synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, make_layout
+    from wsi_damm.workflows.simulator import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, make_layout
 
     t0 = time.perf_counter()
     data = synthetic_data(
@@ -121,7 +121,7 @@ def inside_field(cfg, lay, src: np.ndarray, box: tuple[slice, slice]) -> np.ndar
     """The NP field (coarse, before the slide's scale) that the sources inside `box` alone produce, on the
     whole grid but computed on a crop: the box and the reach of the widest spread (scipy truncates its
     Gaussians at 4 σ), so nothing but zeros lies between the sources and any crop edge inside the grid."""
-    from wsi_damm.workflows.synth import np_spread
+    from wsi_damm.workflows.simulator import np_spread
 
     reach = int(np.ceil(4 * cfg.penetration_sparse / (lay.c * cfg.mpp))) + 1
     h, w = src.shape
@@ -149,7 +149,7 @@ def sources(cfg, lay) -> np.ndarray:
 def outside_mean(cfg, layouts, margin_px: int, patch: int) -> np.ndarray:
     """Mean NP (before scale) a patch pixel owes to vessels beyond `margin_px` of the patch, per bin of true
     cell density, over patches on a grid of the training slides' tissue."""
-    from wsi_damm.workflows.synth import np_spread
+    from wsi_damm.workflows.simulator import np_spread
 
     total, count = np.zeros(DENSITY_BINS), np.zeros(DENSITY_BINS)
     for lay in layouts:
@@ -171,10 +171,10 @@ def outside_mean(cfg, layouts, margin_px: int, patch: int) -> np.ndarray:
 def window_predictor(cfg, lay, spec, rc, margin_px: int | None, outside: np.ndarray | None, patch: int):
     """A patch function for `patch_function_map`: each patch's expected NP signal (the simulator's, before the
     camera) from the sources in its window plus `outside`, normalised as `evaluate` normalises the measured channel."""
-    from wsi_damm.stages.tile import plan_slide
-    from wsi_damm.tiling import unit_range
+    from wsi_damm.tiling.grid import unit_range
+    from wsi_damm.tiling.plan import plan_slide
     from wsi_damm.workflows.patch_maps import tiling
-    from wsi_damm.workflows.synth import MARGIN, render_window
+    from wsi_damm.workflows.simulator import MARGIN, render_window
 
     plan = plan_slide(spec, tiling(rc))
     if plan.choice.downsample != 1:

@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from wsi_damm.gate_regions import draw_gate_by_region
-from wsi_damm.run_dir import RunDir, read_metrics
+from wsi_damm.training.gate_regions import draw_gate_by_region
+from wsi_damm.training.run_dir import RunDir, read_metrics
 
 
 def main() -> None:

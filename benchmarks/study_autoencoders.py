@@ -32,22 +32,14 @@ from pathlib import Path
 from _common import machine, report  # noqa: E402
 from _demo_budget import summary  # noqa: E402
 
-from wsi_damm.config import LR_SCHEDULES, RunConfig, merge  # noqa: E402
-from wsi_damm.run_dir import ROLES_NEEDED, RunDir  # noqa: E402
 from wsi_damm.stages.predict import PredictConfig  # noqa: E402
 from wsi_damm.stages.tile import TileConfig  # noqa: E402
+from wsi_damm.training.config import LR_SCHEDULES, RunConfig, merge  # noqa: E402
+from wsi_damm.training.run_dir import ROLES_NEEDED, RunDir  # noqa: E402
 from wsi_damm.workflows.dataset import synthetic_data  # noqa: E402
-from wsi_damm.workflows.study import (  # noqa: E402
-    FULL,
-    VARIANTS,
-    base_config,
-    predict_and_score,
-    region_numbers,
-    score_ceiling,
-    train_autoencoders,
-    train_on_autoencoders,
-    variant_config,
-)
+from wsi_damm.workflows.study import predict_and_score, score_ceiling, train_autoencoders, train_on_autoencoders  # noqa: E402
+from wsi_damm.workflows.study_plan import FULL, VARIANTS, base_config, variant_config  # noqa: E402
+from wsi_damm.workflows.study_tables import region_numbers  # noqa: E402
 
 
 def mean_sd(rows: list[dict], region: str) -> dict:

@@ -123,7 +123,8 @@ def synth_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small(tmp_path_factory) -> Path:
     """One 1024² synthetic slide (CD31, DAPI, NP; 0.5 µm/px, two pyramid levels)."""
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.simulator import SynthConfig
+    from wsi_damm.workflows.synth import write_slides
 
     out = built_once(tmp_path_factory, "small", lambda d: write_slides(d, 1, SynthConfig(size=1024, seed=7), progress=False))
     return out / "synth_000.ome.tif"
@@ -140,7 +141,7 @@ def small_map(small, tmp_path_factory) -> Path:
 def _fake_map(small: Path, d: Path) -> None:
     import numpy as np
 
-    from wsi_damm.store import PatchStore, create_prediction_store
+    from wsi_damm.tiling.store import PatchStore, create_prediction_store
 
     res = run_cli("tile", str(small), "--out", str(d / "c.zarr"), "--patch-size", "128", "--overlap", "32", "--quiet")
     assert res.returncode == 0, res.stderr
@@ -218,8 +219,8 @@ def tiny_toml(tmp_path) -> Path:
 def tiny_run(small_store, tmp_path_factory):
     """A tiny run for independent and canvas sampling. Conditioned on context too, so every prediction test
     also checks that the context windows follow their patches through batching, ranks, resume and canvas sampling."""
-    from wsi_damm.config import resolve
     from wsi_damm.stages.train import run_training
+    from wsi_damm.training.config import resolve
 
     def build(d: Path) -> None:
         (d / "tiny.toml").write_text(TINY_TOML)
@@ -232,8 +233,8 @@ def tiny_run(small_store, tmp_path_factory):
 def canvas_run(small_store, tmp_path_factory):
     """Trained for shifted-grid sampling: local autoencoders, the U-Net on canvas-latent crops; with
     context 2 patches wide (resampled to the latent grid), cut where each window lies."""
-    from wsi_damm.config import resolve
     from wsi_damm.stages.train import run_training
+    from wsi_damm.training.config import resolve
 
     def build(d: Path) -> None:
         (d / "tiny.toml").write_text(TINY_TOML)
@@ -255,7 +256,7 @@ def second_slide(synth_dir) -> str:
 
 def predict_store(run, slide, out, *extra):
     """`wsi-damm predict` with 4 steps, as a user would; its prediction store."""
-    from wsi_damm.store import PredictionStore
+    from wsi_damm.tiling.store import PredictionStore
 
     res = run_cli("predict", str(run), slide, "--out", str(out), "--steps", "4", "--quiet", *extra)
     assert res.returncode == 0, res.stderr

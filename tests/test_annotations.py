@@ -14,8 +14,8 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.draw import polygon2mask
 
 from tests.conftest import count_files, run_cli
-from wsi_damm.annotations import Region, read_regions, write_regions
-from wsi_damm.errors import InputError
+from wsi_damm.slides.annotations import Region, read_regions, write_regions
+from wsi_damm.util.errors import InputError
 
 SQUARE_WITH_HOLE = Polygon([(10, 10), (20, 10), (20, 20), (10, 20)], [[(13, 13), (17, 13), (17, 17), (13, 17)]])
 
@@ -65,7 +65,7 @@ def test_every_container_qupath_writes(tmp_path):
 
 
 def test_rasterising_follows_the_pixel_centre_rule(tmp_path):
-    from wsi_damm.annotations import Annotations
+    from wsi_damm.slides.annotations import Annotations
 
     ann = Annotations(tmp_path, [Region("x", SQUARE_WITH_HOLE)])
     assert ann.labels(0, 0, 40, 40).sum() == 84  # the exact area: 100 − 16 pixels
@@ -108,7 +108,7 @@ def test_bad_geojson_is_refused_in_one_line(small, tmp_path, content, problem):
 
 
 def test_tile_roi_keeps_only_annotated_patches(small, tmp_path):
-    from wsi_damm.store import PatchStore
+    from wsi_damm.tiling.store import PatchStore
 
     roi = write_regions(tmp_path / "roi.geojson", [Region("Tumor", Polygon([(100, 100), (600, 100), (600, 500), (100, 500)]))])
     common = ["--patch-size", "128", "--overlap", "32", "--quiet"]

@@ -11,8 +11,8 @@ import wsi_damm
 import wsi_damm.stages.tile  # noqa: F401 (importing a stage module must not shadow the function of its name)
 from tests.conftest import TINY_TOML
 from wsi_damm import api
-from wsi_damm.errors import InputError
-from wsi_damm.store import PatchStore, PredictionStore
+from wsi_damm.tiling.store import PatchStore, PredictionStore
+from wsi_damm.util.errors import InputError
 
 
 def test_the_pipeline_from_python(tmp_path):

@@ -44,21 +44,20 @@ def _modules() -> dict[str, set[str]]:
 
 def test_no_stage_imports_a_workflow_or_train():
     for name, imports in _modules().items():
-        if name.startswith("wsi_damm.workflows") or name in (
-            "wsi_damm.api",
-            "wsi_damm.__init__",
+        if (
+            name.startswith(("wsi_damm.workflows", "wsi_damm.api")) or name == "wsi_damm.__init__"
         ):  # the top: the Python API (exported by the package), like the CLI, sits on everything
             continue
-        assert "wsi_damm.api" not in imports, f"{name} imports the API layer"
+        assert not any(i.startswith("wsi_damm.api") for i in imports), f"{name} imports the API layer"
         assert not any(i.startswith("wsi_damm.workflows") for i in imports), name
-        assert "wsi_damm.stages.train" not in imports, f"{name} imports the train stage (read a run through wsi_damm.run_dir)"
+        assert "wsi_damm.stages.train" not in imports, f"{name} imports the train stage (read a run through wsi_damm.training.run_dir)"
 
 
 def test_report_only_draws_and_baseline_does_not_reach_into_evaluate():
     mods = _modules()
-    assert "wsi_damm.stages.evaluate" not in mods["wsi_damm.report"]
+    assert "wsi_damm.stages.evaluate" not in mods["wsi_damm.evaluation.report"]
     assert "wsi_damm.stages.evaluate" not in mods["wsi_damm.workflows.baseline"]
-    assert not any(i.startswith("wsi_damm.") and i.split(".")[1] not in ("errors",) for i in mods["wsi_damm.diffusion.damm"])
+    assert not any(i.startswith("wsi_damm.") and i != "wsi_damm.util.errors" for i in mods["wsi_damm.diffusion.damm"])
 
 
 def test_the_repository_stands_alone():
@@ -79,8 +78,8 @@ def _module_graph() -> dict[str, set[str]]:
     return {m: {resolve(i) for i in imports} - {m, "wsi_damm"} for m, imports in mods.items() if m != "wsi_damm"}
 
 
-def test_no_import_cycles_counting_every_import_statement():
-    graph = _module_graph()
+def _find_cycle(graph: dict[str, set[str]]) -> None:
+    """Raise naming the first cycle of a directed graph, if it has one."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
 
@@ -98,6 +97,35 @@ def test_no_import_cycles_counting_every_import_statement():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_no_import_cycles_counting_every_import_statement():
+    _find_cycle(_module_graph())
+
+
+def _package(module: str) -> str:
+    """The package folder (or top-level module) of `wsi_damm` a module sits in."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_the_package_folders_form_layers():
+    """Folders, not only modules, import one way (the order the architecture page draws from the code)."""
+    packages: dict[str, set[str]] = {}
+    for m, imports in _module_graph().items():
+        packages.setdefault(_package(m), set()).update(_package(i) for i in imports if _package(i) != _package(m))
+    _find_cycle(packages)
+
+
+def test_the_top_level_shows_the_flow():
+    """At most about ten folders at the top of the package, beside its `__init__`, version and API."""
+    entries = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith((".", "__pycache__")))
+    assert [e for e in entries if not (PACKAGE / e).is_dir()] == ["__init__.py", "_version.py"], entries
+    assert len(entries) <= 14, entries
+
+
+def test_every_module_holds_at_most_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
 
 
 def test_no_module_imports_another_modules_private_names():

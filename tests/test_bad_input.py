@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_damm.config import resolve
+from wsi_damm.training.config import resolve
 
 from .conftest import FIXTURES, run_cli, run_process
 
@@ -61,8 +61,8 @@ def _copy_store(store: Path, dst: Path) -> Path:
 
 def _run_dir(path: Path, patch: int = 64, broken: str | None = None) -> Path:
     """A run directory as `train` leaves it (real, untrained weights); `broken` names a weights file to truncate."""
-    from wsi_damm.checkpoint import save_weights
-    from wsi_damm.run_dir import build_autoencoder, build_unet
+    from wsi_damm.training.checkpoint import save_weights
+    from wsi_damm.training.run_dir import build_autoencoder, build_unet
 
     path.mkdir()
     cfg = replace(resolve("tiny"), patch_size=patch, roles=("vessels", "nuclei", "target"), mpp=0.5, level=0)
@@ -296,12 +296,13 @@ def test_the_suite_covers_thirty_distinct_inputs():
 
 @pytest.mark.parametrize("limit", ["disk", "memory"])
 def test_tile_and_stitch_refuse_what_would_not_fit(limit, good, store, tmp_path, monkeypatch):
-    from wsi_damm import jobs
-    from wsi_damm.errors import InputError
     from wsi_damm.slides import specs_from_paths
     from wsi_damm.stages.stitch import run_stitch
-    from wsi_damm.stages.tile import TileConfig, run_tile
-    from wsi_damm.store import PatchStore, create_prediction_store
+    from wsi_damm.stages.tile import run_tile
+    from wsi_damm.tiling.plan import TileConfig
+    from wsi_damm.tiling.store import PatchStore, create_prediction_store
+    from wsi_damm.util import jobs
+    from wsi_damm.util.errors import InputError
 
     cond = PatchStore.open(store)
     pred = tmp_path / "pred.zarr"

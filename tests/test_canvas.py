@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_damm.canvas import Windows, canvas_step
 from wsi_damm.diffusion.noise import canvas_normal
 from wsi_damm.diffusion.samplers import ddim_plan, dpm_plan, sample
 from wsi_damm.diffusion.schedule import NoiseSchedule
-from wsi_damm.merge import BlendMerger, window
-from wsi_damm.metrics import seam_score, seam_sums
-from wsi_damm.tiling import grid_positions
+from wsi_damm.evaluation.metrics import seam_score, seam_sums
+from wsi_damm.sampling.fusion import canvas_step
+from wsi_damm.sampling.windows import Windows
+from wsi_damm.stitching.merge import BlendMerger, window
+from wsi_damm.tiling.grid import grid_positions
 
 SCHEDULE = NoiseSchedule.make()
 PLANS = {"ddim-eta0": ddim_plan(SCHEDULE, 12, 0.0), "ddim-eta1": ddim_plan(SCHEDULE, 12, 1.0), "dpm++": dpm_plan(SCHEDULE, 8)}
@@ -84,7 +85,7 @@ def test_overlapping_windows_leave_no_seams_only_when_fused():
 
 
 def test_decode_crops_carry_canvas_context_and_zeros_elsewhere():
-    from wsi_damm.canvas import window_crops
+    from wsi_damm.sampling.windows import window_crops
 
     canvas = np.arange(2 * 1 * 20 * 30, dtype=np.float32).reshape(2, 1, 20, 30) + 1
     windows = np.array([[0, 0], [0, 8], [12, 22]])
@@ -106,7 +107,7 @@ def test_shifted_grids_leave_no_seams_without_fusion():
     half a cell apart, and the grid is gone."""
     from scipy import ndimage
 
-    from wsi_damm.canvas import step_windows
+    from wsi_damm.sampling.windows import step_windows
 
     p, size = 16, 96
     truth = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=(size, size)), 3).astype(np.float32) * 4
@@ -155,8 +156,8 @@ def test_shifted_windows_tile_the_tissue_and_its_margin():
     """Brute force: the windows of a shifted grid lie in the canvas, cover every pixel of the tissue
     windows grown by the margin, overlap only where clipped at the canvas edge, and skip cells that
     touch no grown tissue; `owner` finds a window holding each point; `coverage` matches painting."""
-    from wsi_damm.canvas import owner, shifted_windows
-    from wsi_damm.latent_canvas import coverage
+    from wsi_damm.sampling.windows import owner, shifted_windows
+    from wsi_damm.training.latent_canvas import coverage
 
     rng = np.random.default_rng(4)
     h, w, p, m = 90, 131, 16, 3

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from wsi_damm.errors import InputError
-from wsi_damm.store import PatchStore, create_prediction_store, read_rows
+from wsi_damm.tiling.store import PatchStore, create_prediction_store, read_rows
+from wsi_damm.util.errors import InputError
 
 
 def _flip(shard_file, offset: int = 40) -> None:

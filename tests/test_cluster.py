@@ -8,8 +8,8 @@ import pytest
 import zarr
 
 from wsi_damm import api
-from wsi_damm.errors import InputError
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.util.errors import InputError
 
 from .conftest import count_files, run_cli
 

@@ -9,12 +9,12 @@ import pytest
 import tifffile
 import torch
 
-from wsi_damm.config import RunConfig, resolve
-from wsi_damm.context import CONTEXT_DOWNSAMPLE, _resample, cut_windows, to_latent_grid, window_side
-from wsi_damm.errors import InputError
-from wsi_damm.run_dir import build_unet, condition_channels
 from wsi_damm.stages.train import run_training
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.context import CONTEXT_DOWNSAMPLE, _resample, cut_windows, to_latent_grid, window_side
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.training.config import RunConfig, resolve
+from wsi_damm.training.run_dir import build_unet, condition_channels
+from wsi_damm.util.errors import InputError
 
 from .conftest import TINY_TOML, run_cli
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wsi_damm.checkpoint import load_state
-from wsi_damm.config import RunConfig, TrainConfig, resolve
-from wsi_damm.devices import resolve_device
-from wsi_damm.distributed import Ranks
-from wsi_damm.errors import InputError
-from wsi_damm.precision import amp_mode
-from wsi_damm.run_dir import RunDir, build_unet
 from wsi_damm.stages.predict import GatedDenoiser
 from wsi_damm.stages.train import run_training
+from wsi_damm.training.checkpoint import load_state
+from wsi_damm.training.config import RunConfig, TrainConfig, resolve
+from wsi_damm.training.run_dir import RunDir, build_unet
+from wsi_damm.util.devices import resolve_device
+from wsi_damm.util.distributed import Ranks
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.precision import amp_mode
 
 from .conftest import count_files, run_cli
 

@@ -66,9 +66,7 @@ def test_every_public_name_of_the_api_reference_has_a_docstring():
     import wsi_damm.api as api
 
     public = [
-        (name, obj)
-        for name, obj in inspect.getmembers(api, lambda o: inspect.isfunction(o) or inspect.isclass(o))
-        if obj.__module__ == api.__name__ and not name.startswith("_")
+        (name, obj) for name, obj in inspect.getmembers(api, lambda o: inspect.isfunction(o) or inspect.isclass(o)) if name in api.__all__
     ]
     assert len(public) >= 8
     assert all(inspect.getdoc(obj) for _, obj in public), [name for name, obj in public if not inspect.getdoc(obj)]

@@ -12,7 +12,7 @@ import zarr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from wsi_damm.stages.stitch import run_stitch
-from wsi_damm.store import PatchStore, create_prediction_store
+from wsi_damm.tiling.store import PatchStore, create_prediction_store
 
 from .conftest import run_cli
 
@@ -20,7 +20,8 @@ from .conftest import run_cli
 @pytest.fixture(scope="module")
 def perfect_map(tmp_path_factory):
     """A map that is the measured NP channel itself (true patches stitched), for a 1100² slide."""
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.simulator import SynthConfig
+    from wsi_damm.workflows.synth import write_slides
 
     d = tmp_path_factory.mktemp("eval")
     write_slides(d, 1, SynthConfig(size=1100, seed=21), progress=False)
@@ -130,8 +131,8 @@ def test_the_overview_leaves_the_divergence_blank_for_a_map_without_a_gate(perfe
     divergence; drawn, they would read as 'the gate fused everywhere'."""
     from dataclasses import replace
 
-    from wsi_damm.report import divergence_panel
-    from wsi_damm.slide_map import open_map
+    from wsi_damm.evaluation.report import divergence_panel
+    from wsi_damm.stitching.slide_map import open_map
 
     _, m, _ = perfect_map
     div = np.full((4, 5), 0.2)

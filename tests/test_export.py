@@ -10,10 +10,10 @@ import shapely
 import tifffile
 
 from tests.conftest import run_cli
-from wsi_damm.annotations import Annotations, read_regions
-from wsi_damm.slide_map import open_map
+from wsi_damm.slides.annotations import Annotations, read_regions
 from wsi_damm.stages.export import polygons_from_mask
-from wsi_damm.store import PredictionStore
+from wsi_damm.stitching.slide_map import open_map
+from wsi_damm.tiling.store import PredictionStore
 
 
 def test_mask_to_polygons_keeps_holes_and_areas():

@@ -8,13 +8,13 @@ import numpy as np
 import tifffile
 import torch
 
-from wsi_damm.config import resolve
 from wsi_damm.diffusion.damm import divergence
-from wsi_damm.gate_regions import GateByRegion, gate_in_training
-from wsi_damm.run_dir import RunDir, read_metrics
 from wsi_damm.stages.tile import label_patches
 from wsi_damm.stages.train import run_training
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.training.config import resolve
+from wsi_damm.training.gate_regions import GateByRegion, gate_in_training
+from wsi_damm.training.run_dir import RunDir, read_metrics
 
 from .conftest import TINY_TOML, run_cli
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_damm.heap import release_free_memory, reusing_freed_memory
 from wsi_damm.models.regression import RegressionUNet
+from wsi_damm.util.heap import release_free_memory, reusing_freed_memory
 
 
 def _rss_mb() -> float:

@@ -97,7 +97,7 @@ def wide_prediction(tmp_path_factory):
     """A fake prediction store over a 3072² slide: nine 1024-px canvas tiles at --band-mb 1, to kill a stitch between them."""
     import tifffile
 
-    from wsi_damm.store import PatchStore, create_prediction_store
+    from wsi_damm.tiling.store import PatchStore, create_prediction_store
 
     d = tmp_path_factory.mktemp("wide")
     rng = np.random.default_rng(0)

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wsi_damm.canvas import window_crops
-from wsi_damm.config import resolve
-from wsi_damm.context import CONTEXT_DOWNSAMPLE
-from wsi_damm.errors import InputError
-from wsi_damm.latent_canvas import GLASS, LatentCanvases, coverage, decode_tiled, encode_tiled, mirror
 from wsi_damm.models.autoencoder import Autoencoder
-from wsi_damm.run_dir import RunDir
+from wsi_damm.sampling.windows import window_crops
 from wsi_damm.stages.train import run_training
-from wsi_damm.store import PatchStore, read_rows, to_model_range
+from wsi_damm.tiling.context import CONTEXT_DOWNSAMPLE
+from wsi_damm.tiling.store import PatchStore, read_rows, to_model_range
+from wsi_damm.training.config import resolve
+from wsi_damm.training.latent_canvas import GLASS, LatentCanvases, coverage, decode_tiled, encode_tiled, mirror
+from wsi_damm.training.run_dir import RunDir
+from wsi_damm.util.errors import InputError
 
 
 def _ae(local: bool, local_norm: str = "pixel", gamma: float = 1.0) -> Autoencoder:
@@ -67,7 +67,7 @@ def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole(norm, gamma)
 def test_a_region_decoded_in_tiles_is_the_canvas_decoded_whole():
     """What `predict` does with a local decoder: each block of patch rows decoded once, in tiles with a
     halo, edges mirrored: equal to decoding the whole canvas (so to decoding each window alone)."""
-    from wsi_damm.canvas import context_band
+    from wsi_damm.sampling.windows import context_band
 
     ae = _ae(True)
     z = torch.randn(2, 3, 40, 52)
@@ -83,7 +83,7 @@ def test_a_region_decoded_in_tiles_is_the_canvas_decoded_whole():
 
 
 def test_region_blocks_join_patch_rows_while_their_box_stays_tight():
-    from wsi_damm.canvas import region_blocks
+    from wsi_damm.sampling.windows import region_blocks
 
     p = 4
     rows = [(0, range(0, 40, 3)), (3, range(0, 40, 3)), (6, range(0, 7, 3)), (30, range(30, 40, 3)), (33, range(30, 40, 3))]

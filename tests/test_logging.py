@@ -8,12 +8,12 @@ import logging
 import re
 
 from tests.conftest import TINY_TOML, kill_when, run_process
-from wsi_damm.progress import LineProgress, progress_bar
+from wsi_damm.util.progress import LineProgress, progress_bar
 
 
 def test_line_progress_reports_done_total_rate_and_eta(caplog, monkeypatch):
     monkeypatch.setenv("WSI_DAMM_PROGRESS_SECONDS", "0")
-    with caplog.at_level(logging.INFO, logger="wsi_damm.progress"):
+    with caplog.at_level(logging.INFO, logger="wsi_damm.util.progress"):
         for _ in progress_bar(range(40), desc="work", unit="item"):  # pytest's stderr is not a terminal
             pass
     lines = [r.getMessage() for r in caplog.records]
@@ -23,7 +23,7 @@ def test_line_progress_reports_done_total_rate_and_eta(caplog, monkeypatch):
 
 def test_line_progress_is_quiet_between_intervals(caplog, monkeypatch):
     monkeypatch.setenv("WSI_DAMM_PROGRESS_SECONDS", "3600")
-    with caplog.at_level(logging.INFO, logger="wsi_damm.progress"):
+    with caplog.at_level(logging.INFO, logger="wsi_damm.util.progress"):
         bar = LineProgress(total=1000, desc="slow")
         for _ in range(1000):
             bar.update(1)
@@ -51,7 +51,7 @@ def test_tile_logs_progress_lines_and_a_log_file(small, tmp_path):
     assert re.search(r"wsi-damm: tiling: \d+/\d+ shard \(100 %\)", res.stderr)
     text = log.read_text()
     assert "INFO wsi_damm.cli: wsi-damm tile " in text and re.search(
-        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO wsi_damm.progress: tiling: ", text, re.M
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO wsi_damm.util.progress: tiling: ", text, re.M
     )
     res = run_process("tile", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "t.zarr"), "--log-file", str(log))
     assert res.returncode == 2 and "ERROR wsi_damm.cli: " in log.read_text() and "missing.tif: no such file" in log.read_text()

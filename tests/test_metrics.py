@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from wsi_damm.metrics import psnr, ssim, whole_slide_metrics
+from wsi_damm.evaluation.metrics import psnr, ssim, whole_slide_metrics
 
 
 def _sk_ssim(a, b):
@@ -70,7 +70,7 @@ def _seam_brute(img: np.ndarray, covered: np.ndarray, stride: int) -> np.ndarray
 
 
 def test_seam_sums_equal_brute_force_and_add_up_over_bands():
-    from wsi_damm.metrics import seam_score, seam_sums
+    from wsi_damm.evaluation.metrics import seam_score, seam_sums
 
     rng = np.random.default_rng(3)
     img, covered = rng.random((37, 45)), rng.random((37, 45)) > 0.2
@@ -110,7 +110,7 @@ def test_pearson_r_means_and_spreads_equal_numpy_streamed_and_masked():
 
 def test_map_check_flags_a_black_map_that_ssim_scores_high():
     """On a sparse channel a black map beats a fair blurred guess on SSIM; the check reads r and spread instead."""
-    from wsi_damm.metrics import map_check
+    from wsi_damm.evaluation.metrics import map_check
 
     rng = np.random.default_rng(4)
     meas, guess = _sparse_pair(rng)

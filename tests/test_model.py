@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_damm.config import PRESETS, resolve
 from wsi_damm.diffusion.damm import DammLoss, branch_conditions, damm_loss, dfl, divergence, gate
-from wsi_damm.errors import InputError
 from wsi_damm.models.autoencoder import Autoencoder
 from wsi_damm.models.blocks import PixelNorm
 from wsi_damm.models.damm_unet import DammUNet, UNetShape
 from wsi_damm.models.fusion import MMFM, UAFM, ConcatFusion
-from wsi_damm.run_dir import build_unet
+from wsi_damm.training.config import PRESETS, resolve
+from wsi_damm.training.run_dir import build_unet
+from wsi_damm.util.errors import InputError
 
 
 def small_unet(**kw) -> DammUNet:

@@ -9,11 +9,11 @@ import tifffile
 import zarr
 
 from wsi_damm import api
-from wsi_damm.config import RunConfig
-from wsi_damm.errors import InputError
-from wsi_damm.np_units import NpScale, np_scale
 from wsi_damm.slides import specs_from_paths
-from wsi_damm.stages.tile import TileConfig, reference_range
+from wsi_damm.tiling.np_units import NpScale, np_scale
+from wsi_damm.tiling.plan import TileConfig, reference_range
+from wsi_damm.training.config import RunConfig
+from wsi_damm.util.errors import InputError
 from wsi_damm.workflows.patch_maps import patch_function_map
 
 from .conftest import run_cli

@@ -9,9 +9,9 @@ import tifffile
 import zarr
 
 from wsi_damm.api import tile
-from wsi_damm.errors import InputError
 from wsi_damm.slides import open_file
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.util.errors import InputError
 
 from .conftest import count_files, run_cli
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import count_files, run_cli
-from wsi_damm.errors import InputError
 from wsi_damm.slides.open import open_file
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.util.errors import InputError
 
 
 def _composite(n: int = 384) -> np.ndarray:

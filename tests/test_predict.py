@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import zarr
 
-from wsi_damm.store import PredictionStore
+from wsi_damm.tiling.store import PredictionStore
 
 from .conftest import free_port, predict_store, run_cli, run_for_sampling, second_slide
 

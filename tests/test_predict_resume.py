@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wsi_damm.store import PredictionStore
+from wsi_damm.tiling.store import PredictionStore
 
 from .conftest import count_files, kill_when, predict_store, run_for_sampling, run_process, second_slide
 

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from wsi_damm.slides import open_file
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.store import PatchStore
 
 from .conftest import fixture, run_cli
 
@@ -88,7 +88,7 @@ def test_measured_np_channel_does_not_change_the_patches_of_a_real_image():
     """On a real fluorescence image the NP channel used to change the tissue mask (and so which patches
     `predict` sampled); the mask now comes from CD31 and DAPI alone."""
     from wsi_damm.slides import parse_channel_map, specs_from_paths
-    from wsi_damm.stages.tile import TileConfig, plan_slide
+    from wsi_damm.tiling.plan import TileConfig, plan_slide
 
     path = fixture("fluorescence/pathml_small_vectra.qptiff")
     (spec,) = specs_from_paths([path], parse_channel_map("vessels=FITC,nuclei=DAPI,target=Cy3"))

@@ -11,10 +11,10 @@ import tifffile
 from click.testing import CliRunner
 from scipy import ndimage
 
-from wsi_damm.registration import _band, register_specs
 from wsi_damm.slides import specs_from_manifest
 from wsi_damm.slides.roles import Transform
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.registration import _band, register_specs
+from wsi_damm.tiling.store import PatchStore
 from wsi_damm_cli.main import cli
 
 from .conftest import run_cli

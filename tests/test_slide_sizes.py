@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from wsi_damm.inputs import resolve_slides
-from wsi_damm.stages.tile import GRID_ALIGN, TileConfig, run_tile
-from wsi_damm.store import PatchStore
-from wsi_damm.workflows.synth import SynthConfig, write_slides
+from wsi_damm.stages.tile import run_tile
+from wsi_damm.tiling.inputs import resolve_slides
+from wsi_damm.tiling.plan import GRID_ALIGN, TileConfig
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.workflows.simulator import SynthConfig
+from wsi_damm.workflows.synth import write_slides
 from wsi_damm_cli.main import cli
 
 from .conftest import TINY_TOML, built_once

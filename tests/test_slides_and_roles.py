@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from wsi_damm.errors import InputError
 from wsi_damm.slides import parse_channel_map, specs_from_manifest, specs_from_paths
-from wsi_damm.store import PatchStore
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.util.errors import InputError
 
 from .conftest import run_cli
 

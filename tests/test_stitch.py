@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage.measure import block_reduce
 
-from wsi_damm.merge import window
-from wsi_damm.slide_map import BLOCK, COVERAGE, DIVERGENCE, PATCH_MAPS, SHARE
 from wsi_damm.stages.stitch import run_stitch
-from wsi_damm.store import PatchStore, create_prediction_store
-from wsi_damm.tiling import grid_positions
+from wsi_damm.stitching.merge import window
+from wsi_damm.stitching.slide_map import BLOCK, COVERAGE, DIVERGENCE, PATCH_MAPS, SHARE
+from wsi_damm.tiling.grid import grid_positions
+from wsi_damm.tiling.store import PatchStore, create_prediction_store
 
 from .conftest import run_cli
 
@@ -22,7 +22,8 @@ from .conftest import run_cli
 @pytest.fixture(scope="module")
 def odd_store(tmp_path_factory):
     """A 1100² slide (not a multiple of the 96-px stride) tiled at 128 px, uint16."""
-    from wsi_damm.workflows.synth import SynthConfig, write_slides
+    from wsi_damm.workflows.simulator import SynthConfig
+    from wsi_damm.workflows.synth import write_slides
 
     d = tmp_path_factory.mktemp("odd")
     write_slides(d, 1, SynthConfig(size=1100, seed=11), progress=False)

@@ -10,8 +10,8 @@ import statistics
 import numpy as np
 import pytest
 
-from wsi_damm.running_time import RunningTime
-from wsi_damm.workflows.study import markdown_table, same_pixels, sample_sd
+from wsi_damm.util.running_time import RunningTime
+from wsi_damm.workflows.study_tables import markdown_table, same_pixels, sample_sd
 
 
 def _result(kind: str, patches: list[tuple[int, int]], tissue: int = 1000, divergent: int = 300) -> dict:
@@ -72,7 +72,7 @@ def test_table_shows_draws_and_spread():
 
 
 def test_gate_table_says_when_nothing_was_logged():
-    from wsi_damm.workflows.study import gate_table
+    from wsi_damm.workflows.study_tables import gate_table
 
     assert "no region labels" in gate_table({"damm_seed0": {}})
     table = gate_table({"damm_seed0": {"divergent": {"dfl_label_rate": 0.76, "mean_kappa": 0.72, "samples": 10}}})
@@ -81,8 +81,9 @@ def test_gate_table_says_when_nothing_was_logged():
 
 def test_the_gate_panel_shows_every_seed_and_redraws_from_the_json(tmp_path):
     """A seed-mean bar of 0.67 hides seeds at 1, 0 and 1 (a gate locked into the uni-modal branch): the dots show them."""
-    from wsi_damm.files import write_json
-    from wsi_damm.workflows.study import gate_points, redraw
+    from wsi_damm.util.files import write_json
+    from wsi_damm.workflows.study import redraw
+    from wsi_damm.workflows.study_tables import gate_points
 
     def row(name, shares):
         regions = {

@@ -11,13 +11,13 @@ import tifffile
 import torch
 import zarr
 
-from wsi_damm.config import RunConfig, resolve
 from wsi_damm.models.regression import RegressionUNet
 from wsi_damm.slides import specs_from_paths
 from wsi_damm.stages.predict import PredictConfig, condition_config
-from wsi_damm.stages.tile import plan_slide
-from wsi_damm.store import PatchStore
-from wsi_damm.training_data import split_validation
+from wsi_damm.tiling.plan import plan_slide
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.training.config import RunConfig, resolve
+from wsi_damm.training.data import split_validation
 from wsi_damm.workflows.patch_maps import patch_function_map
 from wsi_damm.workflows.regression import build, regression_map, train_regression
 

@@ -7,10 +7,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from wsi_damm.config import RunConfig
-from wsi_damm.files import write_json
-from wsi_damm.run_dir import ROLES_NEEDED, RunDir
-from wsi_damm.workflows import study
+from wsi_damm.training.config import RunConfig
+from wsi_damm.training.run_dir import ROLES_NEEDED, RunDir
+from wsi_damm.util.files import write_json
+from wsi_damm.workflows import study, study_plan
 from wsi_damm.workflows.dataset import SyntheticData
 
 
@@ -34,7 +34,7 @@ def test_every_model_of_a_seed_trains_on_that_seeds_autoencoders(tmp_path, monke
 
     monkeypatch.setattr(study, "run_training", fake_training)
     monkeypatch.setattr(study, "train_regression", fake_regression)
-    plan = study.QUICK
+    plan = study_plan.QUICK
     data = SyntheticData(train_specs=[], heldout=[], store=tmp_path / "store")
     runs = study._train(data, tmp_path, plan, "tiny", False, lambda msg: None)
 
@@ -44,13 +44,13 @@ def test_every_model_of_a_seed_trains_on_that_seeds_autoencoders(tmp_path, monke
         assert cfg.autoencoder.steps == plan.ae_steps
         stage, cfg = trained[runs["regression", seed]]
         assert stage == "regression" and cfg.train.seed == seed and cfg.train.steps == plan.steps
-        for v in (v for v in study.VARIANTS if v.trained_as is None):
+        for v in (v for v in study_plan.VARIANTS if v.trained_as is None):
             run = RunDir(runs[v.name, seed])
             stage, cfg = trained[run.path]
             assert cfg.train.seed == seed and cfg.train.steps == plan.steps
             assert {run.autoencoder(r).read_text() for r in ROLES_NEEDED} == {f"autoencoders of seed {seed}"}
             assert json.loads(run.config.read_text())["train"]["seed"] == seed
-    n_models = len([v for v in study.VARIANTS if v.trained_as is None]) * len(plan.seeds)
+    n_models = len([v for v in study_plan.VARIANTS if v.trained_as is None]) * len(plan.seeds)
     assert sum(stage == "all" for stage, _ in trained.values()) == n_models
 
     trained.clear()  # a finished study trains nothing again

@@ -9,7 +9,8 @@ import pytest
 import tifffile
 
 from wsi_damm.slides import open_file
-from wsi_damm.workflows.synth import SIMULATOR_VERSION, SynthConfig, make_layout, render_window, simulator_version, write_slides
+from wsi_damm.workflows.simulator import SIMULATOR_VERSION, SynthConfig, make_layout, render_window
+from wsi_damm.workflows.synth import simulator_version, write_slides
 
 
 def test_synth_is_deterministic_and_described(small, tmp_path):
@@ -54,7 +55,7 @@ def test_tiling_is_independent_of_tile_size_in_the_simulator():
 def test_np_spreads_from_a_point_as_a_gaussian_of_the_penetration_length(density, length_um):
     """Closed form: one point source in uniform density spreads as the normalised Gaussian of that density's
     penetration length (8 µm dense, 60 µm sparse) — the physics `fov_bound` relies on, linear in the sources."""
-    from wsi_damm.workflows.synth import np_spread
+    from wsi_damm.workflows.simulator import np_spread
 
     cfg, c, n = SynthConfig(), 4, 257
     src = np.zeros((n, n))
@@ -77,7 +78,7 @@ def test_coarse_fields_are_read_as_bilinear_interpolation_of_the_whole_grid():
     """`_sample` reads only the coarse pixels a window needs; brute-force reference: map_coordinates on the whole grid."""
     from scipy import ndimage
 
-    from wsi_damm.workflows.synth import _sample
+    from wsi_damm.workflows.simulator import _sample
 
     field = np.random.default_rng(0).random((64, 80))
     for c in (4, 8):
@@ -106,7 +107,7 @@ def test_version_2_renders_the_np_slides_of_version_1():
 def test_the_perfusion_target_is_sparse_and_fills_only_perfused_lumens(tmp_path):
     """`target="perfusion"`: the third channel is a tracer in the lumens of vessels that carry flow (leakiness under
     PERFUSION_LEAK_LIMIT), by that flow; a few per cent of the pixels after the slide's own percentile normalisation."""
-    from wsi_damm.workflows.synth import PERFUSION_LEAK_LIMIT
+    from wsi_damm.workflows.simulator import PERFUSION_LEAK_LIMIT
 
     cfg = SynthConfig(size=1024, seed=5, target="perfusion")
     [paths] = write_slides(tmp_path, 1, cfg, progress=False)
@@ -129,6 +130,6 @@ def test_the_perfusion_target_is_sparse_and_fills_only_perfused_lumens(tmp_path)
 
 
 def _sample_tissue(lay, size: int) -> np.ndarray:
-    from wsi_damm.workflows.synth import _sample
+    from wsi_damm.workflows.simulator import _sample
 
     return _sample(lay.tissue, lay.c, 0, 0, size, size)

@@ -11,10 +11,10 @@ import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsi_damm.errors import InputError
 from wsi_damm.slides import open_file
-from wsi_damm.store import PatchStore
-from wsi_damm.tiling import choose_level, grid_positions, read_scaled, tissue_fractions
+from wsi_damm.tiling.grid import choose_level, grid_positions, read_scaled, tissue_fractions
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.util.errors import InputError
 
 from .conftest import run_cli
 
@@ -175,7 +175,7 @@ def test_bad_options_exit_2(small, tmp_path):
 def test_tissue_mask_reads_the_inputs_only(small):
     """CD31 and DAPI decide where tissue is; the measured NP channel (present or not, bright or blank) does not."""
     from wsi_damm.slides import specs_from_paths
-    from wsi_damm.stages.tile import TileConfig, plan_slide
+    from wsi_damm.tiling.plan import TileConfig, plan_slide
 
     (spec,) = specs_from_paths([small], {})
     cfg = TileConfig(patch_size=64, overlap=16)

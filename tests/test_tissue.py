@@ -8,10 +8,10 @@ import pytest
 import tifffile
 
 from tests.conftest import fixture
-from wsi_damm import tiling
-from wsi_damm.inputs import resolve_slides
-from wsi_damm.stages.tile import TileConfig, plan_slide
-from wsi_damm.tiling import tissue_mask
+from wsi_damm.tiling import grid as tiling
+from wsi_damm.tiling.grid import tissue_mask
+from wsi_damm.tiling.inputs import resolve_slides
+from wsi_damm.tiling.plan import TileConfig, plan_slide
 
 N = 512
 
@@ -91,7 +91,7 @@ def test_every_patch_with_tissue_all_or_min_tissue_zero(tmp_path):
 
 
 def test_tissue_mode_is_checked():
-    from wsi_damm.errors import InputError
+    from wsi_damm.util.errors import InputError
 
     with pytest.raises(InputError, match="--tissue"):
         TileConfig(tissue="some").validate()

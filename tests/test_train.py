@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wsi_damm.config import resolve
-from wsi_damm.errors import InputError
-from wsi_damm.run_dir import RunDir
 from wsi_damm.stages.train import run_training
+from wsi_damm.training.config import resolve
+from wsi_damm.training.run_dir import RunDir
+from wsi_damm.util.errors import InputError
 
 from .conftest import free_port, run_cli
 
@@ -132,7 +132,7 @@ def test_autoencoder_weight_decay_comes_from_the_config(small_store, tiny_toml, 
     """One step apart in weight decay alone, AdamW's decoupled decay moves every weight by exactly
     −lr·Δwd·w₀ (Loshchilov & Hutter): the Adam part of the step is the same, so the config's value is
     the one the optimiser used."""
-    from wsi_damm.run_dir import ROLES_NEEDED, build_autoencoder
+    from wsi_damm.training.run_dir import ROLES_NEEDED, build_autoencoder
 
     base = resolve("tiny", tiny_toml, {"autoencoder": {"steps": 1}})
     weights = {}
@@ -190,11 +190,11 @@ def test_a_collapsed_autoencoder_stops_the_run_before_the_diffusion_stage(small_
     import numpy as np
     from click.testing import CliRunner
 
-    from wsi_damm.autoencoder_check import ceiling_of
-    from wsi_damm.checkpoint import save_weights
-    from wsi_damm.run_dir import load_autoencoders, load_run_config
-    from wsi_damm.store import PatchStore
-    from wsi_damm.training_data import PatchImages
+    from wsi_damm.tiling.store import PatchStore
+    from wsi_damm.training.autoencoder_check import ceiling_of
+    from wsi_damm.training.checkpoint import save_weights
+    from wsi_damm.training.data import PatchImages
+    from wsi_damm.training.run_dir import load_autoencoders, load_run_config
     from wsi_damm_cli.main import cli
 
     out = tmp_path / "run"
@@ -231,7 +231,7 @@ def test_a_collapsed_autoencoder_stops_the_run_before_the_diffusion_stage(small_
     assert not run.unet.exists()
     after = json.loads(run.ae_ceiling.read_text())
     assert "target" in after["collapsed"] and after["roles"]["target"]["spread_ratio"] == 0
-    from wsi_damm.run_info import run_summary
+    from wsi_damm.training.run_info import run_summary
 
     shown = run_summary(out)["autoencoder_ceiling"]  # what `wsi-damm info RUN` prints
     assert shown["target"].endswith("COLLAPSED") and shown["measured on"] == "validation patches"
@@ -246,9 +246,9 @@ def test_a_sparse_target_is_recognised_and_its_recipe_recorded(small_store, tiny
     decides SPARSE_RECIPE; the choice and the share are written into the run's config; "no" keeps the settings."""
     import numpy as np
 
-    from wsi_damm.config import SPARSE_BELOW, SPARSE_RECIPE, with_sparse_choice
     from wsi_damm.stages.train import bright_fraction
-    from wsi_damm.store import PatchStore, read_rows
+    from wsi_damm.tiling.store import PatchStore, read_rows
+    from wsi_damm.training.config import SPARSE_BELOW, SPARSE_RECIPE, with_sparse_choice
 
     store = PatchStore.open(small_store)
     k = store.roles.index("target")
@@ -283,11 +283,12 @@ def test_the_real_inform_fields_sparse_channel_is_recognised_as_sparse(tmp_path)
     percentile normalisation) gets the sparse recipe; the same field's dense DAPI as the target does not."""
     import numpy as np
 
-    from wsi_damm.config import SPARSE_BELOW
-    from wsi_damm.inputs import resolve_slides
-    from wsi_damm.stages.tile import TileConfig, run_tile
+    from wsi_damm.stages.tile import run_tile
     from wsi_damm.stages.train import bright_fraction
-    from wsi_damm.store import PatchStore
+    from wsi_damm.tiling.inputs import resolve_slides
+    from wsi_damm.tiling.plan import TileConfig
+    from wsi_damm.tiling.store import PatchStore
+    from wsi_damm.training.config import SPARSE_BELOW
 
     from .conftest import fixture
 

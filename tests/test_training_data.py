@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_damm.errors import InputError
-from wsi_damm.store import PatchStore
-from wsi_damm.training_data import PatchDataset, split_validation
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.training.data import PatchDataset, split_validation
+from wsi_damm.util.errors import InputError
 
 from .conftest import TINY_TOML, run_cli
 
@@ -72,9 +72,9 @@ def test_region_split_never_overlaps_training(small_store, fraction):
 
 
 def test_one_slide_trains_with_a_held_out_region(synth_dir, tmp_path):
-    from wsi_damm.config import resolve
-    from wsi_damm.run_dir import RunDir
     from wsi_damm.stages.train import run_training
+    from wsi_damm.training.config import resolve
+    from wsi_damm.training.run_dir import RunDir
 
     store = tmp_path / "one.zarr"
     slide = sorted(synth_dir.glob("*.ome.tif"))[0]
@@ -88,6 +88,6 @@ def test_one_slide_trains_with_a_held_out_region(synth_dir, tmp_path):
     validation = json.loads(RunDir(run.path).validation.read_text())
     assert cfg["train"]["val_split"] == "region" and validation["kind"] == "region" and validation["val_patches"] > 0
     assert "validation region" in validation["description"]
-    from wsi_damm.run_info import run_summary
+    from wsi_damm.training.run_info import run_summary
 
     assert run_summary(run.path)["last_val_loss"] is not None  # validated, from the one slide

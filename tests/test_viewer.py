@@ -14,7 +14,7 @@ from skimage.transform import downscale_local_mean, resize
 
 from tests.chromium import Chromium, find_browser
 from tests.conftest import run_cli
-from wsi_damm.deepzoom import WHOLE_LEVEL, Pyramid, SourceLevel, colour_map, dzi_geometry, write_dzi
+from wsi_damm.evaluation.deepzoom import WHOLE_LEVEL, Pyramid, SourceLevel, colour_map, dzi_geometry, write_dzi
 
 
 def _field(h: int, w: int) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_report_links_a_viewer_that_ships_its_viewer(report):
 @pytest.mark.slow(adds="the viewer page opened by a real headless Chromium, its tiles loaded and drawn")
 @pytest.mark.skipif(find_browser() is None, reason="no Chromium here (.ci/run installs it)")
 def test_viewer_in_a_real_browser(report, small_map, tmp_path):
-    from wsi_damm.slide_map import open_map
+    from wsi_damm.stitching.slide_map import open_map
 
     with Chromium(1500, 900) as browser:
         browser.goto((report / "viewer_synth_000.html").resolve().as_uri())

@@ -3,7 +3,7 @@
 The pipeline from Python, with the CLI's option names and defaults (see `wsi_damm.api`):
 `synth`, `tile`, `train`, `predict`, `stitch`, `evaluate`, `compare`, `export`."""
 
-from ._version import __version__
-from .api import compare, evaluate, export, predict, stitch, synth, tile, train
+from wsi_damm._version import __version__
+from wsi_damm.api import compare, evaluate, export, predict, stitch, synth, tile, train
 
 __all__ = ["__version__", "compare", "evaluate", "export", "predict", "stitch", "synth", "tile", "train"]

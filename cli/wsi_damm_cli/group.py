@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 
 from wsi_damm import __version__
-from wsi_damm.config import PRESETS
-from wsi_damm.errors import InputError
-from wsi_damm.precision import AMP_MODES
+from wsi_damm.training.config import PRESETS
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.precision import AMP_MODES
 
 LOG = logging.getLogger("wsi_damm")
 RECORD = logging.getLogger("wsi_damm.cli")  # the command line, warnings and errors: for --log-file only (stderr has them already)
@@ -160,4 +160,4 @@ DIST_TIMEOUT_HELP = "torchrun: minutes a rank may wait in a collective before th
 IMAGE_MPP = "Pixel size (µm) of slides that carry none: plain JPEG / PNG / BMP images need it."
 
 
-BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.merge.BLENDS: not imported, so --help stays fast
+BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.stitching.merge.BLENDS: not imported, so --help stays fast

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_damm.jobs import SCHEDULER_HELP
+from wsi_damm.util.jobs import SCHEDULER_HELP
 
 from .group import (
     BLEND_HELP,
@@ -123,12 +123,13 @@ def evaluate(
 @click.option("--channels", help="Role map of the slide, e.g. vessels=CD31,nuclei=DAPI,target=NP.")
 @click.option("--threshold", default=0.5, type=click.FloatRange(0, 1), help="High-NP regions: predicted NP at least this (normalised).")
 @click.option("--mpp", type=float, help=IMAGE_MPP)
-def export(map_path, truth, out, channels, threshold, mpp) -> None:
+@click.option("--max-slide-gb", default=256.0, type=float, help=MAX_SLIDE_HELP)
+def export(map_path, truth, out, channels, threshold, mpp, max_slide_gb) -> None:
     """One aligned pyramidal OME-TIFF (CD31, DAPI, measured NP, predicted NP, |error|, sd; µm scale),
     high-NP regions and per-patch divergence as GeoJSON — QuPath opens and imports them."""
     from wsi_damm import api
 
-    done = api.export(map_path, truth=truth, out=out, channels=channels, threshold=threshold, mpp=mpp)
+    done = api.export(map_path, truth=truth, out=out, channels=channels, threshold=threshold, mpp=mpp, max_slide_gb=max_slide_gb)
     click.echo(f"{done['tiff']}: {', '.join(done['channels'])} (QuPath: File > Open)")
     click.echo(f"{done['high_np']}: {done['high_np_regions']} high-NP regions (QuPath: File > Import objects)")
     if "patches" in done:

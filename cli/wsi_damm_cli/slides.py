@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from wsi_damm.jobs import SCHEDULER_HELP
+from wsi_damm.util.jobs import SCHEDULER_HELP
 
 from .group import (
     WORKERS_HELP,
@@ -162,10 +162,10 @@ def tile(
 def info(path: Path, mpp: float | None, as_json: bool) -> None:
     """Describe a slide file, a patch store or a training run directory."""
     from wsi_damm.slides.omezarr import is_ome_image
-    from wsi_damm.store import PatchStore
+    from wsi_damm.tiling.store import PatchStore
 
     if (path / "config.json").exists():
-        from wsi_damm.run_info import run_summary
+        from wsi_damm.training.run_info import run_summary
 
         summary = run_summary(path)
     elif path.is_file() or is_ome_image(path):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from wsi_damm.config import PRESETS
-from wsi_damm.devices import DEVICE_HELP  # devices and precision import torch only when used: --help stays fast
+from wsi_damm.training.config import PRESETS
+from wsi_damm.util.devices import DEVICE_HELP  # devices and precision import torch only when used: --help stays fast
 
 from .group import (
     AMP,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from wsi_damm.config import PRESETS
+from wsi_damm.training.config import PRESETS
 
 from .group import (
     cli,

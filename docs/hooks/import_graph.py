@@ -45,6 +45,25 @@ def _short(module: str) -> str:
     return module.removeprefix("wsi_damm.")
 
 
+def layers() -> str:
+    """The folders in import order: each imports only from those above it (a topological order of the folder graph)."""
+    graph = import_graph()
+    folder = lambda m: m.split(".")[1] if "." in m else m  # noqa: E731
+    deps: dict[str, set[str]] = {}
+    for m, imports in graph.items():
+        if m == "wsi_damm":
+            continue
+        deps.setdefault(folder(m), set()).update(folder(i) for i in imports if folder(i) != folder(m))
+    order: list[str] = []
+    while len(order) < len(deps):
+        ready = sorted(f for f in deps if f not in order and deps[f] <= set(order))
+        if not ready:
+            raise ValueError(f"the folders import in a cycle: {sorted(set(deps) - set(order))}")
+        order += ready
+    rows = [f"| `{f}` | {', '.join(f'`{d}`' for d in sorted(deps[f])) or '—'} |" for f in order]
+    return "\n".join(["| folder (in import order) | imports from |", "|---|---|", *rows])
+
+
 def table() -> str:
     graph = import_graph()
     rows = [f"| `{_short(m)}` | {', '.join(f'`{_short(i)}`' for i in sorted(graph[m])) or '—'} |" for m in sorted(graph) if m != "wsi_damm"]
@@ -58,6 +77,9 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown
         + "\n\n## Import graph\n\nRead from the code when this site was built (every import statement, including those "
         + "inside functions and under `TYPE_CHECKING`); `tests/test_architecture.py` checks that it has no cycle.\n\n"
+        + "### Folders\n\n"
+        + layers()
+        + "\n\n### Modules\n\n"
         + table()
         + "\n"
     )

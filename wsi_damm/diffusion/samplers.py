@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedule import NoiseSchedule
+from wsi_damm.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Downsample, ResBlock, Upsample, norm_layer
+from wsi_damm.models.blocks import Downsample, ResBlock, Upsample, norm_layer
 
 
 def to_power(x: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import Downsample, ResBlock, TimeEmbedding, Upsample, group_norm
-from .fusion import MMFM, UAFM, ConcatFusion
+from wsi_damm.models.blocks import Downsample, ResBlock, TimeEmbedding, Upsample, group_norm
+from wsi_damm.models.fusion import MMFM, UAFM, ConcatFusion
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import group_norm
+from wsi_damm.models.blocks import group_norm
 
 
 class SpatialAttention(nn.Module):

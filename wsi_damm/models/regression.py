@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import Downsample, ResBlock, Upsample, group_norm
+from wsi_damm.models.blocks import Downsample, ResBlock, Upsample, group_norm
 
 
 class RegressionUNet(nn.Module):

@@ -1,8 +1,8 @@
 """Slide readers behind one interface; see `Slide`."""
 
-from .base import Level, Slide
-from .open import open_file
-from .roles import ROLES, ChannelRef, RoleSlide, SlideSpec, parse_channel_map, specs_from_manifest, specs_from_paths
+from wsi_damm.slides.base import Level, Slide
+from wsi_damm.slides.open import open_file
+from wsi_damm.slides.roles import ROLES, ChannelRef, RoleSlide, SlideSpec, parse_channel_map, specs_from_manifest, specs_from_paths
 
 __all__ = [
     "ROLES",

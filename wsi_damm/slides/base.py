@@ -9,7 +9,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from ..errors import InputError
+from wsi_damm.util.errors import InputError
 
 #: Refuse slides whose declared pixel data exceed this many bytes (fuzzed TIFFs declare terabytes).
 DEFAULT_MAX_BYTES = 256 * 2**30

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
+from wsi_damm.slides.base import DEFAULT_MAX_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
+from wsi_damm.util.errors import InputError
 
 #: NGFF space units (UDUNITS names) → micrometres
 UNIT_UM = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, Slide
+from wsi_damm.slides.base import DEFAULT_MAX_BYTES, Slide
+from wsi_damm.util.errors import InputError
 
 #: Vendor formats we do not decode, by extension (a .vsi is a TIFF that holds only the overview; its
 #: pixels sit in .ets files beside it), and by signature where they have one.
@@ -33,7 +33,7 @@ def open_file(
         raise InputError(p, "no such file")
     slide: Slide
     if p.is_dir():
-        from .omezarr import OmeZarrSlide, is_ome_zarr
+        from wsi_damm.slides.omezarr import OmeZarrSlide, is_ome_zarr
 
         if not is_ome_zarr(p):
             raise InputError(p, "is a directory but not an OME-Zarr image (no zarr.json, .zgroup or .zattrs)", "pass the slide file itself")
@@ -44,15 +44,15 @@ def open_file(
         vendor = _vendor_format(p)
         if vendor:
             raise InputError(p, f"is {vendor}, which wsi-damm does not read", CONVERTERS)
-        from .plain import PlainImageSlide, plain_format
-        from .tiff import TiffSlide, is_tiff
+        from wsi_damm.slides.plain import PlainImageSlide, plain_format
+        from wsi_damm.slides.tiff import TiffSlide, is_tiff
 
         if is_tiff(p):
             slide = TiffSlide(p, planes=planes, max_bytes=max_bytes)
         elif plain_format(p):
             return PlainImageSlide(p, mpp, max_bytes=max_bytes)
         else:
-            from .openslide_reader import OpenSlideSlide
+            from wsi_damm.slides.openslide_reader import OpenSlideSlide
 
             slide = OpenSlideSlide(p, max_bytes=max_bytes)
     if slide.mpp is None and mpp is not None:

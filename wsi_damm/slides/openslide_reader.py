@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, Level, Slide, check_declared_size
+from wsi_damm.slides.base import DEFAULT_MAX_BYTES, Level, Slide, check_declared_size
+from wsi_damm.util.errors import InputError
 
 
 class OpenSlideSlide(Slide):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, Level, Slide, check_declared_size
+from wsi_damm.slides.base import DEFAULT_MAX_BYTES, Level, Slide, check_declared_size
+from wsi_damm.util.errors import InputError
 
 #: JPEG chroma subsampling as Pillow reports it (JpegImagePlugin.get_sampling)
 JPEG_SAMPLING = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, Level, Slide
-from .open import open_file
+from wsi_damm.slides.base import DEFAULT_MAX_BYTES, Level, Slide
+from wsi_damm.slides.open import open_file
+from wsi_damm.util.errors import InputError
 
 ROLES = ("vessels", "nuclei", "target")
 INPUT_ROLES = ("vessels", "nuclei")  # what prediction reads; the tissue mask comes from these alone

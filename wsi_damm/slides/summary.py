@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .open import open_file
+from wsi_damm.slides.open import open_file
 
 
 def slide_summary(path: str | Path, mpp: float | None = None) -> dict:

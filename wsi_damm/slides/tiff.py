@@ -18,8 +18,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from ..errors import InputError
-from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_CHUNK_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
+from wsi_damm.slides.base import DEFAULT_MAX_BYTES, DEFAULT_MAX_CHUNK_BYTES, MAX_CHANNELS, Level, Slide, check_declared_size
+from wsi_damm.util.errors import InputError
 
 logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # corrupt tags are reported by our own errors
 

@@ -17,18 +17,18 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from ..errors import InputError
-from ..files import read_json, write_csv, write_json
-from ..jobs import compute_scheduler
-from ..metrics import map_check, psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
-from ..np_units import MEASURED_UNIT, NpScale
-from ..progress import progress_bar
-from ..report import write_report
-from ..slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
-from ..slides import SlideSpec, open_file
-from ..tiling import LAZY_BLOCK as BLOCK
-from ..tiling import lazy_blocks, tissue_fractions
-from ..truth import Companion, GeoJSONRegions, ReopensSlide, SlideEvaluation, Truth, load_truth, open_regions  # noqa: F401 (re-exported)
+from wsi_damm.evaluation.metrics import map_check, psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
+from wsi_damm.evaluation.report import write_report
+from wsi_damm.evaluation.truth import Companion, GeoJSONRegions, ReopensSlide, SlideEvaluation, Truth, load_truth, open_regions  # noqa: F401 (re-exported)
+from wsi_damm.slides import SlideSpec, open_file
+from wsi_damm.stitching.slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
+from wsi_damm.tiling.grid import LAZY_BLOCK as BLOCK
+from wsi_damm.tiling.grid import lazy_blocks, tissue_fractions
+from wsi_damm.tiling.np_units import MEASURED_UNIT, NpScale
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.files import read_json, write_csv, write_json
+from wsi_damm.util.jobs import compute_scheduler
+from wsi_damm.util.progress import progress_bar
 
 PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ..annotations import Region, write_regions
-from ..files import write_json
-from ..ome import build_pyramid, create_level, write_ome_tiff
-from ..slide_map import COVERAGE, open_map
-from ..slides import SlideSpec
-from ..viewer import layer_sources
-from .evaluate import load_truth
+from wsi_damm.evaluation.viewer import layer_sources
+from wsi_damm.slides import SlideSpec
+from wsi_damm.slides.annotations import Region, write_regions
+from wsi_damm.slides.ome import build_pyramid, create_level, write_ome_tiff
+from wsi_damm.stages.evaluate import load_truth
+from wsi_damm.stitching.slide_map import COVERAGE, open_map
+from wsi_damm.util.files import write_json
 
 HIGH_NP = 0.5
 TRACE_SIDE = 2048
@@ -99,7 +99,7 @@ def export_for_qupath(map_path: Path, spec: SlideSpec, out: Path, threshold: flo
     written = {"tiff": str(tiff), "channels": [name for _, name in layers], "high_np": str(high), "high_np_regions": len(regions)}
     source = dict(zarr.open_group(str(map_path), mode="r").attrs).get("wsi_damm", {}).get("source")
     if source and Path(source).exists():
-        from ..store import PredictionStore
+        from wsi_damm.tiling.store import PredictionStore
 
         store = PredictionStore.open(source)
         index = next(i for i, s in enumerate(store.slides) if s["slide_id"] == slide)

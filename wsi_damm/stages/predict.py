@@ -19,15 +19,9 @@ import numpy as np
 import torch
 import zarr
 
-from ..canvas import sample_canvases
-from ..config import RunConfig, sampling_for
-from ..diffusion.noise import patch_key
-from ..distributed import Ranks, setup_ranks
-from ..errors import InputError
-from ..files import partial_path, prepare_output, publish
-from ..heap import release_free_memory
-from ..merge import BLENDS
-from ..predictor import (  # noqa: F401 (re-exported: the stage's public names)
+from wsi_damm.diffusion.noise import patch_key
+from wsi_damm.sampling.canvas import sample_canvases
+from wsi_damm.sampling.predictor import (  # noqa: F401 (re-exported: the stage's public names)
     DEFAULT_STEPS,
     MICRO_BATCH,
     SAMPLING,
@@ -37,13 +31,20 @@ from ..predictor import (  # noqa: F401 (re-exported: the stage's public names)
     draw_stats,
     in_micro_batches,
 )
-from ..progress import progress_bar
-from ..qc import qc_folder
-from ..run_dir import RunDir, load_run_config
-from ..slides import SlideSpec
-from ..store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
-from .stitch import run_stitch
-from .tile import TileConfig, run_tile
+from wsi_damm.slides import SlideSpec
+from wsi_damm.stages.stitch import run_stitch
+from wsi_damm.stages.tile import run_tile
+from wsi_damm.stitching.merge import BLENDS
+from wsi_damm.tiling.plan import TileConfig
+from wsi_damm.tiling.qc import qc_folder
+from wsi_damm.tiling.store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
+from wsi_damm.training.config import RunConfig, sampling_for
+from wsi_damm.training.run_dir import RunDir, load_run_config
+from wsi_damm.util.distributed import Ranks, setup_ranks
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.files import partial_path, prepare_output, publish
+from wsi_damm.util.heap import release_free_memory
+from wsi_damm.util.progress import progress_bar
 
 CANVAS_SAMPLING = ("canvas", "shifted")  # the ones that sample on a latent canvas
 RANKS_READY = "ranks_ready"

@@ -21,16 +21,9 @@ import dask
 import numpy as np
 import zarr
 
-from ..errors import InputError
-from ..files import partial_path, publish
-from ..heap import release_free_memory
-from ..jobs import check_resources, is_cluster, run_tasks
-from ..merge import BlendMerger, window
-from ..np_units import NpScale
-from ..ome import pyramid_shapes, writable, write_ome_tiff
-from ..progress import progress_bar
-from ..qc import map_picture, thumbnail_path
-from ..slide_map import (
+from wsi_damm.slides.ome import pyramid_shapes, writable, write_ome_tiff
+from wsi_damm.stitching.merge import BlendMerger, window
+from wsi_damm.stitching.slide_map import (
     DEFAULT_PERCENTILES,
     MAP_DTYPE,
     PATCH_MAP_CHANNELS,
@@ -42,7 +35,14 @@ from ..slide_map import (
     finish_map,
     write_map_region,
 )
-from ..store import PredictionStore, read_rows
+from wsi_damm.tiling.np_units import NpScale
+from wsi_damm.tiling.qc import map_picture, thumbnail_path
+from wsi_damm.tiling.store import PredictionStore, read_rows
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.files import partial_path, publish
+from wsi_damm.util.heap import release_free_memory
+from wsi_damm.util.jobs import check_resources, is_cluster, run_tasks
+from wsi_damm.util.progress import progress_bar
 
 BAND_BYTES = 64 * 2**20  # float32 plane bytes per band; one band per worker in flight
 WORKER_BYTES = 128 * 2**20  # a worker process's interpreter, numpy and zarr before its first band

@@ -16,12 +16,12 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from ..errors import InputError
-from ..files import partial_path, publish
-from ..slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
-from ..slides import SlideSpec
-from ..stages.tile import TileConfig, plan_slide
-from ..tiling import lazy_blocks, low_resolution, nearest, unit_range
+from wsi_damm.slides import SlideSpec
+from wsi_damm.stitching.slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
+from wsi_damm.tiling.grid import lazy_blocks, low_resolution, nearest, unit_range
+from wsi_damm.tiling.plan import TileConfig, plan_slide
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.files import partial_path, publish
 
 SIGMAS_UM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..predictor import in_micro_batches
-from ..run_dir import RunDir, load_autoencoders, load_run_config
-from ..slides import SlideSpec, open_file
-from ..stages.tile import plan_slide
-from ..tiling import read_scaled, unit_range
-from .patch_maps import patch_function_map, tiling
+from wsi_damm.sampling.predictor import in_micro_batches
+from wsi_damm.slides import SlideSpec, open_file
+from wsi_damm.tiling.grid import read_scaled, unit_range
+from wsi_damm.tiling.plan import plan_slide
+from wsi_damm.training.run_dir import RunDir, load_autoencoders, load_run_config
+from wsi_damm.workflows.patch_maps import patch_function_map, tiling
 
 SOURCES = ("measured", "noiseless")
 

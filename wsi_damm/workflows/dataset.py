@@ -8,12 +8,14 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..files import write_json
-from ..inputs import resolve_slides
-from ..slides import SlideSpec
-from ..stages.tile import TileConfig, label_patches, run_tile
-from ..store import PatchStore
-from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig, write_slides
+from wsi_damm.slides import SlideSpec
+from wsi_damm.stages.tile import label_patches, run_tile
+from wsi_damm.tiling.inputs import resolve_slides
+from wsi_damm.tiling.plan import TileConfig
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.util.files import write_json
+from wsi_damm.workflows.simulator import DIVERGENCE_LABELS, SIMULATOR_VERSION, SynthConfig
+from wsi_damm.workflows.synth import write_slides
 
 TRAIN_SEED, HELDOUT_SEED = 1, 1001  # simulator seeds: slide i of each set is `make_layout(SynthConfig(seed=…), i)`
 

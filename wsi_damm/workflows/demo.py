@@ -10,16 +10,16 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import RunConfig, resolve
-from ..files import read_json, write_json
-from ..stages.evaluate import run_evaluate
-from ..stages.predict import PredictConfig, predict_maps, resolve_sampling
-from ..stages.tile import TileConfig
-from ..stages.train import run_training
-from ..store import PatchStore
-from . import baseline
-from .dataset import synthetic_data
-from .synth import DIVERGENCE_LABELS, SIMULATOR_VERSION
+from wsi_damm.stages.evaluate import run_evaluate
+from wsi_damm.stages.predict import PredictConfig, predict_maps, resolve_sampling
+from wsi_damm.stages.train import run_training
+from wsi_damm.tiling.plan import TileConfig
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.training.config import RunConfig, resolve
+from wsi_damm.util.files import read_json, write_json
+from wsi_damm.workflows import baseline
+from wsi_damm.workflows.dataset import synthetic_data
+from wsi_damm.workflows.simulator import DIVERGENCE_LABELS, SIMULATOR_VERSION
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,8 @@ class DemoPlan:
     on_collapse: str = "stop"  # what the autoencoder guard does: the quick plan checks the pipeline, not the model
 
 
-# 500 diffusion, 150 autoencoder and 10 DPM-Solver++ steps and one draw: the full demo within 10 minutes on 2 AVX-512
-# cores. 900 diffusion steps took 706–794 s in CI on 3 Dec and 600 took 618 s here, for +0.023 and +0.012 SSIM over
-# 3 seeds (README, Fewer diffusion steps); on 2 AVX2 cores the demo takes about twice as long.
+# 500 diffusion, 150 autoencoder and 10 DPM-Solver++ steps and one draw: the budget that keeps the full demo within
+# 10 minutes on 2 cores (the budget's measurements: docs/results.md, benchmarks/results/budget/).
 FULL = DemoPlan(size=2048, train_slides=2, ae_steps=150, steps=500, sample_steps=10, samples=1)
 # The quick plan is a check that every stage runs; 60 autoencoder steps are too few for them to learn, so its guard warns
 # (the warning and the map check's flag are in its summary) instead of stopping.
@@ -45,10 +44,10 @@ QUICK = DemoPlan(size=1024, train_slides=2, ae_steps=60, steps=150, sample_steps
 
 
 def demo_config(plan: DemoPlan, preset: str = "tiny") -> RunConfig:
-    """`preset` at the plan's budget: five validations (each is a forward pass over the held-out training slide's
-    patches, about 3 s here) and one checkpoint, at the end. Both branches learn from every sample after the
-    warm-up (`damm.multi_loss = "always"`): with the paper's gated loss, 500 steps left the gate locked on the
-    vessel branch in two of three seeds (the demo's among them), a map blind to DAPI."""
+    """`preset` at the plan's budget: five validations (each a forward pass over the held-out training slide's
+    patches) and one checkpoint, at the end. Both branches learn from every sample after the warm-up
+    (`damm.multi_loss = "always"`): at this budget the paper's gated loss can leave the gate locked on the vessel
+    branch, a map blind to DAPI (benchmarks/results/budget/multi_loss_500_avx512.json)."""
     cfg = resolve(preset)
     return replace(
         cfg,

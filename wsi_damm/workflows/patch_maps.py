@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig
-from ..files import partial_path, publish
-from ..slides import SlideSpec
-from ..stages.predict import PredictConfig, condition_config
-from ..stages.stitch import run_stitch
-from ..stages.tile import TileConfig, run_tile
-from ..store import PatchStore, create_prediction_store, read_rows, to_model_range
+from wsi_damm.slides import SlideSpec
+from wsi_damm.stages.predict import PredictConfig, condition_config
+from wsi_damm.stages.stitch import run_stitch
+from wsi_damm.stages.tile import run_tile
+from wsi_damm.tiling.plan import TileConfig
+from wsi_damm.tiling.store import PatchStore, create_prediction_store, read_rows, to_model_range
+from wsi_damm.training.config import RunConfig
+from wsi_damm.util.files import partial_path, publish
 
 # (patches (B, C, P, P) in [-1, 1] with the store's roles, their coords (B, 3), their context windows in [0, 1] when the
 # run conditions on context, else None) → NP (B, 1, P, P) in [0, 1]

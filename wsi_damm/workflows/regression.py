@@ -17,20 +17,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_weights, save_weights
-from ..config import RunConfig
-from ..context import to_latent_grid
-from ..errors import InputError
-from ..files import write_json
-from ..heap import reusing_freed_memory
-from ..learning_rate import lr_at
-from ..models.regression import RegressionUNet
-from ..progress import progress_bar
-from ..run_dir import build_optimizer
-from ..slides import SlideSpec
-from ..store import PatchStore
-from ..training_data import PatchImages, batch_rows, split_of
-from .patch_maps import patch_function_map
+from wsi_damm.models.regression import RegressionUNet
+from wsi_damm.slides import SlideSpec
+from wsi_damm.tiling.context import to_latent_grid
+from wsi_damm.tiling.store import PatchStore
+from wsi_damm.training.checkpoint import load_weights, save_weights
+from wsi_damm.training.config import RunConfig
+from wsi_damm.training.data import PatchImages, batch_rows, split_of
+from wsi_damm.training.learning_rate import lr_at
+from wsi_damm.training.run_dir import build_optimizer
+from wsi_damm.util.errors import InputError
+from wsi_damm.util.files import write_json
+from wsi_damm.util.heap import reusing_freed_memory
+from wsi_damm.util.progress import progress_bar
+from wsi_damm.workflows.patch_maps import patch_function_map
 
 INPUTS = ("vessels", "nuclei")
 WEIGHTS, CONFIG = "regression_ema.safetensors", "config.json"

@@ -65,7 +65,21 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
         {"loss": "l1"},
         {"latents": "patch"},
     ),
+    # … its denoiser trained on squared error (the conditional mean the samplers' updates assume) instead of L1
+    "paper-l2": (
+        {"sparse_target": "no", "local": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"loss": "l2"},
+        {"latents": "patch"},
+    ),
+    # … and with four times the demo's diffusion steps (is the budget what the sparse target lacks?)
+    "paper-2000": (
+        {"sparse_target": "no", "local": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"loss": "l1"},
+        {"latents": "patch"},
+        {"steps": 2000},
+    ),
 }
+REGRESSION = "regression"  # the row of `train --model regression` at the demo's budget (no autoencoder, no ceiling)
 FIXTURE_CHANNELS = "vessels=Cy5,nuclei=DAPI,target=Alexa 594"  # Alexa 594: the field's sparse channel
 
 
@@ -85,24 +99,49 @@ def fixture_images(work: Path, fixture: Path):
     return PatchImages(s, np.arange(len(s))), s.roles.index("target")
 
 
-def one_run(demo, work: Path, recipe: str, seed: int, fixture) -> dict:
-    """Train (the autoencoders shared by every recipe with the same autoencoder settings and seed), score, cache."""
+def regression_run(demo, work: Path, seed: int, draws: int) -> dict:
+    """`train --model regression` at the demo's budget (the tiny preset's `[train]`, this seed), its map scored like a draw's."""
+    from wsi_damm.training.run_dir import RunDir as Run
+    from wsi_damm.workflows.regression import regression_map, train_regression
+
+    run_dir = work / f"{REGRESSION}_seed{seed}"
+    done = run_dir / "scores.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t = time.perf_counter()
+    train_regression(demo.data.store, run_dir, budget_config(demo.plan, seed), progress=False)
+    seconds = round(time.perf_counter() - t, 1)
+    path = regression_map(run_dir, demo.held.spec, run_dir / "map.ome.zarr", progress=False)
+    scored = scores(run_evaluate([(path, demo.held.spec)], run_dir / "report", [demo.held.clean], **demo.scoring))
+    row = {"recipe": REGRESSION, "seed": seed, "train_seconds": seconds, "diffusion_seconds": seconds, "map": scored}
+    row["refused_by_guard"] = None
+    assert Run(run_dir).regression.exists()
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def one_run(demo, work: Path, recipe: str, seed: int, fixture, draws: int = 1) -> dict:
+    """Train (the autoencoders shared by every recipe with the same autoencoder settings and seed), score, cache;
+    with `draws` > 1 also the map that is the mean of that many draws."""
     from wsi_damm.training.config import merge
     from wsi_damm.workflows.study import train_autoencoders, train_on_autoencoders
 
-    autoencoder, damm, model = RECIPES[recipe]
+    if recipe == REGRESSION:
+        return regression_run(demo, work, seed, draws)
+    autoencoder, damm, model, *more = RECIPES[recipe]
+    train = more[0] if more else {}
     run_dir = work / f"{recipe}_seed{seed}"
     done = run_dir / "scores.json"
     if done.exists():
         row = json.loads(done.read_text())
     else:
-        cfg = merge(budget_config(demo.plan, seed, autoencoder=autoencoder, model=model), {"damm": damm}, "benchmark")
+        cfg = merge(budget_config(demo.plan, seed, autoencoder=autoencoder, model=model, train=train), {"damm": damm}, "benchmark")
         shared = work / (
             "autoencoders_" + "_".join(f"{k}-{v}" for k, v in sorted(autoencoder.items()) if k != "sparse_target") + f"_seed{seed}"
         )
         t = time.perf_counter()
         cfg = train_autoencoders(demo.data, shared, cfg, seed, False)
-        cfg = merge(cfg, {"damm": damm, "model": model}, "benchmark")
+        cfg = merge(cfg, {"damm": damm, "model": model, "train": train}, "benchmark")
         ae_seconds = round(time.perf_counter() - t, 1)
         refused = None
         if not RunDir(run_dir).unet.exists():
@@ -111,20 +150,25 @@ def one_run(demo, work: Path, recipe: str, seed: int, fixture) -> dict:
             except InputError as exc:  # the guard: recorded, then trained regardless so the map can be scored
                 refused = exc.one_line()
                 run_training(demo.data.store, run_dir, cfg, resume=True, progress=False, force=True)
+        state = RunDir(run_dir).state
         row = {
             "recipe": recipe,
             "seed": seed,
             "autoencoder": autoencoder,
             "damm": damm,
             "model": model,
+            "train": train,
             "autoencoder_seconds": ae_seconds,
             "train_seconds": round(time.perf_counter() - t, 1),
+            "diffusion_seconds": round(json.loads(state.read_text())["seconds"], 1),
             "refused_by_guard": refused,
             "guard_ceiling": json.loads(RunDir(run_dir).ae_ceiling.read_text())["roles"]["target"],
         }
         ceiling = ceiling_map(run_dir, demo.held.spec, None, run_dir / "ceiling.ome.zarr", progress=False)
         row["ceiling"] = scores(run_evaluate([(ceiling, demo.held.spec)], run_dir / "ceiling_report", [demo.held.clean], **demo.scoring))
         row["map"] = predict_and_score(demo, run_dir, 1, seed)
+    if draws > 1 and f"map_mean{draws}" not in row:
+        row[f"map_mean{draws}"] = predict_and_score(demo, run_dir, draws, seed)
     if fixture is not None and "fixture_ceiling" not in row:
         images, channel = fixture
         ae = load_autoencoders(RunDir(run_dir), load_run_config(RunDir(run_dir)))["target"]
@@ -136,7 +180,9 @@ def one_run(demo, work: Path, recipe: str, seed: int, fixture) -> dict:
 def figures(row: dict) -> dict:
     """The numbers a recipe is judged by, flat: r, mean and spread ratios of ceiling and map, and the map's SSIM / PSNR."""
     out = {}
-    for key in ("ceiling", "map"):
+    for key in ("ceiling", "map", *(k for k in row if k.startswith("map_mean"))):
+        if key not in row:
+            continue
         c = row[key]["check"]
         out |= {f"{key}_r": c["pearson_r"], f"{key}_mean_ratio": c["mean_ratio"], f"{key}_spread_ratio": c["spread_ratio"]}
     out |= {"map_ssim": row["map"]["ssim"], "map_psnr": row["map"]["psnr"], "map_seam_score": row["map"]["seam_score"]}
@@ -171,8 +217,14 @@ def markdown(results: list[dict]) -> str:
         "Recipes (settings on top of the demo's; `pixel-constant` is the `tiny` preset's default, what the demo trains):",
         "",
     ]
-    recipes = {row["recipe"]: (row["autoencoder"], row.get("damm", {})) for res in results for row in res["runs"]}
-    out += [f"- `{name}`: `[autoencoder]` {ae}, `[damm]` {damm or {'loss': 'l1'}}" for name, (ae, damm) in recipes.items()] + [""]
+    recipes = {row["recipe"]: row for res in results for row in res["runs"]}
+    out += [
+        f"- `{name}`: the L1 U-Net of `train --model regression` (pixel space, no autoencoder), the demo's `[train]` budget"
+        if name == REGRESSION
+        else f"- `{name}`: `[autoencoder]` {row['autoencoder']}, `[damm]` {row.get('damm') or {'loss': 'l1'}}"
+        + (f", `[train]` {row['train']}" if row.get("train") else "")
+        for name, row in recipes.items()
+    ] + [""]
     for res in results:
         p = res["plan"]
         out += [
@@ -186,16 +238,17 @@ def markdown(results: list[dict]) -> str:
             f"PSNR {res['blur']['psnr']:.2f} dB.",
             "",
             "| recipe | seeds | refused by the guard | ceiling r | ceiling mean | ceiling spread | map r | map mean | map spread | "
-            "map SSIM | map PSNR (dB) | seam score | real field ceiling r | its mean |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "map SSIM | map PSNR (dB) | seam score | mean of 4 draws: r | its mean | its spread | real field ceiling r | its mean |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for recipe, s in res["summary"].items():
-            n = s["ceiling_r"]["n"]
+            n = s["map_r"]["n"]
             out.append(
                 f"| {recipe} | {n} | {s['refused_by_guard']} of {n} | {_cell(s, 'ceiling_r')} | {_cell(s, 'ceiling_mean_ratio', 2)} | "
                 f"{_cell(s, 'ceiling_spread_ratio', 2)} | {_cell(s, 'map_r')} | {_cell(s, 'map_mean_ratio', 2)} | "
                 f"{_cell(s, 'map_spread_ratio', 2)} | {_cell(s, 'map_ssim')} |"
-                f" {_cell(s, 'map_psnr', 2)} | {_cell(s, 'map_seam_score', 2)} | "
+                f" {_cell(s, 'map_psnr', 2)} | {_cell(s, 'map_seam_score', 2)} | {_cell(s, 'map_mean4_r')} | "
+                f"{_cell(s, 'map_mean4_mean_ratio', 2)} | {_cell(s, 'map_mean4_spread_ratio', 2)} | "
                 f"{_cell(s, 'fixture_ceiling_r')} | {_cell(s, 'fixture_ceiling_mean_ratio', 2)} |"
             )
         out += [
@@ -208,9 +261,9 @@ def markdown(results: list[dict]) -> str:
         for row in res["runs"]:
             f = figures(row)
             fx = f"{f['fixture_ceiling_r']:.3f} / {f['fixture_ceiling_mean_ratio']:.2f}" if "fixture_ceiling_r" in f else ""
+            ceiling = f"{f['ceiling_r']:.3f} / {f['ceiling_mean_ratio']:.2f} / {f['ceiling_spread_ratio']:.2f}" if "ceiling_r" in f else "–"
             out.append(
-                f"| {row['recipe']} | {row['seed']} |"
-                f" {f['ceiling_r']:.3f} / {f['ceiling_mean_ratio']:.2f} / {f['ceiling_spread_ratio']:.2f} | "
+                f"| {row['recipe']} | {row['seed']} | {ceiling} | "
                 f"{f['map_r']:.3f} / {f['map_mean_ratio']:.2f} / {f['map_spread_ratio']:.2f} |"
                 f" {f['map_ssim']:.3f} / {f['map_psnr']:.2f} | {fx} |"
             )
@@ -226,7 +279,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--target", default="perfusion", choices=["perfusion", "np"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=[*RECIPES, REGRESSION])
+    ap.add_argument("--draws", type=int, default=1, help="also score the map that is the mean of this many draws")
     ap.add_argument("--fixture", type=Path, help="a real inForm field (component data) whose Alexa 594 channel is sparse")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only-done", action="store_true", help="collect the finished runs of these recipes and seeds, train nothing")
@@ -242,11 +296,11 @@ def main() -> None:
         for seed in args.seeds
         if not args.only_done or (work / f"{recipe}_seed{seed}" / "scores.json").exists()
     ]
-    rows = [one_run(demo, work, recipe, seed, fixture) for recipe, seed in runs]
+    rows = [one_run(demo, work, recipe, seed, fixture, args.draws) for recipe, seed in runs]
     per_recipe = {}
     for recipe in dict.fromkeys(recipe for recipe, _ in runs):
         flat = [figures(r) for r in rows if r["recipe"] == recipe]
-        per_recipe[recipe] = {k: summary([f[k] for f in flat]) for k in flat[0]} | {
+        per_recipe[recipe] = {k: summary([f[k] for f in flat]) for k in flat[0] if all(k in f for f in flat)} | {
             "refused_by_guard": sum(r["refused_by_guard"] is not None for r in rows if r["recipe"] == recipe)
         }
     report(

@@ -70,3 +70,20 @@ def test_every_public_name_of_the_api_reference_has_a_docstring():
     ]
     assert len(public) >= 8
     assert all(inspect.getdoc(obj) for _, obj in public), [name for name, obj in public if not inspect.getdoc(obj)]
+
+
+def test_the_results_pages_are_rendered_from_the_committed_json():
+    """docs/results/*.md are `benchmarks/render_results.py`'s output for the JSON as committed: rerun it after
+    committing a changed JSON (its page names the commit), and commit the pages."""
+    import subprocess
+    import sys
+
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: the pages name the commits of their JSON files")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from render_results import pages
+    finally:
+        sys.path.pop(0)
+    stale = [str(path.relative_to(ROOT)) for path, text in pages().items() if not path.exists() or path.read_text() != text]
+    assert not stale, f"render again: python benchmarks/render_results.py ({stale})"

@@ -61,10 +61,11 @@ def test_regression_row_trains_at_the_runs_budget_and_maps_predicts_patches(smal
     )
     run = train_regression(small_store, tmp_path / "reg", rc, progress=False)
     assert build(rc).stem.in_channels == (4 if span else 2)
-    info = json.loads((run / "config.json").read_text())
-    assert info["run"]["train"]["steps"] == rc.train.steps and np.isfinite(info["final_l1"])
+    trained = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert trained.model.kind == "regression" and trained.train.steps == rc.train.steps
+    validation = json.loads((run / "validation.json").read_text())
     split = split_validation(PatchStore.open(small_store), rc.train.val_fraction, (), rc.train.seed, rc.train.val_split)
-    assert 0 < info["train_patches"] == len(split.train) < len(PatchStore.open(small_store))  # what a DAMM run of rc learns from
+    assert 0 < validation["train_patches"] == len(split.train) < len(PatchStore.open(small_store))  # what a DAMM run of rc learns from
     slide = sorted(synth_dir.glob("*.ome.tif"))[1]
     (spec,) = specs_from_paths([slide], {})
     path = regression_map(run, spec, tmp_path / "reg.ome.zarr", progress=False)

@@ -28,6 +28,12 @@ from .group import (
     type=click.Choice(list(PRESETS)),
     help="Model and training sizes; the defaults below are each preset's. tiny: CPU minutes; paper: the authors' sizes, GPU days.",
 )
+@click.option(
+    "--model",
+    type=click.Choice(["damm", "regression"]),
+    help="damm (default): the latent diffusion model. regression: the L1 U-Net a lab would train instead (CARE-style, "
+    "CD31 + DAPI → target in pixel space, the same patches, steps and schedule; predict, stitch and evaluate read it alike).",
+)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML overrides ([model], [train], …).")
 @click.option(
     "--stage",
@@ -116,6 +122,7 @@ def train(
     store,
     out,
     preset,
+    model,
     config_file,
     stage,
     steps,
@@ -147,13 +154,14 @@ def train(
     force,
     quiet,
 ) -> None:
-    """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store."""
+    """Train the autoencoders and the DAMM-Diffusion U-Net on a patch store (or, with --model regression, the L1 U-Net)."""
     from wsi_damm import api
 
     r = api.train(
         store,
         out=out,
         preset=preset,
+        model=model,
         config=config_file,
         stage=stage,
         steps=steps,

@@ -123,20 +123,12 @@ def tile(
     return TileResult(Path(out), s["patches"], s["patch_size"], list(s["roles"]), s["patches_per_slide"], qc_folder(Path(out)))
 
 
-def _flags(**groups: dict) -> dict:
-    """Nested overrides from options that were actually given (None = not given)."""
-    return {
-        section: {k: v for k, v in values.items() if v is not None}
-        for section, values in groups.items()
-        if any(v is not None for v in values.values())
-    }
-
-
 def train(
     store: PathLike,
     *,
     out: PathLike,
     preset: str = "tiny",
+    model: str | None = None,
     config: PathLike | None = None,
     stage: str = "all",
     steps: int | None = None,
@@ -169,16 +161,18 @@ def train(
     quiet: bool = False,
     log=None,
 ) -> TrainResult:
-    """Train the autoencoders and the DAMM U-Net (`wsi-damm train`); options left None keep the preset's value.
+    """Train the autoencoders and the DAMM U-Net (`wsi-damm train`), or with `model="regression"` the L1 U-Net a lab
+    would train instead (CD31 + DAPI → target, pixel space); options left None keep the preset's value.
     `device`: auto | cpu | cuda | cuda:N | mps; `amp`: off | bf16 | fp16; `dist_timeout`: minutes (torchrun).
     A collapsed autoencoder (its ceiling on the validation patches, `autoencoder_ceiling.json`) stops the run
     before the diffusion stage with an `InputError`, unless `force`; `log` receives that warning then."""
     from wsi_damm.stages.train import run_training
-    from wsi_damm.training.config import resolve
+    from wsi_damm.training.config import given_options, resolve
+    from wsi_damm.training.run_dir import load_run_config, weights_of
 
     if isinstance(val_slides, str):
         val_slides = [v.strip() for v in val_slides.split(",") if v.strip()]
-    flags = _flags(
+    flags = given_options(
         train={
             "steps": steps,
             "epochs": epochs,
@@ -196,6 +190,7 @@ def train(
         },
         autoencoder={"steps": ae_steps, "local": ae_local},
         model={
+            "kind": model,
             "mmfm": False if no_mmfm else None,
             "fusion": fusion,
             "uni_branch": uni_branch,
@@ -212,7 +207,8 @@ def train(
     )
     cfg = resolve(preset, Path(config) if config else None, flags)
     run = run_training(Path(store), Path(out), cfg, stage=stage, resume=resume, progress=not quiet, force=force, log=log)
-    return TrainResult(run.path, run.unet if run.unet.exists() else None, run.metrics, run.path / "loss.png", run.config)
+    weights = weights_of(run, load_run_config(run)) if run.config.exists() else run.unet
+    return TrainResult(run.path, weights if weights.exists() else None, run.metrics, run.path / "loss.png", run.config)
 
 
 def predict(

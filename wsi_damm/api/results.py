@@ -28,7 +28,7 @@ class TileResult:
 @dataclass(frozen=True)
 class TrainResult:
     run: Path
-    weights: Path | None  # unet_ema.safetensors once the diffusion stage is done
+    weights: Path | None  # the trained model once done: unet_ema.safetensors (DAMM) or regression_ema.safetensors
     metrics: Path
     loss_plot: Path
     config: Path

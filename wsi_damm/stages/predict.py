@@ -31,6 +31,7 @@ from wsi_damm.sampling.predictor import (  # noqa: F401 (re-exported: the stage'
     draw_stats,
     in_micro_batches,
 )
+from wsi_damm.sampling.regression import RegressionPredictor
 from wsi_damm.slides import SlideSpec
 from wsi_damm.stages.stitch import run_stitch
 from wsi_damm.stages.tile import run_tile
@@ -96,13 +97,16 @@ def run_predict(
     for spec in specs:
         if "vessels" not in spec.roles:
             raise InputError(spec.paths[0], "has no vessels (CD31) channel; prediction needs it")
-        if rc.model.uni_branch == "nuclei" and not (cfg.nuclei and "nuclei" in spec.roles):
+        if rc.model.uni_branch == "nuclei" and rc.model.kind == "damm" and not (cfg.nuclei and "nuclei" in spec.roles):
             raise InputError(
                 run_dir, "this model's uni-modal branch reads nuclei, but the slide has no nuclei channel (or --no-nuclei was given)"
             )
     if resume and not overwrite and Path(out).exists():  # killed after sampling, while writing the map: the store is done
         return _finished(out, run_dir, cfg)
-    if rc.model.latents == "canvas" and cfg.sampling not in CANVAS_SAMPLING:
+    regression = rc.model.kind == "regression"
+    if regression and cfg.sampling != "independent":
+        raise InputError(run_dir, f"is a regression run: its patches are predicted one by one, not with --sampling {cfg.sampling}")
+    if rc.model.latents == "canvas" and cfg.sampling not in CANVAS_SAMPLING and not regression:
         raise InputError(run_dir, "was trained on canvas latents, which patch-by-patch sampling does not give it", "use --sampling shifted")
     if cfg.sampling == "shifted" and rc.model.latents != "canvas":
         raise InputError(
@@ -110,7 +114,8 @@ def run_predict(
             "was trained on patch latents; shifted-grid sampling cuts windows anywhere on the canvas",
             "train with --latents canvas --ae-local",
         )
-    predictor = Predictor(Path(run_dir), ranks.device, cfg)  # weights are checked before anything is written
+    # weights are checked before anything is written
+    predictor = (RegressionPredictor if regression else Predictor)(Path(run_dir), ranks.device, cfg)
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
     ready = partial / RANKS_READY  # rank 0's set-up is done: the other ranks poll for it instead of waiting in a barrier
@@ -130,7 +135,7 @@ def run_predict(
                 "roles": conditions.roles,
                 "np_normalisation": rc.np_scale.attrs(),
                 "nuclei": predictor.uses_nuclei(conditions.roles),
-                "model": {"dammp": rc.damm.dammp, "gamma": rc.damm.gamma},
+                "model": {"kind": "regression"} if regression else {"kind": "damm", "dammp": rc.damm.dammp, "gamma": rc.damm.gamma},
             }
             create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
         ready.touch()
@@ -171,7 +176,7 @@ def _finished(out: Path, run_dir: Path, cfg: PredictConfig) -> PredictionStore:
 
 
 def _sample_shards(
-    root: zarr.Group, conditions: PatchStore, predictor: Predictor, cfg: PredictConfig, ranks: Ranks, progress: bool
+    root: zarr.Group, conditions: PatchStore, predictor: Predictor | RegressionPredictor, cfg: PredictConfig, ranks: Ranks, progress: bool
 ) -> None:
     s = int(root.attrs["shard_patches"])
     n = root["pred"].shape[0]

@@ -21,6 +21,8 @@ from wsi_damm.training.config import SPARSE_BELOW, RunConfig, with_sparse_choice
 from wsi_damm.training.data import PatchImages, split_of
 from wsi_damm.training.diffusion import train_diffusion
 from wsi_damm.training.latent_canvas import LatentCanvases, PatchLatents
+from wsi_damm.training.regression import DOWNSAMPLING as REGRESSION_DOWNSAMPLING
+from wsi_damm.training.regression import train_regression
 from wsi_damm.training.run_dir import (
     ROLES_NEEDED,
     RunDir,
@@ -130,9 +132,17 @@ def _run_training(
             store_path, "has no context images, which model.context_span needs (tiled by an older wsi-damm)", "tile the slides again"
         )
     patch = int(store.attrs["patch_size"])
-    if patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
+    regression = cfg.model.kind == "regression"
+    if regression and stage != "all":
+        raise InputError("--stage", f"{stage!r} is a stage of the diffusion model; the regression U-Net trains in one (--stage all)")
+    if regression and patch % REGRESSION_DOWNSAMPLING:
+        raise InputError(
+            store_path, f"patch size {patch} is not a multiple of the regression U-Net's downsampling, {REGRESSION_DOWNSAMPLING}"
+        )
+    if not regression and patch % max(1, cfg.autoencoder.factor * 2 ** (len(cfg.model.channels) - 1)):
         raise InputError(store_path, f"patch size {patch} is not divisible by autoencoder factor × U-Net downsampling")
-    usable = canvas_rows(store, store_path, cfg.autoencoder.factor) if cfg.model.latents == "canvas" else np.ones(len(store), bool)
+    canvas = cfg.model.latents == "canvas" and not regression
+    usable = canvas_rows(store, store_path, cfg.autoencoder.factor) if canvas else np.ones(len(store), bool)
     run = RunDir(out)
     cfg = with_store_tiling(cfg, store)
     if run.config.exists():
@@ -150,7 +160,7 @@ def _run_training(
             f"{store_path}: {int((~usable).sum())} patches flush with a slide border off the autoencoder's "
             f"{cfg.autoencoder.factor}-pixel grid are left out of training on canvas latents (their on-grid neighbours cover them)"
         )
-    if cfg.autoencoder.sparse_target != "no" and cfg.autoencoder.target_bright_fraction is None:
+    if not regression and cfg.autoencoder.sparse_target != "no" and cfg.autoencoder.target_bright_fraction is None:
         if cfg.autoencoder.sparse_target == "auto" and (stage == "diffusion" or (resume and run.config.exists())):
             cfg = with_sparse_choice(cfg, False)  # a run from before the choice existed keeps the recipe it was trained with
         else:
@@ -174,6 +184,9 @@ def _run_training(
             },
         )
     images = PatchImages(store, train_idx)
+    if regression:
+        train_regression(images, PatchImages(store, val_idx), roles, run, cfg, ranks, resume, progress, stop_after)
+        return run
     trained = stage in ("autoencoder", "all") and not (resume and all(run.autoencoder(r).exists() for r in ROLES_NEEDED))
     if trained:
         aes = train_autoencoders(images, roles, run, cfg, ranks, progress, resume)

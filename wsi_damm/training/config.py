@@ -66,10 +66,14 @@ LOCAL_NORMS = ("pixel", "none")  # the norms that keep an autoencoder local (mod
 
 
 LATENT_KINDS = ("patch", "canvas")  # what the U-Net learns on: model.latents
+MODEL_KINDS = ("damm", "regression")  # what `train --model` trains: model.kind
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # "damm": the latent diffusion model (autoencoders, then the DAMM U-Net); "regression": the L1 U-Net a lab would
+    # train instead (CARE-style, pixel space; `training/regression.py`)
+    kind: str = "damm"
     channels: tuple[int, ...] = (32, 64, 128)
     res_blocks: int = 1
     heads: int = 4
@@ -201,6 +205,15 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def given_options(**sections: dict) -> dict:
+    """Nested overrides from the options that were actually given (None = not given), by config section."""
+    return {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in sections.items()
+        if any(v is not None for v in values.values())
+    }
+
+
 def merge(base: RunConfig, overrides: dict, where: str) -> RunConfig:
     """Apply a nested dict of overrides (from TOML or flags) on top of `base`."""
     out = base
@@ -242,7 +255,7 @@ def with_sparse_choice(cfg: RunConfig, sparse: bool, bright_fraction: float | No
 
 def sampling_for(cfg: RunConfig) -> str:
     """How `predict --sampling auto` samples a run: shifted grids for canvas latents, else patch by patch."""
-    return "shifted" if cfg.model.latents == "canvas" else "independent"
+    return "shifted" if cfg.model.latents == "canvas" and cfg.model.kind == "damm" else "independent"
 
 
 def validate(cfg: RunConfig) -> None:
@@ -255,6 +268,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("damm.loss", f"must be l1 or l2, got {d.loss!r}")
     if d.multi_loss not in ("gated", "always"):
         raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
+    if m.kind not in MODEL_KINDS:
+        raise InputError("--model", f"must be {' or '.join(MODEL_KINDS)}, got {m.kind!r}")
     if m.latents not in LATENT_KINDS:
         raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
     if m.latents == "canvas" and not cfg.autoencoder.local:

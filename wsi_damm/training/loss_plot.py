@@ -26,21 +26,41 @@ def plot_losses(run: RunDir) -> None:
     validation = json.loads(run.validation.read_text())["description"] if run.validation.exists() else None
     col = lambda k: [(r["step"], r[k]) for r in rows if r.get(k) not in ("", None)]  # noqa: E731
     regions = [k.removeprefix("dfl_label_rate_") for k in rows[0] if k.startswith("dfl_label_rate_")]
-    fig, axes = plt.subplots(1, 3 if regions else 2, figsize=(16.5 if regions else 11, 4))
-    ax1, ax2 = axes[:2]
+    regression = load_run_config(run).model.kind == "regression"  # one panel: no gate
+    panels = 1 if regression else 3 if regions else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axes = axes[0]
+    ax1 = axes[0]
     for key, label, style in (
         ("loss", "train total", "-"),
         ("l_uni", "train uni", ":"),
         ("l_multi", "train multi", ":"),
-        ("val_loss", "val (gated)", "o-"),
+        ("val_loss", "val", "o-"),
         ("val_l_uni", "val uni", "s--"),
         ("val_l_multi", "val multi", "^--"),
     ):
         pts = col(key)
         if pts:
             ax1.plot(*zip(*pts), style, label=label, ms=3)
-    ax1.set(xlabel="step", ylabel="L1 ε-loss", title="Diffusion loss", yscale="log")
+    ax1.set(
+        xlabel="step",
+        ylabel="L1 loss" if regression else "L1 ε-loss",
+        title="Regression U-Net loss (train; val: EMA weights)" if regression else "Diffusion loss",
+        yscale="log",
+    )
     ax1.legend(fontsize=8)
+    if not regression:
+        _gate_panels(axes, rows, col, regions, load_run_config(run).damm.gamma)
+    if validation:
+        fig.suptitle(validation, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(run.path / "loss.png", dpi=110)
+    plt.close(fig)
+
+
+def _gate_panels(axes, rows: list[dict], col, regions: list[str], gamma: float) -> None:
+    """The DAMMP gate's share and mean κ through training, and per region what the DFL teaches it."""
+    ax2 = axes[1]
     for key, label in (
         ("multi_share", "gate: multi-modal share (train)"),
         ("val_multi_share", "gate: multi-modal share (val)"),
@@ -54,11 +74,6 @@ def plot_losses(run: RunDir) -> None:
         ax2.axvspan(0, max(warm), color="0.9", label="warm-up (plain cross-attention)")
     ax2.set(xlabel="step", ylim=(-0.05, 1.05), title="DAMMP gate")
     ax2.legend(fontsize=8)
-    if regions and draw_gate_by_region(axes[2], rows, load_run_config(run).damm.gamma):  # what the DFL teaches the gate, per region
+    if regions and draw_gate_by_region(axes[2], rows, gamma):  # what the DFL teaches the gate, per region
         axes[2].set(title="gate by region (training batches)")
         axes[2].legend(fontsize=8)
-    if validation:
-        fig.suptitle(validation, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(run.path / "loss.png", dpi=110)
-    plt.close(fig)

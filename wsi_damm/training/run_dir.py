@@ -48,6 +48,7 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.json"
         self.unet = self.path / "unet_ema.safetensors"
+        self.regression = self.path / "regression_ema.safetensors"  # `train --model regression`: the run's model
         self.unet_raw = self.path / "unet.safetensors"
         self.metrics = self.path / "metrics.csv"
         self.ae_metrics = self.path / "autoencoder_metrics.csv"
@@ -82,6 +83,11 @@ def load_run_config(run: RunDir) -> RunConfig:
         return RunConfig.from_dict(json.loads(run.config.read_text()))
     except json.JSONDecodeError as exc:
         raise InputError(run.config, f"is not valid JSON: {exc}") from exc
+
+
+def weights_of(run: RunDir, cfg: RunConfig) -> Path:
+    """The weights that make a run finished: the EMA DAMM U-Net, or the regression U-Net's."""
+    return run.regression if cfg.model.kind == "regression" else run.unet
 
 
 def latent_channels(cfg: RunConfig) -> int:

@@ -36,7 +36,6 @@ from wsi_damm.util.running_time import RunningTime
 from wsi_damm.workflows import baseline
 from wsi_damm.workflows.ceiling import SOURCES, ceiling_map
 from wsi_damm.workflows.dataset import SyntheticData, synthetic_data
-from wsi_damm.workflows.regression import WEIGHTS as REGRESSION_WEIGHTS
 from wsi_damm.workflows.regression import regression_map, train_regression
 from wsi_damm.workflows.simulator import DIVERGENCE_LABELS, SIMULATOR_VERSION
 from wsi_damm.workflows.study_plan import FULL, QUICK, REGRESSION_LABEL, VARIANTS, StudyPlan, base_config, variant_config
@@ -69,7 +68,7 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
         )
     for seed in plan.seeds:  # the regression U-Net, at DAMM full's budget and batch order
         path = out / "runs" / f"regression_seed{seed}"
-        if not (path / REGRESSION_WEIGHTS).exists():
+        if not RunDir(path).regression.exists():
             log(f"training the regression U-Net, seed {seed} ({plan.steps} steps) → {path}")
         runs["regression", seed] = train_regression(data.store, path, variant_config(trained[seed], plan, VARIANTS[0], seed), progress)
     for v in (v for v in VARIANTS if v.trained_as is None):

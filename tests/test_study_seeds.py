@@ -36,7 +36,7 @@ def test_every_model_of_a_seed_trains_on_that_seeds_autoencoders(tmp_path, monke
     monkeypatch.setattr(study, "train_regression", fake_regression)
     plan = study_plan.QUICK
     data = SyntheticData(train_specs=[], heldout=[], store=tmp_path / "store")
-    runs = study._train(data, tmp_path, plan, "tiny", False, lambda msg: None)
+    runs = study.train_models(data, tmp_path, plan, "tiny", False, lambda msg: None)
 
     for seed in plan.seeds:
         stage, cfg = trained[study.autoencoders_dir(tmp_path, seed)]
@@ -54,5 +54,5 @@ def test_every_model_of_a_seed_trains_on_that_seeds_autoencoders(tmp_path, monke
     assert sum(stage == "all" for stage, _ in trained.values()) == n_models
 
     trained.clear()  # a finished study trains nothing again
-    study._train(data, tmp_path, plan, "tiny", False, lambda msg: None)
+    study.train_models(data, tmp_path, plan, "tiny", False, lambda msg: None)
     assert [stage for stage, _ in trained.values()] == ["regression"] * len(plan.seeds)  # train_regression skips finished runs itself

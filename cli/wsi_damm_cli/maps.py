@@ -142,7 +142,8 @@ def export(map_path, truth, out, channels, threshold, mpp, max_slide_gb) -> None
 @click.option("--data-range", type=float, help="Default: the dtype's range for integers, 1.0 for floats.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(a, b, data_range, as_json) -> None:
-    """Pearson's r, spreads, SSIM and PSNR of two single-channel images as stored (OME-Zarr, TIFF, .npy), streamed."""
+    """Pearson's r, spreads, NRMSE, spectral error, SSIM and PSNR of two single-channel images as stored (OME-Zarr, TIFF,
+    .npy), streamed; the second is the reference."""
     from wsi_damm import api
 
     r = api.compare(a, b, data_range=data_range)
@@ -150,6 +151,7 @@ def compare(a, b, data_range, as_json) -> None:
         click.echo(json.dumps({k: (str(v) if isinstance(v, float) and v == float("inf") else v) for k, v in r.items()}, indent=2))
     else:
         click.echo(
-            f"Pearson's r {r['pearson_r']:.6f}  sd {r['sd']:.6g} / {r['sd_measured']:.6g}  SSIM {r['ssim']:.6f}  "
+            f"Pearson's r {r['pearson_r']:.6f}  sd {r['sd']:.6g} / {r['sd_measured']:.6g}  NRMSE {r['nrmse']:.6g}  "
+            f"spectral error {r['spectral_error']:.4g}  SSIM {r['ssim']:.6f}  "
             f"PSNR {r['psnr']:.4f} dB  (data range {r['data_range']}, {r['pixels']} px)"
         )

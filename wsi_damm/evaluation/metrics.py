@@ -16,6 +16,8 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
+from wsi_damm.evaluation.spectrum import spectral_fidelity, spectrum_sums
+
 SIGMA = 1.5
 TRUNCATE = 3.5
 RADIUS = int(TRUNCATE * SIGMA + 0.5)  # 5: the filter's half width, the crop and the dask halo
@@ -102,11 +104,18 @@ def agreement(sums: dict[str, float], n: int) -> dict:
     }
 
 
+def nrmse(mse: float, sd_measured: float) -> float:
+    """Root mean squared error normalised by the measured channel's spread (NaN when it has none)."""
+    return math.sqrt(mse) / sd_measured if sd_measured > 0 and not math.isnan(mse) else math.nan
+
+
 def whole_slide_metrics(
     a: da.Array, b: da.Array, mask: da.Array | None = None, data_range: float = 1.0, scheduler: str = "threads"
 ) -> dict:
-    """SSIM / PSNR, Pearson's r and both images' means and spreads over the whole image and, if `mask` is
-    given, over mask pixels only (keys suffixed `_tissue`); streamed. `a` is the map, `b` the measurement."""
+    """SSIM / PSNR, Pearson's r, both images' means and spreads, NRMSE (the RMSE over the measured channel's sd:
+    1 is what a constant map at the measured mean scores) and spectral fidelity (`spectrum`) over the whole image
+    and, if `mask` is given, over mask pixels only (keys suffixed `_tissue`); streamed. `a` is the map, `b` the
+    measurement."""
     s = ssim_field(a, b, data_range)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     diff2 = (a64 - b64) ** 2
@@ -117,6 +126,7 @@ def whole_slide_metrics(
         "sq_sum": diff2.sum(),
         "n": diff2.size,
         "moments": _moment_sums(a64, b64, None),
+        "spectrum": spectrum_sums(a, b),
     }
     if mask is not None:
         m = mask.astype(bool).rechunk(a.chunks)
@@ -126,6 +136,7 @@ def whole_slide_metrics(
             sq_sum_mask=da.where(m, diff2, 0).sum(),
             n_mask=m.sum(),
             moments_mask=_moment_sums(a64, b64, m),
+            spectrum_mask=spectrum_sums(a, b, m),
         )
     (vals,) = da.compute(parts, scheduler=scheduler)
     out = {
@@ -135,6 +146,8 @@ def whole_slide_metrics(
     }
     out["psnr"] = psnr_from_mse(out["mse"], data_range)
     out.update(agreement({k: float(v) for k, v in vals["moments"].items()}, int(vals["n"])))
+    out["nrmse"] = nrmse(out["mse"], out["sd_measured"])
+    out.update(spectral_fidelity(vals["spectrum"]))
     if mask is not None:
         n = int(vals["n_mask"])
         out["ssim_tissue"] = float(vals["ssim_sum_mask"] / vals["ssim_n_mask"]) if vals["ssim_n_mask"] else math.nan
@@ -142,6 +155,8 @@ def whole_slide_metrics(
         out["psnr_tissue"] = psnr_from_mse(out["mse_tissue"], data_range) if n else math.nan
         out["pixels_tissue"] = n
         out.update({f"{k}_tissue": v for k, v in agreement({k: float(v) for k, v in vals["moments_mask"].items()}, n).items()})
+        out["nrmse_tissue"] = nrmse(out["mse_tissue"], out["sd_measured_tissue"])
+        out.update({f"{k}_tissue": v for k, v in spectral_fidelity(vals["spectrum_mask"]).items()})
     return out
 
 

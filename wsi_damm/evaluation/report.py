@@ -253,13 +253,16 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
         if r.get("uni_modal_only"):
             parts.append("<p><b>Uni-modal prediction:</b> the slide had no nuclei channel; only the vessels branch was used.</p>")
         parts.append(
-            "<table><tr><th></th><th>Pearson's r</th><th>mean (map / measured)</th><th>sd (map / measured)</th><th>SSIM</th>"
-            "<th>PSNR (dB)</th><th>pixels</th></tr>"
+            "<table><tr><th></th><th>Pearson's r</th><th>mean (map / measured)</th><th>sd (map / measured)</th>"
+            "<th>NRMSE (÷ measured sd)</th><th>spectral error</th><th>SSIM</th><th>PSNR (dB)</th><th>pixels</th></tr>"
         )
 
         def moments(sfx: str) -> str:
             get = lambda k: _fmt(wsi.get(k + sfx))  # noqa: E731
-            return f"<td>{get('pearson_r')}</td><td>{get('mean')} / {get('mean_measured')}</td><td>{get('sd')} / {get('sd_measured')}</td>"
+            return (
+                f"<td>{get('pearson_r')}</td><td>{get('mean')} / {get('mean_measured')}</td><td>{get('sd')} / {get('sd_measured')}</td>"
+                f"<td>{get('nrmse')}</td><td>{get('spectral_error')}</td>"
+            )
 
         parts.append(
             f"<tr><th>whole slide</th>{moments('')}<td>{_fmt(wsi['ssim'])}</td><td>{_fmt(wsi['psnr'])}</td><td>{wsi['pixels']}</td></tr>"
@@ -271,7 +274,7 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
             )
         pp = r["patches"]
         parts.append(
-            f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 3}"
+            f"<tr><th>patches ({pp['ssim_percent']['n']})</th>{'<td></td>' * 5}"
             f"<td>{_fmt(pp['ssim_percent']['mean'])} ± {_fmt(pp['ssim_percent']['sd'])} %</td>"
             f"<td>{_fmt(pp['psnr']['mean'])} ± {_fmt(pp['psnr']['sd'])}</td><td></td></tr>"
         )
@@ -279,9 +282,16 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
             o = r["oracle_wsi"]
             parts.append(
                 f"<tr><th>oracle (noiseless field), whole slide</th><td>{_fmt(o.get('pearson_r'))}</td><td></td><td></td>"
+                f"<td>{_fmt(o.get('nrmse'))}</td><td>{_fmt(o.get('spectral_error'))}</td>"
                 f"<td>{_fmt(o['ssim'])}</td><td>{_fmt(o['psnr'])}</td><td></td></tr>"
             )
         parts.append("</table>")
+        parts.append(
+            "<p>NRMSE is the RMSE over the measured channel's spread (1 = what a constant map at the measured mean scores). "
+            "Spectral error: the mean |log10| ratio of the map's radially averaged power to the measured channel's over eight "
+            "frequency bands (0 = the same texture at every scale; 0.3 ≈ a factor of two; per band in metrics.json): a map "
+            "too smooth or too noisy shows here, not in SSIM.</p>"
+        )
         seams = r.get("seams") or {}
         if seams:
             parts.append(

@@ -170,6 +170,9 @@ def region_metrics(
             "ssim": w["ssim_tissue"],
             "psnr": w["psnr_tissue"],
             "mse": w["mse_tissue"],
+            "pearson_r": w["pearson_r_tissue"],
+            "nrmse": w["nrmse_tissue"],
+            "spectral_error": w["spectral_error_tissue"],
             "multimodal_share": float(share_sum / n_in),
             "patches": {"ssim_percent": summarise([100 * r["ssim"] for r in sel]), "psnr": summarise([r["psnr"] for r in sel])},
         }

@@ -49,10 +49,12 @@ def autoencoders_dir(out: Path, seed: int) -> Path:
     return out / "runs" / f"autoencoders_seed{seed}"
 
 
-def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progress: bool, log) -> dict[tuple[str, int], Path]:
+def train_models(
+    data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progress: bool, log, variants=VARIANTS, base: RunConfig | None = None
+) -> dict[tuple[str, int], Path]:
     """Per seed: autoencoders, then every model of that seed on them — a seed's sd contains the autoencoders' spread,
-    and the variants of one seed differ only in their DAMM part."""
-    base = base_config(preset, plan)
+    and the variants of one seed differ only in their DAMM part. `base`: the config (default: the study's recipe)."""
+    base = base or base_config(preset, plan)
     runs: dict[tuple[str, int], Path] = {}
     trained = {}
     for seed in plan.seeds:
@@ -71,7 +73,7 @@ def _train(data: SyntheticData, out: Path, plan: StudyPlan, preset: str, progres
         if not RunDir(path).regression.exists():
             log(f"training the regression U-Net, seed {seed} ({plan.steps} steps) → {path}")
         runs["regression", seed] = train_regression(data.store, path, variant_config(trained[seed], plan, VARIANTS[0], seed), progress)
-    for v in (v for v in VARIANTS if v.trained_as is None):
+    for v in (v for v in variants if v.trained_as is None):
         for seed in plan.seeds:
             path = out / "runs" / f"{v.name}_seed{seed}"
             runs[v.name, seed] = train_on_autoencoders(
@@ -124,7 +126,7 @@ def train_on_autoencoders(
     return run.path
 
 
-def _cached(out: Path, compute: Callable[[], dict]) -> dict:
+def cached_result(out: Path, compute: Callable[[], dict]) -> dict:
     """A study row's result, from OUT/result.json when an earlier run finished it; otherwise OUT is
     cleared (the leftovers of a killed run), `compute()` runs and its result is written last."""
     result_path = out / "result.json"
@@ -152,40 +154,40 @@ def predict_and_score(run: Path, data: SyntheticData, out: Path, cfg: PredictCon
         )
         seconds = time.perf_counter() - t0
         maps = run_stitch(out / "prediction.zarr", out / "maps", progress=progress)
-        slides = [_score(m, h, progress) for m, h in zip(maps, data.heldout)]
+        slides = [score_map(m, h, progress) for m, h in zip(maps, data.heldout)]
         shutil.rmtree(out / "prediction.zarr")
         return {"predict_seconds": seconds, "sampler": cfg.sampler, "steps": cfg.n_steps, "slides": slides}
 
-    return _cached(out, compute)
+    return cached_result(out, compute)
 
 
-def _score(map_path: Path, held, progress: bool) -> dict:
-    e = evaluate_slide(map_path, held.spec, held.clean, True, progress, held.divergence, REGIONS)
+def score_map(map_path: Path, held, progress: bool) -> dict:
+    e = evaluate_slide(map_path, held.spec, held.clean, True, progress, held.divergence, getattr(held, "region_names", REGIONS))
     e.result["patch_rows"] = [
-        {k: row[k] for k in ("slide", "y", "x", "ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows
+        {k: row.get(k) for k in ("slide", "y", "x", "ssim", "psnr", "region", "oracle_ssim", "oracle_psnr")} for row in e.rows
     ]
     return e.result
 
 
-def _baseline(data: SyntheticData, out: Path, tile_cfg: TileConfig, progress: bool) -> dict:
+def score_baseline(data: SyntheticData, out: Path, tile_cfg: TileConfig, progress: bool) -> dict:
     def compute() -> dict:
         fitted = baseline.fit(data.train_specs, tile_cfg)
         slides = [
-            _score(baseline.write_map(h.spec, tile_cfg, fitted, out / f"{h.spec.slide_id}.ome.zarr"), h, progress) for h in data.heldout
+            score_map(baseline.write_map(h.spec, tile_cfg, fitted, out / f"{h.spec.slide_id}.ome.zarr"), h, progress) for h in data.heldout
         ]
         return {"sigma_um": fitted.sigma_um, "r2_train": fitted.r2, "slides": slides}
 
-    return _cached(out, compute)
+    return cached_result(out, compute)
 
 
-def _regression(run: Path, data: SyntheticData, out: Path, progress: bool) -> dict:
+def score_regression(run: Path, data: SyntheticData, out: Path, progress: bool) -> dict:
     def compute() -> dict:
         t0 = time.perf_counter()
         maps = [regression_map(run, h.spec, out / f"{h.spec.slide_id}.ome.zarr", progress) for h in data.heldout]
         seconds = time.perf_counter() - t0
-        return {"predict_seconds": seconds, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
+        return {"predict_seconds": seconds, "slides": [score_map(m, h, progress) for m, h in zip(maps, data.heldout)]}
 
-    return _cached(out, compute)
+    return cached_result(out, compute)
 
 
 def score_ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, progress: bool) -> dict:
@@ -193,9 +195,9 @@ def score_ceiling(data: SyntheticData, ae_run: Path, out: Path, source: str, pro
 
     def compute() -> dict:
         maps = [ceiling_map(ae_run, h.spec, h.clean, out / f"{h.spec.slide_id}.ome.zarr", source, progress) for h in data.heldout]
-        return {"source": source, "slides": [_score(m, h, progress) for m, h in zip(maps, data.heldout)]}
+        return {"source": source, "slides": [score_map(m, h, progress) for m, h in zip(maps, data.heldout)]}
 
-    return _cached(out, compute)
+    return cached_result(out, compute)
 
 
 def redraw(out: Path) -> Path:
@@ -223,7 +225,7 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
 
     tile_cfg = TileConfig(patch_size=plan.patch, overlap=plan.overlap)
     data = synthetic_data(out / "data", plan.size, plan.train_slides, plan.heldout_slides, tile_cfg, progress, log_step, plan.heldout_size)
-    runs = _train(data, out, plan, preset, progress, log_step)
+    runs = train_models(data, out, plan, preset, progress, log_step)
 
     results: dict[str, dict] = {}  # every scored row, before summarising: (variant, draws, seed) → result
     for v in VARIANTS:
@@ -243,11 +245,11 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     for seed in plan.seeds:
         log_step(f"predicting with the regression U-Net, seed {seed}")
         results[f"regression/seed{seed}"] = {
-            **_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
+            **score_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
             "kind": "regression",
         }
     log_step("blurred-vessel baseline and oracle")
-    base = _baseline(data, out / "predictions" / "baseline", tile_cfg, progress)
+    base = score_baseline(data, out / "predictions" / "baseline", tile_cfg, progress)
     results["baseline"] = {**base, "kind": "reference"}
     for source in SOURCES:
         for seed in plan.seeds:

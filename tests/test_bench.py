@@ -1,0 +1,54 @@
+"""`wsi-damm bench`: every row trained and scored on the same held-out pixels, resumable, and a recommendation
+that follows the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from tests.conftest import TINY_TOML, run_cli
+from wsi_damm.util.files import read_json
+from wsi_damm.workflows.bench_report import recommend
+
+
+def _row(key: str, r: list[float], spread: float = 1.0) -> dict:
+    mean = sum(r) / len(r)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in r) / (len(r) - 1)) if len(r) > 1 else math.nan
+    return {
+        "model": key,
+        "key": key,
+        "seeds": len(r),
+        "pearson_r": {"mean": mean, "sd": sd},
+        "spread_ratio": {"mean": spread, "sd": math.nan},
+        "per_seed": {"pearson_r": r},
+    }
+
+
+def test_the_recommendation_follows_pearsons_r_and_says_when_a_lead_is_within_the_seeds_spread():
+    clear = recommend([_row("DAMM", [0.61, 0.63, 0.62]), _row("U-Net", [0.50, 0.52, 0.51]), _row("constant", [0.99])])
+    assert clear.startswith("On these slides, use DAMM: Pearson's r 0.620 ± 0.010 over 3 seeds") and "by 0.110 ± 0.000." in clear
+    level = recommend([_row("DAMM", [0.60, 0.70, 0.50]), _row("U-Net", [0.58, 0.57, 0.59])])
+    assert "within the seeds' spread: treat the two as level" in level
+    versus_blur = recommend([_row("blur", [0.40]), _row("U-Net", [0.45, 0.47])])  # a deterministic row pairs with every seed
+    assert "use U-Net" in versus_blur and "ahead of blur (0.400) by 0.060 ± 0.014" in versus_blur
+
+
+def test_a_bench_on_two_slides_scores_every_row_on_the_same_pixels_and_resumes(synth_dir, tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    train, held = sorted(synth_dir.glob("*.ome.tif"))[:2]
+    args = ["bench", "--train", str(train), "--heldout", str(held), "--seeds", "1", "--draws", "1", "--ae-steps", "8", "--steps", "6"]
+    args += ["--sample-steps", "2", "--patch-size", "64", "--overlap", "16", "--mpp", "2.0", "--config", str(tmp_path / "tiny.toml")]
+    args += ["--out", str(tmp_path / "bench"), "--quiet"]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    summary = read_json(tmp_path / "bench" / "bench.json")
+    keys = [row["key"] for row in summary["rows"]]
+    assert keys == ["damm/k1", "uni_only/k1", "no_dammp/k1", "regression", "baseline", "constant"]
+    assert summary["scored_patches"] > 0 and summary["recommendation"] in r.stdout
+    for name in ("bench.md", "bench.png", "bench.html"):
+        assert (tmp_path / "bench" / name).stat().st_size > 0
+    constant = summary["rows"][-1]
+    assert constant["spread_ratio"]["mean"] == 0 and math.isnan(constant["pearson_r"]["mean"])  # a flat map has no r
+    again = run_cli(*args)  # every step is on disk: nothing is trained or predicted again
+    assert again.returncode == 0 and "training" not in again.stderr and "predicting" in again.stderr
+    assert json.dumps(read_json(tmp_path / "bench" / "bench.json")["rows"]) == json.dumps(summary["rows"])

@@ -42,7 +42,7 @@ def test_the_command_and_its_api_function_take_the_same_options(name):
     for key, p in cli_names.items():
         if isinstance(p, click.Argument) or params[key].default is inspect.Parameter.empty:
             continue
-        cli_default, api_default = p.default, params[key].default
+        cli_default, api_default = p.get_default(click.Context(cmd)), params[key].default  # resolves a flag's unset default
         if _unset(cli_default) and _unset(api_default):
             continue
         if p.is_flag and cli_default is False and api_default is False:

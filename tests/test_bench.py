@@ -52,3 +52,44 @@ def test_a_bench_on_two_slides_scores_every_row_on_the_same_pixels_and_resumes(s
     again = run_cli(*args)  # every step is on disk: nothing is trained or predicted again
     assert again.returncode == 0 and "training" not in again.stderr and "predicting" in again.stderr
     assert json.dumps(read_json(tmp_path / "bench" / "bench.json")["rows"]) == json.dumps(summary["rows"])
+
+
+def test_one_image_splits_into_a_training_part_and_a_held_out_part_that_never_overlap(synth_dir, tmp_path):
+    import numpy as np
+    import pytest
+    import tifffile
+
+    from wsi_damm.tiling.inputs import resolve_slides
+    from wsi_damm.util.errors import InputError
+    from wsi_damm.workflows.bench_split import part_channels, split_cut, split_slides
+
+    assert split_cut(1920, 0.25, 128) == 1408  # round(0.75 · 1920 / 128) = 11 patches
+    assert split_cut(300, 0.9, 128) == 128 and split_cut(300, 0.01, 128) == 128  # one patch on each side, on the grid
+    with pytest.raises(InputError, match="cannot hold a 128-px patch on each side"):
+        split_cut(200, 0.5, 128)
+    source = sorted(synth_dir.glob("*.ome.tif"))[0]
+    [spec] = resolve_slides([source], channels=None, required=("vessels", "nuclei", "target"))
+    (train,), (held,) = split_slides([spec], 0.25, tmp_path / "inputs", 64, log=lambda m: None)
+    whole = tifffile.imread(source, level=0)
+    with tifffile.TiffFile(train) as a, tifffile.TiffFile(held) as b:
+        left, right = a.series[0].levels[0].asarray(), b.series[0].levels[0].asarray()
+        names = tifffile.xml2dict(a.ome_metadata)["OME"]["Image"]["Pixels"]["Channel"]
+    cut = split_cut(whole.shape[2], 0.25, 64)
+    np.testing.assert_array_equal(left, whole[:, :, :cut])
+    np.testing.assert_array_equal(right, whole[:, :, cut:])
+    assert [c["Name"] for c in names] == [ref.name for _, ref in spec.channels]
+    parts = resolve_slides([train, held], channels=part_channels(), required=("vessels", "nuclei", "target"))
+    assert [p.roles for p in parts] == [spec.roles] * 2
+    with spec.open() as s, parts[1].open() as p:
+        assert p.mpp == s.mpp and p.dtype == s.dtype
+    stamp = train.stat().st_mtime_ns
+    split_slides([spec], 0.25, tmp_path / "inputs", 64, log=lambda m: None)  # the same request: the parts are reused
+    assert train.stat().st_mtime_ns == stamp
+
+
+def test_the_bench_takes_held_out_slides_or_a_held_out_fraction_not_both(synth_dir, tmp_path):
+    train, held = sorted(synth_dir.glob("*.ome.tif"))[:2]
+    r = run_cli("bench", "--train", str(train), "--heldout", str(held), "--heldout-fraction", "0.3", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "give no --heldout slides or --regions with it" in r.stderr
+    r = run_cli("bench", "--train", str(train), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "--heldout-fraction F" in r.stderr

@@ -87,3 +87,43 @@ def test_the_results_pages_are_rendered_from_the_committed_json():
         sys.path.pop(0)
     stale = [str(path.relative_to(ROOT)) for path, text in pages().items() if not path.exists() or path.read_text() != text]
     assert not stale, f"render again: python benchmarks/render_results.py ({stale})"
+
+
+def test_every_figure_of_a_design_page_is_read_from_the_json_it_links():
+    """Design pages type no measured figure: each is a `{{ fig FILE POINTER FORMAT }}` token that the MkDocs hook
+    reads from benchmarks/results/ (and that must resolve); outside code, the pages hold no decimal number."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+    try:
+        from figures import TOKEN, render, substitute
+    finally:
+        sys.path.pop(0)
+    for page in sorted((ROOT / "docs" / "design").glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        for path, pointer, fmt in TOKEN.findall(text):
+            assert re.fullmatch(r"-?\d[\d.]*( ± \d[\d.]*)?", render(path, pointer, fmt)), (page.name, pointer)
+        prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", TOKEN.sub("", text), flags=re.S)
+        typed = re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", prose)
+        assert not typed, f"{page.name}: figures typed by hand, read them from their JSON instead: {typed}"
+        assert "{{ fig" not in substitute(text, 1)
+
+
+def test_the_figures_hook_reads_a_json_pointer_and_a_summary(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+    try:
+        import figures
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "r.json").write_text(json.dumps({"rows": [{"a/b": 0.12345}], "s": {"mean": 1.5, "sd": 0.25}, "x": 2.0, "x_sd": 0.5}))
+    monkeypatch.setattr(figures, "RESULTS", tmp_path)
+    assert figures.render("t/r.json", "/rows/0/a~1b", ".3f") == "0.123"
+    assert figures.render("t/r.json", "/s", ".2f") == "1.50 ± 0.25"
+    assert figures.render("t/r.json", "/x", ".1f±") == "2.0 ± 0.5"
+    assert figures.substitute("r {{ fig t/r.json /x .1f }} dB", 1) == "r [2.0](../results/t.md) dB"
+    with pytest.raises(KeyError):
+        figures.render("t/r.json", "/missing", ".1f")

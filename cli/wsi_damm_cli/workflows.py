@@ -98,8 +98,11 @@ def study(out, preset, seeds, quick, redraw, quiet) -> None:
 
 @cli.command(short_help="Which map to use on your slides: DAMM, a U-Net, a blur, a constant.")
 @click.option("--train", "train_slides", multiple=True, required=True, type=click.Path(path_type=Path), help="A training slide (repeat).")
+@click.option("--heldout", "heldout_slides", multiple=True, type=click.Path(path_type=Path), help="A held-out slide (repeat).")
 @click.option(
-    "--heldout", "heldout_slides", multiple=True, required=True, type=click.Path(path_type=Path), help="A held-out slide (repeat)."
+    "--heldout-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Instead of --heldout: hold out this last part of each training image along its longer side (one image is enough).",
 )
 @click.option("--channels", help="Role map of every slide, e.g. vessels=CD31,nuclei=DAPI,target=Cy3.")
 @click.option(
@@ -124,6 +127,7 @@ def study(out, preset, seeds, quick, redraw, quiet) -> None:
 def bench(
     train_slides,
     heldout_slides,
+    heldout_fraction,
     channels,
     regions,
     seeds,
@@ -150,6 +154,7 @@ def bench(
         list(heldout_slides),
         channels=channels,
         regions=regions,
+        heldout_fraction=heldout_fraction,
         seeds=seeds,
         draws=draws,
         ae_steps=ae_steps,

@@ -27,6 +27,7 @@ from wsi_damm.util.errors import InputError
 from wsi_damm.util.files import write_json
 from wsi_damm.util.running_time import RunningTime
 from wsi_damm.workflows.bench_report import recommend, summarise, write_outputs
+from wsi_damm.workflows.bench_split import part_channels, split_slides
 from wsi_damm.workflows.patch_maps import patch_function_map
 from wsi_damm.workflows.study import cached_result, predict_and_score, score_baseline, score_map, score_regression, train_models
 from wsi_damm.workflows.study_plan import VARIANTS, StudyPlan
@@ -70,14 +71,30 @@ def plan_of(seeds: int, draws: int, ae_steps: int, steps: int, sample_steps: int
 
 
 def bench_data(
-    out: Path, train: list[Path], heldout: list[Path], channels: str | None, regions: Path | None, tile_cfg: TileConfig, log
+    out: Path,
+    train: list[Path],
+    heldout: list[Path],
+    channels: str | None,
+    regions: Path | None,
+    tile_cfg: TileConfig,
+    log,
+    heldout_fraction: float | None = None,
 ) -> BenchData:
-    """The slides resolved (each needs vessels, nuclei and the target), the training slides tiled once into OUT/patches.zarr."""
+    """The slides resolved (each needs vessels, nuclei and the target; with `heldout_fraction`, the training images'
+    two parts), the training slides tiled once into OUT/patches.zarr."""
     from wsi_damm.stages.tile import run_tile
 
     need = ("vessels", "nuclei", "target")
     train_specs = resolve_slides(train, channels=channels, required=need)
-    held_specs = resolve_slides(heldout, channels=channels, required=need)
+    if heldout_fraction is not None:
+        if heldout or regions is not None:
+            raise InputError("--heldout-fraction", "holds out part of each training image: give no --heldout slides or --regions with it")
+        parts = split_slides(train_specs, heldout_fraction, out / "inputs", tile_cfg.patch_size, log)
+        train_specs, held_specs = (resolve_slides(p, channels=part_channels(), required=need) for p in parts)
+    elif not heldout:
+        raise InputError("--heldout", "no held-out slide", "give --heldout SLIDE (repeat), or --heldout-fraction F")
+    else:
+        held_specs = resolve_slides(heldout, channels=channels, required=need)
     if regions is not None and len(held_specs) != 1:
         raise InputError(regions, "regions belong to one held-out slide; give one --heldout slide with --regions")
     store = out / "patches.zarr"
@@ -131,9 +148,10 @@ def _constant(data: BenchData, rc: RunConfig, value: float, out: Path, progress:
 def run_bench(
     out: Path,
     train: list[Path],
-    heldout: list[Path],
+    heldout: list[Path] | None = None,
     channels: str | None = None,
     regions: Path | None = None,
+    heldout_fraction: float | None = None,
     seeds: int = 3,
     draws: int = 4,
     ae_steps: int = 150,
@@ -161,7 +179,14 @@ def run_bench(
     plan = plan_of(seeds, draws, ae_steps, steps, sample_steps, patch, overlap)
     tile_cfg = TileConfig(patch_size=patch, overlap=overlap, mpp=mpp)
     data = bench_data(
-        out, [Path(p) for p in train], [Path(p) for p in heldout], channels, Path(regions) if regions else None, tile_cfg, step
+        out,
+        [Path(p) for p in train],
+        [Path(p) for p in heldout or ()],
+        channels,
+        Path(regions) if regions else None,
+        tile_cfg,
+        step,
+        heldout_fraction,
     )
     base = base_config(preset, Path(config) if config else None, plan)
     runs = train_models(data, out, plan, preset, progress, step, variants=BENCH_VARIANTS, base=base)
@@ -193,6 +218,7 @@ def run_bench(
         "train": [str(p) for p in train],
         "heldout": [h.spec.slide_id for h in data.heldout],
         "regions": str(regions) if regions else None,
+        "heldout_fraction": heldout_fraction,
         "scored_patches": patches,
         "rows": rows,
         "recommendation": recommend(rows),

@@ -29,7 +29,7 @@ from wsi_damm.util.running_time import RunningTime
 from wsi_damm.workflows.bench_report import recommend, summarise, write_outputs
 from wsi_damm.workflows.bench_split import part_channels, split_slides
 from wsi_damm.workflows.patch_maps import patch_function_map
-from wsi_damm.workflows.study import cached_result, predict_and_score, score_baseline, score_map, score_regression, train_models
+from wsi_damm.workflows.study import cached_result, predict_and_score, regression_rows, score_baseline, score_map, train_models
 from wsi_damm.workflows.study_plan import VARIANTS, StudyPlan
 from wsi_damm.workflows.study_tables import same_pixels
 
@@ -200,12 +200,7 @@ def run_bench(
                     runs[v.trained_as or v.name, seed], data, out / "predictions" / f"{v.name}_seed{seed}_k{k}", cfg, v.no_nuclei, progress
                 )
                 results[f"{v.name}/k{k}/seed{seed}"] = {**res, "kind": "learned"}
-    for seed in plan.seeds:
-        step(f"predicting with the regression U-Net, seed {seed}")
-        results[f"regression/seed{seed}"] = {
-            **score_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
-            "kind": "regression",
-        }
+    results |= regression_rows(runs, data, out, plan.seeds, progress, step)
     step("blurred-vessel baseline and the constant map")
     results["baseline"] = {**score_baseline(data, out / "predictions" / "baseline", tile_cfg, progress), "kind": "reference"}
     rc = load_run_config(RunDir(runs["damm", plan.seeds[0]]))

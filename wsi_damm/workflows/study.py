@@ -242,12 +242,7 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
                     progress,
                 )
                 results[f"{v.name}/k{draws}/seed{seed}"] = {**res, "kind": "learned"}
-    for seed in plan.seeds:
-        log_step(f"predicting with the regression U-Net, seed {seed}")
-        results[f"regression/seed{seed}"] = {
-            **score_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
-            "kind": "regression",
-        }
+    results |= regression_rows(runs, data, out, plan.seeds, progress, log_step)
     log_step("blurred-vessel baseline and oracle")
     base = score_baseline(data, out / "predictions" / "baseline", tile_cfg, progress)
     results["baseline"] = {**base, "kind": "reference"}
@@ -340,3 +335,15 @@ def run_study(out: Path, preset: str = "tiny", quick: bool = False, seeds: int |
     (out / "study.md").write_text("\n".join(md), encoding="utf-8")
     figure(out / "study.png", rows, samplers)
     return summary
+
+
+def regression_rows(runs: dict, data, out: Path, seeds, progress: bool, log_step) -> dict:
+    """Every seed's regression U-Net map scored, keyed as the study's and the bench's results are."""
+    rows = {}
+    for seed in seeds:
+        log_step(f"predicting with the regression U-Net, seed {seed}")
+        rows[f"regression/seed{seed}"] = {
+            **score_regression(runs["regression", seed], data, out / "predictions" / f"regression_seed{seed}", progress),
+            "kind": "regression",
+        }
+    return rows

@@ -144,4 +144,4 @@ def test_every_option_says_what_it_does():
     assert set(workers) == {"synth", "tile", "stitch"}
     assert all(h.startswith("Tasks run at once on this machine (default: all cores)") for h in workers.values())
     samples = next(p.help for p in cli.commands["predict"].params if p.name == "samples")
-    assert "second channel (index 1)" in samples
+    assert "sd (channel 1)" in samples and "interval (channels 2 and 3)" in samples

@@ -162,7 +162,9 @@ def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
     assert sd.shape == store.pred.shape and (sd >= 0).all() and sd.max() > 0
     m = zarr.open_group(str(tmp_path / "k.ome.zarr"), mode="r")
     labels = [c["label"] for c in m.attrs["ome"]["omero"]["channels"]]
-    assert labels == ["NP (predicted)", "NP sd over samples"] and float(np.asarray(m["0"][1]).max()) > 0
+    assert labels == ["NP (predicted)", "NP sd over samples", "NP interval low", "NP interval high"]
+    assert float(np.asarray(m["0"][1]).max()) > 0
+    assert store.attrs["interval"] == {"requested": 0.8, "draws": 3, "rank": 1, "nominal": 0.5}  # 3 draws: their range, 50 %
 
     # reference: the three draws one by one, with the keys the batched path derives
     images = torch.rand(6, 3, 64, 64) * 2 - 1
@@ -170,8 +172,10 @@ def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
     ctx = np.random.default_rng(0).random((6, 2, 16, 16)).astype(np.float32)  # the run conditions on context windows too
     one = Predictor(tiny_run, torch.device("cpu"), PredictConfig(steps=4))
     three = Predictor(tiny_run, torch.device("cpu"), PredictConfig(steps=4, samples=3))
-    mean, sd3, _, _ = three.predict(images, ["vessels", "nuclei", "target"], keys, ctx)
-    draws = np.stack([one.predict(images, ["vessels", "nuclei", "target"], draw_keys(keys, i), ctx)[0] for i in range(3)])
-    np.testing.assert_allclose(mean, draws.mean(0), atol=2e-3)
-    np.testing.assert_allclose(sd3, draws.std(0), atol=2e-3)
-    np.testing.assert_array_equal(one.predict(images, ["vessels", "nuclei", "target"], keys, ctx)[0], draws[0])
+    stats, _, _ = three.predict(images, ["vessels", "nuclei", "target"], keys, ctx)
+    draws = np.stack([one.predict(images, ["vessels", "nuclei", "target"], draw_keys(keys, i), ctx)[0]["pred"] for i in range(3)])
+    np.testing.assert_allclose(stats["pred"], draws.mean(0), atol=2e-3)
+    np.testing.assert_allclose(stats["pred_sd"], draws.std(0), atol=2e-3)
+    np.testing.assert_allclose(stats["pred_lo"], draws.min(0), atol=2e-3)  # the interval of 3 draws is their range
+    np.testing.assert_allclose(stats["pred_hi"], draws.max(0), atol=2e-3)
+    np.testing.assert_array_equal(one.predict(images, ["vessels", "nuclei", "target"], keys, ctx)[0]["pred"], draws[0])

@@ -50,7 +50,16 @@ from .group import (
     "--samples",
     default=1,
     type=click.IntRange(1),
-    help="Draws per patch: the map is their mean (first channel, index 0), their per-pixel sd its second channel (index 1).",
+    help="Draws per patch: the map is their mean (channel 0); with K > 1 their per-pixel sd (channel 1) and central "
+    "interval (channels 2 and 3) are stored beside it.",
+)
+@click.option(
+    "--interval",
+    default=0.8,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Level of the central interval of the draws (K > 1): between the j-th smallest and the j-th largest draw, "
+    "which holds a value exchangeable with the draws with probability (K + 1 − 2j)/(K + 1); 0.8 needs K ≥ 9.",
 )
 @click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
 @click.option("--min-tissue", default=0.05, type=float, help="Predict patches with at least this tissue fraction (0: every patch).")
@@ -92,6 +101,7 @@ def predict(
     batch_size,
     seed,
     samples,
+    interval,
     overlap,
     min_tissue,
     tissue,
@@ -132,6 +142,7 @@ def predict(
         batch_size=batch_size,
         seed=seed,
         samples=samples,
+        interval=interval,
         overlap=overlap,
         min_tissue=min_tissue,
         tissue=tissue,

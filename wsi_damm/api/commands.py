@@ -227,6 +227,7 @@ def predict(
     batch_size: int = 16,
     seed: int = 0,
     samples: int = 1,
+    interval: float = 0.8,
     overlap: int | None = None,
     min_tissue: float = 0.05,
     tissue: str | None = None,
@@ -271,6 +272,7 @@ def predict(
         dist_timeout_min=dist_timeout,
         shard_patches=shard_patches,
         samples=samples,
+        interval=interval,
         nuclei=not no_nuclei,
     )
     done = predict_maps(

@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 from skimage.transform import resize
 
+from wsi_damm.evaluation.reliability import reliability_figure, uncertainty_html
 from wsi_damm.evaluation.truth import SlideEvaluation, Truth
 from wsi_damm.evaluation.viewer import LAYERS, write_viewer
 from wsi_damm.stitching.slide_map import COVERAGE, DIVERGENCE, MapImage
@@ -292,6 +293,8 @@ def html_report(path: Path, metrics: dict, figures: list[Path], viewers: list[di
             "frequency bands (0 = the same texture at every scale; 0.3 ≈ a factor of two; per band in metrics.json): a map "
             "too smooth or too noisy shows here, not in SSIM.</p>"
         )
+        if "uncertainty" in r:
+            parts.append(uncertainty_html(r["uncertainty"], _fmt))
         seams = r.get("seams") or {}
         if seams:
             parts.append(
@@ -348,5 +351,7 @@ def write_report(out: Path, metrics: dict, evaluated: list[SlideEvaluation], vie
     gammas = {e.result.get("gamma") for e in evaluated} - {None}
     divergence_scatter(out / "divergence_vs_error.png", rows, gammas.pop() if len(gammas) == 1 else None)
     figures += [out / "metrics_hist.png", out / "divergence_vs_error.png"]
+    if (picture := reliability_figure(out / "reliability.png", [e.result for e in evaluated])) is not None:
+        figures.append(picture)
     html_report(out / "report.html", metrics, figures, viewers)
     return figures

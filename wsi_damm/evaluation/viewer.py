@@ -1,4 +1,5 @@
-"""The report's deep-zoom comparison viewer: measured and predicted NP, |error|, sd over draws, the
+"""The report's deep-zoom comparison viewer: measured and predicted NP, |error|, sd over draws and where the
+measured value leaves the draws' interval, the
 gate's divergence and multi-modal share, CD31 and DAPI — side by side with linked pan and zoom, or
 overlaid with an opacity slider — from full resolution to the whole slide, with a µm scale bar and
 the figures' colour scales. OpenSeadragon (BSD-3, vendored) shows DZI tiles written beside the page,
@@ -19,7 +20,7 @@ import numpy as np
 
 from wsi_damm.evaluation.deepzoom import Pyramid, SourceLevel, colour_map, write_dzi
 from wsi_damm.evaluation.truth import Truth
-from wsi_damm.stitching.slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage
+from wsi_damm.stitching.slide_map import COVERAGE, DIVERGENCE, HIGH, LOW, SD, SHARE, MapImage
 from wsi_damm.tiling.grid import nearest, unit_range
 
 ASSETS = "viewer_assets"  # package data: openseadragon.min.js and its licence
@@ -41,6 +42,7 @@ LAYERS = (  # colour scales of the viewer and the report's figures (report.LAYER
     Layer("predicted", "NP predicted", "viridis", 0, 1, "normalised NP"),
     Layer("error", "|predicted − measured|", "inferno", 0, 0.5, "absolute error"),
     Layer("sd", "sd over draws", "plasma", 0, 0.25, "sd of normalised NP"),
+    Layer("outside", "measured outside the draws' interval", "coolwarm", -1, 1, "−1 below it, 0 inside, +1 above it"),
     Layer("divergence", "divergence d = 1 − mean κ", "coolwarm", 0, 1, "d (uni-modal where d ≥ γ)"),
     Layer("share", "multi-modal share (DAMMP)", "PuOr", 0, 1, "share of steps on the multi-modal branch"),
     Layer("vessels", "CD31 (vessels)", "magma", 0, 1, "normalised intensity"),
@@ -57,6 +59,22 @@ class _Difference:
     def region(self, scale: float, y: int, x: int, h: int, w: int) -> np.ndarray:
         err = np.abs(self.a.region(scale, y, x, h, w) - self.b.region(scale, y, x, h, w))
         return np.where(self.covered.region(scale, y, x, h, w) >= 0.5, err, np.nan)
+
+
+class _Outside:
+    """Where the measured value leaves the draws' interval: −1 below its low bound, +1 above its high bound,
+    0 inside, NaN where nothing was predicted. Below full resolution the bounds and the measured channel are
+    each averaged first, so a coarse pixel says where the averages fall."""
+
+    def __init__(self, measured: Pyramid, low: Pyramid, high: Pyramid, covered: Pyramid):
+        self.measured, self.low, self.high, self.covered, self.shape = measured, low, high, covered, measured.shape
+
+    def region(self, scale: float, y: int, x: int, h: int, w: int) -> np.ndarray:
+        meas = self.measured.region(scale, y, x, h, w)
+        side = np.sign(meas - self.high.region(scale, y, x, h, w)).clip(0, 1) - np.sign(self.low.region(scale, y, x, h, w) - meas).clip(
+            0, 1
+        )
+        return np.where(self.covered.region(scale, y, x, h, w) >= 0.5, side, np.nan)
 
 
 class _Masked:
@@ -126,8 +144,12 @@ def layer_sources(m: MapImage, truth: Truth) -> dict[str, object]:
     out["predicted"] = pred
     if "measured" in out:
         out["error"] = _Difference(pred, out["measured"], covered)
-    if m.level0.shape[0] > 1:  # NP sd over draws
-        out["sd"] = _Masked(_map_channel(m, 1, shape), covered)
+    if m.level0.shape[0] > SD:  # NP sd over draws
+        out["sd"] = _Masked(_map_channel(m, SD, shape), covered)
+    if m.interval:  # the draws' central interval (`sampling.draws`), and where the measured channel leaves it
+        out["low"], out["high"] = (_Masked(_map_channel(m, c, shape), covered) for c in (LOW, HIGH))
+        if "measured" in out:
+            out["outside"] = _Outside(out["measured"], _map_channel(m, LOW, shape), _map_channel(m, HIGH, shape), covered)
     if m.gamma is not None:
         out["divergence"] = _Masked(_patch_map(m, DIVERGENCE, shape), covered)
         out["share"] = _Masked(_patch_map(m, SHARE, shape), covered)

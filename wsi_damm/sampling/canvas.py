@@ -12,6 +12,7 @@ import torch.distributed as dist
 import zarr
 
 from wsi_damm.diffusion.noise import canvas_key, canvas_normal
+from wsi_damm.sampling.draws import STATS, crop
 from wsi_damm.sampling.fusion import canvas_step, row_crops
 from wsi_damm.sampling.predictor import PredictConfig, Predictor
 from wsi_damm.sampling.windows import LATENT_WINDOW, Windows, context_band, owner, region_blocks, step_windows, window_crops
@@ -279,8 +280,8 @@ def _decode(
     progress: bool,
 ) -> None:
     """Every patch's NP map decoded from the final canvas with DECODE_HALO latent pixels of canvas around
-    it (so overlapping patches decode alike and patch borders carry no decoder edge), mean and sd over
-    draws, with the gate's divergence and multi-modal share averaged over steps; shard by shard.
+    it (so overlapping patches decode alike and patch borders carry no decoder edge), the draws' statistics
+    (`draws.draw_stats`), with the gate's divergence and multi-modal share averaged over steps; shard by shard.
     A local decoder decodes each block of the shard's patch rows as one region, in tiles
     (`decode_tiled`: every pixel once, not once per overlapping patch); a GroupNorm decoder, whose
     output depends on the whole input, decodes each patch's window alone."""
@@ -294,30 +295,27 @@ def _decode(
     todo = _shards_of(ranks, np.asarray(root["shard_done"][:]))
     for shard in progress_bar(todo, desc="decoding", unit="shard", disable=None if (progress and ranks.main) else True):
         a, b = shard * s, min((shard + 1) * s, n)
-        mean = np.zeros((b - a, 1, p * f, p * f), np.float32)
-        sd = np.zeros_like(mean)
+        names = [name for name in STATS if name in root]
+        stats = {name: np.zeros((b - a, 1, p * f, p * f), np.float32) for name in names}
         for si in np.unique(coords[a:b, 0]):
             sel = np.nonzero(coords[a:b, 0] == si)[0]
             canvas = work[f"slide_{si}"][f"x_{steps % 2}"]
             windows, slide_windows = coords[a + sel, 1:] // f, coords[coords[:, 0] == si, 1:] // f
             if not local:
                 z0 = window_crops(canvas, windows, slide_windows, p, halo, margin).reshape(-1, c, p + 2 * halo, p + 2 * halo)
-                m, d = predictor.decode(z0, k)
-                inner = np.s_[:, :, halo * f : (halo + p) * f, halo * f : (halo + p) * f]
-                mean[sel], sd[sel] = m[inner], d[inner]
+                got = crop(predictor.decode(z0, k), np.s_[:, :, halo * f : (halo + p) * f, halo * f : (halo + p) * f])
+                for name in names:
+                    stats[name][sel] = got[name]
                 continue
             for block in region_blocks(windows, p):
                 (y0, x0), (y1, x1) = windows[block].min(0), windows[block].max(0) + p
                 z = context_band(canvas, int(y0), int(y1), slide_windows, p, halo, margin, mirror_edges=True)[:, :, :, x0 : x1 + 2 * halo]
-                m, d = predictor.decode_region(z, halo)
+                got = predictor.decode_region(z, halo)
                 for j, (y, x) in zip(sel[block], windows[block]):
-                    mean[j], sd[j] = (
-                        m[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f],
-                        d[:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f],
-                    )
-        root["pred"][a:b] = mean.astype(np.float16)
-        if "pred_sd" in root:
-            root["pred_sd"][a:b] = sd.astype(np.float16)
+                    for name in names:
+                        stats[name][j] = got[name][:, (y - y0) * f : (y - y0 + p) * f, (x - x0) * f : (x - x0 + p) * f]
+        for name in names:
+            root[name][a:b] = stats[name].astype(np.float16)
         gate_d = np.asarray(work["gate_divergence"][:, a:b])
         root["divergence"][a:b] = gate_d.mean(0) if nuclei else np.full(b - a, np.nan, np.float32)
         root["multimodal_fraction"][a:b] = np.asarray(work["gate_share"][:, a:b]).mean(0) if nuclei else np.zeros(b - a, np.float32)

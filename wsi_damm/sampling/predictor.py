@@ -14,6 +14,7 @@ from wsi_damm.diffusion.damm import branch_conditions, divergence, select, use_m
 from wsi_damm.diffusion.noise import draw_keys, keyed_normal
 from wsi_damm.diffusion.samplers import make_plan, sample
 from wsi_damm.diffusion.schedule import NoiseSchedule
+from wsi_damm.sampling.draws import DEFAULT_INTERVAL, crop, draw_stats
 from wsi_damm.tiling.context import context_roles, to_latent_grid
 from wsi_damm.tiling.store import PatchStore
 from wsi_damm.training.latent_canvas import ENCODE_TILE, decode_tiled
@@ -51,7 +52,8 @@ class PredictConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dist_timeout_min: float = 30.0  # torchrun: how long a rank waits in a collective
     shard_patches: int = 64
-    samples: int = 1  # K draws per patch: the map is their mean, and their sd is stored beside it
+    samples: int = 1  # K draws per patch: the map is their mean; their sd and central interval are stored beside it
+    interval: float = DEFAULT_INTERVAL  # the central interval's level asked for (`draws.interval_rank`; K > 1)
     # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas, overlaps fused
     # every step; "shifted": on the canvas, a grid of patch-sized cells shifted every step (runs trained on canvas
     # latents); "auto": shifted for such runs, else independent (README, Seamless maps)
@@ -75,19 +77,14 @@ class PredictConfig:
             raise InputError("--eta", f"must be in [0, 1], got {self.eta}")
         if self.samples < 1:
             raise InputError("--samples", f"must be at least 1, got {self.samples}")
+        if not 0 < self.interval < 1:
+            raise InputError("--interval", f"must be between 0 and 1 (e.g. 0.8), got {self.interval}")
         if self.sampling not in SAMPLING:
             raise InputError("--sampling", f"must be {' or '.join(SAMPLING)}, got {self.sampling!r}")
         amp_mode(self.amp)
         check_device_name(self.device)
         if not self.dist_timeout_min > 0:
             raise InputError("--dist-timeout", f"must be positive (minutes), got {self.dist_timeout_min}")
-
-
-def draw_stats(img: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded images (K·B, 1, …) in [-1, 1], draw-major → NP map in [0, 1]: mean and sd over the K draws."""
-    img = (img.float().clamp(-1, 1) + 1) / 2
-    img = img.view(k, -1, *img.shape[1:])
-    return img.mean(0).cpu().numpy(), img.std(0, unbiased=False).cpu().numpy()
 
 
 def in_micro_batches(fn, *inputs: torch.Tensor | None):
@@ -234,24 +231,24 @@ class Predictor:
         )
 
     @torch.inference_mode()
-    def decode(self, z0: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """K draws of B latents (draw-major) → NP map in [0, 1] (B, 1, P, P): mean and sd over the draws."""
-        return draw_stats(in_micro_batches(self.aes["target"].decode, z0.to(self.device)), k)
+    def decode(self, z0: torch.Tensor, k: int) -> dict[str, np.ndarray]:
+        """K draws of B latents (draw-major) → NP map in [0, 1] (B, 1, P, P): `draws.draw_stats` over the draws."""
+        return draw_stats(in_micro_batches(self.aes["target"].decode, z0.to(self.device)), k, self.cfg.interval)
 
     @torch.inference_mode()
-    def decode_region(self, z: torch.Tensor, halo: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_region(self, z: torch.Tensor, halo: int) -> dict[str, np.ndarray]:
         """K draws of one canvas region with `halo` latent pixels of context, (K, c, h + 2·halo, w + 2·halo)
-        → NP map in [0, 1] (1, h·f, w·f): mean and sd over the draws, decoded in tiles (local decoders)."""
+        → NP map in [0, 1] (1, h·f, w·f): `draws.draw_stats` over the draws, decoded in tiles (local decoders)."""
         img = decode_tiled(z.to(self.device), self.aes["target"].decode, self.factor, ENCODE_TILE, halo)
-        mean, sd = draw_stats(img, len(z))
-        return mean[0], sd[0]
+        return crop(draw_stats(img, len(z), self.cfg.interval), 0)
 
     @torch.inference_mode()
     def predict(
         self, images: torch.Tensor, roles: list[str], keys: torch.Tensor, context: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Independent sampling: images (B, C, P, P) in [-1, 1] → NP map in [0, 1] (B, 1, P, P) — the mean of
-        K draws —, its sd over the draws (zeros for K = 1), mean divergence and multi-modal share per patch.
+        K draws, with their sd and interval for K > 1 (`draws.draw_stats`) —, mean divergence and multi-modal
+        share per patch.
         The K draws of every patch are sampled as one batch of K·B from noise keyed per patch."""
         cond = self.conditions(images, roles, context)
         k, b = self.cfg.samples, len(keys)
@@ -260,6 +257,6 @@ class Predictor:
         shape = (latent_channels(self.rc),) + tuple(cond.shape[2:])
         den = self.denoiser(cond, k)
         z0 = sample(den, keyed_normal(keys, 0, shape, self.device), self.plan, lambda i: keyed_normal(keys, i + 1, shape, self.device))
-        mean, sd = self.decode(z0, k)
+        stats = self.decode(z0, k)
         d, share = den.summary(k * b)
-        return mean, sd, d.reshape(k, b).mean(0), share.reshape(k, b).mean(0)
+        return stats, d.reshape(k, b).mean(0), share.reshape(k, b).mean(0)

@@ -41,11 +41,12 @@ class RegressionPredictor:
     @torch.inference_mode()
     def predict(
         self, images: torch.Tensor, roles: list[str], keys: torch.Tensor, context: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """images (B, C, P, P) in [-1, 1] → the map in [0, 1] (B, 1, P, P); no spread, divergence or gate (zeros)."""
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """images (B, C, P, P) in [-1, 1] → the map in [0, 1] (B, 1, P, P) as `{"pred": …}`; no spread, and
+        no divergence or gate (zeros)."""
         if any(r not in roles for r in INPUTS):
             raise InputError(self.run.path, f"is a regression run, which needs {' and '.join(INPUTS)} channels; the slide has {roles}")
         x = regression_inputs(images.to(self.device), [roles.index(r) for r in INPUTS], context, self.rc)
         out = ((in_micro_batches(self.model, x) + 1) / 2).clamp(0, 1).float().cpu().numpy()
         zeros = np.zeros(len(images), np.float32)
-        return out, np.zeros_like(out), zeros, zeros
+        return {"pred": out}, zeros, zeros

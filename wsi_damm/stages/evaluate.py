@@ -17,11 +17,12 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from wsi_damm.evaluation.intervals import coverage, interval_summary
 from wsi_damm.evaluation.metrics import map_check, psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
 from wsi_damm.evaluation.report import write_report
 from wsi_damm.evaluation.truth import Companion, GeoJSONRegions, ReopensSlide, SlideEvaluation, Truth, load_truth, open_regions  # noqa: F401 (re-exported)
 from wsi_damm.slides import SlideSpec, open_file
-from wsi_damm.stitching.slide_map import COVERAGE, DIVERGENCE, SHARE, MapImage, open_map
+from wsi_damm.stitching.slide_map import COVERAGE, DIVERGENCE, HIGH, LOW, MEAN, SD, SHARE, MapImage, open_map
 from wsi_damm.tiling.grid import LAZY_BLOCK as BLOCK
 from wsi_damm.tiling.grid import lazy_blocks, tissue_fractions
 from wsi_damm.tiling.np_units import MEASURED_UNIT, NpScale
@@ -30,11 +31,12 @@ from wsi_damm.util.files import read_json, write_csv, write_json
 from wsi_damm.util.jobs import compute_scheduler
 from wsi_damm.util.progress import progress_bar
 
-PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
+PATCH_FIELDS = ["slide", "y", "x", "ssim", "psnr", "mae", "rmse", "spread", "divergence", "multimodal_share", "oracle_ssim", "oracle_psnr"]
 
 
 def _patch_protocol(m: MapImage, truth: Truth, clean: Companion | None, regions: Companion | None, progress: bool) -> list[dict]:
-    """SSIM / PSNR per non-overlapping patch with ≥ 50 % tissue and full prediction coverage."""
+    """SSIM / PSNR per non-overlapping patch with ≥ 50 % tissue and full prediction coverage; with draws, the
+    patch's spread (RMS of the draws' sd) beside its RMSE."""
     p = m.patch_size
     h, w = truth.shape
     ys = np.arange(0, h - p + 1, p)
@@ -45,7 +47,8 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: Companion | None, regions:
         keep = np.nonzero(frac[i] >= 0.5)[0]
         if not len(keep):
             continue
-        band = np.asarray(m.level0[0, y : y + p, :w])
+        bands = np.asarray(m.level0[: SD + 1 if m.interval else 1, y : y + p, :w])
+        band = bands[MEAN]
         blocks = m.blocks(int(y), 0, p, w)
         meas = truth.normalised("target", int(y), 0, p, w)
         ref = clean.normalised(int(y), 0, p, w) if clean else None
@@ -64,9 +67,12 @@ def _patch_protocol(m: MapImage, truth: Truth, clean: Companion | None, regions:
                 "ssim": ssim(pred, truth_p),
                 "psnr": psnr(pred, truth_p),
                 "mae": float(np.abs(pred - truth_p).mean()),
+                "rmse": float(np.sqrt(((pred.astype(np.float64) - truth_p) ** 2).mean())),
                 "divergence": float(near[DIVERGENCE].mean()),
                 "multimodal_share": float(near[SHARE].mean()),
             }
+            if m.interval:
+                row["spread"] = float(np.sqrt((bands[SD][sl].astype(np.float64) ** 2).mean()))
             if ref is not None:
                 row["oracle_ssim"] = ssim(ref[sl], truth_p)
                 row["oracle_psnr"] = psnr(ref[sl], truth_p)
@@ -249,6 +255,12 @@ def evaluate_slide(
     if isinstance(regions, GeoJSONRegions) and not region_names:
         region_names = regions.annotations.names
     rows = _patch_protocol(m, truth, clean, regions, progress)
+    if m.interval:  # the draws' spread, checked: coverage of their interval, spread against error, reliability
+        lo, hi = (da.from_zarr(m.level0)[c, :h, :w].rechunk(BLOCK).astype(np.float64) for c in (LOW, HIGH))
+        covered_px = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
+        where = covered_px & mask if mask is not None else covered_px
+        cov = coverage(lo, hi, meas, where, scheduler)
+        result["uncertainty"] = interval_summary(cov, m.interval, [r["spread"] for r in rows], [r["rmse"] for r in rows])
     result["patches"] = {
         "size": m.patch_size,
         "ssim_percent": summarise([100 * r["ssim"] for r in rows]),

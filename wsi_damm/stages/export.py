@@ -1,7 +1,8 @@
 """`wsi-damm export`: a map and its slide, for QuPath — where these labs draw and count.
 
 - `SLIDE.ome.tif`: one aligned pyramidal OME-TIFF with CD31, DAPI, measured NP, predicted NP,
-  |error| and sd as named float32 channels, with the µm scale; streamed block by block.
+  |error|, and for maps of several draws their sd, their central interval's bounds and where the measured
+  value leaves it (−1 below, +1 above), as named float32 channels with the µm scale; streamed block by block.
 - `SLIDE.high_np.geojson`: regions where the predicted NP is at least `threshold` (default 0.5 of
   the slide's normalised NP range: half way between its 0.5th and 99.8th percentiles over tissue),
   as annotations with holes, traced on a level of at most 2048 px.
@@ -35,6 +36,9 @@ EXPORT_LAYERS = (
     ("predicted", "NP predicted"),
     ("error", "NP |error|"),
     ("sd", "NP sd"),
+    ("low", "NP interval low"),
+    ("high", "NP interval high"),
+    ("outside", "NP outside interval"),
 )
 BLOCK = 2048
 

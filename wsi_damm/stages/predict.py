@@ -10,6 +10,7 @@ prediction does not depend on batch size, order, resume or which rank computed i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -21,6 +22,7 @@ import zarr
 
 from wsi_damm.diffusion.noise import patch_key
 from wsi_damm.sampling.canvas import sample_canvases
+from wsi_damm.sampling.draws import STATS, draws_for, interval_attrs, joined
 from wsi_damm.sampling.predictor import (  # noqa: F401 (re-exported: the stage's public names)
     DEFAULT_STEPS,
     MICRO_BATCH,
@@ -28,7 +30,6 @@ from wsi_damm.sampling.predictor import (  # noqa: F401 (re-exported: the stage'
     GatedDenoiser,
     PredictConfig,
     Predictor,
-    draw_stats,
     in_micro_batches,
 )
 from wsi_damm.sampling.regression import RegressionPredictor
@@ -47,6 +48,7 @@ from wsi_damm.util.files import partial_path, prepare_output, publish
 from wsi_damm.util.heap import release_free_memory
 from wsi_damm.util.progress import progress_bar
 
+LOG = logging.getLogger("wsi_damm.predict")
 CANVAS_SAMPLING = ("canvas", "shifted")  # the ones that sample on a latent canvas
 RANKS_READY = "ranks_ready"
 
@@ -116,6 +118,11 @@ def run_predict(
         )
     # weights are checked before anything is written
     predictor = (RegressionPredictor if regression else Predictor)(Path(run_dir), ranks.device, cfg)
+    if cfg.samples > 1 and (got := interval_attrs(cfg.samples, cfg.interval))["nominal"] < cfg.interval - 1e-9 and ranks.main:
+        LOG.info(
+            "%d draws: their central interval is their full range, nominal %.0f %% (%.0f %% asked for needs %d draws)",
+            cfg.samples, 100 * got["nominal"], 100 * cfg.interval, draws_for(cfg.interval),
+        )  # fmt: skip
     cond_path = out.with_name(out.name + ".conditions.zarr")  # tiled inputs, removed once done
     partial = partial_path(out)
     ready = partial / RANKS_READY  # rank 0's set-up is done: the other ranks poll for it instead of waiting in a barrier
@@ -137,7 +144,9 @@ def run_predict(
                 "nuclei": predictor.uses_nuclei(conditions.roles),
                 "model": {"kind": "regression"} if regression else {"kind": "damm", "dammp": rc.damm.dammp, "gamma": rc.damm.gamma},
             }
-            create_prediction_store(partial, conditions, attrs, with_sd=cfg.samples > 1)
+            if cfg.samples > 1:
+                attrs["interval"] = interval_attrs(cfg.samples, cfg.interval)
+            create_prediction_store(partial, conditions, attrs, STATS if cfg.samples > 1 else STATS[:1])
         ready.touch()
     else:  # tiling a large slide can outlast the process-group timeout
         ranks.wait_until(ready.exists)
@@ -207,12 +216,12 @@ def _sample_shards(
             sl = slice(k, k + cfg.batch_size)
             parts.append(predictor.predict(images[sl], roles, keys_all[rows[sl]], None if context is None else context[sl]))
             bar.update(len(rows[sl]))
-        pred, sd, dv, sh = (np.concatenate(x) for x in zip(*parts))
+        stats = joined([p[0] for p in parts])
+        dv, sh = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
         pos = 0
         for shard, (a, b) in zip(shards, spans):
-            root["pred"][a:b] = pred[pos : pos + b - a].astype(np.float16)
-            if "pred_sd" in root:
-                root["pred_sd"][a:b] = sd[pos : pos + b - a].astype(np.float16)
+            for name, values in stats.items():
+                root[name][a:b] = values[pos : pos + b - a].astype(np.float16)
             root["divergence"][a:b] = dv[pos : pos + b - a]
             root["multimodal_fraction"][a:b] = sh[pos : pos + b - a]
             root["shard_done"][shard] = 1

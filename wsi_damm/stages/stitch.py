@@ -21,6 +21,7 @@ import dask
 import numpy as np
 import zarr
 
+from wsi_damm.sampling.draws import STATS
 from wsi_damm.slides.ome import pyramid_shapes, writable, write_ome_tiff
 from wsi_damm.stitching.merge import BlendMerger, window
 from wsi_damm.stitching.slide_map import (
@@ -116,7 +117,7 @@ def merge_band(
     """One band: blend the patches touching it, write its chunks of `levels` and `patch_level`, then
     flag it done (after its chunks: a flag never names unwritten data)."""
     root = zarr.open_group(pred_path, mode="r")
-    names = ["pred"] + (["pred_sd"] if "pred_sd" in root else [])
+    names = [name for name in STATS if name in root]
     merger = BlendMerger(band.y0, band.y1, band.x0, band.x1, w, len(names))
     if len(band.rows):
         merger.aggregate([read_rows(root[name], band.rows)[:, 0] for name in names], band.yx, band.gate)  # float16
@@ -178,7 +179,7 @@ def stitch_slide(
         ],
         1,
     ).astype(np.float32)
-    n_values = 2 if "pred_sd" in store.root else 1
+    n_values = sum(name in store.root for name in STATS)
     bands = plan_bands(coords[idx, 1:], idx, gate, height, width, patch, band_bytes, pixel_bytes=4 * (n_values + 1))
     partial = partial_path(out)
     n_workers = workers or os.cpu_count() or 1
@@ -244,6 +245,7 @@ def stitch_slide(
             "sampling": store.attrs.get("predict", {}).get("sampling", "independent"),
             "np_normalisation": scale.attrs(),
             "inverse_transform": scale.inverse_transform(),
+            "interval": store.attrs.get("interval"),  # the central interval of the draws (channels 2 and 3), if any
         },
     )
     if tiff is not None:

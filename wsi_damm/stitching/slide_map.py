@@ -1,7 +1,7 @@
 """The whole-slide map's layout: what `stitch` and the baseline write, and `evaluate` / `report` read.
 
-A map is one OME-Zarr 0.5 image: the predicted NP map at full resolution (and its standard
-deviation over samples when prediction drew several), with a second image nested at
+A map is one OME-Zarr 0.5 image: the predicted NP map at full resolution (and, when prediction drew
+several samples, their standard deviation and central interval), with a second image nested at
 `patch_maps/`: the gate's divergence, the multi-modal share and the prediction coverage in
 BLOCK × BLOCK pixel blocks. Divergence and share are one number per patch, blended by the same
 windows as the NP map, so they vary on the scale of a patch: at full resolution they cost as much
@@ -31,8 +31,12 @@ PATCH_MAPS = "patch_maps"
 DIMS = ("c", "y", "x")
 VALUE_CHANNELS = [
     {"label": "NP (predicted)", "color": "00FF00", "min": 0.0, "max": 1.0},
-    {"label": "NP sd over samples", "color": "FFFF00", "min": 0.0, "max": 0.25},  # only with predict --samples K > 1
+    # only with predict --samples K > 1: the sd over the draws and their central interval (`sampling.draws`)
+    {"label": "NP sd over samples", "color": "FFFF00", "min": 0.0, "max": 0.25},
+    {"label": "NP interval low", "color": "0000FF", "min": 0.0, "max": 1.0},
+    {"label": "NP interval high", "color": "FF0000", "min": 0.0, "max": 1.0},
 ]
+MEAN, SD, LOW, HIGH = range(4)  # the value channels
 PATCH_MAP_CHANNELS = [
     {"label": "divergence", "color": "FF00FF", "min": 0.0, "max": 1.0},
     {"label": "multi-modal share", "color": "00FFFF", "min": 0.0, "max": 1.0},
@@ -84,7 +88,7 @@ def finish_map(root: zarr.Group, name: str, mpp: float | None, existing: int, in
 @dataclass
 class MapImage:
     path: Path
-    levels: list[zarr.Array]  # (C, H, W): NP [, NP sd], halving
+    levels: list[zarr.Array]  # (C, H, W): NP [, NP sd, interval low, interval high], halving
     patch_maps: list[zarr.Array]  # (3, ⌈H/B⌉, ⌈W/B⌉): divergence, multi-modal share, coverage, halving
     block: int
     mpp: float | None
@@ -98,6 +102,7 @@ class MapImage:
     tissue: str = "auto"  # the tissue detection of the tiling that made the map; evaluate scores the same tissue
     np_scale: NpScale = NpScale()  # the NP normalisation of the run (per slide, or a common range with its inverse)
     source: str | None = None  # the prediction store the map was stitched from (None: not a stitched prediction)
+    interval: dict | None = None  # the draws' central interval (`draws.interval_attrs`) when the map holds one
 
     @property
     def level0(self) -> zarr.Array:
@@ -156,4 +161,5 @@ def open_map(path: str | Path) -> MapImage:
         info.get("tissue", "auto"),
         NpScale.from_attrs(info.get("np_normalisation")),
         info.get("source"),
+        info.get("interval") if len(ms["datasets"]) and root[ms["datasets"][0]["path"]].shape[0] > HIGH else None,
     )

@@ -186,13 +186,14 @@ def to_model_range(raw: np.ndarray):
     return torch.from_numpy(raw.astype(np.float32)).mul_(2.0 / top).sub_(1.0)
 
 
-def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dict, with_sd: bool = False) -> zarr.Group:
-    """Same patches and shards as the conditions store; per-patch NP map (and, for several draws per
-    patch, `pred_sd`: their standard deviation), divergence and gate share."""
+def create_prediction_store(path: str | Path, conditions: PatchStore, attrs: dict, stats: tuple[str, ...] = ("pred",)) -> zarr.Group:
+    """Same patches and shards as the conditions store; per-patch NP map and the other per-pixel statistics
+    named in `stats` (for several draws per patch: their sd and central interval, `sampling.draws`),
+    divergence and gate share."""
     n, _, p, _ = conditions.images.shape
     s = int(conditions.attrs["shard_patches"])
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for name in ("pred", "pred_sd") if with_sd else ("pred",):
+    for name in stats:
         root.create_array(
             name,
             shape=(n, 1, p, p),

@@ -8,7 +8,7 @@ import math
 
 from tests.conftest import TINY_TOML, run_cli
 from wsi_damm.util.files import read_json
-from wsi_damm.workflows.bench_report import recommend
+from wsi_damm.workflows.bench_report import recommend, seed_figures
 
 
 def _row(key: str, r: list[float], spread: float = 1.0) -> dict:
@@ -31,6 +31,19 @@ def test_the_recommendation_follows_pearsons_r_and_says_when_a_lead_is_within_th
     assert "within the seeds' spread: treat the two as level" in level
     versus_blur = recommend([_row("blur", [0.40]), _row("U-Net", [0.45, 0.47])])  # a deterministic row pairs with every seed
     assert "use U-Net" in versus_blur and "ahead of blur (0.400) by 0.060 ± 0.014" in versus_blur
+
+
+def test_a_seed_pools_its_slides_checks_of_the_draws_by_tissue_pixels():
+    def slide(pixels: int, cov: float | None, rho: float | None) -> dict:
+        s = {"wsi": {"pixels_tissue": pixels, "pearson_r_tissue": 0.5}, "check": {"spread_ratio": 1.0, "mean_ratio": 1.0}}
+        if cov is not None:
+            s["uncertainty"] = {"coverage": cov, "spread_error": {"spearman": rho}}
+        return s
+
+    drawn = seed_figures({"slides": [slide(1, 0.5, 0.2), slide(3, 0.7, 0.6)]})
+    assert math.isclose(drawn["coverage"], (0.5 + 3 * 0.7) / 4) and math.isclose(drawn["spread_spearman"], (0.2 + 3 * 0.6) / 4)
+    one_draw = seed_figures({"slides": [slide(1, None, None)]})
+    assert math.isnan(one_draw["coverage"]) and math.isnan(one_draw["spread_spearman"])
 
 
 def test_a_bench_on_two_slides_scores_every_row_on_the_same_pixels_and_resumes(synth_dir, tmp_path):

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_damm.sampling.draws import DEFAULT_INTERVAL, interval_attrs
 from wsi_damm.workflows.study_tables import sample_sd
 
-FIGURES = ("pearson_r", "spread_ratio", "mean_ratio", "nrmse", "spectral_error", "ssim", "psnr")
+FIGURES = ("pearson_r", "spread_ratio", "mean_ratio", "nrmse", "spectral_error", "ssim", "psnr", "coverage", "spread_spearman")
 NAMES = {
     "pearson_r": "Pearson's r",
     "spread_ratio": "spread ×",
@@ -21,11 +22,20 @@ NAMES = {
     "spectral_error": "spectral error",
     "ssim": "SSIM",
     "psnr": "PSNR (dB)",
+    "coverage": "interval coverage",
+    "spread_spearman": "spread–error ρ",
 }
+UNCERTAINTY = {"coverage": ("coverage",), "spread_spearman": ("spread_error", "spearman")}  # where evaluate keeps them
 REGION_FIGURES = ("pearson_r", "nrmse", "ssim")
 
 
-def _pooled(result: dict) -> dict:
+def _lookup(d: dict, path: tuple[str, ...]) -> float:
+    for key in path:
+        d = d.get(key, {}) if isinstance(d, dict) else {}
+    return float(d) if isinstance(d, (int, float)) and d is not None else math.nan
+
+
+def seed_figures(result: dict) -> dict:
     """One seed's figures over tissue, its held-out slides pooled by tissue pixels; and per region likewise."""
     slides = result["slides"]
     weights = np.array([s["wsi"]["pixels_tissue"] for s in slides], np.float64)
@@ -39,6 +49,8 @@ def _pooled(result: dict) -> dict:
     for key in FIGURES:
         if key in ("spread_ratio", "mean_ratio"):
             vals = [s["check"][key] if s.get("check") else math.nan for s in slides]
+        elif key in UNCERTAINTY:  # only maps of several draws have a spread to check
+            vals = [_lookup(s.get("uncertainty", {}), UNCERTAINTY[key]) for s in slides]
         else:
             vals = [s["wsi"].get(f"{key}_tissue", math.nan) for s in slides]
         out[key] = mean(vals, weights)
@@ -71,16 +83,16 @@ def summarise(results: dict[str, dict], variants, plan) -> list[dict]:
     for v in variants:
         for k in dict.fromkeys((1, plan.samples)):
             label = f"{v.label}, {'1 draw' if k == 1 else f'mean of {k} draws'}"
-            per_seed = [_pooled(results[f"{v.name}/k{k}/seed{s}"]) for s in plan.seeds]
+            per_seed = [seed_figures(results[f"{v.name}/k{k}/seed{s}"]) for s in plan.seeds]
             rows.append({"model": label, "key": f"{v.name}/k{k}", "kind": "learned", "seeds": len(per_seed), **_stats(per_seed)})
-    per_seed = [_pooled(results[f"regression/seed{s}"]) for s in plan.seeds]
+    per_seed = [seed_figures(results[f"regression/seed{s}"]) for s in plan.seeds]
     rows.append({"model": "regression U-Net (L1)", "key": "regression", "kind": "regression", "seeds": len(per_seed), **_stats(per_seed)})
     base = results["baseline"]
     label = f"blurred-vessel baseline (σ = {base['sigma_um']:g} µm, fitted on the training slides)"
-    rows.append({"model": label, "key": "baseline", "kind": "reference", "seeds": 1, **_stats([_pooled(base)])})
+    rows.append({"model": label, "key": "baseline", "kind": "reference", "seeds": 1, **_stats([seed_figures(base)])})
     const = results["constant"]
     label = f"constant (the training target's mean, {const['value']:.3f})"
-    rows.append({"model": label, "key": "constant", "kind": "reference", "seeds": 1, **_stats([_pooled(const)])})
+    rows.append({"model": label, "key": "constant", "kind": "reference", "seeds": 1, **_stats([seed_figures(const)])})
     return rows
 
 
@@ -124,6 +136,15 @@ def markdown(summary: dict) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['model']} | {r['seeds']} | " + " | ".join(_cell(r[k], 2 if k == "psnr" else 3) for k in FIGURES) + " |")
+    k = summary["plan"]["samples"]
+    if k > 1:
+        lines += [
+            "",
+            f"Interval coverage: the share of tissue pixels whose measured value lies inside the central interval of the {k} "
+            f"draws, nominally {100 * interval_attrs(k, DEFAULT_INTERVAL)['nominal']:.0f} % when the draws are honest; "
+            "spread–error ρ: Spearman's rank "
+            "correlation of a patch's spread over the draws and its error.",
+        ]
     regions = sorted({name for r in rows for name in r["regions"]})
     if regions:
         lines += ["", "Per region (mean over seeds): " + ", ".join(f"{NAMES[k]}" for k in REGION_FIGURES), ""]

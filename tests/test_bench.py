@@ -74,20 +74,25 @@ def test_one_image_splits_into_a_training_part_and_a_held_out_part_that_never_ov
 
     from wsi_damm.tiling.inputs import resolve_slides
     from wsi_damm.util.errors import InputError
-    from wsi_damm.workflows.bench_split import part_channels, split_cut, split_slides
+    from wsi_damm.workflows.bench_split import part_channels, split_cut, split_slides, tissue_profile
 
-    assert split_cut(1920, 0.25, 128) == 1408  # round(0.75 · 1920 / 128) = 11 patches
-    assert split_cut(300, 0.9, 128) == 128 and split_cut(300, 0.01, 128) == 128  # one patch on each side, on the grid
+    assert split_cut(np.ones(1920), 0.25, 128) == 1408  # even tissue: round(0.75 · 1920 / 128) = 11 patches
+    assert split_cut(np.zeros(1920), 0.25, 128) == 1408  # no tissue at all: a share of the pixels
+    assert split_cut(np.ones(300), 0.9, 128) == 128 and split_cut(np.ones(300), 0.01, 128) == 128  # a patch each side, on the grid
+    core = np.where(np.arange(1920) < 1300, 1.0, 0.0)  # a section in the left two thirds of its image, as in a TMA core
+    cut = split_cut(core, 0.3, 128)
+    assert cut == 896 and abs(core[cut:].sum() / core.sum() - 0.3) < 128 / 1300  # 30 % of the tissue, not of the pixels
     with pytest.raises(InputError, match="cannot hold a 128-px patch on each side"):
-        split_cut(200, 0.5, 128)
+        split_cut(np.ones(200), 0.5, 128)
     source = sorted(synth_dir.glob("*.ome.tif"))[0]
     [spec] = resolve_slides([source], channels=None, required=("vessels", "nuclei", "target"))
-    (train,), (held,) = split_slides([spec], 0.25, tmp_path / "inputs", 64, log=lambda m: None)
+    (train,), (held,), wrote = split_slides([spec], 0.25, tmp_path / "inputs", 64, log=lambda m: None)
+    assert wrote
     whole = tifffile.imread(source, level=0)
     with tifffile.TiffFile(train) as a, tifffile.TiffFile(held) as b:
         left, right = a.series[0].levels[0].asarray(), b.series[0].levels[0].asarray()
         names = tifffile.xml2dict(a.ome_metadata)["OME"]["Image"]["Pixels"]["Channel"]
-    cut = split_cut(whole.shape[2], 0.25, 64)
+    cut = split_cut(tissue_profile(spec, 64, 1), 0.25, 64)
     np.testing.assert_array_equal(left, whole[:, :, :cut])
     np.testing.assert_array_equal(right, whole[:, :, cut:])
     assert [c["Name"] for c in names] == [ref.name for _, ref in spec.channels]
@@ -96,8 +101,8 @@ def test_one_image_splits_into_a_training_part_and_a_held_out_part_that_never_ov
     with spec.open() as s, parts[1].open() as p:
         assert p.mpp == s.mpp and p.dtype == s.dtype
     stamp = train.stat().st_mtime_ns
-    split_slides([spec], 0.25, tmp_path / "inputs", 64, log=lambda m: None)  # the same request: the parts are reused
-    assert train.stat().st_mtime_ns == stamp
+    *_, wrote = split_slides([spec], 0.25, tmp_path / "inputs", 64, log=lambda m: None)  # the same request: the parts are reused
+    assert train.stat().st_mtime_ns == stamp and not wrote
 
 
 def test_the_bench_takes_held_out_slides_or_a_held_out_fraction_not_both(synth_dir, tmp_path):
@@ -106,3 +111,6 @@ def test_the_bench_takes_held_out_slides_or_a_held_out_fraction_not_both(synth_d
     assert r.returncode == 2 and "give no --heldout slides or --regions with it" in r.stderr
     r = run_cli("bench", "--train", str(train), "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "--heldout-fraction F" in r.stderr
+    (tmp_path / "old" / "patches.zarr").mkdir(parents=True)  # a bench tiled from parts of another split
+    r = run_cli("bench", "--train", str(train), "--heldout-fraction", "0.3", "--patch-size", "64", "--out", str(tmp_path / "old"))
+    assert r.returncode == 2 and "holds a bench on another split of these images" in r.stderr and "new --out" in r.stderr

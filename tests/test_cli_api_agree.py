@@ -12,7 +12,7 @@ import pytest
 from wsi_damm import api
 from wsi_damm_cli.main import cli
 
-COMMANDS = ("synth", "tile", "train", "predict", "stitch", "evaluate", "compare", "export")
+COMMANDS = ("synth", "tile", "train", "predict", "calibrate", "stitch", "evaluate", "compare", "export")
 # click's name for a parameter → the API's (where a Python keyword or a clearer plural forced another name)
 RENAMED = {
     "compile_": "compile",

@@ -164,7 +164,7 @@ def test_several_samples_give_their_mean_and_sd(tiny_run, synth_dir, tmp_path):
     labels = [c["label"] for c in m.attrs["ome"]["omero"]["channels"]]
     assert labels == ["NP (predicted)", "NP sd over samples", "NP interval low", "NP interval high"]
     assert float(np.asarray(m["0"][1]).max()) > 0
-    assert store.attrs["interval"] == {"requested": 0.8, "draws": 3, "rank": 1, "nominal": 0.5}  # 3 draws: their range, 50 %
+    assert store.attrs["interval"] == {"requested": 0.8, "draws": 3, "rank": 1, "nominal": 0.5, "scale": 1.0}  # 3 draws: their range, 50 %
 
     # reference: the three draws one by one, with the keys the batched path derives
     images = torch.rand(6, 3, 64, 64) * 2 - 1

@@ -61,6 +61,11 @@ from .group import (
     help="Level of the central interval of the draws (K > 1): between the j-th smallest and the j-th largest draw, "
     "which holds a value exchangeable with the draws with probability (K + 1 − 2j)/(K + 1); 0.8 needs K ≥ 9.",
 )
+@click.option(
+    "--calibrated",
+    is_flag=True,
+    help="Scale the draws' sd and interval by the run's calibration (fitted by `wsi-damm calibrate` for the same K).",
+)
 @click.option("--overlap", type=click.IntRange(0), help="Patch overlap in pixels (default: patch / 4).")
 @click.option("--min-tissue", default=0.05, type=float, help="Predict patches with at least this tissue fraction (0: every patch).")
 @click.option("--tissue", type=click.Choice(["auto", "all"]), help="Tissue detection (default: the one the run was trained with).")
@@ -102,6 +107,7 @@ def predict(
     seed,
     samples,
     interval,
+    calibrated,
     overlap,
     min_tissue,
     tissue,
@@ -143,6 +149,7 @@ def predict(
         seed=seed,
         samples=samples,
         interval=interval,
+        calibrated=calibrated,
         overlap=overlap,
         min_tissue=min_tissue,
         tissue=tissue,
@@ -168,3 +175,47 @@ def predict(
     click.echo(f"{out}: {done.patches} patches predicted ({done.sampling} sampling, {sampler}, {steps or DEFAULT_STEPS[sampler]} steps)")
     for path in done.maps:
         click.echo(f"{path}: whole-slide map (open in napari: napari {path} {path}/patch_maps)")
+
+
+@cli.command(short_help="Fit one scale on the draws' spread on the run's validation pixels.")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="The patch store the run was trained on.")
+@click.option("--samples", default=9, show_default=True, type=click.IntRange(2), help="Draws per patch (as predict will use).")
+@click.option(
+    "--interval", default=0.8, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True), help="As for predict."
+)
+@click.option("--sampler", default="dpm++", type=click.Choice(["ddim", "dpm++"]), help="As for predict.")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Sampling steps (default: ddim 150, dpm++ 20).")
+@click.option("--batch-size", default=16, type=click.IntRange(1), help="Patches sampled together.")
+@click.option("--seed", default=0, type=int, help="Sampling seed.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--out", type=click.Path(path_type=Path), help="Where the validation predictions go (default: RUN_DIR/calibration).")
+@click.option("--overwrite", is_flag=True, help="Predict the validation part again (else a killed calibration resumes).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def calibrate(run_dir, store, samples, interval, sampler, steps, batch_size, seed, device, out, overwrite, quiet) -> None:
+    """Predict the run's validation pixels (its own split of STORE: slides or the region past the cut) with K draws,
+    and fit the scale by which the draws' interval must be stretched to hold the measured channel as often as it
+    promises. Writes RUN_DIR/calibration.json; `predict --samples K --calibrated` applies it. Off by default: read
+    the coverage before and after on held-out slides (`evaluate`) before trusting it."""
+    from wsi_damm import api
+
+    done = api.calibrate(
+        run_dir,
+        store=store,
+        samples=samples,
+        interval=interval,
+        sampler=sampler,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        out=out,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    nominal = 100 * done["interval"]["nominal"]
+    click.echo(
+        f"{run_dir}: spread scale {done['scale']:.3g} (the {samples} draws' {nominal:.0f} % interval held "
+        f"{100 * done['coverage_before']:.1f} % of {done['pixels']} validation pixels, stretched {100 * done['coverage_after']:.1f} %); "
+        f"apply it with: wsi-damm predict {run_dir} … --samples {samples} --calibrated"
+    )

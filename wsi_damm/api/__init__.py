@@ -11,7 +11,8 @@ thin layer over these.
     report.metrics["slides"][0]["wsi"]["ssim_tissue"]
 """
 
-from wsi_damm.api.commands import compare, evaluate, export, predict, stitch, synth, tile, train
+from wsi_damm.api.commands import calibrate, predict, synth, tile, train
+from wsi_damm.api.maps import compare, evaluate, export, stitch
 from wsi_damm.api.results import EvaluateResult, PredictResult, SynthResult, TileResult, TrainResult
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "tile",
     "train",
     "predict",
+    "calibrate",
     "stitch",
     "evaluate",
     "compare",

@@ -7,20 +7,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from wsi_damm.api.results import EvaluateResult, PathLike, PredictResult, SynthResult, TileResult, TrainResult
+from wsi_damm.api.inputs import slide_specs
+from wsi_damm.api.results import PathLike, PredictResult, SynthResult, TileResult, TrainResult
 from wsi_damm.util.errors import InputError
-
-
-def _specs(
-    slides, manifest, channels, plane, max_slide_gb, required=("vessels",), register="none", size_tolerance=0.0, qc=None, mpp=None, log=None
-):
-    from wsi_damm.tiling.inputs import parse_planes, resolve_slides
-
-    if isinstance(slides, (str, Path)):
-        slides = [slides]
-    return resolve_slides(
-        list(slides or ()), manifest, channels, parse_planes(plane), max_slide_gb, required, register, size_tolerance, qc, log=log, mpp=mpp
-    )
 
 
 def synth(
@@ -88,7 +77,7 @@ def tile(
     from wsi_damm.tiling.plan import TileConfig, reference_range
     from wsi_damm.tiling.qc import qc_folder
 
-    specs = _specs(
+    specs = slide_specs(
         slides,
         manifest,
         channels,
@@ -115,7 +104,7 @@ def tile(
     if np_norm == "reference":
         if np_reference is None:
             raise InputError("--np-reference", "--np-norm reference needs the reference slide (--np-reference SLIDE)")
-        [ref_spec] = _specs([np_reference], None, channels, plane, max_slide_gb, required=("target",), mpp=mpp, log=log)
+        [ref_spec] = slide_specs([np_reference], None, channels, plane, max_slide_gb, required=("target",), mpp=mpp, log=log)
         ref = reference_range(ref_spec, cfg)
     cfg = replace(cfg, np_scale=np_scale(np_norm, np_range, ref, str(np_reference) if np_reference else None))
     store = run_tile(specs, Path(out), cfg, scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite, progress=not quiet)
@@ -228,6 +217,7 @@ def predict(
     seed: int = 0,
     samples: int = 1,
     interval: float = 0.8,
+    calibrated: bool = False,
     overlap: int | None = None,
     min_tissue: float = 0.05,
     tissue: str | None = None,
@@ -255,7 +245,7 @@ def predict(
     from wsi_damm.stages.predict import PredictConfig, predict_maps
     from wsi_damm.tiling.qc import qc_folder
 
-    specs = _specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp, log=log)
+    specs = slide_specs(slides, manifest, channels, plane, max_slide_gb, register=register, size_tolerance=size_tolerance, mpp=mpp, log=log)
     cfg = PredictConfig(
         sampling=sampling,
         sampler=sampler,
@@ -273,6 +263,7 @@ def predict(
         shard_patches=shard_patches,
         samples=samples,
         interval=interval,
+        calibrated=calibrated,
         nuclei=not no_nuclei,
     )
     done = predict_maps(
@@ -292,106 +283,27 @@ def predict(
     return PredictResult(Path(out), len(done.store), list(done.maps), qc_folder(Path(out)), done.store.attrs["predict"]["sampling"])
 
 
-def stitch(
-    prediction: PathLike,
+def calibrate(
+    run_dir: PathLike,
     *,
-    out: PathLike,
-    blend: str = "gaussian",
-    tiff: PathLike | None = None,
-    workers: int | None = None,
-    band_mb: int = 64,
-    scheduler: str = "processes",
-    tiff_units: str = "normalised",
-    resume: bool = False,
+    store: PathLike,
+    samples: int = 9,
+    interval: float = 0.8,
+    sampler: str = "dpm++",
+    steps: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str = "auto",
+    out: PathLike | None = None,
+    overwrite: bool = False,
     quiet: bool = False,
-) -> list[Path]:
-    """Blend patch predictions into whole-slide maps (`wsi-damm stitch`); returns the maps. `scheduler`: processes,
-    threads, sync or a dask.distributed address."""
-    from wsi_damm.stages.stitch import run_stitch
-
-    return run_stitch(
-        Path(prediction),
-        Path(out),
-        blend=blend,
-        tiff=Path(tiff) if tiff else None,
-        workers=workers,
-        progress=not quiet,
-        resume=resume,
-        band_bytes=band_mb * 2**20,
-        scheduler=scheduler,
-        tiff_units=tiff_units,
-    )
-
-
-def evaluate(
-    maps: Sequence[PathLike] | PathLike,
-    *,
-    truth: Sequence[PathLike] | PathLike,
-    channels: str | None = None,
-    clean: Sequence[PathLike] = (),
-    regions: Sequence[PathLike] = (),
-    mask: str = "tissue",
-    mpp: float | None = None,
-    viewer: bool = True,
-    out: PathLike = "report",
-    max_slide_gb: float = 256.0,
-    register: str = "none",
-    size_tolerance: float = 0.0,
-    scheduler: str = "threads",
-    quiet: bool = False,
-    log=None,
-) -> EvaluateResult:
-    """Score maps against the measured NP channel (`wsi-damm evaluate`): metrics, figures, report, viewer.
-    `scheduler`: threads, sync or a dask.distributed address for the streamed whole-slide numbers."""
-    from wsi_damm.stages.evaluate import run_evaluate
-
-    maps = [Path(maps)] if isinstance(maps, (str, Path)) else [Path(m) for m in maps]
-    truth = [truth] if isinstance(truth, (str, Path)) else list(truth)
-    clean, regions = [Path(c) for c in clean], [Path(r) for r in regions]
-    if len(truth) != len(maps):
-        raise InputError("--truth", f"give one --truth per map ({len(maps)} maps, {len(truth)} slides)")
-    if clean and len(clean) != len(maps):
-        raise InputError("--clean", f"give one --clean per map or none ({len(maps)} maps, {len(clean)} fields)")
-    if regions and len(regions) != len(maps):
-        raise InputError("--regions", f"give one --regions per map or none ({len(maps)} maps, {len(regions)} label images)")
-    specs = _specs(
-        truth, None, channels, (), max_slide_gb, required=("target",), register=register, size_tolerance=size_tolerance, mpp=mpp, log=log
-    )
-    out = Path(out)
-    metrics = run_evaluate(
-        list(zip(maps, specs)),
-        out,
-        clean or [None] * len(maps),
-        use_mask=mask == "tissue",
-        progress=not quiet,
-        regions=regions or None,
-        viewer=viewer,
-        scheduler=scheduler,
-    )
-    viewers = [out / f"viewer_{r['slide']}.html" for r in metrics["slides"]] if viewer else []
-    return EvaluateResult(out / "report.html", out / "metrics.json", metrics, viewers)
-
-
-def compare(a: PathLike, b: PathLike, *, data_range: float | None = None) -> dict:
-    """SSIM / PSNR of two single-channel images as stored (`wsi-damm compare`)."""
-    from wsi_damm.stages.evaluate import compare as compare_images
-
-    return compare_images(Path(a), Path(b), data_range)
-
-
-def export(
-    map_path: PathLike,
-    *,
-    truth: PathLike,
-    out: PathLike,
-    channels: str | None = None,
-    threshold: float = 0.5,
-    mpp: float | None = None,
-    max_slide_gb: float = 256.0,
 ) -> dict:
-    """A map and its slide for QuPath (`wsi-damm export`): the aligned six-channel OME-TIFF, high-NP
-    regions and per-patch gate values as GeoJSON. Returns what was written."""
-    from wsi_damm.stages.export import export_for_qupath
+    """Fit the draws' spread scale on the run's validation pixels (`wsi-damm calibrate`); returns what
+    `RUN/calibration.json` holds. `predict(..., calibrated=True)` applies it."""
+    from wsi_damm.stages.calibrate import fit_scale
+    from wsi_damm.stages.predict import PredictConfig
 
-    [spec] = _specs([truth], None, channels, (), max_slide_gb, required=("vessels",), mpp=mpp)
-    return export_for_qupath(Path(map_path), spec, Path(out), threshold)
+    cfg = PredictConfig(sampler=sampler, steps=steps, batch_size=batch_size, seed=seed, samples=samples, interval=interval, device=device)
+    cfg.validate()
+    where = Path(out) if out else Path(run_dir) / "calibration"
+    return fit_scale(Path(run_dir), Path(store), where, cfg, progress=not quiet, overwrite=overwrite)

@@ -86,6 +86,7 @@ def interval_summary(cov: dict, interval: dict, spread: np.ndarray, rmse: np.nda
         "rank": int(interval["rank"]),
         "nominal": float(interval["nominal"]),
         "requested": float(interval["requested"]),
+        "scale": float(interval.get("scale", 1.0)),  # the calibration applied by predict --calibrated (1: none)
         **cov,
         "check": calibration_check(cov["coverage"], float(interval["nominal"])),
         "spread_error": spread_error(spread, rmse, k),

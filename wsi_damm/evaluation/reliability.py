@@ -47,6 +47,12 @@ def uncertainty_html(u: dict, fmt) -> str:
         f"Rank correlation of a patch's spread and its error: <b>{fmt(se['spearman'])}</b> over {se['patches']} patches "
         "(1: the draws point at exactly the patches the map gets wrong).</p>"
     )
+    before = u.get("before_calibration")
+    if before:
+        text += (
+            f"<p>The spread was calibrated (<code>predict --calibrated</code>: sd and interval × {fmt(u.get('scale'))}); "
+            f"the draws' own interval held <b>{100 * before['coverage']:.1f} %</b> of the tissue pixels.</p>"
+        )
     if u.get("check"):
         text += f"<p style='color:#b22222'><b>Warning: {html.escape(u['check'])}.</b></p>"
     return text

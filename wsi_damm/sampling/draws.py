@@ -57,6 +57,21 @@ def draw_stats(img: torch.Tensor, k: int, level: float = DEFAULT_INTERVAL) -> di
     return out
 
 
+def widened(stats: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """The draws' spread scaled by a calibration (`stages.calibrate`): sd × scale and each bound moved away from
+    (scale > 1) or towards the mean by that factor. Bounds are not clipped to [0, 1], so the raw interval can be
+    recovered from the stored one (what `evaluate` reports as before calibration)."""
+    if "pred_sd" not in stats or scale == 1:
+        return stats
+    mean = stats["pred"]
+    return {
+        **stats,
+        "pred_sd": stats["pred_sd"] * scale,
+        "pred_lo": mean - scale * (mean - stats["pred_lo"]),
+        "pred_hi": mean + scale * (stats["pred_hi"] - mean),
+    }
+
+
 def crop(stats: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
     """The same crop of every statistic."""
     return {name: v[index] for name, v in stats.items()}

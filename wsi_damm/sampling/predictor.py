@@ -14,7 +14,7 @@ from wsi_damm.diffusion.damm import branch_conditions, divergence, select, use_m
 from wsi_damm.diffusion.noise import draw_keys, keyed_normal
 from wsi_damm.diffusion.samplers import make_plan, sample
 from wsi_damm.diffusion.schedule import NoiseSchedule
-from wsi_damm.sampling.draws import DEFAULT_INTERVAL, crop, draw_stats
+from wsi_damm.sampling.draws import DEFAULT_INTERVAL, crop, draw_stats, interval_attrs, widened
 from wsi_damm.tiling.context import context_roles, to_latent_grid
 from wsi_damm.tiling.store import PatchStore
 from wsi_damm.training.latent_canvas import ENCODE_TILE, decode_tiled
@@ -29,6 +29,7 @@ from wsi_damm.training.run_dir import (
 )
 from wsi_damm.util.devices import check_device_name
 from wsi_damm.util.errors import InputError
+from wsi_damm.util.files import read_json
 from wsi_damm.util.precision import amp_mode, autocast
 
 DEFAULT_STEPS = {"ddim": 150, "dpm++": 20}
@@ -54,6 +55,7 @@ class PredictConfig:
     shard_patches: int = 64
     samples: int = 1  # K draws per patch: the map is their mean; their sd and central interval are stored beside it
     interval: float = DEFAULT_INTERVAL  # the central interval's level asked for (`draws.interval_rank`; K > 1)
+    calibrated: bool = False  # scale the draws' spread by the run's calibration (`wsi-damm calibrate`)
     # "independent": each patch alone; "canvas": all patches in lockstep on the slide's latent canvas, overlaps fused
     # every step; "shifted": on the canvas, a grid of patch-sized cells shifted every step (runs trained on canvas
     # latents); "auto": shifted for such runs, else independent (README, Seamless maps)
@@ -77,6 +79,8 @@ class PredictConfig:
             raise InputError("--eta", f"must be in [0, 1], got {self.eta}")
         if self.samples < 1:
             raise InputError("--samples", f"must be at least 1, got {self.samples}")
+        if self.calibrated and self.samples < 2:
+            raise InputError("--calibrated", "scales the spread of several draws: use it with --samples K (K ≥ 2)")
         if not 0 < self.interval < 1:
             raise InputError("--interval", f"must be between 0 and 1 (e.g. 0.8), got {self.interval}")
         if self.sampling not in SAMPLING:
@@ -102,6 +106,25 @@ def in_micro_batches(fn, *inputs: torch.Tensor | None):
         parts.append(tuple(None if v is None else v[: b - a] for v in (out if isinstance(out, tuple) else (out,))))
     joined = tuple(None if parts[0][i] is None else torch.cat([q[i] for q in parts]) for i in range(len(parts[0])))
     return joined if len(joined) > 1 else joined[0]
+
+
+def read_calibration(run: RunDir, samples: int, interval: float) -> float:
+    """The spread scale `predict --calibrated` applies: refused when the run has none, or one fitted for another
+    number of draws or interval rank (the stretch a spread needs depends on both)."""
+    if not run.calibration.exists():
+        raise InputError(
+            run.path, "has no calibration.json", f"fit one first: wsi-damm calibrate {run.path} --store <patches.zarr> --samples {samples}"
+        )
+    fitted = read_json(run.calibration)
+    want = interval_attrs(samples, interval)
+    if (fitted["interval"]["draws"], fitted["interval"]["rank"]) != (want["draws"], want["rank"]):
+        raise InputError(
+            run.calibration,
+            f"was fitted for {fitted['interval']['draws']} draws (interval rank {fitted['interval']['rank']}), not {samples} "
+            f"(rank {want['rank']})",
+            f"predict with --samples {fitted['interval']['draws']} --interval {fitted['interval']['requested']}, or calibrate again",
+        )
+    return float(fitted["scale"])
 
 
 class GatedDenoiser:
@@ -156,6 +179,7 @@ class Predictor:
         self.schedule = build_schedule(self.rc.schedule)
 
         self.plan = make_plan(cfg.sampler, self.schedule, cfg.n_steps, cfg.eta, cfg.spacing)
+        self.spread_scale = read_calibration(self.run, cfg.samples, cfg.interval) if cfg.calibrated else 1.0
 
     @property
     def factor(self) -> int:
@@ -233,14 +257,14 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, z0: torch.Tensor, k: int) -> dict[str, np.ndarray]:
         """K draws of B latents (draw-major) → NP map in [0, 1] (B, 1, P, P): `draws.draw_stats` over the draws."""
-        return draw_stats(in_micro_batches(self.aes["target"].decode, z0.to(self.device)), k, self.cfg.interval)
+        return widened(draw_stats(in_micro_batches(self.aes["target"].decode, z0.to(self.device)), k, self.cfg.interval), self.spread_scale)
 
     @torch.inference_mode()
     def decode_region(self, z: torch.Tensor, halo: int) -> dict[str, np.ndarray]:
         """K draws of one canvas region with `halo` latent pixels of context, (K, c, h + 2·halo, w + 2·halo)
         → NP map in [0, 1] (1, h·f, w·f): `draws.draw_stats` over the draws, decoded in tiles (local decoders)."""
         img = decode_tiled(z.to(self.device), self.aes["target"].decode, self.factor, ENCODE_TILE, halo)
-        return crop(draw_stats(img, len(z), self.cfg.interval), 0)
+        return crop(widened(draw_stats(img, len(z), self.cfg.interval), self.spread_scale), 0)
 
     @torch.inference_mode()
     def predict(

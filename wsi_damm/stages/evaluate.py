@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from wsi_damm.evaluation.intervals import coverage, interval_summary
+from wsi_damm.evaluation.intervals import calibration_check, coverage, interval_summary
 from wsi_damm.evaluation.metrics import map_check, psnr, psnr_from_mse, seam_score, seam_sums, ssim, whole_slide_metrics
 from wsi_damm.evaluation.report import write_report
 from wsi_damm.evaluation.truth import Companion, GeoJSONRegions, ReopensSlide, SlideEvaluation, Truth, load_truth, open_regions  # noqa: F401 (re-exported)
@@ -261,6 +261,10 @@ def evaluate_slide(
         where = covered_px & mask if mask is not None else covered_px
         cov = coverage(lo, hi, meas, where, scheduler)
         result["uncertainty"] = interval_summary(cov, m.interval, [r["spread"] for r in rows], [r["rmse"] for r in rows])
+        if (scale := float(m.interval.get("scale", 1.0))) != 1.0:  # the draws' own interval, before predict --calibrated
+            mean = pred
+            raw = coverage(mean - (mean - lo) / scale, mean + (hi - mean) / scale, meas, where, scheduler)
+            result["uncertainty"]["before_calibration"] = {**raw, "check": calibration_check(raw["coverage"], m.interval["nominal"])}
     result["patches"] = {
         "size": m.patch_size,
         "ssim_percent": summarise([100 * r["ssim"] for r in rows]),

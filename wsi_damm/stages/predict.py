@@ -144,8 +144,8 @@ def run_predict(
                 "nuclei": predictor.uses_nuclei(conditions.roles),
                 "model": {"kind": "regression"} if regression else {"kind": "damm", "dammp": rc.damm.dammp, "gamma": rc.damm.gamma},
             }
-            if cfg.samples > 1:
-                attrs["interval"] = interval_attrs(cfg.samples, cfg.interval)
+            if cfg.samples > 1:  # scale: the calibration applied to the spread (1: none)
+                attrs["interval"] = {**interval_attrs(cfg.samples, cfg.interval), "scale": getattr(predictor, "spread_scale", 1.0)}
             create_prediction_store(partial, conditions, attrs, STATS if cfg.samples > 1 else STATS[:1])
         ready.touch()
     else:  # tiling a large slide can outlast the process-group timeout

@@ -32,7 +32,7 @@ def plot_losses(run: RunDir) -> None:
     axes = axes[0]
     ax1 = axes[0]
     for key, label, style in (
-        ("loss", "train total", "-"),
+        ("loss", "train" if regression else "train total", "-"),  # a regression run has one loss: no total of parts
         ("l_uni", "train uni", ":"),
         ("l_multi", "train multi", ":"),
         ("val_loss", "val", "o-"),

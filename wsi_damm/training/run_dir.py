@@ -57,6 +57,7 @@ class RunDir:
         self.state = self.path / "training_state.json"
         self.validation = self.path / "validation.json"  # which patches validate, in words and numbers
         self.ae_ceiling = self.path / "autoencoder_ceiling.json"  # each autoencoder's reconstruction of held-out patches
+        self.calibration = self.path / "calibration.json"  # the draws' spread scale (`wsi-damm calibrate`), if fitted
 
     def autoencoder(self, role: str) -> Path:
         return self.path / f"autoencoder_{role}.safetensors"

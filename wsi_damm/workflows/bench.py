@@ -89,7 +89,9 @@ def bench_data(
     if heldout_fraction is not None:
         if heldout or regions is not None:
             raise InputError("--heldout-fraction", "holds out part of each training image: give no --heldout slides or --regions with it")
-        parts = split_slides(train_specs, heldout_fraction, out / "inputs", tile_cfg.patch_size, log)
+        *parts, wrote = split_slides(train_specs, heldout_fraction, out / "inputs", tile_cfg.patch_size, log)
+        if wrote and (out / "patches.zarr").exists():  # what was tiled and trained came from other parts
+            raise InputError(out, "holds a bench on another split of these images", "give a new --out")
         train_specs, held_specs = (resolve_slides(p, channels=part_channels(), required=need) for p in parts)
     elif not heldout:
         raise InputError("--heldout", "no held-out slide", "give --heldout SLIDE (repeat), or --heldout-fraction F")

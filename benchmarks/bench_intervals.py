@@ -49,7 +49,13 @@ def gather(bench: Path) -> dict:
             v = np.array([r[key] for r in mine], np.float64)
             summary[variant][key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else math.nan}
     bench_json = json.loads((bench / "bench.json").read_text())
-    return {"benchmark": "bench_intervals", "bench": bench_json.get("train"), "plan": bench_json.get("plan"), "summary": summary, "runs": runs}
+    return {
+        "benchmark": "bench_intervals",
+        "bench": bench_json.get("train"),
+        "plan": bench_json.get("plan"),
+        "summary": summary,
+        "runs": runs,
+    }
 
 
 def main() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from wsi_damm.util.machine import machine  # noqa: F401 (the benchmarks' import of it)
 
 
 def peak_rss_mb() -> float:
@@ -83,19 +84,6 @@ def measure(script: str, *args: str) -> dict:
     """Run `script --worker args…` and return the JSON object its last line prints."""
     res = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def machine() -> dict:
-    """What a benchmark's figures depend on: cores, the widest x86 vector extension (models run about 2.5× slower
-    without AVX-512), torch."""
-    import torch
-
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    simd = next((f for f in ("avx512f", "avx2") if f in flags), "other")
-    return {"cores": os.cpu_count(), "simd": simd, "torch": torch.__version__, "machine": platform.machine()}
 
 
 def report(result: dict, path: Path | None) -> None:

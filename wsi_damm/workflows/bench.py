@@ -25,6 +25,7 @@ from wsi_damm.training.config import RunConfig, merge, resolve
 from wsi_damm.training.run_dir import RunDir, load_run_config
 from wsi_damm.util.errors import InputError
 from wsi_damm.util.files import write_json
+from wsi_damm.util.machine import machine
 from wsi_damm.util.running_time import RunningTime
 from wsi_damm.workflows.bench_report import recommend, summarise, write_outputs
 from wsi_damm.workflows.bench_split import part_channels, split_slides
@@ -220,6 +221,7 @@ def run_bench(
         "rows": rows,
         "recommendation": recommend(rows),
         "seconds": clock.tick(),
+        "machine": machine(),
         "seconds_this_invocation": round(time.perf_counter() - t0, 1),
     }
     write_json(out / "bench.json", summary)

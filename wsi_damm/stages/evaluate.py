@@ -241,8 +241,8 @@ def evaluate_slide(
     result["check"] = map_check(result["wsi"], "_tissue" if mask is not None else "")
     if m.source is not None and (ceiling := autoencoder_ceiling_of(m)) is not None:
         result["autoencoder_ceiling"] = ceiling
+    covered = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1  # lazy: read only where a number needs it
     if mask is not None:  # tissue the map leaves unpredicted scores as 0: say how much there is
-        covered = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
         result["wsi"]["tissue_uncovered_pixels"] = int((mask & ~covered).sum().compute(scheduler=scheduler))
     result["measured_units"] = measured_units(pred, truth, mask, covered if mask is not None else None, m.np_scale, scheduler)
     result["sampling"] = m.sampling
@@ -257,13 +257,11 @@ def evaluate_slide(
     rows = _patch_protocol(m, truth, clean, regions, progress)
     if m.interval:  # the draws' spread, checked: coverage of their interval, spread against error, reliability
         lo, hi = (da.from_zarr(m.level0)[c, :h, :w].rechunk(BLOCK).astype(np.float64) for c in (LOW, HIGH))
-        covered_px = m.lazy_patch_map(COVERAGE, (h, w), BLOCK) >= 1
-        where = covered_px & mask if mask is not None else covered_px
+        where = covered & mask if mask is not None else covered
         cov = coverage(lo, hi, meas, where, scheduler)
         result["uncertainty"] = interval_summary(cov, m.interval, [r["spread"] for r in rows], [r["rmse"] for r in rows])
         if (scale := float(m.interval.get("scale", 1.0))) != 1.0:  # the draws' own interval, before predict --calibrated
-            mean = pred
-            raw = coverage(mean - (mean - lo) / scale, mean + (hi - mean) / scale, meas, where, scheduler)
+            raw = coverage(pred - (pred - lo) / scale, pred + (hi - pred) / scale, meas, where, scheduler)
             result["uncertainty"]["before_calibration"] = {**raw, "check": calibration_check(raw["coverage"], m.interval["nominal"])}
     result["patches"] = {
         "size": m.patch_size,

@@ -29,7 +29,7 @@ def reliability_figure(path: Path, results: list[dict]) -> Path | None:
     ax.set_ylim(0, top * 1.05)
     ax.set_xlabel("expected RMSE of the mean map (draws' sd · √((K+1)/(K−1)))")
     ax.set_ylabel("observed RMSE against the measured channel")
-    ax.set_title("Reliability of the draws' spread (patches binned by spread)")
+    ax.set_title("Reliability of the draws' spread\n(patches in bins of equal count; above the line: overconfident)", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

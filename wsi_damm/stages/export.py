@@ -45,18 +45,31 @@ BLOCK = 2048
 
 def polygons_from_mask(mask: np.ndarray, scale: float) -> list:
     """Polygons (with holes) of a boolean mask's pixel regions, in units of `scale` per mask pixel: the
-    traced rings of every connected region, combined even-odd (nested rings alternate region / hole)."""
+    traced rings of every connected region, combined even-odd. Traced rings never cross, so a ring's
+    nesting depth (how many rings hold one of its vertices) says what it is — even an outline, odd a hole
+    of the ring one level up — and each outline meets only its own holes (linear in the rings, where
+    folding them one by one into a single geometry grows with their square)."""
     import shapely
     from skimage import measure
 
     padded = np.pad(mask.astype(np.float32), 1)
     rings = [shapely.Polygon((c[:, ::-1] - 1 + 0.5) * scale) for c in measure.find_contours(padded, 0.5) if len(c) >= 4]
     rings = [r if r.is_valid else r.buffer(0) for r in rings]
-    out = shapely.Polygon()
-    for r in sorted(rings, key=lambda g: -g.area):
-        out = out.symmetric_difference(r)
-    parts = list(out.geoms) if hasattr(out, "geoms") else [out]
-    return [p for p in parts if not p.is_empty and p.area > scale * scale]
+    rings = [r for r in rings if not r.is_empty]
+    if not rings:
+        return []
+    vertices = shapely.points([shapely.get_coordinates(r)[0] for r in rings])  # on its own ring's boundary only
+    inner, outer = shapely.STRtree(rings).query(vertices, predicate="within")
+    depth = np.bincount(inner, minlength=len(rings))
+    holes: dict[int, list] = {}
+    for i, j in zip(inner, outer):
+        if depth[i] % 2 and depth[j] == depth[i] - 1:  # a hole, and the outline right around it
+            holes.setdefault(int(j), []).append(rings[i])
+    out = []
+    for k in np.flatnonzero(depth % 2 == 0):
+        shape = rings[k].difference(shapely.union_all(holes[k])) if k in holes else rings[k]
+        out.extend(shape.geoms if hasattr(shape, "geoms") else [shape])
+    return [p for p in out if not p.is_empty and p.area > scale * scale]
 
 
 def export_for_qupath(map_path: Path, spec: SlideSpec, out: Path, threshold: float = HIGH_NP) -> dict:

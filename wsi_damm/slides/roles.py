@@ -342,6 +342,12 @@ class RoleSlide(Slide):
                     )
         return out
 
+    def read_as_scanned(self, level: int, channel: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """One channel (its index in role order) as its file holds it, whatever transform the spec gives it, on a
+        region that may reach past the file's edges (zeros there): what registration resamples itself."""
+        path, index = self.spec.channels[channel][1].path, self.spec.channels[channel][1].index
+        return _read_padded(self._files[path], self._level_index[path][level], y, x, h, w, (index,))[0]
+
     def close(self) -> None:
         for s in self._files.values():
             s.close()

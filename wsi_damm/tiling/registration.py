@@ -1,22 +1,25 @@
 """Channel registration: align nuclei and target channels to the vessels channel (`--register`).
 
 Separately scanned stains share little at the level of pixel values, so each stage aligns what
-they do share, by cross-correlation (scikit-image `phase_cross_correlation` without spectral
-whitening, sub-pixel by upsampled DFT; its peak is taken by magnitude, so a structure that is
-bright in one stain and dark in the other — nuclei avoid vessel lumens — counts too):
+they do share, by cross-correlation (scikit-image's `phase_cross_correlation` without spectral
+whitening, on real windows' half spectra: sub-pixel by upsampled DFT; its peak is taken by magnitude,
+so a structure that is bright in one stain and dark in the other — nuclei avoid vessel lumens —
+counts too):
 
 1. coarse shift, on a whole-slide view of ≤ 1024 px: the tissue outline (each channel smoothed
    past its cells, thresholded at the foot of its background peak — the triangle rule); outlines
    of different stains agree to tens of µm, too loosely to fix an angle;
-2. fine, on a ≤ 2048² window near level 0 where the tissue outline is longest, read through the
-   coarse shift: band-passed log intensity at the scale of capillaries and nuclei (2–8 µm). For
-   `rigid` the angle is searched there first (0.5° grid over ±5°, then a bounded 1-D search on
-   the correlation peak); the shift is then measured with weights on the window centre. Both
-   windows are tapered at their border by at least the current shift (a moved channel shows
-   nothing, or other tissue, in a strip that wide along the slide edge, and that strip's step
-   pulled the peak by up to 1.8 px; a hard crop, by 2 px), and the shift is re-measured through
-   each new estimate until the residual is below 0.02 px — at the fixed point what differs at
-   the edges cannot bias it.
+2. fine, on a ≤ 2048² window near level 0 where the tissue outline is longest: band-passed log
+   intensity at the scale of capillaries and nuclei (2–8 µm). The vessels window and the whole-slide
+   view are computed once per slide; the moved channel is read as scanned (through whole-pixel shifts,
+   and once with a margin for turns) and every later window is resampled from it in memory — band-
+   passing commutes with moving and turning. For `rigid` the angle is searched first (0.5° grid over
+   ±5° ranked by the whole-pixel correlation peak, then a bounded 1-D search on the sub-pixel peak);
+   the shift is then measured with weights on the window centre. Both windows are tapered at their
+   border by at least the current shift (a moved channel shows nothing, or other tissue, in a strip
+   that wide along the slide edge, and that strip's step pulled the peak by up to 1.8 px; a hard crop,
+   by 2 px), and the shift is re-measured through each new estimate until the residual is below
+   0.02 px — at the fixed point what differs at the edges cannot bias it.
 
 The transform is stored in the slide spec and applied lazily when patches are read (no slide
 is resampled as a whole). Its quality score is the normalised cross-correlation of the
@@ -28,14 +31,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage, optimize
-from skimage.registration import phase_cross_correlation
 
 from wsi_damm.slides.roles import SlideSpec, Transform
 from wsi_damm.tiling.grid import low_resolution, tissue_mask
@@ -45,8 +47,12 @@ METHODS = ("none", "translation", "rigid")
 COARSE_SIDE = 1024
 FINE_SIDE = 2048
 MAX_DEGREES = 5.0
+UPSAMPLE = 50  # sub-pixel shifts to 1/50 px
 MIN_SCORE = 0.05  # refuse below: no shared structure
 WARN_SCORE = 0.1
+SMOOTH_UM = 12.0  # the tissue outline: past nuclei and capillaries
+REUSE_PX = 2.0  # a window resampled through one rotation serves shifts this close (window px), moved in Fourier space
+MARGIN_PX = 128  # what the fine window's moved channel is read with on each side: a 5° turn of a 2048² window, and shifts
 
 
 def _outline(img: np.ndarray, smooth_px: float) -> np.ndarray:
@@ -118,14 +124,46 @@ def _taper(shape: tuple[int, int], margin: float) -> np.ndarray:
 
 
 def _shift(ref: np.ndarray, mov: np.ndarray, ref_spectrum: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Shift s with ref(p) ≈ mov(p − s), and the correlation peak magnitude (for angle searches). `ref_spectrum`
-    (`fft2(ref)`) spares recomputing it when one reference meets many moved windows."""
+    """Shift s with ref(p) ≈ mov(p − s), to 1/UPSAMPLE px, and the correlation's magnitude there (what angle
+    searches maximise). `ref_spectrum` (`rfft2(ref)`) spares recomputing it when one reference meets many
+    moved windows.
+
+    scikit-image's `phase_cross_correlation` (normalization None) on real windows' half spectra: the whole-pixel
+    peak of the circular cross-correlation, then the correlation on a 1/UPSAMPLE px grid 1.5 px wide around it by
+    matrix DFT (Guizar-Sicairos et al. 2008). The magnitude at s is the whole-pixel correlation bilinearly
+    interpolated, which is Σ ref · (mov moved by s, linear interpolation)."""
+    shape = np.array(mov.shape)
     if ref_spectrum is None:
-        s, _, _ = phase_cross_correlation(ref, mov, upsample_factor=50, normalization=None)
-    else:
-        s, _, _ = phase_cross_correlation(ref_spectrum, sfft.fft2(mov, workers=-1), upsample_factor=50, normalization=None, space="fourier")
-    shifted = ndimage.shift(mov, s, order=1, mode="constant")
-    return s, abs(float(np.sum(ref * shifted)))
+        ref_spectrum = sfft.rfft2(ref, workers=-1)
+    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
+    cc = sfft.irfft2(product, s=mov.shape, workers=-1)
+    whole = np.array(np.unravel_index(np.argmax(np.abs(cc)), cc.shape), float)
+    whole[whole > np.trunc(shape / 2)] -= shape[whole > np.trunc(shape / 2)]
+    region = math.ceil(1.5 * UPSAMPLE)
+    steps = (np.arange(region) - np.trunc(region / 2)) / UPSAMPLE
+    fy = sfft.fftfreq(int(shape[0]))
+    fx = sfft.fftfreq(int(shape[1]))[: product.shape[1]]
+    weight = np.full(product.shape[1], 2.0)  # each half-spectrum column stands for itself and its mirror...
+    weight[0] = 1.0
+    if shape[1] % 2 == 0:
+        weight[-1] = 1.0  # ...except the constant column and, for even widths, the Nyquist column
+    ey = np.exp(2j * np.pi * np.outer(whole[0] + steps, fy)).astype(product.dtype)
+    ex = np.exp(2j * np.pi * np.outer(whole[1] + steps, fx)).astype(product.dtype) * weight.astype(np.float32)
+    fine = np.abs((ey @ product @ ex.T).real)
+    iy, ix = np.unravel_index(np.argmax(fine), fine.shape)
+    s = whole + np.array([steps[iy], steps[ix]])
+    return s, _interpolated(cc, s)
+
+
+def _interpolated(cc: np.ndarray, s: np.ndarray) -> float:
+    """|cc| at a fractional lag s, bilinearly from its whole-pixel lags (circular)."""
+    base = np.floor(s).astype(int)
+    w = s - base
+    total = 0.0
+    for dy, wy in ((0, 1 - w[0]), (1, w[0])):
+        for dx, wx in ((0, 1 - w[1]), (1, w[1])):
+            total += wy * wx * float(cc[(base[0] + dy) % cc.shape[0], (base[1] + dx) % cc.shape[1]])
+    return abs(total)
 
 
 def _integer_peak(ref_spectrum: np.ndarray, mov: np.ndarray) -> float:
@@ -136,7 +174,7 @@ def _integer_peak(ref_spectrum: np.ndarray, mov: np.ndarray) -> float:
 
 
 def _best_angle(ref: np.ndarray, mov: np.ndarray, centre: float, half_range: float, tol: float) -> float:
-    ref_spectrum = sfft.fft2(ref, workers=-1)
+    ref_spectrum = sfft.rfft2(ref, workers=-1)
     res = optimize.minimize_scalar(
         lambda d: -_shift(ref, _rotate(mov, d), ref_spectrum)[1],
         bounds=(centre - half_range, centre + half_range),
@@ -156,20 +194,34 @@ def _rotation(degrees: float) -> np.ndarray:
     return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
 
 
+def _offset(t0: Transform, t: Transform, f: float) -> np.ndarray:
+    """How far (window px at downsample `f`) a window read through `t0` must move to show what `t` shows, for two
+    transforms of one angle: window pixel p shows the channel at R(p − c) + c + t, so t − t0 = Δ moves it by −Rᵀ Δ."""
+    return -_rotation(t.degrees).T @ np.array([t.dy - t0.dy, t.dx - t0.dx]) / f
+
+
+def _moved(band: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """`band` moved by d px (window pixel p then shows what p − d showed), in Fourier space."""
+    if not d.any():
+        return band
+    spectrum = ndimage.fourier_shift(sfft.rfft2(band, workers=-1), d, n=band.shape[1])
+    return sfft.irfft2(spectrum, s=band.shape, workers=-1).astype(band.dtype)
+
+
 def _coarse(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
     """Translation t (coarse px) with ref(p) ≈ mov(p + t)."""
     return -_shift(ref, mov)[0]
 
 
 def _fine_angle(ref: np.ndarray, mov: np.ndarray) -> float:
-    """Residual angle about the window centre, on half-size windows (0.1° moves their rim by a
-    pixel): a 0.5° grid over ±MAX_DEGREES ranked by the whole-pixel correlation peak (the peak-height
-    curve has side lobes), then a bounded sub-pixel search around the best grid point."""
-    half_r, half_m = ref[::2, ::2], mov[::2, ::2]
+    """Residual angle about the window centre: a 0.5° grid over ±MAX_DEGREES ranked by the whole-pixel correlation
+    peak on quarter-size windows (the peak-height curve has side lobes; 0.5° moves their rim by two pixels), then a
+    bounded sub-pixel search on half-size windows (0.1° moves their rim by a pixel) within a grid step of the best."""
     grid = np.arange(-MAX_DEGREES, MAX_DEGREES + 1e-9, 0.5)
-    ref_spectrum = sfft.rfft2(half_r, workers=-1)
-    best = grid[int(np.argmax([_integer_peak(ref_spectrum, _rotate(half_m, d)) for d in grid]))]
-    return _best_angle(half_r, half_m, float(best), 0.5, 0.005)
+    quarter_r, quarter_m = ref[::4, ::4], mov[::4, ::4]
+    ref_spectrum = sfft.rfft2(quarter_r, workers=-1)
+    best = grid[int(np.argmax([_integer_peak(ref_spectrum, _rotate(quarter_m, d)) for d in grid]))]
+    return _best_angle(ref[::2, ::2], mov[::2, ::2], float(best), 0.5, 0.005)
 
 
 def _fine_window(mask: np.ndarray, mask_ds: float, side: int, shape0: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -184,49 +236,89 @@ def _fine_window(mask: np.ndarray, mask_ds: float, side: int, shape0: tuple[int,
     return y, x, h, w
 
 
-def estimate(spec: SlideSpec, role: str, method: str) -> Transform:
-    """The transform of `role` relative to the vessels channel of `spec`."""
-    plain = replace(spec, transforms=tuple((r, t) for r, t in spec.transforms if r != role))
-    roles = plain.roles
-    kr, km = roles.index("vessels"), roles.index(role)
+@dataclass(frozen=True)
+class _Reference:
+    """What every moved channel of one slide is aligned to, computed once per slide: the whole-slide view, the
+    vessels channel's tissue outline there, and its fine window band-passed (the reference never moves)."""
+
+    spec: SlideSpec  # as scanned: no transform
+    low: np.ndarray
+    ds: float  # the whole-slide view's downsample from level 0
+    um: float
+    shape0: tuple[int, int]
+    outline: np.ndarray
+    level: int  # where the fine window is read, and its downsample
+    f: float
+    window: tuple[int, int, int, int]  # y, x, h, w at `level`
+    band_px: tuple[float, float]
+    band: np.ndarray
+
+
+def _reference(spec: SlideSpec) -> _Reference:
+    plain = replace(spec, transforms=())
+    kr = plain.roles.index("vessels")
     with plain.open() as slide:
         low, ds = low_resolution(slide, COARSE_SIDE)
         um = slide.mpp or 0.5
-        mask = tissue_mask(low, um * ds)
         shape0 = slide.levels[0].shape[1:]
-    smooth_um = 12.0  # past nuclei and capillaries
-    ref, mov = (_outline(low[k], max(1.0, smooth_um / (um * ds))) for k in (kr, km))
-    t = _coarse(ref, mov) * ds  # the outline fixes position to within tens of µm, not the angle
-    first = Transform(float(t[0]), float(t[1]))
-
-    # fine: windows read through the current transform; a residual shift s updates t (t' = t − R s)
-    with plain.open() as slide:
         level = slide.best_level_for(max(1.0, max(shape0) / 16384))
         f = slide.levels[level].downsample
-    y, x, h, w = _fine_window(mask, ds, int(FINE_SIDE * f), shape0)
-    y, x, h, w = int(y / f), int(x / f), max(8, int(h / f)), max(8, int(w / f))
-    band_px = (2.0 / (um * f), 8.0 / (um * f))  # capillaries and nuclei
+        y, x, h, w = _fine_window(tissue_mask(low, um * ds), ds, int(FINE_SIDE * f), shape0)
+        y, x, h, w = int(y / f), int(x / f), max(8, int(h / f)), max(8, int(w / f))
+        band_px = (2.0 / (um * f), 8.0 / (um * f))  # capillaries and nuclei
+        band = _band(slide.read_region(level, y, x, h, w, (kr,))[0], *band_px)
+    outline = _outline(low[kr], max(1.0, SMOOTH_UM / (um * ds)))
+    return _Reference(plain, low, ds, um, shape0, outline, level, f, (y, x, h, w), band_px, band)
 
-    with plain.open() as slide:
-        ref_band = _band(slide.read_region(level, y, x, h, w, (kr,))[0], *band_px)  # the reference never moves
 
-    read: dict = {}  # the moved channel's band-passed window, read through one transform of each angle
+def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | None = None) -> Transform:
+    """The transform of `role` relative to the vessels channel of `spec` (`reference`: `_reference(spec)`, when
+    several channels of one slide are registered)."""
+    ref = reference or _reference(spec)
+    plain, ds, shape0, f, band_px = ref.spec, ref.ds, ref.shape0, ref.f, ref.band_px
+    level, (y, x, h, w) = ref.level, ref.window
+    km = plain.roles.index(role)
+    t = _coarse(ref.outline, _outline(ref.low[km], max(1.0, SMOOTH_UM / (ref.um * ds)))) * ds  # position, not the angle
+    first = Transform(float(t[0]), float(t[1]))
+
+    # fine: windows of the moved channel through the current transform; a residual shift s updates t (t' = t − R s)
+    scanned: dict[tuple[int, int, int], np.ndarray] = {}  # band-passed as scanned, by whole-pixel shift and margin
+    turned: list[tuple[Transform, np.ndarray]] = []  # band-passed windows resampled through a rotation
+
+    def source(n: tuple[int, int], margin: int) -> np.ndarray:
+        """The moved channel as scanned on the window moved by n (window px) and grown by `margin` on each side,
+        band-passed; read from the slide once, every later window is resampled from it in memory."""
+        key = (n[0], n[1], margin)
+        if key not in scanned:
+            with plain.open() as slide:
+                raw = slide.read_as_scanned(level, km, y - margin + n[0], x - margin + n[1], h + 2 * margin, w + 2 * margin)
+            scanned[key] = _band(raw, *band_px)
+        return scanned[key]
 
     def moved_band(t: Transform) -> np.ndarray:
-        """The moved channel's band-passed window through `t`: resampled from the slide once per angle; a
-        transform that differs only in its shift moves that window by the difference instead (a Fourier shift:
-        exact for the band-passed signal, and the wrapped strip lies under the taper)."""
-        if t.degrees not in read:
-            with replace(plain, transforms=plain.transforms + ((role, t),)).open() as slide:
-                mov = slide.read_region(level, y, x, h, w, (km,))[0]
-            read[t.degrees] = (t, _band(mov, *band_px))
-        t0, band = read[t.degrees]
-        # window pixel p shows the channel at R(p − c) + c + t: moving t by Δ is the window moved by −Rᵀ Δ
-        d = -_rotation(t.degrees).T @ np.array([t.dy - t0.dy, t.dx - t0.dx]) / f
-        if not d.any():
-            return band
-        spectrum = ndimage.fourier_shift(sfft.rfft2(band, workers=-1), d, n=band.shape[1])
-        return sfft.irfft2(spectrum, s=band.shape, workers=-1).astype(band.dtype)
+        """The moved channel's band-passed window through `t` (band-passing commutes with moving and turning, up to
+        interpolation and the window's edges). At 0°: read through the nearest whole-pixel shift, moved by the
+        fraction left in Fourier space (exact for the band-passed signal; the wrapped strip lies under the
+        taper). Turned: resampled (cubic) once per angle from a read with a margin wide enough for any turn
+        searched, then moved in Fourier space for shifts up to `REUSE_PX` from that."""
+        n = (round(t.dy / f), round(t.dx / f))
+        if not t.degrees:
+            return _moved(source(n, 0), -(np.array([t.dy, t.dx]) / f - n))
+        near = [(t0, band) for t0, band in turned if t0.degrees == t.degrees and np.abs(_offset(t0, t, f)).max() <= REUSE_PX]
+        if not near:
+            rot = _rotation(t.degrees)
+            c = (np.array(shape0) / f - 1) / 2  # the slide centre at this level: window pixel p shows R(p − c) + c + t
+            corners = rot @ np.array([[0, 0, h - 1, h - 1], [0, w - 1, 0, w - 1]])
+            for held in [k[:2] for k in scanned if k[2] == MARGIN_PX] + [n]:  # a source read before, if it holds the window
+                offset = rot @ (np.array([y, x]) - c) + c + np.array([t.dy, t.dx]) / f - (np.array([y, x]) - MARGIN_PX + np.array(held))
+                q = corners + offset[:, None]
+                if q.min() >= 0 and (q.max(1) <= np.array([h, w]) + 2 * MARGIN_PX - 2).all():
+                    break
+            band = ndimage.affine_transform(source(held, MARGIN_PX), rot, offset=offset, output_shape=(h, w), order=1, mode="constant")
+            near = [(t, band)]
+            turned.append(near[0])
+        t0, band = near[0]
+        return _moved(band, _offset(t0, t, f))
 
     def windows(t: Transform, centre: bool = False) -> tuple[np.ndarray, np.ndarray]:
         # a moved channel shows nothing (or other tissue) in a strip as wide as its shift along the
@@ -234,7 +326,7 @@ def estimate(spec: SlideSpec, role: str, method: str) -> Transform:
         # `centre`, the weights rise over the outer quarter: a cut-off crop biased the peak by 2 px
         edge = math.hypot(t.dy, t.dx) + abs(math.sin(math.radians(t.degrees))) * math.hypot(*shape0) / 2  # level-0 px
         taper = _taper((h, w), max(edge / f + 3 * band_px[1], min(h, w) / 4 if centre else 0))
-        return ref_band * taper, moved_band(t) * taper
+        return ref.band * taper, moved_band(t) * taper
 
     ref_f, mov_f = windows(first)
     degrees = 0.0
@@ -274,8 +366,9 @@ def register_specs(specs: list[SlideSpec], method: str, qc_dir: Path | None = No
     out = []
     for spec in specs:
         moved = []
+        reference = _reference(spec)
         for role in (r for r in spec.roles if r != "vessels"):
-            t = estimate(spec, role, method)
+            t = estimate(spec, role, method, reference)
             if t.score is None or t.score < MIN_SCORE:
                 raise InputError(
                     spec.paths[0],

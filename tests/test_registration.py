@@ -13,7 +13,8 @@ from scipy import ndimage
 
 from wsi_damm.slides import specs_from_manifest
 from wsi_damm.slides.roles import Transform
-from wsi_damm.tiling.registration import _band, register_specs
+from wsi_damm.tiling.correlation import band_pass
+from wsi_damm.tiling.registration import register_specs
 from wsi_damm.tiling.store import PatchStore
 from wsi_damm_cli.main import cli
 
@@ -174,4 +175,25 @@ def test_band_pass_equals_two_gaussian_filters(shape):
     img = (np.random.default_rng(1).random(shape) * 4000).astype(np.uint16)
     x = np.log1p(img.astype(np.float32))
     expected = ndimage.gaussian_filter(x, 4.0) - ndimage.gaussian_filter(x, 16.0)
-    np.testing.assert_allclose(_band(img, 4.0, 16.0), expected, atol=1e-5)
+    np.testing.assert_allclose(band_pass(img, 4.0, 16.0), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (120, 97)])  # even and odd widths: the half spectrum's last column differs
+def test_phase_shift_equals_scikit_image_and_its_peak_the_shifted_sum(shape):
+    """Our phase correlation on half spectra against scikit-image's `phase_cross_correlation` (normalization None,
+    1/50 px); its magnitude against Σ ref · (mov moved by s, linear interpolation) on tapered windows."""
+    from skimage.registration import phase_cross_correlation
+
+    from wsi_damm.tiling.correlation import phase_shift, taper
+
+    rng = np.random.default_rng(5)
+    base = band_pass(rng.random((shape[0] + 40, shape[1] + 40)).astype(np.float32) * 1000, 1.5, 6.0)
+    weights = taper(shape, 12)
+    for d in rng.uniform(-4, 4, (4, 2)):
+        ref = base[20:-20, 20:-20] * weights
+        mov = ndimage.shift(base, -d, order=3)[20:-20, 20:-20] * weights
+        mov = mov + rng.normal(0, 0.3 * ref.std(), shape).astype(np.float32)
+        expected, _, _ = phase_cross_correlation(ref, mov, upsample_factor=50, normalization=None)
+        got, peak = phase_shift(ref, mov)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert peak == pytest.approx(abs(float(np.sum(ref * ndimage.shift(mov, got, order=1, mode="constant")))), rel=1e-3)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from scipy import fft as sfft
 from scipy import ndimage, optimize
 
 from wsi_damm.slides.roles import SlideSpec, Transform
+from wsi_damm.tiling.correlation import band_pass, fourier_moved, integer_peak, ncc, phase_shift, taper
 from wsi_damm.tiling.grid import low_resolution, tissue_mask
 from wsi_damm.util.errors import InputError
 
@@ -47,7 +47,6 @@ METHODS = ("none", "translation", "rigid")
 COARSE_SIDE = 1024
 FINE_SIDE = 2048
 MAX_DEGREES = 5.0
-UPSAMPLE = 50  # sub-pixel shifts to 1/50 px
 MIN_SCORE = 0.05  # refuse below: no shared structure
 WARN_SCORE = 0.1
 SMOOTH_UM = 12.0  # the tissue outline: past nuclei and capillaries
@@ -77,116 +76,15 @@ def _rotate(img: np.ndarray, degrees: float) -> np.ndarray:
     return ndimage.affine_transform(img, rot, offset=c - rot @ c, order=1, mode="constant", cval=0.0)
 
 
-def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> tuple[np.ndarray, int]:
-    """The sampled, normalised kernel `ndimage.gaussian_filter` uses (radius ⌊truncate·σ + ½⌋)."""
-    r = int(truncate * sigma + 0.5)
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    return k / k.sum(), r
-
-
-@lru_cache(maxsize=8)
-def _band_transfer(shape: tuple[int, int], fine_px: float, coarse_px: float) -> np.ndarray:
-    """Frequency response of (fine − coarse) Gaussian on a padded window, one per window shape: the
-    fine search band-passes the moved window once per iteration, and both Gaussians at once in the
-    Fourier domain cost a fifth of four 1-D passes of a 129-tap kernel."""
-
-    def axis(sigma: float, n: int, half: bool) -> np.ndarray:
-        k, r = _gaussian_kernel(sigma)
-        centred = np.roll(np.pad(k, (0, n - len(k))), -r)
-        return np.fft.rfft(centred) if half else np.fft.fft(centred)
-
-    (h, w) = shape
-    return (
-        np.outer(axis(fine_px, h, False), axis(fine_px, w, True)) - np.outer(axis(coarse_px, h, False), axis(coarse_px, w, True))
-    ).astype(np.complex64)
-
-
-def _band(img: np.ndarray, fine_px: float, coarse_px: float) -> np.ndarray:
-    """gaussian(log1p x, fine) − gaussian(log1p x, coarse), identical to `ndimage.gaussian_filter`
-    with its default mirror boundary: the window is mirrored by the coarse kernel's radius, so the
-    circular convolution never wraps into what is kept."""
-    x = np.log1p(np.maximum(img.astype(np.float32), 0))
-    r = _gaussian_kernel(coarse_px)[1]
-    padded = np.pad(x, r, mode="symmetric")
-    spectrum = sfft.rfft2(padded, workers=-1)
-    spectrum *= _band_transfer(padded.shape, fine_px, coarse_px)
-    return sfft.irfft2(spectrum, s=padded.shape, workers=-1)[r : r + x.shape[0], r : r + x.shape[1]]
-
-
-def _taper(shape: tuple[int, int], margin: float) -> np.ndarray:
-    """Weights 0 at the window border rising smoothly (raised cosine) to 1 at `margin` px inside."""
-
-    def ramp(n: int) -> np.ndarray:
-        d = np.minimum(np.arange(n), np.arange(n)[::-1]) / max(min(margin, n / 4), 1.0)
-        return 0.5 - 0.5 * np.cos(np.pi * np.clip(d, 0, 1))
-
-    return np.outer(ramp(shape[0]), ramp(shape[1])).astype(np.float32)
-
-
-def _shift(ref: np.ndarray, mov: np.ndarray, ref_spectrum: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Shift s with ref(p) ≈ mov(p − s), to 1/UPSAMPLE px, and the correlation's magnitude there (what angle
-    searches maximise). `ref_spectrum` (`rfft2(ref)`) spares recomputing it when one reference meets many
-    moved windows.
-
-    scikit-image's `phase_cross_correlation` (normalization None) on real windows' half spectra: the whole-pixel
-    peak of the circular cross-correlation, then the correlation on a 1/UPSAMPLE px grid 1.5 px wide around it by
-    matrix DFT (Guizar-Sicairos et al. 2008). The magnitude at s is the whole-pixel correlation bilinearly
-    interpolated, which is Σ ref · (mov moved by s, linear interpolation)."""
-    shape = np.array(mov.shape)
-    if ref_spectrum is None:
-        ref_spectrum = sfft.rfft2(ref, workers=-1)
-    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
-    cc = sfft.irfft2(product, s=mov.shape, workers=-1)
-    whole = np.array(np.unravel_index(np.argmax(np.abs(cc)), cc.shape), float)
-    whole[whole > np.trunc(shape / 2)] -= shape[whole > np.trunc(shape / 2)]
-    region = math.ceil(1.5 * UPSAMPLE)
-    steps = (np.arange(region) - np.trunc(region / 2)) / UPSAMPLE
-    fy = sfft.fftfreq(int(shape[0]))
-    fx = sfft.fftfreq(int(shape[1]))[: product.shape[1]]
-    weight = np.full(product.shape[1], 2.0)  # each half-spectrum column stands for itself and its mirror...
-    weight[0] = 1.0
-    if shape[1] % 2 == 0:
-        weight[-1] = 1.0  # ...except the constant column and, for even widths, the Nyquist column
-    ey = np.exp(2j * np.pi * np.outer(whole[0] + steps, fy)).astype(product.dtype)
-    ex = np.exp(2j * np.pi * np.outer(whole[1] + steps, fx)).astype(product.dtype) * weight.astype(np.float32)
-    fine = np.abs((ey @ product @ ex.T).real)
-    iy, ix = np.unravel_index(np.argmax(fine), fine.shape)
-    s = whole + np.array([steps[iy], steps[ix]])
-    return s, _interpolated(cc, s)
-
-
-def _interpolated(cc: np.ndarray, s: np.ndarray) -> float:
-    """|cc| at a fractional lag s, bilinearly from its whole-pixel lags (circular)."""
-    base = np.floor(s).astype(int)
-    w = s - base
-    total = 0.0
-    for dy, wy in ((0, 1 - w[0]), (1, w[0])):
-        for dx, wx in ((0, 1 - w[1]), (1, w[1])):
-            total += wy * wx * float(cc[(base[0] + dy) % cc.shape[0], (base[1] + dx) % cc.shape[1]])
-    return abs(total)
-
-
-def _integer_peak(ref_spectrum: np.ndarray, mov: np.ndarray) -> float:
-    """The cross-correlation's largest magnitude at whole-pixel shifts (`ref_spectrum` = `rfft2(ref)`): ranks
-    candidate angles at a fraction of the sub-pixel search's cost."""
-    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
-    return float(np.abs(sfft.irfft2(product, s=mov.shape, workers=-1)).max())
-
-
 def _best_angle(ref: np.ndarray, mov: np.ndarray, centre: float, half_range: float, tol: float) -> float:
     ref_spectrum = sfft.rfft2(ref, workers=-1)
     res = optimize.minimize_scalar(
-        lambda d: -_shift(ref, _rotate(mov, d), ref_spectrum)[1],
+        lambda d: -phase_shift(ref, _rotate(mov, d), ref_spectrum)[1],
         bounds=(centre - half_range, centre + half_range),
         method="bounded",
         options={"xatol": tol},
     )
     return float(res.x)
-
-
-def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    a, b = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
-    return float(np.sum(a * b) / max(math.sqrt(float(np.sum(a * a) * np.sum(b * b))), 1e-12))
 
 
 def _rotation(degrees: float) -> np.ndarray:
@@ -200,17 +98,9 @@ def _offset(t0: Transform, t: Transform, f: float) -> np.ndarray:
     return -_rotation(t.degrees).T @ np.array([t.dy - t0.dy, t.dx - t0.dx]) / f
 
 
-def _moved(band: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """`band` moved by d px (window pixel p then shows what p − d showed), in Fourier space."""
-    if not d.any():
-        return band
-    spectrum = ndimage.fourier_shift(sfft.rfft2(band, workers=-1), d, n=band.shape[1])
-    return sfft.irfft2(spectrum, s=band.shape, workers=-1).astype(band.dtype)
-
-
 def _coarse(ref: np.ndarray, mov: np.ndarray) -> np.ndarray:
     """Translation t (coarse px) with ref(p) ≈ mov(p + t)."""
-    return -_shift(ref, mov)[0]
+    return -phase_shift(ref, mov)[0]
 
 
 def _fine_angle(ref: np.ndarray, mov: np.ndarray) -> float:
@@ -220,7 +110,7 @@ def _fine_angle(ref: np.ndarray, mov: np.ndarray) -> float:
     grid = np.arange(-MAX_DEGREES, MAX_DEGREES + 1e-9, 0.5)
     quarter_r, quarter_m = ref[::4, ::4], mov[::4, ::4]
     ref_spectrum = sfft.rfft2(quarter_r, workers=-1)
-    best = grid[int(np.argmax([_integer_peak(ref_spectrum, _rotate(quarter_m, d)) for d in grid]))]
+    best = grid[int(np.argmax([integer_peak(ref_spectrum, _rotate(quarter_m, d)) for d in grid]))]
     return _best_angle(ref[::2, ::2], mov[::2, ::2], float(best), 0.5, 0.005)
 
 
@@ -266,7 +156,7 @@ def _reference(spec: SlideSpec) -> _Reference:
         y, x, h, w = _fine_window(tissue_mask(low, um * ds), ds, int(FINE_SIDE * f), shape0)
         y, x, h, w = int(y / f), int(x / f), max(8, int(h / f)), max(8, int(w / f))
         band_px = (2.0 / (um * f), 8.0 / (um * f))  # capillaries and nuclei
-        band = _band(slide.read_region(level, y, x, h, w, (kr,))[0], *band_px)
+        band = band_pass(slide.read_region(level, y, x, h, w, (kr,))[0], *band_px)
     outline = _outline(low[kr], max(1.0, SMOOTH_UM / (um * ds)))
     return _Reference(plain, low, ds, um, shape0, outline, level, f, (y, x, h, w), band_px, band)
 
@@ -292,7 +182,7 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
         if key not in scanned:
             with plain.open() as slide:
                 raw = slide.read_as_scanned(level, km, y - margin + n[0], x - margin + n[1], h + 2 * margin, w + 2 * margin)
-            scanned[key] = _band(raw, *band_px)
+            scanned[key] = band_pass(raw, *band_px)
         return scanned[key]
 
     def moved_band(t: Transform) -> np.ndarray:
@@ -303,7 +193,7 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
         searched, then moved in Fourier space for shifts up to `REUSE_PX` from that."""
         n = (round(t.dy / f), round(t.dx / f))
         if not t.degrees:
-            return _moved(source(n, 0), -(np.array([t.dy, t.dx]) / f - n))
+            return fourier_moved(source(n, 0), -(np.array([t.dy, t.dx]) / f - n))
         near = [(t0, band) for t0, band in turned if t0.degrees == t.degrees and np.abs(_offset(t0, t, f)).max() <= REUSE_PX]
         if not near:
             rot = _rotation(t.degrees)
@@ -318,15 +208,15 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
             near = [(t, band)]
             turned.append(near[0])
         t0, band = near[0]
-        return _moved(band, _offset(t0, t, f))
+        return fourier_moved(band, _offset(t0, t, f))
 
     def windows(t: Transform, centre: bool = False) -> tuple[np.ndarray, np.ndarray]:
         # a moved channel shows nothing (or other tissue) in a strip as wide as its shift along the
         # slide edge; where the window meets that edge the strip's step would pull the peak. With
         # `centre`, the weights rise over the outer quarter: a cut-off crop biased the peak by 2 px
         edge = math.hypot(t.dy, t.dx) + abs(math.sin(math.radians(t.degrees))) * math.hypot(*shape0) / 2  # level-0 px
-        taper = _taper((h, w), max(edge / f + 3 * band_px[1], min(h, w) / 4 if centre else 0))
-        return ref.band * taper, moved_band(t) * taper
+        weights = taper((h, w), max(edge / f + 3 * band_px[1], min(h, w) / 4 if centre else 0))
+        return ref.band * weights, moved_band(t) * weights
 
     ref_f, mov_f = windows(first)
     degrees = 0.0
@@ -343,7 +233,7 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
     # the window's edges; one step leaves up to ~0.9 px, the second ~0.1, the third < 0.05
     best = first
     for _ in range(4):
-        s, _ = _shift(ref_f, mov_f)
+        s, _ = phase_shift(ref_f, mov_f)
         if np.hypot(*s) < 0.02:
             break
         step = _rotation(degrees) @ s * f

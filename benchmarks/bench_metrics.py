@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine, measure, peak_rss_mb  # noqa: E402
+from _common import machine, measure, peak_rss_mb, report  # noqa: E402
 
 
 def make_pair(d: Path, size: int) -> None:
@@ -64,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="4096² instead of 16384²")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     if args.worker:
         _worker(*args.worker)
@@ -76,31 +77,29 @@ def main() -> None:
         alone = measure(__file__, "ssim_alone", str(d))
         mpx = size * size / 1e6
 
-        print(
-            json.dumps(
-                {
-                    "name": "wsi_ssim_vs_scikit_image",
-                    "unit": "megapixels / s",
-                    "pair": f"{size}x{size} float32",
-                    "ours": round(mpx / ours["seconds"], 2),
-                    "reference": round(mpx / ref["seconds"], 2),
-                    "ratio": round(ref["seconds"] / ours["seconds"], 3),
-                    "target_ratio": 1.0,
-                    "ssim_ours": ours["ssim"],
-                    "ssim_reference": ref["ssim"],
-                    "abs_difference": abs(ours["ssim"] - ref["ssim"]),
-                    "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
-                    "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
-                    "every_metric_over_ssim_alone": {
-                        "time_ratio": round(ours["seconds"] / alone["seconds"], 3),
-                        "peak_rss_ratio": round(ours["peak_rss_mb"] / alone["peak_rss_mb"], 3),
-                        "seconds_ssim_alone": round(alone["seconds"], 2),
-                        "peak_rss_mb_ssim_alone": round(alone["peak_rss_mb"], 1),
-                    },
-                    **machine(),
+        report(
+            {
+                "name": "wsi_ssim_vs_scikit_image",
+                "unit": "megapixels / s",
+                "pair": f"{size}x{size} float32",
+                "ours": round(mpx / ours["seconds"], 2),
+                "reference": round(mpx / ref["seconds"], 2),
+                "ratio": round(ref["seconds"] / ours["seconds"], 3),
+                "target_ratio": 1.0,
+                "ssim_ours": ours["ssim"],
+                "ssim_reference": ref["ssim"],
+                "abs_difference": abs(ours["ssim"] - ref["ssim"]),
+                "peak_rss_mb_ours": round(ours["peak_rss_mb"], 1),
+                "peak_rss_mb_reference": round(ref["peak_rss_mb"], 1),
+                "every_metric_over_ssim_alone": {
+                    "time_ratio": round(ours["seconds"] / alone["seconds"], 3),
+                    "peak_rss_ratio": round(ours["peak_rss_mb"] / alone["peak_rss_mb"], 3),
+                    "seconds_ssim_alone": round(alone["seconds"], 2),
+                    "peak_rss_mb_ssim_alone": round(alone["peak_rss_mb"], 1),
                 },
-                indent=2,
-            )
+                "machine": machine(),
+            },
+            args.json,
         )
     finally:
         shutil.rmtree(d, ignore_errors=True)

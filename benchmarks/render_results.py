@@ -34,6 +34,11 @@ TOPICS = {
     ),
     "fov": ("Field-of-view bound", "python benchmarks/fov_bound.py"),
     "canvas": ("Canvas sampling, speed and memory", "python benchmarks/bench_canvas.py"),
+    "heldout": (
+        "Every figure on the demo's held-out slide, and the calibrated interval",
+        "python benchmarks/bench_heldout.py --demo DEMO --out W --json …",
+    ),
+    "metrics": ("What evaluate's figures cost", "python benchmarks/bench_metrics.py --json …"),
     "register": ("Registration speed", "python benchmarks/bench_register.py --json …"),
     "train": ("Training speed and memory", "python benchmarks/bench_train.py, bench_heap.py"),
     "viewer": ("Viewer tiles", "python benchmarks/bench_viewer.py --json …"),

@@ -8,7 +8,7 @@ import math
 
 from tests.conftest import TINY_TOML, run_cli
 from wsi_damm.util.files import read_json
-from wsi_damm.workflows.bench_report import recommend, seed_figures
+from wsi_damm.workflows.bench_report import collapsed_autoencoders, recommend, seed_figures
 
 
 def _row(key: str, r: list[float], spread: float = 1.0) -> dict:
@@ -31,6 +31,16 @@ def test_the_recommendation_follows_pearsons_r_and_says_when_a_lead_is_within_th
     assert "within the seeds' spread: treat the two as level" in level
     versus_blur = recommend([_row("blur", [0.40]), _row("U-Net", [0.45, 0.47])])  # a deterministic row pairs with every seed
     assert "use U-Net" in versus_blur and "ahead of blur (0.400) by 0.060 ± 0.014" in versus_blur
+
+
+def test_collapsed_autoencoders_are_named_with_their_seeds_and_r():
+    ceilings = {
+        "seed0": {"collapsed": ["vessels"], "roles": {"vessels": {"pearson_r": 0.012}}},
+        "seed1": {"collapsed": [], "roles": {"vessels": {"pearson_r": 0.97}}},
+        "seed2": {"collapsed": ["vessels"], "roles": {"vessels": {"pearson_r": 0.031}}},
+    }
+    assert "the vessels autoencoder of seeds 0, 2 (r 0.01, 0.03)" in collapsed_autoencoders(ceilings)
+    assert collapsed_autoencoders({"seed0": {"collapsed": [], "roles": {}}}) == ""
 
 
 def test_a_seed_pools_its_slides_checks_of_the_draws_by_tissue_pixels():
@@ -60,6 +70,10 @@ def test_a_bench_on_two_slides_scores_every_row_on_the_same_pixels_and_resumes(s
     assert summary["scored_patches"] > 0 and summary["recommendation"] in r.stdout
     for name in ("bench.md", "bench.png", "bench.html"):
         assert (tmp_path / "bench" / name).stat().st_size > 0
+    ceilings = summary["autoencoders"]["seed0"]
+    measured = read_json(tmp_path / "bench" / "runs" / "autoencoders_seed0" / "autoencoder_ceiling.json")
+    assert ceilings["collapsed"] == measured["collapsed"] and set(ceilings["roles"]) == {"vessels", "nuclei", "target"}
+    assert ceilings["roles"]["target"]["pearson_r"] == measured["roles"]["target"]["pearson_r"]
     constant = summary["rows"][-1]
     assert constant["spread_ratio"]["mean"] == 0 and math.isnan(constant["pearson_r"]["mean"])  # a flat map has no r
     again = run_cli(*args)  # every step is on disk: nothing is trained or predicted again

@@ -118,3 +118,44 @@ def test_running_time_adds_the_legs_of_a_killed_and_resumed_job(tmp_path):
     assert second.tick() == 42.5
     on_disk = json.loads(path.read_text())
     assert on_disk["seconds"] == 42.5 and [leg["seconds"] for leg in on_disk["legs"]] == [30.0, 12.5]
+
+
+def test_the_study_reports_the_benchs_figures_for_every_row_and_its_oracle():
+    """The study's second table is the bench's (one code path): r, spread, NRMSE, spectral error and, for means of
+    draws, coverage, for every variant, the regression U-Net, the baseline, the oracle and the ceilings."""
+    from wsi_damm.workflows.bench_report import markdown
+    from wsi_damm.workflows.ceiling import SOURCES
+    from wsi_damm.workflows.study import study_figures
+    from wsi_damm.workflows.study_plan import QUICK, VARIANTS
+
+    def scored(r: float, coverage: float | None = None, oracle_r: float = 0.99) -> dict:
+        res = _result("learned", [(0, 0)])
+        s = res["slides"][0]
+        figures = {"pearson_r": r, "nrmse": 1 - r, "spectral_error": 0.5, "ssim": 0.5, "psnr": 20.0}
+        s["wsi"] |= {f"{k}_tissue": v for k, v in figures.items()}
+        s["oracle_wsi"] = {"pixels_tissue": 1000, "pearson_r_tissue": oracle_r}
+        s["check"] = {"spread_ratio": 0.8, "mean_ratio": 1.0}
+        if coverage is not None:
+            s["uncertainty"] = {"coverage": coverage, "spread_error": {"spearman": 0.4}}
+        return res
+
+    results = {}
+    for i, v in enumerate(VARIANTS):
+        for k in dict.fromkeys((1, QUICK.samples)):
+            for seed in QUICK.seeds:
+                results[f"{v.name}/k{k}/seed{seed}"] = scored(0.5 + 0.01 * i + 0.001 * seed, 0.55 if k > 1 else None)
+    for seed in QUICK.seeds:
+        results[f"regression/seed{seed}"] = scored(0.7)
+        for source in SOURCES:
+            results[f"ceiling/{source}/seed{seed}"] = scored(0.95)
+    results["baseline"] = {**scored(0.3), "sigma_um": 8.0}
+    rows = study_figures(results, QUICK)
+    assert len(rows) == len(VARIANTS) * len(dict.fromkeys((1, QUICK.samples))) + 2 + 1 + len(SOURCES)
+    damm = rows[0]
+    expected = [0.5 + 0.001 * seed for seed in QUICK.seeds]
+    assert damm["pearson_r"]["mean"] == pytest.approx(np.mean(expected))
+    assert math.isnan(damm["coverage"]["mean"]) and rows[1]["coverage"]["mean"] == pytest.approx(0.55)
+    oracle = next(r for r in rows if r["key"] == "oracle")
+    assert oracle["pearson_r"]["mean"] == pytest.approx(0.99)  # read from the noiseless field's own scores
+    table = markdown({"rows": rows, "plan": {"samples": QUICK.samples}})
+    assert "| oracle (noiseless field) | 1 | 0.990 |" in table and "Pearson's r" in table

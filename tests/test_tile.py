@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,19 @@ def test_tissue_mask_reads_the_inputs_only(small):
     np.testing.assert_array_equal(with_np.xs, without_np.xs)
     assert with_np.lo[:2] == without_np.lo and with_np.hi[:2] == without_np.hi  # input normalisation unchanged
     assert spec.mask_channels == [0, 1] and spec.without("vessels").without("nuclei").mask_channels == [0]
+
+
+def test_the_store_records_its_slides_by_absolute_path(small, tmp_path, monkeypatch):
+    """Tiled with a path relative to the working directory, the store still finds its slide from elsewhere (what
+    `calibrate` and the retile hint read)."""
+    from click.testing import CliRunner
+
+    from wsi_damm_cli.main import cli
+
+    monkeypatch.chdir(small.parent)
+    res = CliRunner().invoke(cli, ["tile", small.name, "--out", str(tmp_path / "s.zarr"), "--patch-size", "128", "--quiet"])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)
+    [entry] = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["slides"]
+    path = Path(entry["channels"]["vessels"]["path"])
+    assert path.is_absolute() and path.samefile(small)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -80,10 +81,12 @@ class SlideSpec:
         return replace(self, channels=tuple((r, ref) for r, ref in self.channels if r != role))
 
     def describe(self) -> dict:
+        """Per role: the file (absolute, so a later command finds it from any working directory), channel and
+        registration."""
         moved = dict(self.transforms)
         return {
             role: {
-                "path": ref.path,
+                "path": os.path.abspath(ref.path),
                 "channel": ref.name,
                 "index": ref.index,
                 **({"registration": asdict(moved[role])} if role in moved else {}),

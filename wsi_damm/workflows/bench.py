@@ -9,6 +9,7 @@ the study's machinery (`workflows/study.py`) on user slides; every step is a fil
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,6 +149,19 @@ def _constant(data: BenchData, rc: RunConfig, value: float, out: Path, progress:
     return cached_result(out, compute)
 
 
+def autoencoder_ceilings(runs: dict, seeds) -> dict:
+    """Each seed's autoencoders as training measured them (`RUN/autoencoder_ceiling.json`): Pearson's r, spread and
+    mean of decode(encode(x)) against x per channel, and which collapsed — what explains a flat DAMM row."""
+    out = {}
+    for seed in seeds:
+        path = RunDir(runs["autoencoders", seed]).ae_ceiling
+        if path.exists():
+            c = json.loads(path.read_text(encoding="utf-8"))
+            figures = {r: {k: v.get(k) for k in ("pearson_r", "spread_ratio", "mean_ratio")} for r, v in c["roles"].items()}
+            out[f"seed{seed}"] = {"patches": c["patches"], "collapsed": c["collapsed"], "roles": figures}
+    return out
+
+
 def run_bench(
     out: Path,
     train: list[Path],
@@ -218,6 +232,7 @@ def run_bench(
         "regions": str(regions) if regions else None,
         "heldout_fraction": heldout_fraction,
         "scored_patches": patches,
+        "autoencoders": autoencoder_ceilings(runs, plan.seeds),
         "rows": rows,
         "recommendation": recommend(rows),
         "seconds": clock.tick(),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_damm.sampling.draws import DEFAULT_INTERVAL, interval_attrs
+from wsi_damm.training.autoencoder_check import MIN_CEILING_R, MIN_CEILING_SPREAD
 from wsi_damm.workflows.study_tables import sample_sd
 
 FIGURES = ("pearson_r", "spread_ratio", "mean_ratio", "nrmse", "spectral_error", "ssim", "psnr", "coverage", "spread_spearman")
@@ -77,22 +78,37 @@ def _stats(per_seed: list[dict]) -> dict:
     return out
 
 
+def figure_row(label: str, key: str, kind: str, per_seed: list[dict]) -> dict:
+    """A row of the table from one scored result per seed (a deterministic reference: one)."""
+    figures = [seed_figures(r) for r in per_seed]
+    return {"model": label, "key": key, "kind": kind, "seeds": len(figures), **_stats(figures)}
+
+
+def learned_rows(results: dict[str, dict], variants, plan) -> list[dict]:
+    """The trained models' rows, the bench's and the study's alike: each variant at one draw and the mean of K, then
+    the regression U-Net."""
+    rows = [
+        figure_row(
+            f"{v.label}, {'1 draw' if k == 1 else f'mean of {k} draws'}",
+            f"{v.name}/k{k}",
+            "learned",
+            [results[f"{v.name}/k{k}/seed{s}"] for s in plan.seeds],
+        )
+        for v in variants
+        for k in dict.fromkeys((1, plan.samples))
+    ]
+    rows.append(figure_row("regression U-Net (L1)", "regression", "regression", [results[f"regression/seed{s}"] for s in plan.seeds]))
+    return rows
+
+
 def summarise(results: dict[str, dict], variants, plan) -> list[dict]:
     """The bench's rows, in the order of the table."""
-    rows = []
-    for v in variants:
-        for k in dict.fromkeys((1, plan.samples)):
-            label = f"{v.label}, {'1 draw' if k == 1 else f'mean of {k} draws'}"
-            per_seed = [seed_figures(results[f"{v.name}/k{k}/seed{s}"]) for s in plan.seeds]
-            rows.append({"model": label, "key": f"{v.name}/k{k}", "kind": "learned", "seeds": len(per_seed), **_stats(per_seed)})
-    per_seed = [seed_figures(results[f"regression/seed{s}"]) for s in plan.seeds]
-    rows.append({"model": "regression U-Net (L1)", "key": "regression", "kind": "regression", "seeds": len(per_seed), **_stats(per_seed)})
+    rows = learned_rows(results, variants, plan)
     base = results["baseline"]
     label = f"blurred-vessel baseline (σ = {base['sigma_um']:g} µm, fitted on the training slides)"
-    rows.append({"model": label, "key": "baseline", "kind": "reference", "seeds": 1, **_stats([seed_figures(base)])})
+    rows.append(figure_row(label, "baseline", "reference", [base]))
     const = results["constant"]
-    label = f"constant (the training target's mean, {const['value']:.3f})"
-    rows.append({"model": label, "key": "constant", "kind": "reference", "seeds": 1, **_stats([seed_figures(const)])})
+    rows.append(figure_row(f"constant (the training target's mean, {const['value']:.3f})", "constant", "reference", [const]))
     return rows
 
 
@@ -181,6 +197,25 @@ def figure(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def collapsed_autoencoders(ceilings: dict) -> str:
+    """One sentence naming the autoencoders that collapsed in training, per channel with their seeds and Pearson's r
+    (empty when none did): the DAMM rows of those seeds are what diffusion on flat latents draws."""
+    hit: dict[str, list[tuple[str, float]]] = {}
+    for seed, c in ceilings.items():
+        for role in c["collapsed"]:
+            hit.setdefault(role, []).append((seed.removeprefix("seed"), c["roles"][role]["pearson_r"]))
+    if not hit:
+        return ""
+    parts = [
+        f"the {role} autoencoder of seed{'s' if len(v) > 1 else ''} {', '.join(s for s, _ in v)} (r {', '.join(f'{r:.2f}' for _, r in v)})"
+        for role, v in hit.items()
+    ]
+    return (
+        f"Collapsed in training (decode(encode(x)) against x: r < {MIN_CEILING_R} or spread < {MIN_CEILING_SPREAD}×): {'; '.join(parts)}; "
+        "the DAMM rows of those seeds are what diffusion on such latents draws."
+    )
+
+
 def write_outputs(out: Path, summary: dict) -> None:
     """bench.md, bench.png and bench.html beside bench.json."""
     table = markdown(summary)
@@ -191,6 +226,9 @@ def write_outputs(out: Path, summary: dict) -> None:
         f"{plan['ae_steps']} autoencoder and {plan['steps']} training steps, DPM++ {plan['sample_steps']} steps; "
         f"{summary['seconds']:.0f} s of work."
     )
+    collapsed = collapsed_autoencoders(summary.get("autoencoders", {}))
+    if collapsed:
+        head += " " + collapsed
     (out / "bench.md").write_text(
         f"# Bench\n\n{head}\n\n**{summary['recommendation']}**\n\n{table}\n\n![bench](bench.png)\n", encoding="utf-8"
     )

@@ -5,8 +5,8 @@ the demo's patches at the demo's budget (`train --model regression`) and the dem
 
 It reads a finished `wsi-damm demo` folder (its run, patch store, held-out slide and the two maps it wrote) and
 works through the product's Python API only; every map and report is a folder it keeps, so a rerun resumes.
-The JSON holds, per map, what `metrics.json` says over tissue, the seam score, the interval's coverage (before
-and after calibration) and the wall time of each step.
+The JSON holds, per map, the bench's figures over tissue, the seam score, the interval's coverage (before and
+after calibration) and the wall time of each step (kept in W/seconds.json across a resumed run).
 """
 
 from __future__ import annotations
@@ -17,27 +17,25 @@ from pathlib import Path as _Path
 _sys.path.insert(0, str(_Path(__file__).resolve().parent))
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
 from _common import machine, peak_rss_mb, report  # noqa: E402
 
-TISSUE = ("pearson_r", "ssim", "psnr", "nrmse", "spectral_error", "mean", "mean_measured", "sd", "sd_measured")
-
 
 def figures(metrics: dict) -> dict:
-    """What one map scored over tissue (`metrics.json`), its seams and, for draws, their interval."""
+    """What one map scored over tissue — the bench's figures (`bench_report.seed_figures`), NaN as None — its seam
+    score and, for draws, their interval as `evaluate` checked it."""
+    from wsi_damm.workflows.bench_report import seed_figures
+
+    out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in seed_figures(metrics).items() if k != "regions"}
     s = metrics["slides"][0]
-    out = {k: s["wsi"].get(f"{k}_tissue") for k in TISSUE}
-    out["check"] = s.get("check")
     out["seam_score"] = (s.get("seams") or {}).get("map")
     u = s.get("uncertainty")
     if u:
-        out["interval"] = {
-            k: u.get(k) for k in ("draws", "rank", "nominal", "scale", "coverage", "below", "above", "check", "before_calibration")
-        }
-        out["interval"]["spread_error_spearman"] = u["spread_error"]["spearman"]
+        out["interval"] = {k: u.get(k) for k in ("draws", "rank", "nominal", "scale", "below", "above", "check", "before_calibration")}
     return out
 
 
@@ -56,24 +54,24 @@ def table(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["maps"].items():
-        check, u = m.get("check") or {}, m.get("interval")
+        u = m.get("interval")
         coverage = "–"
         if u:
-            coverage = f"{_num(u['coverage'], 3)} ({_num(u['nominal'], 2)})"
+            coverage = f"{_num(m['coverage'], 3)} ({_num(u['nominal'], 2)})"
             if u.get("before_calibration"):
                 coverage += f", {_num(u['before_calibration']['coverage'], 3)} before calibration"
         cells = [
             name,
             _num(m["pearson_r"]),
-            _num(check.get("spread_ratio"), 2),
-            _num(check.get("mean_ratio"), 2),
+            _num(m["spread_ratio"], 2),
+            _num(m["mean_ratio"], 2),
             _num(m["ssim"]),
             _num(m["psnr"], 2),
             _num(m["nrmse"]),
             _num(m["spectral_error"]),
             _num(m["seam_score"]),
             coverage,
-            _num(u["spread_error_spearman"], 2) if u else "–",
+            _num(m["spread_spearman"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -97,13 +95,15 @@ def main() -> None:
         shutil.copytree(demo / "run", run, ignore=shutil.ignore_patterns("checkpoints"))
     [slide] = sorted((demo / "slides" / "heldout").glob("*.ome.tif"))
     clean = demo / "slides" / "heldout" / "truth" / slide.name.replace(".ome.tif", ".np_clean.ome.tif")
-    seconds: dict[str, float] = {}
+    clock = out / "seconds.json"  # each step's wall time, kept across a killed and resumed run
+    seconds: dict[str, float] = json.loads(clock.read_text()) if clock.exists() else {}
 
     def timed(name: str, done: Path, fn) -> None:
         if not done.exists():
             t0 = time.perf_counter()
             fn()
             seconds[name] = round(time.perf_counter() - t0, 1)
+            clock.write_text(json.dumps(seconds, indent=2))
 
     k = args.samples
     timed("calibrate", run / "calibration.json", lambda: wd.calibrate(run, store=store, samples=k, out=out / "calibration", quiet=True))
@@ -144,7 +144,7 @@ def main() -> None:
         "regression_steps": args.steps,
         "calibration": json.loads((run / "calibration.json").read_text()),
         "maps": rows,
-        "seconds_this_invocation": seconds,
+        "seconds": seconds,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "machine": machine(),
     }

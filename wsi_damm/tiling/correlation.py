@@ -69,10 +69,7 @@ def phase_shift(ref: np.ndarray, mov: np.ndarray, ref_spectrum: np.ndarray | Non
     matrix DFT (Guizar-Sicairos et al. 2008). The magnitude at s is the whole-pixel correlation bilinearly
     interpolated, which is Σ ref · (mov moved by s, linear interpolation)."""
     shape = np.array(mov.shape)
-    if ref_spectrum is None:
-        ref_spectrum = sfft.rfft2(ref, workers=-1)
-    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
-    cc = sfft.irfft2(product, s=mov.shape, workers=-1)
+    product, cc = _cross_correlation(sfft.rfft2(ref, workers=-1) if ref_spectrum is None else ref_spectrum, mov)
     whole = np.array(np.unravel_index(np.argmax(np.abs(cc)), cc.shape), float)
     whole[whole > np.trunc(shape / 2)] -= shape[whole > np.trunc(shape / 2)]
     region = math.ceil(1.5 * UPSAMPLE)
@@ -102,11 +99,17 @@ def _interpolated(cc: np.ndarray, s: np.ndarray) -> float:
     return abs(total)
 
 
+def _cross_correlation(ref_spectrum: np.ndarray, mov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cross-power half spectrum of ref (`ref_spectrum` = `rfft2(ref)`) and mov, and the circular
+    cross-correlation at whole-pixel lags it gives."""
+    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
+    return product, sfft.irfft2(product, s=mov.shape, workers=-1)
+
+
 def integer_peak(ref_spectrum: np.ndarray, mov: np.ndarray) -> float:
     """The cross-correlation's largest magnitude at whole-pixel shifts (`ref_spectrum` = `rfft2(ref)`): ranks
     candidate angles at a fraction of the sub-pixel search's cost."""
-    product = ref_spectrum * np.conj(sfft.rfft2(mov, workers=-1))
-    return float(np.abs(sfft.irfft2(product, s=mov.shape, workers=-1)).max())
+    return float(np.abs(_cross_correlation(ref_spectrum, mov)[1]).max())
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:

@@ -189,8 +189,8 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
         """The moved channel's band-passed window through `t` (band-passing commutes with moving and turning, up to
         interpolation and the window's edges). At 0°: read through the nearest whole-pixel shift, moved by the
         fraction left in Fourier space (exact for the band-passed signal; the wrapped strip lies under the
-        taper). Turned: resampled (cubic) once per angle from a read with a margin wide enough for any turn
-        searched, then moved in Fourier space for shifts up to `REUSE_PX` from that."""
+        taper). Turned: resampled (linearly: the band-passed signal is smooth at the pixel scale) once per angle
+        from a read with a margin wide enough for any turn searched, then moved in Fourier space for shifts up to `REUSE_PX` from that."""
         n = (round(t.dy / f), round(t.dx / f))
         if not t.degrees:
             return fourier_moved(source(n, 0), -(np.array([t.dy, t.dx]) / f - n))

@@ -45,35 +45,45 @@ from wsi_damm.workflows.ceiling import ceiling_map  # noqa: E402
 # each recipe: its [autoencoder] and [damm] settings on top of the demo's
 RECIPES = {  # autoencoder settings, damm settings, model settings (over the tiny preset at the demo's budget)
     # the tiny preset until simulator version 2: per-pixel layer norm, constant rate, the target coded as it is, L1 denoiser
-    "pixel-constant": ({"sparse_target": "no", "local_norm": "pixel", "lr_schedule": "constant", "target_gamma": 1.0}, {"loss": "l1"}, {}),
+    "pixel-constant": (
+        {"sparse_target": "no", "local_norm": "pixel", "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"loss": "l1"},
+        {},
+    ),
+    # the tiny preset now: no norm, each channel standardised by its training mean and sd (autoencoder.standardise)
+    "none-standardised": (
+        {"sparse_target": "no", "local_norm": "none", "standardise": True, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"loss": "l1"},
+        {},
+    ),
     # autoencoder.sparse_target = "yes" (SPARSE_RECIPE): no normalisation (still local), the rate decayed along a cosine,
     # the target coded as its square root; what "auto" picks for a sparse stain
     "none-cosine-sqrt": (
-        {"sparse_target": "yes", "local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5},
+        {"sparse_target": "yes", "local_norm": "none", "standardise": False, "lr_schedule": "cosine", "target_gamma": 0.5},
         {"loss": "l1"},
         {},
     ),
     # … and the denoiser trained on squared error (the conditional mean) instead of the authors' L1 (the median)
     "none-cosine-sqrt-l2": (
-        {"sparse_target": "yes", "local_norm": "none", "lr_schedule": "cosine", "target_gamma": 0.5},
+        {"sparse_target": "yes", "local_norm": "none", "standardise": False, "lr_schedule": "cosine", "target_gamma": 0.5},
         {"loss": "l2"},
         {},
     ),
     # the paper's recipe: GroupNorm autoencoders, patches encoded one by one, each patch sampled on its own
     "paper": (
-        {"sparse_target": "no", "local": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
         {"loss": "l1"},
         {"latents": "patch"},
     ),
     # … its denoiser trained on squared error (the conditional mean the samplers' updates assume) instead of L1
     "paper-l2": (
-        {"sparse_target": "no", "local": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
         {"loss": "l2"},
         {"latents": "patch"},
     ),
     # … and with four times the demo's diffusion steps (is the budget what the sparse target lacks?)
     "paper-2000": (
-        {"sparse_target": "no", "local": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
         {"loss": "l1"},
         {"latents": "patch"},
         {"steps": 2000},

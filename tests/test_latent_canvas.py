@@ -20,16 +20,20 @@ from wsi_damm.training.run_dir import RunDir
 from wsi_damm.util.errors import InputError
 
 
-def _ae(local: bool, local_norm: str = "pixel", gamma: float = 1.0) -> Autoencoder:
+def _ae(local: bool, local_norm: str = "pixel", gamma: float = 1.0, standardise: bool = False) -> Autoencoder:
     torch.manual_seed(0)
-    return Autoencoder(4, 3, (8, 16), local, local_norm, gamma).eval()
+    ae = Autoencoder(4, 3, (8, 16), local, local_norm, gamma, standardise).eval()
+    ae.standardise_on(torch.rand(2, 1, 16, 16) * 0.3 - 1)  # a dim stain: mean and sd far from 0 and 1
+    return ae
 
 
 def test_tiled_encoding_is_whole_encoding_only_for_local_autoencoders():
-    """The tiny preset's target autoencoder (no norm, intensity coded as its square root) included."""
+    """The sparse recipe's target autoencoder (no norm, intensity coded as its square root) and the tiny preset's
+    (no norm, standardised) included."""
     x = torch.rand(1, 1, 4 * 70, 4 * 90) * 2 - 1
-    for local, norm, gamma in ((True, "pixel", 1.0), (True, "none", 1.0), (True, "none", 0.5), (False, "pixel", 1.0)):
-        ae = _ae(local, norm, gamma)
+    cases = ((True, "pixel", 1.0, False), (True, "none", 1.0, True), (True, "none", 0.5, True), (False, "pixel", 1.0, False))
+    for local, norm, gamma, standardise in cases:
+        ae = _ae(local, norm, gamma, standardise)
         with torch.no_grad():
             whole = ae.encode(mirror(x, 4 * 8))[:, :, 8:-8, 8:-8]  # the mirrored image encoded in one piece
             tiled = encode_tiled(x, ae.encode, 4, tile=32)
@@ -49,10 +53,10 @@ def test_mirror_reflects_past_every_edge_even_for_small_images():
     np.testing.assert_array_equal(m[0, 0, 5:8, 4].numpy(), x[0, 0, :, 1].numpy())
 
 
-@pytest.mark.parametrize("norm, gamma", [("pixel", 1.0), ("none", 0.5)])
-def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole(norm, gamma):
+@pytest.mark.parametrize("norm, gamma, standardise", [("pixel", 1.0, False), ("none", 0.5, False), ("none", 1.0, True)])
+def test_a_window_decoded_with_its_halo_is_the_canvas_decoded_whole(norm, gamma, standardise):
     """So a map decoded patch by patch from a canvas has no seam, not even at the slide's edge."""
-    ae = _ae(True, norm, gamma)
+    ae = _ae(True, norm, gamma, standardise)
     z = torch.randn(2, 3, 40, 52)
     halo, p = 8, 16
     with torch.no_grad():

@@ -225,6 +225,32 @@ def test_confidence_from_uni_only_reproduces_authors_and_is_blind_to_nuclei():
         assert not torch.allclose(both(z, t, cu, cm)[2], both(z, t, cu, cm * 3)[2])
 
 
+def test_a_standardising_autoencoder_codes_the_standard_score_and_decodes_it_back():
+    """The encoder sees (coded − mean) / sd with the mean and sd measured on the training patches, the decoder's output
+    is mapped back; checked against the closed form with encoder and decoder replaced by the identity. Weights saved
+    before the option (no mean or sd in them) still load into an autoencoder that does not standardise."""
+    x = torch.rand(3, 1, 8, 8) * 0.2 - 1  # a dim stain: intensities in [0, 0.1]
+    ae = Autoencoder(4, 1, (8, 16), local=True, local_norm="none", gamma=0.5, standardise=True)
+    ae.standardise_on(x)
+    coded = 2 * ((x + 1) / 2) ** 0.5 - 1
+    torch.testing.assert_close(ae.coded_mean, coded.mean())
+    torch.testing.assert_close(ae.coded_sd, coded.std())
+
+    class MeanAndLogvar(torch.nn.Module):
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([v, v], 1)
+
+    ae.encoder, ae.decoder = MeanAndLogvar(), torch.nn.Identity()
+    standard = (coded - coded.mean()) / coded.std()
+    torch.testing.assert_close(ae.moments(x)[0], standard)
+    torch.testing.assert_close(ae.decode(standard), x, atol=1e-5, rtol=0)
+    assert float(standard.std()) == pytest.approx(1.0, abs=1e-5)
+    plain = Autoencoder(4, 1, (8, 16), local=True, local_norm="none")
+    plain.standardise_on(x)  # a no-op: nothing to measure
+    assert not plain.standardises and not any("coded_" in k for k in plain.state_dict())
+    assert {"coded_mean", "coded_sd"} <= set(Autoencoder(4, 1, (8, 16), local=True, standardise=True).state_dict())
+
+
 def test_a_power_coded_autoencoder_codes_the_power_and_decodes_it_back():
     """`gamma`: the encoder sees the intensity (in [0, 1]) raised to gamma, the decoder's output is raised to 1 / gamma;
     checked against the closed form on an encoder / decoder pair replaced by the identity."""

@@ -5,7 +5,7 @@ makes a patch's latents depend on the whole patch, and nearest-neighbour upsampl
 period f in decoded maps. `local=True` normalises per pixel (`PixelNorm`) or not at all (`local_norm="none"`) and upsamples bilinearly:
 encoder and decoder then act locally, so a slide encoded or decoded in tiles with a halo
 (`latent_canvas.encode_tiled`) equals the slide done whole — what canvas sampling needs. No perceptual loss (it would need
-downloaded weights): L1 + a small KL weight, optionally + (1 − SSIM).
+downloaded weights): L1 + a small KL weight, optionally + squared error and + (1 − SSIM).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Autoencoder(nn.Module):
         local: bool = False,
         local_norm: str = "pixel",
         gamma: float = 1.0,
+        standardise: bool = False,
     ) -> None:
         super().__init__()
         if factor not in (1, 2, 4, 8, 16):
@@ -47,6 +48,9 @@ class Autoencoder(nn.Module):
         self.gamma = 1.0 if factor == 1 else gamma
         self.latent_channels = 1 if factor == 1 else latent_channels
         self.register_buffer("scale", torch.ones(()))  # latents × scale have unit variance
+        if standardise and factor > 1:  # set from the training patches by `standardise_on`; saved with the weights
+            self.register_buffer("coded_mean", torch.zeros(()))
+            self.register_buffer("coded_sd", torch.ones(()))
         if factor == 1:
             return
         levels = int(math.log2(factor))
@@ -71,10 +75,29 @@ class Autoencoder(nn.Module):
         dec += [norm_layer(norm, chs[0]), nn.SiLU(), nn.Conv2d(chs[0], 1, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
+    @property
+    def standardises(self) -> bool:
+        return hasattr(self, "coded_sd")
+
+    @torch.no_grad()
+    def standardise_on(self, x: torch.Tensor) -> None:
+        """Measure the coded intensity's mean and sd on `x` (training patches); the network then sees and returns the
+        standardised value. A stain whose structure spans a few per cent of the range reaches the first layer at
+        unit scale, as GroupNorm gives the paper's autoencoder per patch — but with fixed numbers, so it stays local."""
+        if self.standardises:
+            coded = to_power(x, self.gamma)
+            self.coded_mean.fill_(float(coded.mean()))
+            self.coded_sd.fill_(max(float(coded.std()), 1e-3))
+
+    def _coded(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's input and reconstruction target: the intensity to `gamma`, standardised if `standardises`."""
+        coded = to_power(x, self.gamma)
+        return (coded - self.coded_mean) / self.coded_sd if self.standardises else coded
+
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.factor == 1:
             return x, torch.full_like(x, -30.0)
-        mean, logvar = self.encoder(to_power(x, self.gamma)).chunk(2, dim=1)
+        mean, logvar = self.encoder(self._coded(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,20 +106,32 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z / self.scale
-        return z if self.factor == 1 else to_power(self.decoder(z), 1 / self.gamma)
+        if self.factor == 1:
+            return z
+        coded = self.decoder(z)
+        if self.standardises:
+            coded = coded * self.coded_sd + self.coded_mean
+        return to_power(coded, 1 / self.gamma)
 
-    def loss(self, x: torch.Tensor, kl_weight: float, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L1 (+ KL, + 1 − SSIM) in the coded intensity (after `gamma`)."""
+    def loss(
+        self, x: torch.Tensor, kl_weight: float, ssim_weight: float = 0.0, l2_weight: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L1 (+ KL, + squared error, + 1 − SSIM) in the coded intensity (after `gamma`, standardised if `standardises`). L1 alone pulls every pixel to
+        the median with the same force, which on a sparse stain is the black background; the squared error pulls each
+        pixel in proportion to its error, so the few bright pixels are not outvoted."""
         mean, logvar = self.moments(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         recon = self.decoder(z)
-        x = to_power(x, self.gamma)
+        x = self._coded(x)
         l1 = (recon - x).abs().mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         total = l1 + kl_weight * kl
         stats = {"l1": l1.detach(), "kl": kl.detach()}
+        if l2_weight > 0:
+            total = total + l2_weight * (recon - x).pow(2).mean()
         if ssim_weight > 0:
-            s = ssim_torch((recon + 1) / 2, (x + 1) / 2)
+            unit = (lambda v: v * self.coded_sd + self.coded_mean) if self.standardises else (lambda v: v)  # SSIM's constants assume [0, 1]
+            s = ssim_torch((unit(recon) + 1) / 2, (unit(x) + 1) / 2)
             total = total + ssim_weight * (1 - s)
             stats["ssim"] = s.detach()
         return total, stats

@@ -45,6 +45,11 @@ def train_autoencoders(
             for r, ae in aes.items():
                 save_weights(run.autoencoder(r), ae, {"role": r, "factor": 1})
         return aes
+    if any(ae.standardises for ae in aes.values()):
+        probe = images.get(np.unique(np.linspace(0, len(images) - 1, min(len(images), 512)).round().astype(np.int64)))
+        for r, ae in aes.items():
+            ae.standardise_on(probe[:, roles.index(r) : roles.index(r) + 1].to(ranks.device))
+        del probe
     opts = {r: build_optimizer(ae.parameters(), a.lr, a.weight_decay) for r, ae in aes.items()}
     rows: list[dict] = []
     start = 0
@@ -74,7 +79,7 @@ def train_autoencoders(
                 group["lr"] = lr
             torch.manual_seed((cfg.train.seed * 7919 + step) * 3 + ROLES_NEEDED.index(r))
             k = roles.index(r)
-            loss, stats = aes[r].loss(x[:, k : k + 1], a.kl_weight, a.ssim_weight)
+            loss, stats = aes[r].loss(x[:, k : k + 1], a.kl_weight, a.ssim_weight, a.l2_weight)
             opts[r].zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(aes[r], ranks)

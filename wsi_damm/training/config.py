@@ -28,6 +28,8 @@ class AutoencoderConfig:
     channels: tuple[int, ...] = (16, 32)
     kl_weight: float = 1e-6
     ssim_weight: float = 0.0
+    # weight of the squared error beside L1 (models.autoencoder.Autoencoder.loss): L1 alone favours a sparse stain's black
+    l2_weight: float = 0.0
     steps: int = 600
     batch_size: int = 12
     lr: float = 2e-3
@@ -39,6 +41,11 @@ class AutoencoderConfig:
     # how a local autoencoder normalises: one of LOCAL_NORMS, "pixel" (PixelNorm) or "none". A per-pixel norm carries a
     # pixel's brightness in the direction of its features alone
     local_norm: str = "pixel"
+    # standardise each channel's coded intensity by its mean and sd over the training patches before the encoder (and
+    # back after the decoder): a sparse stain's structure then reaches the network at unit scale, as GroupNorm gives
+    # the paper's autoencoder per patch, with fixed numbers that keep a local autoencoder local (local ones only: GroupNorm
+    # ones have it already). Recorded in the weights
+    standardise: bool = False
     # after the 50-step warm-up: "constant" or "cosine" down to a tenth, so the saved weights are not one noisy
     # full-rate step (benchmarks/study_autoencoders.py measures both)
     lr_schedule: str = "constant"
@@ -89,6 +96,10 @@ class ModelConfig:
     # "patch": the U-Net learns on patches encoded one by one (the paper); "canvas": on crops of each slide's latent
     # canvas at random offsets, which is what shifted-grid canvas sampling feeds it (latent_canvas.py)
     latents: str = "patch"
+    # the regression U-Net's normalisation (`models.regression`): "group" (GroupNorm, the pix2pix kind: statistics of the
+    # whole patch, so neighbouring patches disagree by an offset that blending leaves as a grid) or "none" (CARE's: a
+    # pixel's prediction depends on its surroundings only)
+    regression_norm: str = "group"
 
 
 @dataclass(frozen=True)
@@ -173,9 +184,12 @@ class RunConfig:
 
 
 PRESETS: dict[str, RunConfig] = {
-    # the CPU preset samples seamless maps: local autoencoders, the U-Net on canvas-latent crops (README, Seamless maps)
+    # the CPU preset samples seamless maps: local autoencoders, the U-Net on canvas-latent crops (README, Seamless maps);
+    # the autoencoders without a norm, on standardised intensities (no collapse on sparse or dim channels)
     "tiny": RunConfig(
-        schedule=ScheduleConfig(objective="v"), autoencoder=AutoencoderConfig(local=True), model=ModelConfig(latents="canvas")
+        schedule=ScheduleConfig(objective="v"),
+        autoencoder=AutoencoderConfig(local=True, local_norm="none", standardise=True),
+        model=ModelConfig(latents="canvas", regression_norm="none"),
     ),
     "paper": RunConfig(
         autoencoder=AutoencoderConfig(factor=16, latent_channels=8, channels=(64, 128, 256, 256, 512), steps=20000, batch_size=16, lr=1e-4),
@@ -270,6 +284,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
     if m.kind not in MODEL_KINDS:
         raise InputError("--model", f"must be {' or '.join(MODEL_KINDS)}, got {m.kind!r}")
+    if m.regression_norm not in ("group", "none"):
+        raise InputError("model.regression_norm", f"must be group or none, got {m.regression_norm!r}")
     if m.latents not in LATENT_KINDS:
         raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
     if m.latents == "canvas" and not cfg.autoencoder.local:

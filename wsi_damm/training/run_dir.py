@@ -107,9 +107,11 @@ def build_unet(cfg: RunConfig) -> DammUNet:
 
 
 def build_autoencoder(cfg: RunConfig, role: str = "vessels") -> Autoencoder:
-    """The autoencoder of one role; the target's codes its intensity to the power `autoencoder.target_gamma`."""
+    """The autoencoder of one role; the target's codes its intensity to the power `autoencoder.target_gamma`. Only local
+    autoencoders standardise (`autoencoder.standardise`): GroupNorm already rescales the paper's kind per patch."""
     a = cfg.autoencoder
-    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm, a.target_gamma if role == "target" else 1.0)
+    gamma = a.target_gamma if role == "target" else 1.0
+    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm, gamma, a.standardise and a.local)
 
 
 def build_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -56,6 +56,13 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
         {"loss": "l1"},
         {},
     ),
+    # … and its denoiser trained on squared error: the conditional mean the samplers assume, not L1's median (black on
+    # a sparse stain)
+    "none-standardised-l2": (
+        {"sparse_target": "no", "local_norm": "none", "standardise": True, "lr_schedule": "constant", "target_gamma": 1.0},
+        {"loss": "l2"},
+        {},
+    ),
     # autoencoder.sparse_target = "yes" (SPARSE_RECIPE): no normalisation (still local), the rate decayed along a cosine,
     # the target coded as its square root; what "auto" picks for a sparse stain
     "none-cosine-sqrt": (

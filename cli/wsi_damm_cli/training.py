@@ -106,7 +106,8 @@ from .group import (
     "--ae-local/--no-ae-local",
     default=None,
     help=preset_help(
-        "Local autoencoders: no GroupNorm (autoencoder.local_norm: none or pixel) and bilinear instead of nearest upsampling "
+        "Local autoencoders: no GroupNorm (autoencoder.local_norm: none or pixel; autoencoder.standardise: each channel by its "
+        "training mean and sd) and bilinear instead of nearest upsampling "
         "(slides then encode and decode in "
         "tiles without seams; --latents canvas needs them)",
         "autoencoder",

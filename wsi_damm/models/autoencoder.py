@@ -5,7 +5,7 @@ makes a patch's latents depend on the whole patch, and nearest-neighbour upsampl
 period f in decoded maps. `local=True` normalises per pixel (`PixelNorm`) or not at all (`local_norm="none"`) and upsamples bilinearly:
 encoder and decoder then act locally, so a slide encoded or decoded in tiles with a halo
 (`latent_canvas.encode_tiled`) equals the slide done whole — what canvas sampling needs. No perceptual loss (it would need
-downloaded weights): L1 + a small KL weight, optionally + squared error and + (1 − SSIM).
+downloaded weights): L1 + a small KL weight, optionally + (1 − SSIM).
 """
 
 from __future__ import annotations
@@ -113,12 +113,8 @@ class Autoencoder(nn.Module):
             coded = coded * self.coded_sd + self.coded_mean
         return to_power(coded, 1 / self.gamma)
 
-    def loss(
-        self, x: torch.Tensor, kl_weight: float, ssim_weight: float = 0.0, l2_weight: float = 0.0
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L1 (+ KL, + squared error, + 1 − SSIM) in the coded intensity (after `gamma`, standardised if `standardises`). L1 alone pulls every pixel to
-        the median with the same force, which on a sparse stain is the black background; the squared error pulls each
-        pixel in proportion to its error, so the few bright pixels are not outvoted."""
+    def loss(self, x: torch.Tensor, kl_weight: float, ssim_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L1 (+ KL, + 1 − SSIM) in the coded intensity (after `gamma`, standardised if `standardises`)."""
         mean, logvar = self.moments(x)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         recon = self.decoder(z)
@@ -127,8 +123,6 @@ class Autoencoder(nn.Module):
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         total = l1 + kl_weight * kl
         stats = {"l1": l1.detach(), "kl": kl.detach()}
-        if l2_weight > 0:
-            total = total + l2_weight * (recon - x).pow(2).mean()
         if ssim_weight > 0:
             unit = (lambda v: v * self.coded_sd + self.coded_mean) if self.standardises else (lambda v: v)  # SSIM's constants assume [0, 1]
             s = ssim_torch((unit(recon) + 1) / 2, (unit(x) + 1) / 2)

@@ -79,7 +79,7 @@ def train_autoencoders(
                 group["lr"] = lr
             torch.manual_seed((cfg.train.seed * 7919 + step) * 3 + ROLES_NEEDED.index(r))
             k = roles.index(r)
-            loss, stats = aes[r].loss(x[:, k : k + 1], a.kl_weight, a.ssim_weight, a.l2_weight)
+            loss, stats = aes[r].loss(x[:, k : k + 1], a.kl_weight, a.ssim_weight)
             opts[r].zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(aes[r], ranks)

@@ -28,8 +28,6 @@ class AutoencoderConfig:
     channels: tuple[int, ...] = (16, 32)
     kl_weight: float = 1e-6
     ssim_weight: float = 0.0
-    # weight of the squared error beside L1 (models.autoencoder.Autoencoder.loss): L1 alone favours a sparse stain's black
-    l2_weight: float = 0.0
     steps: int = 600
     batch_size: int = 12
     lr: float = 2e-3
@@ -96,10 +94,6 @@ class ModelConfig:
     # "patch": the U-Net learns on patches encoded one by one (the paper); "canvas": on crops of each slide's latent
     # canvas at random offsets, which is what shifted-grid canvas sampling feeds it (latent_canvas.py)
     latents: str = "patch"
-    # the regression U-Net's normalisation (`models.regression`): "group" (GroupNorm, the pix2pix kind: statistics of the
-    # whole patch, so neighbouring patches disagree by an offset that blending leaves as a grid) or "none" (CARE's: a
-    # pixel's prediction depends on its surroundings only)
-    regression_norm: str = "group"
 
 
 @dataclass(frozen=True)
@@ -189,7 +183,7 @@ PRESETS: dict[str, RunConfig] = {
     "tiny": RunConfig(
         schedule=ScheduleConfig(objective="v"),
         autoencoder=AutoencoderConfig(local=True, local_norm="none", standardise=True),
-        model=ModelConfig(latents="canvas", regression_norm="none"),
+        model=ModelConfig(latents="canvas"),
     ),
     "paper": RunConfig(
         autoencoder=AutoencoderConfig(factor=16, latent_channels=8, channels=(64, 128, 256, 256, 512), steps=20000, batch_size=16, lr=1e-4),
@@ -284,8 +278,6 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
     if m.kind not in MODEL_KINDS:
         raise InputError("--model", f"must be {' or '.join(MODEL_KINDS)}, got {m.kind!r}")
-    if m.regression_norm not in ("group", "none"):
-        raise InputError("model.regression_norm", f"must be group or none, got {m.regression_norm!r}")
     if m.latents not in LATENT_KINDS:
         raise InputError("--latents", f"must be {' or '.join(LATENT_KINDS)}, got {m.latents!r}")
     if m.latents == "canvas" and not cfg.autoencoder.local:

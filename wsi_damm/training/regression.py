@@ -33,7 +33,7 @@ DOWNSAMPLING = 8  # the U-Net's total downsampling (four levels): patch sides mu
 def build_regression(rc: RunConfig) -> RegressionUNet:
     """CD31 and DAPI, each followed by its context window on the patch's grid when the run uses context —
     the same information the diffusion model conditions on."""
-    return RegressionUNet(len(INPUTS) * (2 if rc.model.context_span else 1), norm=rc.model.regression_norm)
+    return RegressionUNet(len(INPUTS) * (2 if rc.model.context_span else 1))
 
 
 def regression_inputs(images: torch.Tensor, cols: list[int], context: np.ndarray | None, rc: RunConfig) -> torch.Tensor:

@@ -80,4 +80,3 @@ def test_the_api_trains_it_too(small_store, tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     got = wsi_damm.train(small_store, out=tmp_path / "run", model="regression", config=tmp_path / "tiny.toml", quiet=True)
     assert got.weights == RunDir(tmp_path / "run").regression and got.weights.exists()
-

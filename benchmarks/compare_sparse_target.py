@@ -42,6 +42,12 @@ from wsi_damm.training.run_dir import RunDir, load_autoencoders, load_run_config
 from wsi_damm.util.errors import InputError  # noqa: E402
 from wsi_damm.workflows.ceiling import ceiling_map  # noqa: E402
 
+# the autoencoder settings the recipes share: the tiny preset now (no norm, each channel standardised by its training
+# mean and sd), autoencoder.sparse_target = "yes" (SPARSE_RECIPE) and the paper's GroupNorm autoencoders
+STANDARDISED = {"sparse_target": "no", "local_norm": "none", "standardise": True, "lr_schedule": "constant", "target_gamma": 1.0}
+SPARSE = {"sparse_target": "yes", "local_norm": "none", "standardise": False, "lr_schedule": "cosine", "target_gamma": 0.5}
+PAPER = {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0}
+
 # each recipe: its [autoencoder] and [damm] settings on top of the demo's
 RECIPES = {  # autoencoder settings, damm settings, model settings (over the tiny preset at the demo's budget)
     # the tiny preset until simulator version 2: per-pixel layer norm, constant rate, the target coded as it is, L1 denoiser
@@ -52,45 +58,45 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
     ),
     # the tiny preset now: no norm, each channel standardised by its training mean and sd (autoencoder.standardise)
     "none-standardised": (
-        {"sparse_target": "no", "local_norm": "none", "standardise": True, "lr_schedule": "constant", "target_gamma": 1.0},
+        STANDARDISED,
         {"loss": "l1"},
         {},
     ),
     # … and its denoiser trained on squared error: the conditional mean the samplers assume, not L1's median (black on
     # a sparse stain)
     "none-standardised-l2": (
-        {"sparse_target": "no", "local_norm": "none", "standardise": True, "lr_schedule": "constant", "target_gamma": 1.0},
+        STANDARDISED,
         {"loss": "l2"},
         {},
     ),
     # autoencoder.sparse_target = "yes" (SPARSE_RECIPE): no normalisation (still local), the rate decayed along a cosine,
     # the target coded as its square root; what "auto" picks for a sparse stain
     "none-cosine-sqrt": (
-        {"sparse_target": "yes", "local_norm": "none", "standardise": False, "lr_schedule": "cosine", "target_gamma": 0.5},
+        SPARSE,
         {"loss": "l1"},
         {},
     ),
     # … and the denoiser trained on squared error (the conditional mean) instead of the authors' L1 (the median)
     "none-cosine-sqrt-l2": (
-        {"sparse_target": "yes", "local_norm": "none", "standardise": False, "lr_schedule": "cosine", "target_gamma": 0.5},
+        SPARSE,
         {"loss": "l2"},
         {},
     ),
     # the paper's recipe: GroupNorm autoencoders, patches encoded one by one, each patch sampled on its own
     "paper": (
-        {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        PAPER,
         {"loss": "l1"},
         {"latents": "patch"},
     ),
     # … its denoiser trained on squared error (the conditional mean the samplers' updates assume) instead of L1
     "paper-l2": (
-        {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        PAPER,
         {"loss": "l2"},
         {"latents": "patch"},
     ),
     # … and with four times the demo's diffusion steps (is the budget what the sparse target lacks?)
     "paper-2000": (
-        {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        PAPER,
         {"loss": "l1"},
         {"latents": "patch"},
         {"steps": 2000},

@@ -44,19 +44,34 @@ from wsi_damm.workflows.ceiling import ceiling_map  # noqa: E402
 
 # the autoencoder settings the recipes share: the tiny preset now (no norm, each channel standardised by its training
 # mean and sd), autoencoder.sparse_target = "yes" (SPARSE_RECIPE) and the paper's GroupNorm autoencoders
-STANDARDISED = {"sparse_target": "no", "local_norm": "none", "standardise": True, "lr_schedule": "constant", "target_gamma": 1.0}
-SPARSE = {"sparse_target": "yes", "local_norm": "none", "standardise": False, "lr_schedule": "cosine", "target_gamma": 0.5}
-PAPER = {"sparse_target": "no", "local": False, "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0}
+STANDARDISED = {
+    "sparse_target": "no",
+    "local_norm": "none",
+    "standardise": True,
+    "refit": False,
+    "lr_schedule": "constant",
+    "target_gamma": 1.0,
+}
+REFIT = STANDARDISED | {"refit": True}
+SPARSE = {"sparse_target": "yes", "local_norm": "none", "standardise": False, "refit": False, "lr_schedule": "cosine", "target_gamma": 0.5}
+PAPER = {"sparse_target": "no", "local": False, "standardise": False, "refit": False, "lr_schedule": "constant", "target_gamma": 1.0}
 
 # each recipe: its [autoencoder] and [damm] settings on top of the demo's
 RECIPES = {  # autoencoder settings, damm settings, model settings (over the tiny preset at the demo's budget)
     # the tiny preset until simulator version 2: per-pixel layer norm, constant rate, the target coded as it is, L1 denoiser
     "pixel-constant": (
-        {"sparse_target": "no", "local_norm": "pixel", "standardise": False, "lr_schedule": "constant", "target_gamma": 1.0},
+        {
+            "sparse_target": "no",
+            "local_norm": "pixel",
+            "standardise": False,
+            "refit": False,
+            "lr_schedule": "constant",
+            "target_gamma": 1.0,
+        },
         {"loss": "l1"},
         {},
     ),
-    # the tiny preset now: no norm, each channel standardised by its training mean and sd (autoencoder.standardise)
+    # the tiny preset until the refit: no norm, each channel standardised by its training mean and sd (autoencoder.standardise)
     "none-standardised": (
         STANDARDISED,
         {"loss": "l1"},
@@ -66,6 +81,19 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
     # a sparse stain)
     "none-standardised-l2": (
         STANDARDISED,
+        {"loss": "l2"},
+        {},
+    ),
+    # the tiny preset now: standardised, and the decoder's output gain and shift refit on training patches after training
+    # (autoencoder.refit)
+    "none-standardised-refit": (
+        REFIT,
+        {"loss": "l1"},
+        {},
+    ),
+    # … and its denoiser trained on squared error
+    "none-standardised-refit-l2": (
+        REFIT,
         {"loss": "l2"},
         {},
     ),

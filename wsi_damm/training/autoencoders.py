@@ -104,6 +104,7 @@ def train_autoencoders(
                 [ae.moments(probe[i : i + 64, roles.index(r) : roles.index(r) + 1].to(ranks.device))[0] for i in range(0, len(probe), 64)]
             )
             ae.scale.fill_(1.0 / max(float(z.std()), 1e-6))
+            ae.refit_on(probe[:, roles.index(r) : roles.index(r) + 1].to(ranks.device))
     if ranks.main:
         for r, ae in aes.items():
             save_weights(run.autoencoder(r), ae, {"role": r, "factor": a.factor})

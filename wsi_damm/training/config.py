@@ -44,6 +44,10 @@ class AutoencoderConfig:
     # the paper's autoencoder per patch, with fixed numbers that keep a local autoencoder local (local ones only: GroupNorm
     # ones have it already). Recorded in the weights
     standardise: bool = False
+    # after training, fit the decoder's output to its input by one gain and one shift per channel, least squares over
+    # training patches (models.autoencoder.Autoencoder.refit_on): the last steps leave a sparse stain's reconstruction
+    # tens of per cent too bright or too dim, a different amount at each seed. Recorded in the weights
+    refit: bool = False
     # after the 50-step warm-up: "constant" or "cosine" down to a tenth, so the saved weights are not one noisy
     # full-rate step (benchmarks/study_autoencoders.py measures both)
     lr_schedule: str = "constant"
@@ -179,10 +183,11 @@ class RunConfig:
 
 PRESETS: dict[str, RunConfig] = {
     # the CPU preset samples seamless maps: local autoencoders, the U-Net on canvas-latent crops (README, Seamless maps);
-    # the autoencoders without a norm, on standardised intensities (no collapse on sparse or dim channels)
+    # the autoencoders without a norm, on standardised intensities (no collapse on sparse or dim channels), their
+    # output's gain refit after training
     "tiny": RunConfig(
         schedule=ScheduleConfig(objective="v"),
-        autoencoder=AutoencoderConfig(local=True, local_norm="none", standardise=True),
+        autoencoder=AutoencoderConfig(local=True, local_norm="none", standardise=True, refit=True),
         model=ModelConfig(latents="canvas"),
     ),
     "paper": RunConfig(

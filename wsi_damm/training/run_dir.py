@@ -108,10 +108,11 @@ def build_unet(cfg: RunConfig) -> DammUNet:
 
 def build_autoencoder(cfg: RunConfig, role: str = "vessels") -> Autoencoder:
     """The autoencoder of one role; the target's codes its intensity to the power `autoencoder.target_gamma`. Only local
-    autoencoders standardise (`autoencoder.standardise`): GroupNorm already rescales the paper's kind per patch."""
+    autoencoders standardise (`autoencoder.standardise`): GroupNorm already rescales the paper's kind per patch. Any
+    kind can have its output refit (`autoencoder.refit`)."""
     a = cfg.autoencoder
     gamma = a.target_gamma if role == "target" else 1.0
-    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm, gamma, a.standardise and a.local)
+    return Autoencoder(a.factor, a.latent_channels, tuple(a.channels), a.local, a.local_norm, gamma, a.standardise and a.local, a.refit)
 
 
 def build_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -1,7 +1,9 @@
 """Every figure `evaluate` reports on the demo's held-out slide, for the maps a lab would put side by side: DAMM as
 the demo draws it (one draw), the mean of K draws with their central interval, the same interval calibrated on the
 run's own validation pixels (`wsi-damm calibrate`, then `predict --calibrated`), the regression U-Net trained on
-the demo's patches at the demo's budget (`train --model regression`) and the demo's blurred-vessel baseline.
+the demo's patches at the demo's budget (`train --model regression`) — predicted as `predict` does, each patch with
+a margin of the slide around it, and without that margin (each patch alone, as before) — and the demo's
+blurred-vessel baseline.
 
 It reads a finished `wsi-damm demo` folder (its run, patch store, held-out slide and the two maps it wrote) and
 works through the product's Python API only; every map and report is a folder it keeps, so a rerun resumes.
@@ -120,11 +122,23 @@ def main() -> None:
         lambda: wd.train(store, out=unet, model="regression", steps=args.steps, quiet=True),
     )
     timed("predict regression U-Net", out / "unet_map.ome.zarr", lambda: wd.predict(unet, [slide], out=out / "unet_map.zarr", quiet=True))
+
+    def without_margin() -> None:  # each patch seen alone, through the U-Net's zero padding (how `predict` ran before)
+        from wsi_damm.sampling import regression
+
+        kept, regression.MARGIN = regression.MARGIN, 0
+        try:
+            wd.predict(unet, [slide], out=out / "unet_map_no_margin.zarr", quiet=True)
+        finally:
+            regression.MARGIN = kept
+
+    timed("predict regression U-Net, no margin", out / "unet_map_no_margin.ome.zarr", without_margin)
     maps = {
         "DAMM, one draw (the demo's map)": demo / "prediction.ome.zarr",
         f"DAMM, mean of {k} draws": out / f"k{k}.ome.zarr",
         f"DAMM, mean of {k} draws, calibrated interval": out / f"k{k}_calibrated.ome.zarr",
         "regression U-Net": out / "unet_map.ome.zarr",
+        "regression U-Net, patches without a margin": out / "unet_map_no_margin.ome.zarr",
         "blurred-vessel baseline": demo / "baseline.ome.zarr",
     }
     rows = {}

@@ -21,15 +21,18 @@ from wsi_damm.util.errors import InputError
 
 
 def _ae(local: bool, local_norm: str = "pixel", gamma: float = 1.0, standardise: bool = False) -> Autoencoder:
+    """Standardising ones (the tiny preset's kind) also refit their output, as the tiny preset does."""
     torch.manual_seed(0)
-    ae = Autoencoder(4, 3, (8, 16), local, local_norm, gamma, standardise).eval()
-    ae.standardise_on(torch.rand(2, 1, 16, 16) * 0.3 - 1)  # a dim stain: mean and sd far from 0 and 1
+    ae = Autoencoder(4, 3, (8, 16), local, local_norm, gamma, standardise, refit=standardise).eval()
+    dim = torch.rand(2, 1, 16, 16) * 0.3 - 1  # a dim stain: mean and sd far from 0 and 1
+    ae.standardise_on(dim)
+    ae.refit_on(dim)
     return ae
 
 
 def test_tiled_encoding_is_whole_encoding_only_for_local_autoencoders():
     """The sparse recipe's target autoencoder (no norm, intensity coded as its square root) and the tiny preset's
-    (no norm, standardised) included."""
+    (no norm, standardised, output refit) included."""
     x = torch.rand(1, 1, 4 * 70, 4 * 90) * 2 - 1
     cases = ((True, "pixel", 1.0, False), (True, "none", 1.0, True), (True, "none", 0.5, True), (False, "pixel", 1.0, False))
     for local, norm, gamma, standardise in cases:

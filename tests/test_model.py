@@ -251,6 +251,47 @@ def test_a_standardising_autoencoder_codes_the_standard_score_and_decodes_it_bac
     assert {"coded_mean", "coded_sd"} <= set(Autoencoder(4, 1, (8, 16), local=True, standardise=True).state_dict())
 
 
+def test_a_refit_autoencoder_fits_its_output_gain_and_shift_by_least_squares():
+    """`refit_on`: one gain and one shift on the decoder's output, in coded units, least squares against the coded input.
+    A decoder that returns a known affine of its input is undone exactly; on a random network the fit equals numpy's
+    degree-1 polyfit of the coded input on the raw output. Weights saved before the option (no gain or shift) still
+    load into an autoencoder that does not refit."""
+    x = torch.rand(3, 1, 8, 8) * 0.2 - 1  # a dim stain
+    ae = Autoencoder(4, 1, (8, 16), local=True, local_norm="none", standardise=True, refit=True)
+    ae.standardise_on(x)
+
+    class MeanAndLogvar(torch.nn.Module):
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([v, v], 1)
+
+    class TooDim(torch.nn.Module):  # what the last steps of training can leave: the right structure, the wrong gain
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return 0.6 * v - 0.3
+
+    ae.encoder, ae.decoder = MeanAndLogvar(), TooDim()
+    assert float((ae.decode(ae.encode(x)) - x).abs().max()) > 0.05
+    ae.refit_on(x, batch=2)  # in batches: the sums, not one batch's fit
+    assert float(ae.decoded_gain) == pytest.approx(1 / 0.6, rel=1e-5)
+    assert float(ae.decoded_shift) == pytest.approx(0.3 / 0.6, rel=1e-5)
+    torch.testing.assert_close(ae.decode(ae.encode(x)), x, atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    net = Autoencoder(4, 2, (8, 16), local=True, local_norm="none", standardise=True, refit=True).eval()
+    y = torch.rand(4, 1, 16, 16) * 2 - 1
+    net.standardise_on(y)
+    net.refit_on(y, batch=3)
+    with torch.no_grad():
+        raw = net.decoder(net.moments(y)[0]).flatten().double().numpy()
+    gain, shift = np.polyfit(raw, net._coded(y).flatten().double().numpy(), 1)
+    assert float(net.decoded_gain) == pytest.approx(gain, rel=1e-4)
+    assert float(net.decoded_shift) == pytest.approx(shift, rel=1e-4, abs=1e-6)
+
+    old = {k: v for k, v in net.state_dict().items() if not k.startswith("decoded_")}
+    before = Autoencoder(4, 2, (8, 16), local=True, local_norm="none", standardise=True)
+    before.load_state_dict(old)  # strict: nothing missing, nothing extra
+    assert not before.refits
+
+
 def test_a_power_coded_autoencoder_codes_the_power_and_decodes_it_back():
     """`gamma`: the encoder sees the intensity (in [0, 1]) raised to gamma, the decoder's output is raised to 1 / gamma;
     checked against the closed form on an encoder / decoder pair replaced by the identity."""

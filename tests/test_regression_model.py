@@ -80,3 +80,22 @@ def test_the_api_trains_it_too(small_store, tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY_TOML)
     got = wsi_damm.train(small_store, out=tmp_path / "run", model="regression", config=tmp_path / "tiny.toml", quiet=True)
     assert got.weights == RunDir(tmp_path / "run").regression and got.weights.exists()
+
+
+def test_each_patch_is_predicted_from_its_window_with_a_margin_and_cropped_to_its_centre(regression_run, small_map):
+    """With the U-Net replaced by a model that returns its first input channel, the map of each patch is that patch's
+    own vessels channel: the window the predictor is given holds the patch at its centre, and the crop takes that centre."""
+    from wsi_damm.sampling.predictor import PredictConfig
+    from wsi_damm.sampling.regression import MARGIN, RegressionPredictor
+    from wsi_damm.tiling.store import PatchStore, to_model_range
+
+    store = PatchStore.open(small_map / "c.zarr")
+    predictor = RegressionPredictor(regression_run, torch.device("cpu"), PredictConfig())
+    predictor.model = lambda x: x[:, :1]
+    rows = np.arange(0, len(store), 9)
+    images = predictor.inputs(store, rows)
+    p = int(store.attrs["patch_size"])
+    assert MARGIN > 0 and images.shape[-1] == p + 2 * MARGIN
+    pred = predictor.predict(images, store.roles, torch.zeros(len(rows), dtype=torch.int64))[0]["pred"]
+    vessels = to_model_range(np.asarray(store.images[:])[rows])[:, store.roles.index("vessels") : store.roles.index("vessels") + 1]
+    np.testing.assert_allclose(pred, ((vessels + 1) / 2).clamp(0, 1).numpy(), atol=1e-6)

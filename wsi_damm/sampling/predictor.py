@@ -16,7 +16,7 @@ from wsi_damm.diffusion.samplers import make_plan, sample
 from wsi_damm.diffusion.schedule import NoiseSchedule
 from wsi_damm.sampling.draws import DEFAULT_INTERVAL, crop, draw_stats, interval_attrs, widened
 from wsi_damm.tiling.context import context_roles, to_latent_grid
-from wsi_damm.tiling.store import PatchStore
+from wsi_damm.tiling.store import PatchStore, read_rows, to_model_range
 from wsi_damm.training.latent_canvas import ENCODE_TILE, decode_tiled
 from wsi_damm.training.run_dir import (
     RunDir,
@@ -185,6 +185,10 @@ class Predictor:
     def factor(self) -> int:
         """Pixels per latent pixel."""
         return self.rc.autoencoder.factor
+
+    def inputs(self, store: PatchStore, rows: np.ndarray) -> torch.Tensor:
+        """What `predict` is given for these rows of a conditions store: the patches, in model range."""
+        return to_model_range(read_rows(store.images, rows))
 
     def context(self, store: PatchStore, rows: np.ndarray) -> np.ndarray | None:
         """The context windows the run conditions on for these rows of a conditions store (None: no context)."""

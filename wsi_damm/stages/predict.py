@@ -39,7 +39,7 @@ from wsi_damm.stages.tile import run_tile
 from wsi_damm.stitching.merge import BLENDS
 from wsi_damm.tiling.plan import TileConfig
 from wsi_damm.tiling.qc import qc_folder
-from wsi_damm.tiling.store import PatchStore, PredictionStore, create_prediction_store, read_rows, to_model_range
+from wsi_damm.tiling.store import PatchStore, PredictionStore, create_prediction_store
 from wsi_damm.training.config import RunConfig, sampling_for
 from wsi_damm.training.run_dir import RunDir, load_run_config
 from wsi_damm.util.distributed import Ranks, setup_ranks
@@ -208,8 +208,7 @@ def _sample_shards(
         shards = todo[g : g + group]
         spans = [(i * s, min((i + 1) * s, n)) for i in shards]
         rows = np.concatenate([np.arange(a, b) for a, b in spans])
-        raw = read_rows(conditions.images, rows)
-        images = to_model_range(raw)
+        images = predictor.inputs(conditions, rows)
         context = predictor.context(conditions, rows)
         parts = []
         for k in range(0, len(rows), cfg.batch_size):

@@ -36,12 +36,15 @@ def build_regression(rc: RunConfig) -> RegressionUNet:
     return RegressionUNet(len(INPUTS) * (2 if rc.model.context_span else 1))
 
 
-def regression_inputs(images: torch.Tensor, cols: list[int], context: np.ndarray | None, rc: RunConfig) -> torch.Tensor:
-    """The U-Net's input from patches (B, C, P, P) in [-1, 1] (`cols`: where CD31 and DAPI sit) and their context."""
+def regression_inputs(images: torch.Tensor, cols: list[int], context: np.ndarray | None, rc: RunConfig, margin: int = 0) -> torch.Tensor:
+    """The U-Net's input from patches (B, C, P, P) in [-1, 1] (`cols`: where CD31 and DAPI sit) and their context;
+    patches grown by `margin` px on every side get their context on the P × P centre, as in training, its edge values
+    repeated across the margin."""
     x = images[:, cols]
     if not rc.model.context_span:
         return x
-    return torch.cat([x, to_latent_grid(context, x.shape[-1], x.device)], 1)
+    ctx = to_latent_grid(context, x.shape[-1] - 2 * margin, x.device)
+    return torch.cat([x, torch.nn.functional.pad(ctx, (margin,) * 4, mode="replicate") if margin else ctx], 1)
 
 
 @torch.no_grad()

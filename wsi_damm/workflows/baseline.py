@@ -8,6 +8,7 @@ OME-Zarr map of the same layout as `stitch`, so `evaluate` scores it like any pr
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,20 +76,35 @@ def fit(specs: list[SlideSpec], cfg: TileConfig) -> BlurBaseline:
 
 def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) -> Path:
     """Full-resolution baseline map for one slide, OME-Zarr with the stitch layout."""
+    sigma_px = model.sigma_um / _need_mpp(spec, plan_slide(spec, cfg).choice.mpp)
+    info = {"baseline": "blurred vessels", "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False}
+    return write_pixel_map(
+        spec,
+        cfg,
+        ("vessels",),
+        lambda b: np.clip(model.a * ndimage.gaussian_filter(b[0], sigma_px, mode="nearest") + model.b, 0, 1),
+        int(4 * sigma_px) + 1,
+        out,
+        info,
+    )
+
+
+def write_pixel_map(
+    spec: SlideSpec, cfg: TileConfig, roles: tuple[str, ...], fn: Callable[[np.ndarray], np.ndarray], depth: int, out: Path, info: dict
+) -> Path:
+    """A map computed pixel-wise from the slide's normalised `roles` channels — `fn`: (len(roles), h, w) block →
+    (h, w) map in [0, 1], reading up to `depth` px around each pixel — rendered block by block at full resolution
+    and written as an OME-Zarr map with the stitch layout (tissue only), so `evaluate` scores it like any map."""
     plan = plan_slide(spec, cfg)
     h, w = plan.choice.shape
-    mpp = plan.choice.mpp
-    sigma_px = model.sigma_um / _need_mpp(spec, mpp)
-    depth = int(4 * sigma_px) + 1
     slide = spec.open()
-    vessels = lazy_blocks(lambda y, x, bh, bw: plan.normalised(slide, "vessels", y, x, bh, bw), (h, w), f"baseline-vessels-{spec.slide_id}")
-    pred = da.map_overlap(
-        lambda b: np.clip(model.a * ndimage.gaussian_filter(b, sigma_px, mode="nearest") + model.b, 0, 1),
-        vessels,
-        depth=depth,
-        boundary="nearest",
-        dtype=np.float32,
-    )
+    channels = da.stack(
+        [
+            lazy_blocks(lambda y, x, bh, bw, r=r: plan.normalised(slide, r, y, x, bh, bw), (h, w), f"baseline-{r}-{spec.slide_id}")
+            for r in roles
+        ]
+    ).rechunk({0: -1})
+    pred = da.map_overlap(fn, channels, depth={0: 0, 1: depth, 2: depth}, boundary="nearest", dtype=np.float32, drop_axis=0)
     mask_step = plan.choice.downsample / plan.mask_downsample  # mask pixels per map pixel
     cover = lazy_blocks(
         lambda y, x, bh, bw: nearest(plan.mask, mask_step, y, x, bh, bw).astype(np.float32), (h, w), f"baseline-cover-{spec.slide_id}"
@@ -109,16 +125,12 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
     finish_map(
         root,
         spec.slide_id,
-        mpp,
+        plan.choice.mpp,
         1,
         {
             "slide": spec.slide_id,
             "patch_size": cfg.patch_size,
-            "baseline": "blurred vessels",
-            "sigma_um": model.sigma_um,
-            "a": model.a,
-            "b": model.b,
-            "nuclei": False,
+            **info,
             "percentiles": list(cfg.percentiles),
             "stride": cfg.stride,
             "tissue": cfg.tissue,

@@ -23,7 +23,7 @@ DOCS = ROOT / "docs"
 TOPICS = {
     "study": ("The ablation study", "wsi-damm study --out STUDY (and benchmarks/study_autoencoders.py)"),
     "bench": ("The bench on a real image and on synthetic slides", "wsi-damm bench --out BENCH (its bench.json and bench.md)"),
-    "sparse": ("Sparse target stains", "python benchmarks/compare_sparse_target.py --work W --json …"),
+    "sparse": ("Sparse target stains", "python benchmarks/compare_sparse_target.py --work W --json …, sparse_feature_bound.py"),
     "demo": ("The demo's summary", "wsi-damm demo (its demo_summary.json)"),
     "seamless": ("Seamless sampling", "python benchmarks/compare_seamless.py"),
     "sampling": ("Sampling modes", "python benchmarks/compare_sampling.py"),

@@ -93,7 +93,7 @@ def main() -> None:
     work = args.work / args.target
     demo = demo_budget(work, args.target)
     tile_cfg = TileConfig(patch_size=demo.plan.patch, overlap=demo.plan.overlap)
-    rows = {"blurred vessels": demo.blur}
+    maps = {"blurred vessels": demo.blur}
     for name, quadratic in (("features, linear", False), ("features, quadratic", True)):
         x, y = training_pixels(demo.data.train_specs, tile_cfg, np.random.default_rng(0), quadratic)
         weights = np.linalg.lstsq(x.T.astype(np.float64), y.astype(np.float64), rcond=None)[0].astype(np.float32)
@@ -106,9 +106,9 @@ def main() -> None:
         path = write_pixel_map(
             demo.held.spec, tile_cfg, ROLES, predict, DEPTH, work / f"{slug}.ome.zarr", {"baseline": name, "nuclei": True}
         )
-        rows[name] = scores(run_evaluate([(path, demo.held.spec)], work / f"{slug}_report", [demo.held.clean], **demo.scoring))
-        rows[name]["features"] = int(len(weights))
-    for row in rows.values():
+        maps[name] = scores(run_evaluate([(path, demo.held.spec)], work / f"{slug}_report", [demo.held.clean], **demo.scoring))
+        maps[name]["features"] = int(len(weights))
+    for row in maps.values():
         r = row["check"]["pearson_r"]
         row["calibrated_sampler"] = {"one_draw_r": draw_r(r, 1), "mean_of_4_r": draw_r(r, 4)}
     report(
@@ -118,7 +118,7 @@ def main() -> None:
             "simulator_version": demo.simulator_version,
             "machine": machine(),
             "plan": {"size": demo.plan.size, "train_slides": demo.plan.train_slides, "pixels_per_slide": PIXELS_PER_SLIDE},
-            "rows": rows,
+            "maps": maps,
             "conditional_mean_r_for_one_draw_r_0.5": math.sqrt(0.5),
             "seconds": round(time.perf_counter() - t0, 1),
         },

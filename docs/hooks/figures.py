@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -17,10 +18,11 @@ TOKEN = re.compile(r"\{\{ fig (\S+) (\S+) (\S+) \}\}")
 
 
 def resolve(path: str, pointer: str):
-    """The value at a JSON pointer (RFC 6901) of a results file."""
+    """The value at a JSON pointer (RFC 6901) of a results file; percent-encoded as in a URI fragment (a space
+    is %20), so a key with spaces fits in one token."""
     value = json.loads((RESULTS / path).read_text(encoding="utf-8"))
     for part in pointer.strip("/").split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
+        part = unquote(part).replace("~1", "/").replace("~0", "~")
         value = value[int(part)] if isinstance(value, list) else value[part]
     return value
 

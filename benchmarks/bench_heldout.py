@@ -2,8 +2,8 @@
 the demo draws it (one draw), the mean of K draws with their central interval, the same interval calibrated on the
 run's own validation pixels (`wsi-damm calibrate`, then `predict --calibrated`), the regression U-Net trained on
 the demo's patches at the demo's budget (`train --model regression`) — predicted as `predict` does, each patch with
-a margin of the slide around it, and without that margin (each patch alone, as before) — and the demo's
-blurred-vessel baseline.
+a margin of the slide around it, and without that margin (each patch alone, as before), each stitched with `stitch`'s
+default Hann window and with the Gaussian one (the default before) — and the demo's blurred-vessel baseline.
 
 It reads a finished `wsi-damm demo` folder (its run, patch store, held-out slide and the two maps it wrote) and
 works through the product's Python API only; every map and report is a folder it keeps, so a rerun resumes.
@@ -20,6 +20,7 @@ _sys.path.insert(0, str(_Path(__file__).resolve().parent))
 import argparse
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -133,17 +134,25 @@ def main() -> None:
             regression.MARGIN = kept
 
     timed("predict regression U-Net, no margin", out / "unet_map_no_margin.ome.zarr", without_margin)
+    for name in ("unet_map", "unet_map_no_margin"):  # the same patches stitched with the Gaussian window (the default before)
+        timed(
+            f"stitch {name} with the Gaussian window",
+            out / f"{name}_gaussian.ome.zarr",
+            lambda name=name: wd.stitch(out / f"{name}.zarr", out=out / f"{name}_gaussian.ome.zarr", blend="gaussian", quiet=True),
+        )
     maps = {
         "DAMM, one draw (the demo's map)": demo / "prediction.ome.zarr",
         f"DAMM, mean of {k} draws": out / f"k{k}.ome.zarr",
         f"DAMM, mean of {k} draws, calibrated interval": out / f"k{k}_calibrated.ome.zarr",
         "regression U-Net": out / "unet_map.ome.zarr",
+        "regression U-Net, Gaussian blend": out / "unet_map_gaussian.ome.zarr",
         "regression U-Net, patches without a margin": out / "unet_map_no_margin.ome.zarr",
+        "regression U-Net, patches without a margin, Gaussian blend": out / "unet_map_no_margin_gaussian.ome.zarr",
         "blurred-vessel baseline": demo / "baseline.ome.zarr",
     }
     rows = {}
-    for i, (name, path) in enumerate(maps.items()):
-        report_dir = out / f"report_{i}"
+    for name, path in maps.items():
+        report_dir = out / ("report_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))  # by name: rows may be added
         timed(
             f"evaluate: {name}",
             report_dir / "metrics.json",

@@ -52,3 +52,12 @@ def test_the_command_and_its_api_function_take_the_same_options(name):
         assert cli_default == api_default or (isinstance(api_default, (list, tuple)) and tuple(cli_default) == tuple(api_default)), (
             f"{name} --{p.name}: {cli_default!r} on the command line, {api_default!r} in the API"
         )
+
+
+def test_the_blend_windows_the_command_line_offers_are_the_stitchers():
+    """The CLI names them without importing the library (a fast --help): the same names and the same default."""
+    from wsi_damm import stitching
+    from wsi_damm.stitching.merge import BLENDS
+    from wsi_damm_cli import group
+
+    assert tuple(group.BLENDS.choices) == BLENDS and group.DEFAULT_BLEND == stitching.DEFAULT_BLEND in BLENDS

@@ -161,3 +161,4 @@ IMAGE_MPP = "Pixel size (µm) of slides that carry none: plain JPEG / PNG / BMP 
 
 
 BLENDS = click.Choice(["gaussian", "cosine", "linear", "mean"])  # wsi_damm.stitching.merge.BLENDS: not imported, so --help stays fast
+DEFAULT_BLEND = "cosine"  # wsi_damm.stitching.DEFAULT_BLEND

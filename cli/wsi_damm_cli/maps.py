@@ -12,6 +12,7 @@ from wsi_damm.util.jobs import SCHEDULER_HELP
 from .group import (
     BLEND_HELP,
     BLENDS,
+    DEFAULT_BLEND,
     IMAGE_MPP,
     MAX_SLIDE_HELP,
     WORKERS_HELP,
@@ -24,7 +25,7 @@ from .group import (
 @cli.command(short_help="Blend patch predictions into whole-slide maps.")
 @click.argument("pred_store", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="MAP.ome.zarr (a folder of maps for many slides).")
-@click.option("--blend", default="gaussian", type=BLENDS, help=BLEND_HELP)
+@click.option("--blend", default=DEFAULT_BLEND, type=BLENDS, help=BLEND_HELP)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
 @click.option(
     "--tiff-units",

@@ -13,6 +13,7 @@ from .group import (
     AMP_HELP,
     BLEND_HELP,
     BLENDS,
+    DEFAULT_BLEND,
     DIST_TIMEOUT_HELP,
     IMAGE_MPP,
     MAX_SLIDE_HELP,
@@ -79,7 +80,7 @@ from .group import (
 @registration_options
 @click.option("--stitch/--no-stitch", "do_stitch", default=True, help="Also write the whole-slide map.")
 @click.option("--map", "map_path", type=click.Path(path_type=Path), help="Map path (default: OUT with .ome.zarr).")
-@click.option("--blend", default="gaussian", type=BLENDS, help=BLEND_HELP)
+@click.option("--blend", default=DEFAULT_BLEND, type=BLENDS, help=BLEND_HELP)
 @click.option("--tiff", type=click.Path(path_type=Path), help="Also write a pyramidal OME-TIFF of the NP map.")
 @click.option(
     "--tiff-units",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from wsi_damm.api.inputs import slide_specs
 from wsi_damm.api.results import PathLike, PredictResult, SynthResult, TileResult, TrainResult
+from wsi_damm.stitching import DEFAULT_BLEND
 from wsi_damm.util.errors import InputError
 
 
@@ -232,7 +233,7 @@ def predict(
     size_tolerance: float = 0.0,
     stitch: bool = True,
     map: PathLike | None = None,
-    blend: str = "gaussian",
+    blend: str = DEFAULT_BLEND,
     tiff: PathLike | None = None,
     tiff_units: str = "normalised",
     resume: bool = False,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from wsi_damm.api.inputs import slide_specs
 from wsi_damm.api.results import EvaluateResult, PathLike
+from wsi_damm.stitching import DEFAULT_BLEND
 from wsi_damm.util.errors import InputError
 
 
@@ -14,7 +15,7 @@ def stitch(
     prediction: PathLike,
     *,
     out: PathLike,
-    blend: str = "gaussian",
+    blend: str = DEFAULT_BLEND,
     tiff: PathLike | None = None,
     workers: int | None = None,
     band_mb: int = 64,

@@ -36,6 +36,7 @@ from wsi_damm.sampling.regression import RegressionPredictor
 from wsi_damm.slides import SlideSpec
 from wsi_damm.stages.stitch import run_stitch
 from wsi_damm.stages.tile import run_tile
+from wsi_damm.stitching import DEFAULT_BLEND
 from wsi_damm.stitching.merge import BLENDS
 from wsi_damm.tiling.plan import TileConfig
 from wsi_damm.tiling.qc import qc_folder
@@ -247,7 +248,7 @@ def predict_maps(
     cfg: PredictConfig,
     stitch: bool = True,
     map_path: Path | None = None,
-    blend: str = "gaussian",
+    blend: str = DEFAULT_BLEND,
     tiff: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,

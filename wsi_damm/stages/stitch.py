@@ -23,6 +23,7 @@ import zarr
 
 from wsi_damm.sampling.draws import STATS
 from wsi_damm.slides.ome import pyramid_shapes, writable, write_ome_tiff
+from wsi_damm.stitching import DEFAULT_BLEND
 from wsi_damm.stitching.merge import BlendMerger, window
 from wsi_damm.stitching.slide_map import (
     DEFAULT_PERCENTILES,
@@ -146,7 +147,7 @@ def stitch_slide(
     store: PredictionStore,
     slide_index: int,
     out: Path,
-    blend: str = "gaussian",
+    blend: str = DEFAULT_BLEND,
     tiff: Path | None = None,
     workers: int | None = None,
     progress: bool = True,
@@ -266,7 +267,7 @@ def stitch_slide(
 def run_stitch(
     pred_path: Path,
     out: Path,
-    blend: str = "gaussian",
+    blend: str = DEFAULT_BLEND,
     tiff: Path | None = None,
     workers: int | None = None,
     progress: bool = True,

@@ -42,8 +42,8 @@ from wsi_damm.training.run_dir import RunDir, load_autoencoders, load_run_config
 from wsi_damm.util.errors import InputError  # noqa: E402
 from wsi_damm.workflows.ceiling import ceiling_map  # noqa: E402
 
-# the autoencoder settings the recipes share: the tiny preset now (no norm, each channel standardised by its training
-# mean and sd), autoencoder.sparse_target = "yes" (SPARSE_RECIPE) and the paper's GroupNorm autoencoders
+# the autoencoder settings the recipes share: the tiny preset's (no norm, each channel standardised by its training
+# mean and sd; REFIT: and the output refit), autoencoder.sparse_target = "yes" (SPARSE_RECIPE) and the paper's GroupNorm autoencoders
 STANDARDISED = {
     "sparse_target": "no",
     "local_norm": "none",
@@ -84,14 +84,13 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
         {"loss": "l2"},
         {},
     ),
-    # the tiny preset now: standardised, and the decoder's output gain and shift refit on training patches after training
-    # (autoencoder.refit)
+    # standardised, and the decoder's output gain and shift refit on training patches after training (autoencoder.refit)
     "none-standardised-refit": (
         REFIT,
         {"loss": "l1"},
         {},
     ),
-    # … and its denoiser trained on squared error
+    # … and its denoiser trained on squared error: the tiny preset now
     "none-standardised-refit-l2": (
         REFIT,
         {"loss": "l2"},
@@ -293,7 +292,7 @@ def markdown(results: list[dict]) -> str:
         "every patch of the field; and of one trained on the field itself (`--fixture-train`, the demo's autoencoder budget), "
         "on the field's validation patches.",
         "",
-        "Recipes (settings on top of the demo's; `none-standardised-refit` is the `tiny` preset's, what the demo trains; "
+        "Recipes (settings on top of the demo's; `none-standardised-refit-l2` is the `tiny` preset's, what the demo trains; "
         "`pixel-constant` was the preset's until simulator version 2):",
         "",
     ]

@@ -189,6 +189,10 @@ PRESETS: dict[str, RunConfig] = {
         schedule=ScheduleConfig(objective="v"),
         autoencoder=AutoencoderConfig(local=True, local_norm="none", standardise=True, refit=True),
         model=ModelConfig(latents="canvas"),
+        # the denoiser on squared error: its optimum is the conditional mean the samplers assume; L1's is the median of
+        # the noise, which on a sparse stain is the background (a black map). No worse on a dense stain
+        # (benchmarks/results/sparse/)
+        damm=DammConfig(loss="l2"),
     ),
     "paper": RunConfig(
         autoencoder=AutoencoderConfig(factor=16, latent_channels=8, channels=(64, 128, 256, 256, 512), steps=20000, batch_size=16, lr=1e-4),

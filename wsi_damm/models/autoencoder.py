@@ -100,10 +100,9 @@ class Autoencoder(nn.Module):
     @torch.no_grad()
     def refit_on(self, x: torch.Tensor, batch: int = 64) -> None:
         """Fit the decoder's output, in coded units, to the coded input by least squares (one gain and one shift) over `x`
-        (training patches), through the posterior mean as `encode` gives it. The last steps of training leave the
-        output's overall gain off by tens of per cent from seed to seed on a sparse stain, while its correlation with the
-        input is high; the fit removes that drift and leaves the structure alone. Pointwise, so it keeps a local
-        autoencoder local."""
+        (training patches), through the posterior mean as `encode` gives it. Training can leave the output's overall
+        gain off by tens of per cent from seed to seed on a sparse stain, while its correlation with the input is high;
+        the fit removes that drift and leaves the structure alone. Pointwise, so it keeps a local autoencoder local."""
         if not self.refits:
             return
         self.decoded_gain.fill_(1.0)

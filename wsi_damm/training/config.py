@@ -45,7 +45,7 @@ class AutoencoderConfig:
     # ones have it already). Recorded in the weights
     standardise: bool = False
     # after training, fit the decoder's output to its input by one gain and one shift per channel, least squares over
-    # training patches (models.autoencoder.Autoencoder.refit_on): the last steps leave a sparse stain's reconstruction
+    # training patches (models.autoencoder.Autoencoder.refit_on): training can leave a sparse stain's reconstruction
     # tens of per cent too bright or too dim, a different amount at each seed. Recorded in the weights
     refit: bool = False
     # after the 50-step warm-up: "constant" or "cosine" down to a tenth, so the saved weights are not one noisy

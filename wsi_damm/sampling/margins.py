@@ -19,7 +19,7 @@ class Neighbours:
     def __init__(self, store: PatchStore) -> None:
         self.store = store
         self.patch = int(store.attrs["patch_size"])
-        coords = store.coords
+        self.coords = coords = store.coords  # (slide, y, x) of every row
         self.order = np.lexsort((coords[:, 2], coords[:, 1], coords[:, 0]))
         self.sorted = coords[self.order]
         self.span = int(self.sorted[:, 1].max(initial=0)) + self.patch + 1  # a key step past any y: (slide, y) sorts as one number
@@ -37,12 +37,12 @@ class Neighbours:
         where no patch lies, mirrored past the slide's edges (as canvas sampling mirrors them)."""
         h, w = self.shapes[slide]
         ya, yb, xa, xb = max(0, y0), min(h, y1), max(0, x0), min(w, x1)
-        rows = self.rows_over(slide, ya, yb, xa, xb)
+        rows = np.sort(self.rows_over(slide, ya, yb, xa, xb))
         out = torch.full((self.store.images.shape[1], yb - ya, xb - xa), GLASS)
         if len(rows):
-            patches = to_model_range(read_rows(self.store.images, np.sort(rows)))
+            patches = to_model_range(read_rows(self.store.images, rows))
             p = self.patch
-            for img, (_, y, x) in zip(patches, self.store_coords(np.sort(rows))):
+            for img, (_, y, x) in zip(patches, self.coords[rows]):
                 ty, tx = max(y, ya), max(x, xa)
                 by, bx = min(y + p, yb), min(x + p, xb)
                 out[:, ty - ya : by - ya, tx - xa : bx - xa] = img[:, ty - y : by - y, tx - x : bx - x]
@@ -53,18 +53,12 @@ class Neighbours:
             out = grown[:, m - pad[2] : m + out.shape[1] + pad[3], m - pad[0] : m + out.shape[2] + pad[1]]
         return out
 
-    def store_coords(self, rows: np.ndarray) -> np.ndarray:
-        cached = self.__dict__.get("_coords")
-        if cached is None:
-            cached = self.__dict__.setdefault("_coords", self.store.coords)
-        return cached[rows]
-
 
 def with_margin(neighbours: Neighbours, rows: np.ndarray, margin: int) -> torch.Tensor:
     """(B, C, P + 2·margin, P + 2·margin) model-range windows: patches `rows` grown by `margin` px on every side. Rows
     are taken a patch row at a time, so the pixels read are those the windows need, not whole slide rows."""
     p = neighbours.patch
-    coords = neighbours.store_coords(rows)
+    coords = neighbours.coords[rows]
     out = torch.empty((len(rows), neighbours.store.images.shape[1], p + 2 * margin, p + 2 * margin))
     for slide, y in np.unique(coords[:, :2], axis=0):
         sel = np.nonzero((coords[:, 0] == slide) & (coords[:, 1] == y))[0]

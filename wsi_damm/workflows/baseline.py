@@ -20,7 +20,7 @@ from scipy import ndimage
 from wsi_damm.slides import SlideSpec
 from wsi_damm.stitching.slide_map import BLOCK, COVERAGE, MAP_DTYPE, PATCH_MAP_CHANNELS, block_shape, create_map, finish_map
 from wsi_damm.tiling.grid import lazy_blocks, low_resolution, nearest, unit_range
-from wsi_damm.tiling.plan import TileConfig, plan_slide
+from wsi_damm.tiling.plan import SlidePlan, TileConfig, plan_slide
 from wsi_damm.util.errors import InputError
 from wsi_damm.util.files import partial_path, publish
 
@@ -76,7 +76,8 @@ def fit(specs: list[SlideSpec], cfg: TileConfig) -> BlurBaseline:
 
 def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) -> Path:
     """Full-resolution baseline map for one slide, OME-Zarr with the stitch layout."""
-    sigma_px = model.sigma_um / _need_mpp(spec, plan_slide(spec, cfg).choice.mpp)
+    plan = plan_slide(spec, cfg)
+    sigma_px = model.sigma_um / _need_mpp(spec, plan.choice.mpp)
     info = {"baseline": "blurred vessels", "sigma_um": model.sigma_um, "a": model.a, "b": model.b, "nuclei": False}
     return write_pixel_map(
         spec,
@@ -86,16 +87,25 @@ def write_map(spec: SlideSpec, cfg: TileConfig, model: BlurBaseline, out: Path) 
         int(4 * sigma_px) + 1,
         out,
         info,
+        plan,
     )
 
 
 def write_pixel_map(
-    spec: SlideSpec, cfg: TileConfig, roles: tuple[str, ...], fn: Callable[[np.ndarray], np.ndarray], depth: int, out: Path, info: dict
+    spec: SlideSpec,
+    cfg: TileConfig,
+    roles: tuple[str, ...],
+    fn: Callable[[np.ndarray], np.ndarray],
+    depth: int,
+    out: Path,
+    info: dict,
+    plan: SlidePlan | None = None,
 ) -> Path:
     """A map computed pixel-wise from the slide's normalised `roles` channels — `fn`: (len(roles), h, w) block →
     (h, w) map in [0, 1], reading up to `depth` px around each pixel — rendered block by block at full resolution
-    and written as an OME-Zarr map with the stitch layout (tissue only), so `evaluate` scores it like any map."""
-    plan = plan_slide(spec, cfg)
+    and written as an OME-Zarr map with the stitch layout (tissue only), so `evaluate` scores it like any map. `plan`:
+    the slide's, when the caller has planned it already."""
+    plan = plan or plan_slide(spec, cfg)
     h, w = plan.choice.shape
     slide = spec.open()
     channels = da.stack(

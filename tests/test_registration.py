@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from wsi_damm.slides import specs_from_manifest
 from wsi_damm.slides.roles import Transform
-from wsi_damm.tiling.correlation import band_pass
+from wsi_damm.tiling.correlation import band_pass, gaussian
 from wsi_damm.tiling.registration import register_specs
 from wsi_damm.tiling.store import PatchStore
 from wsi_damm_cli.main import cli
@@ -197,3 +197,11 @@ def test_phase_shift_equals_scikit_image_and_its_peak_the_shifted_sum(shape):
         got, peak = phase_shift(ref, mov)
         np.testing.assert_allclose(got, expected, atol=1e-6)
         assert peak == pytest.approx(abs(float(np.sum(ref * ndimage.shift(mov, got, order=1, mode="constant")))), rel=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (301, 211), (12, 9)])
+def test_fourier_gaussian_equals_scipy(shape):
+    """The tissue outline's smoothing in the Fourier domain is scipy's `gaussian_filter` (mirror boundary), to float32
+    rounding."""
+    img = (np.random.default_rng(2).random(shape) * 4000).astype(np.uint16)
+    np.testing.assert_allclose(gaussian(img, 12.0), ndimage.gaussian_filter(img.astype(np.float32), 12.0), atol=2e-3)

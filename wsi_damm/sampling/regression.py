@@ -17,7 +17,9 @@ from wsi_damm.training.regression import INPUTS, build_regression, regression_in
 from wsi_damm.training.run_dir import RunDir, load_run_config
 from wsi_damm.util.errors import InputError
 
-MARGIN = 64  # px of slide read around each patch (a multiple of the U-Net's downsampling, so windows divide evenly)
+# px of slide read around each patch, a multiple of the U-Net's downsampling; small, because a wider window also moves the
+# U-Net away from the patch-sized windows it was trained on (GroupNorm reads statistics over the whole window)
+MARGIN = 16
 
 
 class RegressionPredictor:

@@ -20,33 +20,53 @@ def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> tuple[np.ndarray, i
     return k / k.sum(), r
 
 
-@lru_cache(maxsize=8)
-def _band_transfer(shape: tuple[int, int], fine_px: float, coarse_px: float) -> np.ndarray:
-    """Frequency response of (fine − coarse) Gaussian on a padded window, one per window shape: the
-    fine search band-passes the moved window once per iteration, and both Gaussians at once in the
-    Fourier domain cost a fifth of four 1-D passes of a 129-tap kernel."""
+@lru_cache(maxsize=16)
+def _gaussian_transfer(shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Frequency response (half spectrum) of `ndimage.gaussian_filter`'s kernel on a padded window, one per window
+    shape and σ: a Gaussian in the Fourier domain costs a fraction of two 1-D passes of its (8σ + 1)-tap kernel."""
 
-    def axis(sigma: float, n: int, half: bool) -> np.ndarray:
+    def axis(n: int, half: bool) -> np.ndarray:
         k, r = _gaussian_kernel(sigma)
         centred = np.roll(np.pad(k, (0, n - len(k))), -r)
         return np.fft.rfft(centred) if half else np.fft.fft(centred)
 
     (h, w) = shape
-    return (
-        np.outer(axis(fine_px, h, False), axis(fine_px, w, True)) - np.outer(axis(coarse_px, h, False), axis(coarse_px, w, True))
-    ).astype(np.complex64)
+    return np.outer(axis(h, False), axis(w, True)).astype(np.complex64)
+
+
+@lru_cache(maxsize=8)
+def _band_transfer(shape: tuple[int, int], fine_px: float, coarse_px: float) -> np.ndarray:
+    """(fine − coarse) Gaussian: the fine search band-passes the moved window once per iteration, both at once."""
+    return _gaussian_transfer(shape, fine_px) - _gaussian_transfer(shape, coarse_px)
+
+
+def _filtered(x: np.ndarray, transfer: np.ndarray, pad: int) -> np.ndarray:
+    """x mirrored by `pad` px (scipy's default boundary) and multiplied by `transfer` (of the padded shape) in the
+    Fourier domain, cropped back: the circular convolution never wraps into what is kept while `pad` ≥ the kernel's
+    radius."""
+    spectrum = sfft.rfft2(x, workers=-1)
+    spectrum *= transfer
+    return sfft.irfft2(spectrum, s=x.shape, workers=-1)[pad : -pad or None, pad : -pad or None]
+
+
+def _mirrored(x: np.ndarray, pad: int) -> np.ndarray:
+    return np.pad(x, pad, mode="symmetric")
+
+
+def gaussian(img: np.ndarray, sigma: float) -> np.ndarray:
+    """`ndimage.gaussian_filter(img, sigma)` in float32 with its mirror boundary, computed in the Fourier domain."""
+    r = _gaussian_kernel(sigma)[1]
+    padded = _mirrored(img.astype(np.float32), r)
+    return _filtered(padded, _gaussian_transfer(padded.shape, sigma), r)
 
 
 def band_pass(img: np.ndarray, fine_px: float, coarse_px: float) -> np.ndarray:
     """gaussian(log1p x, fine) − gaussian(log1p x, coarse), identical to `ndimage.gaussian_filter`
     with its default mirror boundary: the window is mirrored by the coarse kernel's radius, so the
     circular convolution never wraps into what is kept."""
-    x = np.log1p(np.maximum(img.astype(np.float32), 0))
     r = _gaussian_kernel(coarse_px)[1]
-    padded = np.pad(x, r, mode="symmetric")
-    spectrum = sfft.rfft2(padded, workers=-1)
-    spectrum *= _band_transfer(padded.shape, fine_px, coarse_px)
-    return sfft.irfft2(spectrum, s=padded.shape, workers=-1)[r : r + x.shape[0], r : r + x.shape[1]]
+    padded = _mirrored(np.log1p(np.maximum(img.astype(np.float32), 0)), r)
+    return _filtered(padded, _band_transfer(padded.shape, fine_px, coarse_px), r)
 
 
 def taper(shape: tuple[int, int], margin: float) -> np.ndarray:

@@ -39,7 +39,7 @@ from scipy import fft as sfft
 from scipy import ndimage, optimize
 
 from wsi_damm.slides.roles import SlideSpec, Transform
-from wsi_damm.tiling.correlation import band_pass, fourier_moved, integer_peak, ncc, phase_shift, taper
+from wsi_damm.tiling.correlation import band_pass, fourier_moved, gaussian, integer_peak, ncc, phase_shift, taper
 from wsi_damm.tiling.grid import low_resolution, tissue_mask
 from wsi_damm.util.errors import InputError
 
@@ -60,7 +60,7 @@ def _outline(img: np.ndarray, smooth_px: float) -> np.ndarray:
     the threshold at the foot of the dark background peak — Otsu would split bright from dim tissue."""
     from skimage.filters import threshold_triangle
 
-    smooth = ndimage.gaussian_filter(img.astype(np.float32), smooth_px)
+    smooth = gaussian(img, smooth_px)
     threshold = float(threshold_triangle(smooth))
     # the outline itself (edge strength of the mask): a thin ridge gives a sharp correlation peak
     # and no wrap-around bias where a window cuts through tissue

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from _common import machine, peak_rss_mb, report  # noqa: E402
+from bench_calibration import SIGNAL, bands  # noqa: E402
 
 
 def figures(metrics: dict) -> dict:
@@ -36,6 +37,7 @@ def figures(metrics: dict) -> dict:
     out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in seed_figures(metrics).items() if k != "regions"}
     s = metrics["slides"][0]
     out["seam_score"] = (s.get("seams") or {}).get("map")
+    out |= bands(s)
     u = s.get("uncertainty")
     if u:
         out["interval"] = {k: u.get(k) for k in ("draws", "rank", "nominal", "scale", "below", "above", "check", "before_calibration")}
@@ -51,10 +53,13 @@ def table(summary: dict) -> str:
     lines = [
         f"On the demo's held-out slide ({summary['heldout']}), over tissue. Spread and mean: the map's over the measured "
         "channel's. Coverage: how often the measured value lies inside the draws' central interval, against its nominal "
-        "level; ρ: rank correlation of each patch's spread and error.",
+        "level; ρ: rank correlation of each patch's spread and error. Spectral error: mean |log10| of the map's power over the "
+        "measured channel's per frequency band; over signal bands: only where the noiseless truth's power matches the measured "
+        f"channel's within {SIGNAL} in log10 (above them the measured channel is camera noise).",
         "",
-        "| map | Pearson's r | spread | mean | SSIM | PSNR (dB) | NRMSE | spectral error | seam score | coverage (nominal) | ρ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| map | Pearson's r | spread | mean | SSIM | PSNR (dB) | NRMSE | spectral error | … signal bands | seam score "
+        "| coverage (nominal) | ρ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["maps"].items():
         u = m.get("interval")
@@ -72,6 +77,7 @@ def table(summary: dict) -> str:
             _num(m["psnr"], 2),
             _num(m["nrmse"]),
             _num(m["spectral_error"]),
+            _num(m.get("signal_band_spectral_error")),
             _num(m["seam_score"]),
             coverage,
             _num(m["spread_spearman"], 2),

@@ -20,10 +20,9 @@ def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> tuple[np.ndarray, i
     return k / k.sum(), r
 
 
-@lru_cache(maxsize=16)
-def _gaussian_transfer(shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Frequency response (half spectrum) of `ndimage.gaussian_filter`'s kernel on a padded window, one per window
-    shape and σ: a Gaussian in the Fourier domain costs a fraction of two 1-D passes of its (8σ + 1)-tap kernel."""
+def _gaussian_response(shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Frequency response (half spectrum) of `ndimage.gaussian_filter`'s kernel on a padded window of `shape`: a
+    Gaussian in the Fourier domain costs a fraction of two 1-D passes of its (8σ + 1)-tap kernel."""
 
     def axis(n: int, half: bool) -> np.ndarray:
         k, r = _gaussian_kernel(sigma)
@@ -34,10 +33,17 @@ def _gaussian_transfer(shape: tuple[int, int], sigma: float) -> np.ndarray:
     return np.outer(axis(h, False), axis(w, True)).astype(np.complex64)
 
 
+@lru_cache(maxsize=4)
+def _gaussian_transfer(shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """One response per window shape and σ (the tissue outlines of one slide share theirs)."""
+    return _gaussian_response(shape, sigma)
+
+
 @lru_cache(maxsize=8)
 def _band_transfer(shape: tuple[int, int], fine_px: float, coarse_px: float) -> np.ndarray:
-    """(fine − coarse) Gaussian: the fine search band-passes the moved window once per iteration, both at once."""
-    return _gaussian_transfer(shape, fine_px) - _gaussian_transfer(shape, coarse_px)
+    """(fine − coarse) Gaussian, one per window shape: the fine search band-passes the moved window once per
+    iteration, both Gaussians at once."""
+    return _gaussian_response(shape, fine_px) - _gaussian_response(shape, coarse_px)
 
 
 def _filtered(x: np.ndarray, transfer: np.ndarray, pad: int) -> np.ndarray:

@@ -8,6 +8,8 @@ import resource
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from wsi_damm.util.machine import machine  # noqa: F401 (the benchmarks' import of it)
@@ -93,3 +95,19 @@ def report(result: dict, path: Path | None) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
+
+
+class Steps:
+    """A resumable benchmark's steps: `run(name, done, fn)` calls `fn` unless its output `done` exists, and keeps each
+    step's wall time in `path` (JSON), across a killed and resumed run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, done: Path, fn: Callable[[], object]) -> None:
+        if not done.exists():
+            t0 = time.perf_counter()
+            fn()
+            self.seconds[name] = round(time.perf_counter() - t0, 1)
+            self.path.write_text(json.dumps(self.seconds, indent=2))

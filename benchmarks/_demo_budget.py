@@ -79,10 +79,18 @@ def budget_config(plan, seed: int, autoencoder: dict | None = None, model: dict 
 
 
 def predict_and_score(
-    demo: DemoBudget, run_dir: Path, draws: int, seed: int, sampling: str = "auto", steps: int | None = None, name: str | None = None
+    demo: DemoBudget,
+    run_dir: Path,
+    draws: int,
+    seed: int,
+    sampling: str = "auto",
+    steps: int | None = None,
+    name: str | None = None,
+    sampler: str = "dpm++",
+    eta: float = 0.0,
 ) -> dict:
-    """The held-out slide predicted by `run_dir` (DPM++ at the demo's steps or `steps`, `draws` draws) and scored; with
-    its seconds. Maps and report are named `name` (default pred{draws}, report{draws})."""
+    """The held-out slide predicted by `run_dir` (`sampler`, DPM++ by default, at the demo's steps or `steps`, `draws`
+    draws) and scored; with its seconds. Maps and report are named `name` (default pred{draws}, report{draws})."""
     import time
 
     from wsi_damm.stages.evaluate import run_evaluate
@@ -94,7 +102,9 @@ def predict_and_score(
         run_dir,
         [demo.held.spec],
         run_dir / f"{pred}.zarr",
-        PredictConfig(sampling=sampling, steps=steps or demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed),
+        PredictConfig(
+            sampler=sampler, eta=eta, sampling=sampling, steps=steps or demo.plan.sample_steps, batch_size=32, samples=draws, seed=seed
+        ),
         map_path=run_dir / f"{pred}.ome.zarr",
         overwrite=True,
         progress=False,

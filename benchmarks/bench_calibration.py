@@ -27,10 +27,9 @@ import argparse
 import json
 import shutil
 import statistics
-import time
 from pathlib import Path
 
-from _common import machine, peak_rss_mb, report  # noqa: E402
+from _common import Steps, machine, peak_rss_mb, report  # noqa: E402
 
 FIGURES = ("pearson_r", "ssim", "psnr", "nrmse", "spectral_error", "spread_ratio", "mean_ratio")
 SIGNAL = 0.1  # log10 power ratio within which the noiseless truth matches the measured channel in a band
@@ -73,15 +72,8 @@ def main() -> None:
 
     out, k = args.out, args.samples
     out.mkdir(parents=True, exist_ok=True)
-    clock = out / "seconds.json"
-    seconds: dict[str, float] = json.loads(clock.read_text()) if clock.exists() else {}
-
-    def timed(name: str, done: Path, fn) -> None:
-        if not done.exists():
-            t0 = time.perf_counter()
-            fn()
-            seconds[name] = round(time.perf_counter() - t0, 1)
-            clock.write_text(json.dumps(seconds, indent=2))
+    steps = Steps(out / "seconds.json")
+    timed, seconds = steps.run, steps.seconds
 
     clean = [args.clean] if args.clean else ()
     draws = dict(steps=args.steps, quiet=True)  # every DAMM map: the demo's sampler steps

@@ -22,10 +22,9 @@ import json
 import math
 import re
 import shutil
-import time
 from pathlib import Path
 
-from _common import machine, peak_rss_mb, report  # noqa: E402
+from _common import Steps, machine, peak_rss_mb, report  # noqa: E402
 from bench_calibration import SIGNAL, bands  # noqa: E402
 
 
@@ -104,15 +103,8 @@ def main() -> None:
         shutil.copytree(demo / "run", run, ignore=shutil.ignore_patterns("checkpoints"))
     [slide] = sorted((demo / "slides" / "heldout").glob("*.ome.tif"))
     clean = demo / "slides" / "heldout" / "truth" / slide.name.replace(".ome.tif", ".np_clean.ome.tif")
-    clock = out / "seconds.json"  # each step's wall time, kept across a killed and resumed run
-    seconds: dict[str, float] = json.loads(clock.read_text()) if clock.exists() else {}
-
-    def timed(name: str, done: Path, fn) -> None:
-        if not done.exists():
-            t0 = time.perf_counter()
-            fn()
-            seconds[name] = round(time.perf_counter() - t0, 1)
-            clock.write_text(json.dumps(seconds, indent=2))
+    steps = Steps(out / "seconds.json")
+    timed, seconds = steps.run, steps.seconds
 
     k = args.samples
     timed("calibrate", run / "calibration.json", lambda: wd.calibrate(run, store=store, samples=k, out=out / "calibration", quiet=True))

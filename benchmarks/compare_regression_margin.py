@@ -21,21 +21,13 @@ import statistics
 from pathlib import Path
 
 from _common import machine, report  # noqa: E402
+from bench_heldout import figures  # noqa: E402
 
 FIGURES = ("pearson_r", "spread_ratio", "mean_ratio", "ssim", "psnr", "seam_score")
 
 
 def scored(metrics: dict) -> dict:
-    s = metrics["slides"][0]
-    check = s.get("check") or {}
-    return {
-        "pearson_r": check.get("pearson_r"),
-        "spread_ratio": check.get("spread_ratio"),
-        "mean_ratio": check.get("mean_ratio"),
-        "ssim": s["wsi"]["ssim_tissue"],
-        "psnr": s["wsi"]["psnr_tissue"],
-        "seam_score": (s.get("seams") or {}).get("map"),
-    }
+    return {f: figures(metrics)[f] for f in FIGURES}
 
 
 def main() -> None:

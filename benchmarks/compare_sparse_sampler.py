@@ -22,30 +22,21 @@ import json
 from pathlib import Path
 
 from _common import machine, report  # noqa: E402
-from _demo_budget import demo_budget, scores, summary  # noqa: E402
+from _demo_budget import demo_budget, predict_and_score, summary  # noqa: E402
 
 SETTINGS = (("dpm++", 10, 0.0), ("dpm++", 25, 0.0), ("ddim", 50, 0.0), ("ddim", 50, 1.0))
 FIGURES = ("pearson_r", "mean_ratio", "spread_ratio", "ssim", "psnr")
 
 
 def one_draw(demo, run: Path, seed: int, sampler: str, steps: int, eta: float) -> dict:
-    """The held-out slide drawn once by `run` with this sampler, scored; the map kept in the run directory."""
-    import time
-
-    from wsi_damm.stages.evaluate import run_evaluate
-    from wsi_damm.stages.predict import PredictConfig, predict_maps
-
+    """The held-out slide drawn once by `run` with this sampler, scored; the map and its figures kept in the run
+    directory."""
     name = f"sampler_{sampler}_{steps}_eta{eta:g}"
     done = run / f"{name}_report" / "scores.json"
     if done.exists():
         return json.loads(done.read_text())
-    t = time.perf_counter()
-    cfg = PredictConfig(sampler=sampler, steps=steps, eta=eta, sampling="shifted", batch_size=32, samples=1, seed=seed)
-    kept = dict(map_path=run / f"{name}.ome.zarr", overwrite=True, progress=False)
-    maps = predict_maps(run, [demo.held.spec], run / f"{name}.zarr", cfg, **kept).maps
-    seconds = round(time.perf_counter() - t, 1)
-    s = scores(run_evaluate([(maps[0], demo.held.spec)], run / f"{name}_report", [demo.held.clean], **demo.scoring))
-    row = {f: s["check"][f] for f in FIGURES[:3]} | {"ssim": s["ssim"], "psnr": s["psnr"], "predict_seconds": seconds}
+    s = predict_and_score(demo, run, 1, seed, "shifted", steps, name=name, sampler=sampler, eta=eta)
+    row = {f: s["check"][f] for f in FIGURES[:3]} | {"ssim": s["ssim"], "psnr": s["psnr"], "predict_seconds": s["predict_seconds"]}
     done.write_text(json.dumps(row))
     return row
 

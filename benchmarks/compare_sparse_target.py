@@ -27,6 +27,7 @@ _sys.path.insert(0, str(_Path(__file__).resolve().parent))
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,21 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
         {"loss": "l2"},
         {},
     ),
+    # … and its timesteps weighted by Min-SNR-5 (damm.min_snr): the short budget's effort on the noisy steps that
+    # place the rare bright lumens
+    "none-standardised-refit-l2-minsnr": (
+        REFIT,
+        {"loss": "l2", "min_snr": 5.0},
+        {},
+    ),
+    # … and the denoiser predicting ε (the authors' objective) instead of the preset's v: v weights the noisiest steps
+    # more, ε the nearly clean ones, where a lumen's brightness is drawn
+    "none-standardised-refit-l2-eps": (
+        REFIT,
+        {"loss": "l2"},
+        {},
+        {"schedule": {"objective": "eps"}},
+    ),
     # autoencoder.sparse_target = "yes" (SPARSE_RECIPE): no normalisation (still local), the rate decayed along a cosine,
     # the target coded as its square root; what "auto" picks for a sparse stain
     "none-cosine-sqrt": (
@@ -126,7 +142,7 @@ RECIPES = {  # autoencoder settings, damm settings, model settings (over the tin
         PAPER,
         {"loss": "l1"},
         {"latents": "patch"},
-        {"steps": 2000},
+        {"train": {"steps": 2000}},
     ),
 }
 REGRESSION = "regression"  # the row of `train --model regression` at the demo's budget (no autoencoder, no ceiling)
@@ -195,19 +211,23 @@ def one_run(demo, work: Path, recipe: str, seed: int, fixture, draws: int = 1, f
     if recipe == REGRESSION:
         return regression_run(demo, work, seed, draws)
     autoencoder, damm, model, *more = RECIPES[recipe]
-    train = more[0] if more else {}
+    extra = more[0] if more else {}  # other sections: train, schedule
+    train, schedule = extra.get("train", {}), extra.get("schedule", {})
     run_dir = work / f"{recipe}_seed{seed}"
     done = run_dir / "scores.json"
     if done.exists():
         row = json.loads(done.read_text())
     else:
-        cfg = merge(budget_config(demo.plan, seed, autoencoder=autoencoder, model=model, train=train), {"damm": damm}, "benchmark")
+        base = budget_config(demo.plan, seed, autoencoder=autoencoder, model=model, train=train)
+        own = merge(base, {"damm": damm, "schedule": schedule}, "benchmark")
         shared = work / (
             "autoencoders_" + "_".join(f"{k}-{v}" for k, v in sorted(autoencoder.items()) if k != "sparse_target") + f"_seed{seed}"
         )
         t = time.perf_counter()
-        cfg = train_autoencoders(demo.data, shared, cfg, seed, False)
-        cfg = merge(cfg, {"damm": damm, "model": model, "train": train}, "benchmark")
+        # the shared autoencoders' config is the first recipe's that trained them: the denoiser's sections are set
+        # whole from this recipe, so no setting of another recipe carries over
+        cfg = train_autoencoders(demo.data, shared, base, seed, False)
+        cfg = merge(cfg, {"damm": asdict(own.damm), "schedule": asdict(own.schedule), "model": model, "train": train}, "benchmark")
         ae_seconds = round(time.perf_counter() - t, 1)
         refused = None
         if not RunDir(run_dir).unet.exists():
@@ -224,6 +244,7 @@ def one_run(demo, work: Path, recipe: str, seed: int, fixture, draws: int = 1, f
             "damm": damm,
             "model": model,
             "train": train,
+            "schedule": schedule,
             "autoencoder_seconds": ae_seconds,
             "train_seconds": round(time.perf_counter() - t, 1),
             "diffusion_seconds": round(json.loads(state.read_text())["seconds"], 1),
@@ -292,6 +313,7 @@ def markdown(results: list[dict]) -> str:
         if name == REGRESSION
         else f"- `{name}`: `[autoencoder]` {row['autoencoder']}, `[damm]` {row.get('damm') or {'loss': 'l1'}}"
         + (f", `[train]` {row['train']}" if row.get("train") else "")
+        + (f", `[schedule]` {row['schedule']}" if row.get("schedule") else "")
         for name, row in recipes.items()
     ] + [""]
     for res in results:

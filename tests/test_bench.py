@@ -11,7 +11,7 @@ from wsi_damm.util.files import read_json
 from wsi_damm.workflows.bench_report import collapsed_autoencoders, recommend, seed_figures
 
 
-def _row(key: str, r: list[float], spread: float = 1.0) -> dict:
+def _row(key: str, r: list[float], spread: float = 1.0, level: float = 1.0) -> dict:
     mean = sum(r) / len(r)
     sd = math.sqrt(sum((x - mean) ** 2 for x in r) / (len(r) - 1)) if len(r) > 1 else math.nan
     return {
@@ -20,6 +20,7 @@ def _row(key: str, r: list[float], spread: float = 1.0) -> dict:
         "seeds": len(r),
         "pearson_r": {"mean": mean, "sd": sd},
         "spread_ratio": {"mean": spread, "sd": math.nan},
+        "mean_ratio": {"mean": level, "sd": math.nan},
         "per_seed": {"pearson_r": r},
     }
 
@@ -31,6 +32,16 @@ def test_the_recommendation_follows_pearsons_r_and_says_when_a_lead_is_within_th
     assert "within the seeds' spread: treat the two as level" in level
     versus_blur = recommend([_row("blur", [0.40]), _row("U-Net", [0.45, 0.47])])  # a deterministic row pairs with every seed
     assert "use U-Net" in versus_blur and "ahead of blur (0.400) by 0.060 ± 0.014" in versus_blur
+
+
+def test_the_recommendation_says_when_the_best_correlated_map_misstates_the_amount():
+    """r ranks where the signal is; a map 30 % too dim is named with its mean and the best map whose mean is right."""
+    rows = [_row("blur", [0.906], level=0.70), _row("DAMM", [0.87, 0.85, 0.89], level=1.02), _row("U-Net", [0.79, 0.80, 0.78], level=1.14)]
+    text = recommend(rows)
+    assert text.startswith("On these slides, use blur")
+    assert "but its mean is 0.70× the measured one's: it shows where the signal is, not how much" in text
+    assert text.endswith("— for amounts use DAMM (r 0.870, mean 1.02×).")
+    assert "but its mean" not in recommend([_row("DAMM", [0.87, 0.85, 0.89], level=1.2), _row("blur", [0.80], level=0.7)])
 
 
 def test_collapsed_autoencoders_are_named_with_their_seeds_and_r():

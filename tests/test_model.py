@@ -135,6 +135,9 @@ def test_loss_selection_per_sample():
     # damm.loss = "l2": the same selection on squared errors
     squared, _ = damm_loss(eu, em, kappa, noise, DammLoss(gamma=0.5, alpha=0.0, squared=True), warmup=False)
     assert squared.item() == pytest.approx(((0.4**2 + 0.2**2) / 2 + 0.4**2) / 2)
+    # per-sample weights (damm.min_snr) scale each sample's error before the mean; the gate's choice is unchanged
+    weighted, s_w = damm_loss(eu, em, kappa, noise, cfg, warmup=False, weights=torch.tensor([2.0, 0.5]))
+    assert weighted.item() == pytest.approx((2.0 * (0.4 + 0.2) / 2 + 0.5 * 0.4) / 2) and s_w["multi_share"].item() == 0.5
 
 
 def test_a_squared_error_denoiser_learns_the_mean_where_l1_learns_the_median():

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from scipy import fft as sfft
 from scipy import ndimage
 
 from wsi_damm.slides import specs_from_manifest
 from wsi_damm.slides.roles import Transform
-from wsi_damm.tiling.correlation import band_pass, gaussian
+from wsi_damm.tiling.correlation import band_pass, band_radius, fourier_moved, gaussian
 from wsi_damm.tiling.registration import register_specs
 from wsi_damm.tiling.store import PatchStore
 from wsi_damm_cli.main import cli
@@ -205,3 +206,25 @@ def test_fourier_gaussian_equals_scipy(shape):
     rounding."""
     img = (np.random.default_rng(2).random(shape) * 4000).astype(np.uint16)
     np.testing.assert_allclose(gaussian(img, 12.0), ndimage.gaussian_filter(img.astype(np.float32), 12.0), atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (63, 47)])
+def test_fourier_move_equals_scipys_fourier_shift(shape):
+    """A fractional move by one phase ramp per axis is `ndimage.fourier_shift` on the half spectrum, even and odd sides."""
+    band = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    d = np.array([1.37, -2.61])
+    want = sfft.irfft2(ndimage.fourier_shift(sfft.rfft2(band), d, n=shape[1]), s=shape)
+    np.testing.assert_allclose(fourier_moved(band, d), want, atol=2e-6)
+
+
+def test_band_pass_far_from_the_edge_does_not_depend_on_the_window():
+    """What the unmoved score slices from a larger window read before: past `band_radius` from the edge the band-passed
+    pixels are those of the window itself."""
+    img = (np.random.default_rng(5).random((300, 260)) * 4000).astype(np.uint16)
+    fine, coarse = 2.0, 8.0
+    r = band_radius(coarse)
+    inner = band_pass(img[40:240, 30:220], fine, coarse)[r:-r, r:-r]
+    from_larger = band_pass(img, fine, coarse)[40 + r : 240 - r, 30 + r : 220 - r]
+    np.testing.assert_allclose(inner, from_larger, atol=1e-5)
+    near_edge = band_pass(img[40:240, 30:220], fine, coarse)[:r, :r]
+    assert not np.allclose(near_edge, band_pass(img, fine, coarse)[40 : 40 + r, 30 : 30 + r], atol=1e-5)  # the mirror shows

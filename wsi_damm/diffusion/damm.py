@@ -83,13 +83,20 @@ def damm_loss(
     noise: torch.Tensor,
     cfg: DammLoss,
     warmup: bool,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and detached statistics (no device sync until the trainer logs them)."""
+    """Total loss and detached statistics (no device sync until the trainer logs them). `weights`: (B,) per-sample
+    factors on both branches' errors (Min-SNR); the gate's label compares the two branches of one sample, so it is
+    unchanged by them."""
     l_uni = per_sample_loss(eps_uni, noise, cfg.squared)
+    if weights is not None:
+        l_uni = l_uni * weights
     if eps_multi is None or kappa is None:  # uni-modal model
         loss = l_uni.mean()
         return loss, {"loss": loss.detach(), "l_uni": loss.detach()}
     l_multi = per_sample_loss(eps_multi, noise, cfg.squared)
+    if weights is not None:
+        l_multi = l_multi * weights
     both = 0.5 * (l_uni + l_multi)
     d = divergence(kappa)
     stats = {"l_uni": l_uni.mean().detach(), "l_multi": l_multi.mean().detach(), "mean_kappa": (1 - d.mean()).detach()}

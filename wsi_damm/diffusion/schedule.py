@@ -60,6 +60,20 @@ class NoiseSchedule:
         w = t - lo.double()
         return torch.sigmoid(2 * (lam[lo] * (1 - w) + lam[hi] * w))
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR_t = ᾱ_t / (1 − ᾱ_t) at integer t, float64 on CPU."""
+        a = self.alphas_cumprod[t.cpu()]
+        return a / (1 - a)
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float, objective: str) -> torch.Tensor:
+        """(B,) per-sample loss weights of Min-SNR-γ (Hang et al., ICCV 2023): the loss of each timestep weighted as
+        if the network predicted z_0 with weight min(SNR, γ), so the nearly noiseless steps — many and easy — no
+        longer crowd out the noisy ones that decide where bright, rare structure goes. Dividing by the objective's
+        own weight (SNR for ε, SNR + 1 for v) leaves each timestep's optimum where it was."""
+        snr = self.snr(t)
+        own = snr if objective == "eps" else snr + 1
+        return (snr.clamp(max=gamma) / own).float()
+
     def v_target(self, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ ε − √(1−ᾱ) z_0 (Salimans & Ho 2022)."""
         a, s = self.coefficients(t, z0)

@@ -21,6 +21,8 @@ counts too):
    by 2 px), and the shift is re-measured through each new estimate until the residual is below
    0.02 px — at the fixed point what differs at the edges cannot bias it.
 
+The moved channels of one slide are measured side by side, one thread each, against the shared reference.
+
 The transform is stored in the slide spec and applied lazily when patches are read (no slide
 is resampled as a whole). Its quality score is the normalised cross-correlation of the
 band-passed fine windows after alignment (its magnitude); near zero the channels do not show
@@ -30,7 +32,9 @@ the same tissue, and registration is refused.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,7 +43,7 @@ from scipy import fft as sfft
 from scipy import ndimage, optimize
 
 from wsi_damm.slides.roles import SlideSpec, Transform
-from wsi_damm.tiling.correlation import band_pass, fourier_moved, gaussian, integer_peak, ncc, phase_shift, taper
+from wsi_damm.tiling.correlation import band_pass, band_radius, fourier_moved, gaussian, integer_peak, ncc, phase_shift, taper
 from wsi_damm.tiling.grid import low_resolution, tissue_mask
 from wsi_damm.util.errors import InputError
 
@@ -185,6 +189,17 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
             scanned[key] = band_pass(raw, *band_px)
         return scanned[key]
 
+    def unmoved(box: tuple[slice, slice]) -> np.ndarray:
+        """The moved channel's band-passed window as scanned (no transform) on `box`, sliced from a source already
+        read where one holds the box further in than the band-pass sees its edge (the same values), else read."""
+        r = band_radius(band_px[1])
+        for (ny, nx, m), band in scanned.items():
+            oy, ox = m - ny, m - nx  # window pixel p is this source's pixel p + (m − n)
+            (y0, y1), (x0, x1) = (box[0].start + oy, box[0].stop + oy), (box[1].start + ox, box[1].stop + ox)
+            if min(y0, x0) >= r and y1 <= band.shape[0] - r and x1 <= band.shape[1] - r:
+                return band[y0:y1, x0:x1]
+        return source((0, 0), 0)[box]
+
     def moved_band(t: Transform) -> np.ndarray:
         """The moved channel's band-passed window through `t` (band-passing commutes with moving and turning, up to
         interpolation and the window's edges). At 0°: read through the nearest whole-pixel shift, moved by the
@@ -240,10 +255,11 @@ def estimate(spec: SlideSpec, role: str, method: str, reference: _Reference | No
         best = Transform(float(best.dy - step[0]), float(best.dx - step[1]), degrees)
         ref_f, mov_f = windows(best, centre)
     ref_a, mov_a = windows(best) if centre else (ref_f, mov_f)
-    inner = np.zeros(ref_a.shape, bool)
-    inner[h // 8 : h - h // 8, w // 8 : w - w // 8] = True
-    before = abs(ncc(*windows(Transform()), inner))
-    after = abs(ncc(ref_a, mov_a, inner))
+    inner = (slice(h // 8, h - h // 8), slice(w // 8, w - w // 8))
+    everywhere = np.ones((inner[0].stop - inner[0].start, inner[1].stop - inner[1].start), bool)
+    unmoved_weights = taper((h, w), 3 * band_px[1])[inner]  # what `windows(Transform())` weights the inner box by
+    before = abs(ncc(ref.band[inner] * unmoved_weights, unmoved(inner) * unmoved_weights, everywhere))
+    after = abs(ncc(ref_a[inner], mov_a[inner], everywhere))
     return replace(best, score=round(after, 4), score_before=round(before, 4))
 
 
@@ -257,8 +273,12 @@ def register_specs(specs: list[SlideSpec], method: str, qc_dir: Path | None = No
     for spec in specs:
         moved = []
         reference = _reference(spec)
-        for role in (r for r in spec.roles if r != "vessels"):
-            t = estimate(spec, role, method, reference)
+        roles = [r for r in spec.roles if r != "vessels"]
+        # the channels are measured side by side: each reads its own file handle, and resampling and the FFTs let go
+        # of the interpreter lock, so on two cores two channels take little longer than one
+        with ThreadPoolExecutor(max_workers=max(1, min(len(roles), os.cpu_count() or 1))) as pool:
+            estimates = list(pool.map(lambda role: estimate(spec, role, method, reference), roles))
+        for role, t in zip(roles, estimates):
             if t.score is None or t.score < MIN_SCORE:
                 raise InputError(
                     spec.paths[0],

@@ -126,6 +126,9 @@ class DammConfig:
     # the denoiser's error: "l1" (the authors' code; its optimum is the conditional median of the noise, which on a
     # sparse target is the background) or "l2" (squared: the conditional mean, the score every sampler assumes)
     loss: str = "l1"
+    # Min-SNR-γ loss weighting over timesteps (Hang et al. 2023): 0 = off (the authors' uniform weighting), else γ
+    # (5 in the paper); shifts the short budget's effort from nearly clean steps to the noisy ones
+    min_snr: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,8 @@ def validate(cfg: RunConfig) -> None:
         raise InputError("--uni-branch", f"must be vessels or nuclei, got {m.uni_branch!r}")
     if d.loss not in ("l1", "l2"):
         raise InputError("damm.loss", f"must be l1 or l2, got {d.loss!r}")
+    if not d.min_snr >= 0:
+        raise InputError("damm.min_snr", f"must be 0 (off) or a positive γ, got {d.min_snr!r}")
     if d.multi_loss not in ("gated", "always"):
         raise InputError("--multi-loss", f"must be gated or always, got {d.multi_loss!r}")
     if m.kind not in MODEL_KINDS:

@@ -146,7 +146,8 @@ def train_diffusion(
                 z_t, c_uni, c_multi = (x.contiguous(memory_format=torch.channels_last) for x in (z_t, c_uni, c_multi))
             with autocast(ranks.device, amp):
                 eps_uni, eps_multi, kappa = fwd(z_t, t, c_uni, c_multi, use_confidence=not warm)
-            loss, stats = damm_loss(eps_uni, eps_multi, kappa, target, loss_cfg, warmup=warm)
+            weights = sched.min_snr_weights(t, cfg.damm.min_snr, cfg.schedule.objective).to(ranks.device) if cfg.damm.min_snr else None
+            loss, stats = damm_loss(eps_uni, eps_multi, kappa, target, loss_cfg, warmup=warm, weights=weights)
             if by_region is not None and eps_multi is not None and kappa is not None:
                 by_region.add(regions[0][rows_b], eps_uni.detach(), eps_multi.detach(), kappa.detach(), target)
             scaled = loss / t_cfg.grad_accum

@@ -112,10 +112,32 @@ def summarise(results: dict[str, dict], variants, plan) -> list[dict]:
     return rows
 
 
+MEAN_TOLERANCE = 0.25  # a map whose mean is further than this from the measured one's (as a ratio) misstates amounts
+
+
+def _mean_ratio(row: dict) -> float:
+    return row.get("mean_ratio", {}).get("mean", math.nan)
+
+
+def _amounts(best: dict, candidates: list[dict]) -> str:
+    """A clause for when the best-correlated map misstates the amount: r ranks where signal is, not how much; and the
+    best-correlated map whose mean is within MEAN_TOLERANCE of the measured, if another is."""
+    m = _mean_ratio(best)
+    if math.isnan(m) or abs(m - 1) <= MEAN_TOLERANCE:
+        return ""
+    text = f"; but its mean is {m:.2f}× the measured one's: it shows where the signal is, not how much"
+    level = [r for r in candidates if r is not best and abs(_mean_ratio(r) - 1) <= MEAN_TOLERANCE]
+    if level:
+        other = max(level, key=lambda r: r["pearson_r"]["mean"])
+        text += f" — for amounts use {other['model']} (r {other['pearson_r']['mean']:.3f}, mean {_mean_ratio(other):.2f}×)"
+    return text
+
+
 def recommend(rows: list[dict]) -> str:
     """Which map to use, by Pearson's r with the measured channel (on a sparse stain SSIM rewards a dark map), and by
     how much it leads the next one: the difference per seed (a deterministic reference counts the same in every seed)
-    with its sd over seeds; a lead within that sd is said to be none."""
+    with its sd over seeds; a lead within that sd is said to be none. When that map's mean is off the measured one's
+    by more than MEAN_TOLERANCE, the sentence says so and names the best map whose mean is not."""
     candidates = [r for r in rows if r["key"] != "constant" and not math.isnan(r["pearson_r"]["mean"])]
     if not candidates:
         return "No map could be scored on these slides."
@@ -126,16 +148,17 @@ def recommend(rows: list[dict]) -> str:
         f" ± {r['sd']:.3f} over {best['seeds']} seeds" if not math.isnan(r["sd"]) else ""
     )
     text += f", its map spreading {best['spread_ratio']['mean']:.2f}× the measured channel's"
+    amounts = _amounts(best, candidates)
     if second is None:
-        return text + "."
+        return text + amounts + "."
     a, b = best["per_seed"]["pearson_r"], second["per_seed"]["pearson_r"]
     n = max(len(a), len(b))
     diffs = [a[i % len(a)] - b[i % len(b)] for i in range(n)]
     d, sd = float(np.mean(diffs)), sample_sd(diffs)
     lead = f"ahead of {second['model']} ({second['pearson_r']['mean']:.3f}) by {d:.3f}" + (f" ± {sd:.3f}" if not math.isnan(sd) else "")
     if not math.isnan(sd) and d <= sd:
-        return text + f"; {lead}, which is within the seeds' spread: treat the two as level."
-    return text + f"; {lead}."
+        return text + f"; {lead}, which is within the seeds' spread: treat the two as level{amounts}."
+    return text + f"; {lead}{amounts}."
 
 
 def _cell(v: dict, digits: int = 3) -> str:
